@@ -1,0 +1,45 @@
+//! `flatwire`: the command-line tool for flatwire nodes, networks and identities.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+/// flatwire: a ZeroTier-compatible, end-to-end encrypted virtual Ethernet for pods.
+#[derive(Debug, Parser)]
+#[command(name = "flatwire", version, about, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Print version information about this build.
+    Version,
+}
+
+fn main() -> ExitCode {
+    match Cli::parse().command {
+        Command::Version => {
+            println!("flatwire {}", env!("CARGO_PKG_VERSION"));
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn command_line_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn unknown_subcommands_are_refused() {
+        let err = Cli::try_parse_from(["flatwire", "frobnicate"]).unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::InvalidSubcommand);
+    }
+}

@@ -1,0 +1,24 @@
+//! `cargo xtask`: flatwire's development tasks.
+
+mod table;
+mod test;
+mod tools;
+
+use clap::Parser;
+
+/// flatwire development tasks.
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask", about)]
+enum Task {
+    /// Install and cache every real tool the tests need, then print tool, version and path.
+    Tools,
+    /// Run formatting and lint checks, the whole test suite, and check nothing was left behind.
+    Test(test::Args),
+}
+
+fn main() -> anyhow::Result<()> {
+    match Task::parse() {
+        Task::Tools => tools::run(),
+        Task::Test(args) => test::run(&args),
+    }
+}
