@@ -1,0 +1,1501 @@
+//! The sans-I/O VL1 node (spec 11, 12, 16, 17, 18).
+//!
+//! Feed it datagrams with [`Node::handle_datagram`] and the clock with
+//! [`Node::handle_timeout`]; drain [`Node::poll_transmit`] and [`Node::poll_event`]; sleep
+//! until [`Node::poll_timeout`]. Randomness (packet IDs) comes from the OS RNG.
+
+#![allow(clippy::collapsible_if, clippy::too_many_arguments)]
+
+use std::collections::{HashMap, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+
+use crate::address::Address;
+use crate::crypto::{self, CipherSuite, SymmetricKey};
+use crate::identity::Identity;
+use crate::reassembly::{Reassembler, ReassemblyLimits};
+use crate::wire::{
+    self, DEFAULT_MTU, ErrorBody, Hello, InReplyTo, OkHello, Packet, PathRecord, RELAY_MAX_HOPS,
+    Rendezvous, Verb,
+};
+use crate::world::World;
+
+/// Opaque identifier of the caller's local socket a datagram came in on / goes out of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct LocalSocket(pub u64);
+
+/// Timing constants (ms).
+pub mod timers {
+    /// Ping scan period.
+    pub const PING_CHECK: u64 = 5000;
+    /// Heartbeat when nothing was sent on a path for this long.
+    pub const PATH_HEARTBEAT: u64 = 14000;
+    /// Full HELLO period.
+    pub const PEER_PING: u64 = 60000;
+    /// Path expiry without an authenticated receive.
+    pub const PATH_EXPIRATION: u64 = 243000;
+    /// WHOIS retry gap per address.
+    pub const WHOIS_RETRY: u64 = 500;
+    /// Lifetime of queued/parked packets.
+    pub const QUEUE_TIMEOUT: u64 = 5000;
+    /// Gap between introductions of one pair.
+    pub const MIN_UNITE_INTERVAL: u64 = 30000;
+    /// Peer activity window.
+    pub const PEER_ACTIVITY: u64 = 500000;
+    /// Identity verification gate per source prefix.
+    pub const IDENTITY_VALIDATION: u64 = 2000;
+    /// Inbound WHOIS gap per peer (non-roots).
+    pub const WHOIS_RATE: u64 = 100;
+    /// Inbound ECHO gap per path.
+    pub const ECHO_RATE: u64 = 166;
+    /// HELLO to confirm an unknown path, per path.
+    pub const CONFIRM_PATH: u64 = 1000;
+    /// PUSH_DIRECT_PATHS inbound window.
+    pub const PUSH_CUTOFF: u64 = 30000;
+}
+
+const QUEUE_LIMIT: usize = 32;
+const MAX_PATHS: usize = 64;
+const REPLY_TABLE: usize = 1024;
+
+/// Why a datagram or packet was dropped. Counted per reason by [`Node::drops`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum DropReason {
+    /// Too short / malformed framing.
+    Malformed,
+    /// Source is one of our own addresses.
+    FromSelf,
+    /// Not for us and we do not relay.
+    NotForUs,
+    /// Relay hop limit reached.
+    HopLimit,
+    /// No path to relay or send to.
+    NoPath,
+    /// Fragment reassembly refused the piece.
+    Reassembly,
+    /// MAC check failed.
+    MacFailed,
+    /// Trusted-path or unassigned cipher suite.
+    BadCipherSuite,
+    /// LZ4 decompression failed.
+    Decompress,
+    /// Verb payload did not parse.
+    BadPayload,
+    /// Identity failed validation or mismatched its address.
+    BadIdentity,
+    /// A rate limit refused expensive or repeated work.
+    RateLimited,
+    /// OK for a packet we never sent.
+    UnexpectedReply,
+    /// Protocol version too old.
+    OldProtocol,
+    /// A parked or queued packet timed out or overflowed.
+    QueueOverflow,
+    /// A message that is accepted only from roots came from elsewhere.
+    NotFromRoot,
+}
+
+/// A datagram to send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transmit {
+    /// Local socket to send from.
+    pub local_socket: LocalSocket,
+    /// Destination address.
+    pub to: SocketAddr,
+    /// UDP payload.
+    pub data: Vec<u8>,
+}
+
+/// Something the host should know about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A peer's identity became known to local identity `local`.
+    PeerLearned {
+        /// Our identity's address.
+        local: Address,
+        /// The peer.
+        peer: Address,
+    },
+    /// A direct path to a peer was confirmed.
+    PathLearned {
+        /// Our identity's address.
+        local: Address,
+        /// The peer.
+        peer: Address,
+        /// Its physical address.
+        addr: SocketAddr,
+    },
+    /// An authenticated packet for the layer above (VL2 verbs, USER_MESSAGE, OK/ERROR
+    /// for VL2 verbs and unknown verbs). `payload` is after the verb byte, decompressed.
+    Packet {
+        /// Our identity's address.
+        local: Address,
+        /// Sender.
+        from: Address,
+        /// Verb.
+        verb: Verb,
+        /// Packet ID.
+        packet_id: u64,
+        /// Payload.
+        payload: Vec<u8>,
+    },
+    /// An OK(ECHO) or OK(HELLO) measured the latency to a peer.
+    Latency {
+        /// Our identity's address.
+        local: Address,
+        /// The peer.
+        peer: Address,
+        /// Round trip in ms.
+        ms: u64,
+    },
+    /// A root reported our external address.
+    ExternalAddress {
+        /// Our identity's address.
+        local: Address,
+        /// Address as seen by the remote.
+        addr: SocketAddr,
+    },
+}
+
+/// Errors from the sending API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum NodeError {
+    /// The sender is not a local identity.
+    #[error("not a local identity")]
+    UnknownLocal,
+    /// The local identity has no secret key.
+    #[error("local identity has no secret")]
+    NoSecret,
+    /// Payload too large for a packet.
+    #[error("payload too large")]
+    TooLarge,
+}
+
+/// Node configuration.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// The planet (roots).
+    pub planet: World,
+    /// Physical MTU.
+    pub mtu: usize,
+    /// Whether to relay packets addressed to others even when not a root.
+    pub relay_always: bool,
+}
+
+impl NodeConfig {
+    /// Default configuration with `planet`.
+    pub fn new(planet: World) -> Self {
+        Self {
+            planet,
+            mtu: DEFAULT_MTU,
+            relay_always: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct PathEntry {
+    socket: LocalSocket,
+    addr: SocketAddr,
+    last_receive: u64,
+    last_send: u64,
+    latency: Option<u64>,
+}
+
+#[derive(Debug)]
+struct Peer {
+    identity: Identity,
+    key: SymmetricKey,
+    proto: u8,
+    paths: Vec<PathEntry>,
+    last_receive: u64,
+    last_hello: u64,
+    last_whois_answered: u64,
+    last_push_received: u64,
+    push_count: u32,
+    confirm_sent: HashMap<SocketAddr, u64>,
+    echo_answered: HashMap<SocketAddr, u64>,
+    is_root: bool,
+    stable_endpoints: Vec<SocketAddr>,
+}
+
+impl Peer {
+    fn new(identity: Identity, key: SymmetricKey) -> Self {
+        Self {
+            identity,
+            key,
+            proto: 0,
+            paths: Vec::new(),
+            last_receive: 0,
+            last_hello: 0,
+            last_whois_answered: 0,
+            last_push_received: 0,
+            push_count: 0,
+            confirm_sent: HashMap::new(),
+            echo_answered: HashMap::new(),
+            is_root: false,
+            stable_endpoints: Vec::new(),
+        }
+    }
+
+    fn best_path(&self, now: u64, include_expired: bool) -> Option<&PathEntry> {
+        self.paths
+            .iter()
+            .filter(|p| {
+                include_expired || now.saturating_sub(p.last_receive) < timers::PATH_EXPIRATION
+            })
+            .min_by_key(|p| {
+                let age = now.saturating_sub(p.last_receive).min(140_000);
+                let l = p.latency.unwrap_or(65535);
+                if age < 19000 { l } else { l + 65535 + age }
+            })
+    }
+
+    fn suite(&self) -> CipherSuite {
+        if self.proto >= 12 {
+            CipherSuite::AesGmacSiv
+        } else {
+            CipherSuite::Poly1305Salsa2012
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Local {
+    identity: Identity,
+    peers: HashMap<Address, Peer>,
+    whois_sent: HashMap<Address, u64>,
+    parked: VecDeque<(u64, LocalSocket, SocketAddr, Vec<u8>)>,
+    queued: VecDeque<(u64, Address, Verb, Vec<u8>)>,
+}
+
+/// The VL1 node state machine hosting one or more local identities.
+#[derive(Debug)]
+pub struct Node {
+    cfg: NodeConfig,
+    locals: Vec<Local>,
+    is_root: bool,
+    reassembler: Reassembler<(usize, LocalSocket, SocketAddr)>,
+    transmits: VecDeque<Transmit>,
+    events: VecDeque<Event>,
+    drops: HashMap<DropReason, u64>,
+    expecting: VecDeque<u64>,
+    validation_gate: HashMap<u64, u64>,
+    unites: HashMap<(Address, Address), u64>,
+    next_ping: u64,
+    scratch: Vec<u8>,
+    scratch2: Vec<u8>,
+}
+
+fn random_id() -> [u8; 8] {
+    let mut b = [0u8; 8];
+    if getrandom::fill(&mut b).is_err() {
+        // Extremely unlikely; a predictable ID is still unique enough for matching.
+        b = 0x5a5a_5a5a_5a5a_5a5au64.to_be_bytes();
+    }
+    b
+}
+
+fn prefix_hash(ip: IpAddr) -> u64 {
+    match ip {
+        IpAddr::V4(a) => (u32::from(a) >> 8) as u64,
+        IpAddr::V6(a) => {
+            let o = a.octets();
+            u64::from_be_bytes([0, 0, o[0], o[1], o[2], o[3], o[4], o[5]])
+        }
+    }
+}
+
+fn path_permitted(addr: &SocketAddr) -> bool {
+    match addr.ip() {
+        IpAddr::V4(a) => {
+            !(a.is_loopback() || a.is_multicast() || a.is_unspecified() || a.is_link_local())
+        }
+        IpAddr::V6(a) => {
+            let s = a.segments();
+            !(a.is_loopback()
+                || a.is_multicast()
+                || a.is_unspecified()
+                || (s[0] & 0xffc0) == 0xfe80
+                || (s[0] == 0x2001 && s[1] == 0x0470))
+        }
+    }
+}
+
+impl Node {
+    /// Creates a node hosting `identities` (each must have its secret key).
+    pub fn new(cfg: NodeConfig, identities: Vec<Identity>) -> Result<Self, NodeError> {
+        let mut locals = Vec::new();
+        for id in identities {
+            if !id.has_secret() {
+                return Err(NodeError::NoSecret);
+            }
+            locals.push(Local {
+                identity: id,
+                peers: HashMap::new(),
+                whois_sent: HashMap::new(),
+                parked: VecDeque::new(),
+                queued: VecDeque::new(),
+            });
+        }
+        let is_root = cfg
+            .planet
+            .roots
+            .iter()
+            .any(|r| locals.iter().any(|l| l.identity == r.identity));
+        let mut node = Self {
+            cfg,
+            locals,
+            is_root,
+            reassembler: Reassembler::new(ReassemblyLimits::default()),
+            transmits: VecDeque::new(),
+            events: VecDeque::new(),
+            drops: HashMap::new(),
+            expecting: VecDeque::new(),
+            validation_gate: HashMap::new(),
+            unites: HashMap::new(),
+            next_ping: 0,
+            scratch: Vec::new(),
+            scratch2: Vec::new(),
+        };
+        for li in 0..node.locals.len() {
+            let roots = node.cfg.planet.roots.clone();
+            for r in roots {
+                if r.identity == node.locals[li].identity {
+                    continue;
+                }
+                if let Ok(key) = node.locals[li].identity.agree(&r.identity) {
+                    let mut p = Peer::new(r.identity.clone(), key);
+                    p.is_root = true;
+                    p.stable_endpoints = r.stable_endpoints.clone();
+                    node.locals[li].peers.insert(r.identity.address(), p);
+                }
+            }
+        }
+        Ok(node)
+    }
+
+    /// Whether this node is a root of its planet.
+    pub fn is_root(&self) -> bool {
+        self.is_root
+    }
+
+    /// Drop counters by reason.
+    pub fn drops(&self) -> &HashMap<DropReason, u64> {
+        &self.drops
+    }
+
+    /// Number of drops for `reason`.
+    pub fn drop_count(&self, reason: DropReason) -> u64 {
+        self.drops.get(&reason).copied().unwrap_or(0)
+    }
+
+    /// Whether `local` knows `peer`'s identity.
+    pub fn knows_peer(&self, local: Address, peer: Address) -> bool {
+        self.local_index(local)
+            .is_some_and(|i| self.locals[i].peers.contains_key(&peer))
+    }
+
+    /// The physical address of the best direct (non-expired) path from `local` to `peer`.
+    pub fn direct_path(&self, now: u64, local: Address, peer: Address) -> Option<SocketAddr> {
+        let li = self.local_index(local)?;
+        self.locals[li]
+            .peers
+            .get(&peer)?
+            .best_path(now, false)
+            .map(|p| p.addr)
+    }
+
+    /// Whether `local` heard from some root within the activity window (or is a root).
+    pub fn is_online(&self, now: u64, local: Address) -> bool {
+        self.is_root
+            || self.local_index(local).is_some_and(|i| {
+                self.locals[i].peers.values().any(|p| {
+                    p.is_root
+                        && p.last_receive > 0
+                        && now - p.last_receive.min(now) < timers::PEER_ACTIVITY
+                })
+            })
+    }
+
+    fn local_index(&self, a: Address) -> Option<usize> {
+        self.locals.iter().position(|l| l.identity.address() == a)
+    }
+
+    fn drop(&mut self, r: DropReason) {
+        *self.drops.entry(r).or_default() += 1;
+    }
+
+    /// Next datagram to send. Call after every `handle_*` and `send` until `None`.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transmits.pop_front()
+    }
+
+    /// Next event. Call after every `handle_*` until `None`.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// When to call [`Node::handle_timeout`] next (absolute ms). Call after every
+    /// `handle_*`/`send`.
+    pub fn poll_timeout(&self) -> u64 {
+        let pending = self
+            .locals
+            .iter()
+            .any(|l| !l.parked.is_empty() || !l.queued.is_empty());
+        if pending {
+            self.next_ping.min(
+                self.locals
+                    .iter()
+                    .flat_map(|l| l.whois_sent.values())
+                    .map(|t| t + timers::WHOIS_RETRY)
+                    .min()
+                    .unwrap_or(self.next_ping),
+            )
+        } else {
+            self.next_ping
+        }
+    }
+
+    /// Runs timers: ping scan (HELLO/ECHO keepalives, root contact, path expiry), WHOIS
+    /// retries, queue and reassembly expiry. Call when `now >= poll_timeout()`.
+    pub fn handle_timeout(&mut self, now: u64) {
+        self.reassembler.expire(now);
+        for li in 0..self.locals.len() {
+            self.expire_queues(now, li);
+            self.retry_whois(now, li);
+        }
+        if now >= self.next_ping {
+            self.next_ping = now + timers::PING_CHECK;
+            for li in 0..self.locals.len() {
+                self.ping_scan(now, li);
+            }
+        }
+    }
+
+    fn expire_queues(&mut self, now: u64, li: usize) {
+        let l = &mut self.locals[li];
+        let before = l.parked.len() + l.queued.len();
+        l.parked
+            .retain(|p| now.saturating_sub(p.0) < timers::QUEUE_TIMEOUT);
+        l.queued
+            .retain(|p| now.saturating_sub(p.0) < timers::QUEUE_TIMEOUT);
+        let gone = before - l.parked.len() - l.queued.len();
+        for _ in 0..gone {
+            self.drop(DropReason::QueueOverflow);
+        }
+    }
+
+    fn retry_whois(&mut self, now: u64, li: usize) {
+        let l = &self.locals[li];
+        let mut wanted: Vec<Address> = l
+            .parked
+            .iter()
+            .filter_map(|p| Packet::new_checked(&p.3[..]).ok().map(|v| v.source()))
+            .chain(l.queued.iter().map(|q| q.1))
+            .filter(|a| !l.peers.contains_key(a))
+            .collect();
+        wanted.sort();
+        wanted.dedup();
+        for a in wanted {
+            self.whois(now, li, a);
+        }
+    }
+
+    fn ping_scan(&mut self, now: u64, li: usize) {
+        let addrs: Vec<Address> = self.locals[li].peers.keys().copied().collect();
+        for a in addrs {
+            let (is_root, active, full, has_paths) = {
+                let p = &self.locals[li].peers[&a];
+                (
+                    p.is_root,
+                    now.saturating_sub(p.last_receive) < timers::PEER_ACTIVITY
+                        && p.last_receive > 0,
+                    now.saturating_sub(p.last_hello) >= timers::PEER_PING || p.last_hello == 0,
+                    !p.paths.is_empty(),
+                )
+            };
+            if !(is_root || active) {
+                continue;
+            }
+            if full {
+                if let Some(p) = self.locals[li].peers.get_mut(&a) {
+                    p.last_hello = now;
+                }
+            }
+            // Keepalive over live paths; drop expired ones.
+            let mut targets = Vec::new();
+            if let Some(p) = self.locals[li].peers.get_mut(&a) {
+                p.paths
+                    .retain(|x| now.saturating_sub(x.last_receive) < timers::PATH_EXPIRATION);
+                for x in &mut p.paths {
+                    if full || now.saturating_sub(x.last_send) >= timers::PATH_HEARTBEAT {
+                        x.last_send = now;
+                        targets.push((x.socket, x.addr));
+                    }
+                }
+            }
+            for (s, addr) in targets {
+                if full {
+                    self.send_hello(now, li, a, s, addr);
+                } else {
+                    self.send_echo(now, li, a, s, addr);
+                }
+            }
+            if is_root && (!has_paths || self.locals[li].peers[&a].paths.is_empty()) {
+                let eps = self.locals[li].peers[&a].stable_endpoints.clone();
+                for e in eps {
+                    self.send_hello(now, li, a, LocalSocket::default(), e);
+                }
+            }
+        }
+        // Forget idle non-root peers.
+        self.locals[li].peers.retain(|_, p| {
+            p.is_root
+                || p.last_receive == 0
+                || now.saturating_sub(p.last_receive) < timers::PEER_ACTIVITY
+        });
+    }
+
+    fn push(&mut self, socket: LocalSocket, to: SocketAddr, data: &[u8]) {
+        self.transmits.push_back(Transmit {
+            local_socket: socket,
+            to,
+            data: data.to_vec(),
+        });
+    }
+
+    fn expect_reply(&mut self, packet_id: u64) {
+        if self.expecting.len() >= REPLY_TABLE {
+            self.expecting.pop_front();
+        }
+        self.expecting.push_back(packet_id >> 32);
+    }
+
+    /// Builds, armors and sends a packet to `peer` over a specific physical address.
+    #[allow(clippy::too_many_arguments)]
+    fn send_direct(
+        &mut self,
+        li: usize,
+        peer: Address,
+        socket: LocalSocket,
+        to: SocketAddr,
+        verb: Verb,
+        payload: &[u8],
+        suite: Option<CipherSuite>,
+        expect: bool,
+    ) {
+        let me = self.locals[li].identity.address();
+        let Some(p) = self.locals[li].peers.get(&peer) else {
+            return;
+        };
+        let suite = suite.unwrap_or_else(|| p.suite());
+        let mut pkt = Vec::with_capacity(wire::HEADER_LEN + payload.len());
+        wire::write_header(&mut pkt, random_id(), peer, me, verb);
+        pkt.extend_from_slice(payload);
+        self.finish_and_send(li, peer, socket, to, pkt, suite, expect);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn finish_and_send(
+        &mut self,
+        li: usize,
+        peer: Address,
+        socket: LocalSocket,
+        to: SocketAddr,
+        mut pkt: Vec<u8>,
+        suite: CipherSuite,
+        expect: bool,
+    ) {
+        let Some(p) = self.locals[li].peers.get(&peer) else {
+            return;
+        };
+        let mtu = self.cfg.mtu;
+        if pkt.len() > mtu {
+            pkt[18] |= wire::FLAG_FRAGMENTED;
+        }
+        if crypto::armor(&mut pkt, &p.key, suite).is_err() {
+            return;
+        }
+        if expect {
+            let id = Packet::new_checked(&pkt[..])
+                .map(|v| v.packet_id())
+                .unwrap_or(0);
+            self.expect_reply(id);
+        }
+        let mut pieces = Vec::new();
+        let mut scratch = std::mem::take(&mut self.scratch);
+        if wire::fragment(&pkt, mtu, &mut scratch, |d| pieces.push(d.to_vec())).is_err() {
+            self.drop(DropReason::Malformed);
+        }
+        self.scratch = scratch;
+        for d in pieces {
+            self.transmits.push_back(Transmit {
+                local_socket: socket,
+                to,
+                data: d,
+            });
+        }
+    }
+
+    fn best_root(
+        &self,
+        now: u64,
+        li: usize,
+        exclude: Option<Address>,
+    ) -> Option<(Address, LocalSocket, SocketAddr)> {
+        self.locals[li]
+            .peers
+            .values()
+            .filter(|p| p.is_root && Some(p.identity.address()) != exclude)
+            .filter_map(|p| p.best_path(now, true).map(|x| (p, x)))
+            .max_by_key(|(p, x)| {
+                (
+                    p.last_receive,
+                    std::cmp::Reverse(x.latency.unwrap_or(65535)),
+                )
+            })
+            .map(|(p, x)| (p.identity.address(), x.socket, x.addr))
+    }
+
+    fn send_hello(
+        &mut self,
+        now: u64,
+        li: usize,
+        peer: Address,
+        socket: LocalSocket,
+        to: SocketAddr,
+    ) {
+        let me = self.locals[li].identity.clone();
+        let Some(p) = self.locals[li].peers.get_mut(&peer) else {
+            return;
+        };
+        p.last_hello = now;
+        let hello = Hello {
+            protocol_version: wire::PROTOCOL_VERSION,
+            version_major: 1,
+            version_minor: 14,
+            version_revision: 1,
+            timestamp: now,
+            identity: me.to_public(),
+            physical_destination: Some(to),
+            planet: Some((self.cfg.planet.id, self.cfg.planet.timestamp)),
+            moons: Vec::new(),
+        };
+        let mut pkt = Vec::with_capacity(160);
+        wire::write_header(&mut pkt, random_id(), peer, me.address(), Verb::HELLO);
+        let off = hello.write(&mut pkt);
+        crypto::crypt_field(&p.key, &mut pkt, wire::HEADER_LEN + off);
+        self.finish_and_send(li, peer, socket, to, pkt, CipherSuite::Poly1305None, true);
+    }
+
+    fn send_echo(
+        &mut self,
+        _now: u64,
+        li: usize,
+        peer: Address,
+        socket: LocalSocket,
+        to: SocketAddr,
+    ) {
+        self.send_direct(li, peer, socket, to, Verb::ECHO, &[], None, true);
+    }
+
+    fn whois(&mut self, now: u64, li: usize, addr: Address) {
+        if let Some(t) = self.locals[li].whois_sent.get(&addr)
+            && now.saturating_sub(*t) < timers::WHOIS_RETRY
+        {
+            return;
+        }
+        let Some((root, s, to)) = self.best_root(now, li, Some(addr)) else {
+            return;
+        };
+        self.locals[li].whois_sent.insert(addr, now);
+        self.send_direct(li, root, s, to, Verb::WHOIS, &addr.to_bytes(), None, true);
+    }
+
+    /// Sends `payload` with `verb` from local identity `from` to `to`, relaying through a
+    /// root when there is no direct path, or queueing (and sending WHOIS) while `to` is
+    /// unknown. Compresses when worthwhile. Call from the host whenever it has traffic.
+    pub fn send(
+        &mut self,
+        now: u64,
+        from: Address,
+        to: Address,
+        verb: Verb,
+        payload: &[u8],
+    ) -> Result<(), NodeError> {
+        let li = self.local_index(from).ok_or(NodeError::UnknownLocal)?;
+        if payload.len() + wire::HEADER_LEN > wire::MAX_PACKET_LEN {
+            return Err(NodeError::TooLarge);
+        }
+        if to == from {
+            return Ok(());
+        }
+        if !self.locals[li].peers.contains_key(&to) {
+            let l = &mut self.locals[li];
+            if l.queued.len() >= QUEUE_LIMIT {
+                l.queued.pop_front();
+                self.drop(DropReason::QueueOverflow);
+            }
+            self.locals[li]
+                .queued
+                .push_back((now, to, verb, payload.to_vec()));
+            self.whois(now, li, to);
+            return Ok(());
+        }
+        self.send_now(now, li, to, verb, payload);
+        Ok(())
+    }
+
+    fn send_now(&mut self, now: u64, li: usize, to: Address, verb: Verb, payload: &[u8]) {
+        let me = self.locals[li].identity.address();
+        let Some(p) = self.locals[li].peers.get(&to) else {
+            return;
+        };
+        let suite = p.suite();
+        let route = match p.best_path(now, false) {
+            Some(x) => Some((x.socket, x.addr)),
+            None => self
+                .best_root(now, li, Some(to))
+                .map(|(_, s, a)| (s, a))
+                .or_else(|| p.best_path(now, true).map(|x| (x.socket, x.addr))),
+        };
+        let Some((socket, addr)) = route else {
+            self.drop(DropReason::NoPath);
+            return;
+        };
+        let mut pkt = Vec::with_capacity(wire::HEADER_LEN + payload.len());
+        wire::write_header(&mut pkt, random_id(), to, me, verb);
+        pkt.extend_from_slice(payload);
+        let mut scratch = std::mem::take(&mut self.scratch2);
+        if matches!(verb, Verb::USER_MESSAGE | Verb::PUSH_DIRECT_PATHS) || verb.is_vl2() {
+            wire::compress_packet(&mut pkt, &mut scratch);
+        }
+        self.scratch2 = scratch;
+        self.finish_and_send(li, to, socket, addr, pkt, suite, true);
+        if let Some(x) = self.locals[li]
+            .peers
+            .get_mut(&to)
+            .and_then(|p| p.paths.iter_mut().find(|x| x.addr == addr))
+        {
+            x.last_send = now;
+        }
+    }
+
+    /// Tells `local`'s peer `peer` about our addresses (PUSH_DIRECT_PATHS).
+    pub fn push_direct_paths(
+        &mut self,
+        now: u64,
+        local: Address,
+        peer: Address,
+        addrs: &[SocketAddr],
+    ) -> Result<(), NodeError> {
+        let recs: Vec<PathRecord> = addrs
+            .iter()
+            .map(|a| PathRecord { flags: 0, addr: *a })
+            .collect();
+        let mut payload = Vec::new();
+        wire::write_push_direct_paths(&mut payload, &recs);
+        self.send(now, local, peer, Verb::PUSH_DIRECT_PATHS, &payload)
+    }
+
+    /// Processes one received UDP datagram. Call for every datagram on the VL1 port.
+    pub fn handle_datagram(
+        &mut self,
+        now: u64,
+        local_socket: LocalSocket,
+        remote: SocketAddr,
+        data: &[u8],
+    ) {
+        if data.len() > wire::MAX_PACKET_LEN {
+            return self.drop(DropReason::Malformed);
+        }
+        if wire::is_fragment(data) {
+            let Ok(f) = wire::Fragment::new_checked(data) else {
+                return self.drop(DropReason::Malformed);
+            };
+            let dest = f.destination();
+            match self.local_index(dest) {
+                Some(_) => {
+                    let mut out = std::mem::take(&mut self.scratch);
+                    match self.reassembler.add_fragment(now, data, &mut out) {
+                        Ok(Some((li, s, r))) => {
+                            let pkt = out.clone();
+                            self.scratch = out;
+                            self.process_packet(now, li, s, r, pkt);
+                        }
+                        Ok(None) => self.scratch = out,
+                        Err(_) => {
+                            self.scratch = out;
+                            self.drop(DropReason::Reassembly)
+                        }
+                    }
+                }
+                None => self.relay(now, data, dest, None, f.hops(), true),
+            }
+            return;
+        }
+        let Ok(p) = Packet::new_checked(data) else {
+            return self.drop(DropReason::Malformed);
+        };
+        let (src, dest, hops) = (p.source(), p.destination(), p.hops());
+        if self.local_index(src).is_some() {
+            return self.drop(DropReason::FromSelf);
+        }
+        let Some(li) = self.local_index(dest) else {
+            return self.relay(now, data, dest, Some(src), hops, false);
+        };
+        if p.is_fragmented() {
+            let mut out = std::mem::take(&mut self.scratch);
+            match self
+                .reassembler
+                .add_head(now, data, (li, local_socket, remote), &mut out)
+            {
+                Ok(Some((li, s, r))) => {
+                    let pkt = out.clone();
+                    self.scratch = out;
+                    self.process_packet(now, li, s, r, pkt);
+                }
+                Ok(None) => self.scratch = out,
+                Err(_) => {
+                    self.scratch = out;
+                    self.drop(DropReason::Reassembly)
+                }
+            }
+            return;
+        }
+        self.process_packet(now, li, local_socket, remote, data.to_vec());
+    }
+
+    fn relay(
+        &mut self,
+        now: u64,
+        data: &[u8],
+        dest: Address,
+        src: Option<Address>,
+        hops: u8,
+        fragment: bool,
+    ) {
+        if !(self.is_root || self.cfg.relay_always) {
+            return self.drop(DropReason::NotForUs);
+        }
+        if hops >= RELAY_MAX_HOPS {
+            return self.drop(DropReason::HopLimit);
+        }
+        let mut d = data.to_vec();
+        if fragment {
+            if let Ok(mut f) = wire::Fragment::new_checked(&mut d[..]) {
+                f.set_hops(hops + 1);
+            }
+        } else if let Ok(mut p) = Packet::new_checked(&mut d[..]) {
+            p.set_hops(hops + 1);
+        }
+        // Use the first local identity's view of peers.
+        let li = 0;
+        let direct = self
+            .locals
+            .get(li)
+            .and_then(|l| l.peers.get(&dest))
+            .and_then(|p| p.best_path(now, false))
+            .map(|x| (x.socket, x.addr));
+        if let Some((s, a)) = direct {
+            self.push(s, a, &d);
+            if let (Some(src), false) = (src, fragment) {
+                self.introduce(now, li, src, dest);
+            }
+            return;
+        }
+        if let Some((root, s, a)) = self
+            .locals
+            .get(li)
+            .and_then(|_| self.best_root(now, li, src))
+        {
+            if Some(root) != src {
+                self.push(s, a, &d);
+                return;
+            }
+        }
+        self.drop(DropReason::NoPath);
+    }
+
+    fn introduce(&mut self, now: u64, li: usize, a: Address, b: Address) {
+        let key = if a < b { (a, b) } else { (b, a) };
+        if let Some(t) = self.unites.get(&key)
+            && now.saturating_sub(*t) < timers::MIN_UNITE_INTERVAL
+        {
+            return;
+        }
+        let pa = self.locals[li]
+            .peers
+            .get(&a)
+            .and_then(|p| p.best_path(now, false))
+            .cloned();
+        let pb = self.locals[li]
+            .peers
+            .get(&b)
+            .and_then(|p| p.best_path(now, false))
+            .cloned();
+        let (Some(pa), Some(pb)) = (pa, pb) else {
+            return;
+        };
+        if pa.addr.is_ipv4() != pb.addr.is_ipv4() {
+            return;
+        }
+        self.unites.insert(key, now);
+        if self.unites.len() > 4096 {
+            self.unites.retain(|_, t| now.saturating_sub(*t) < 240_000);
+        }
+        let mut m = Vec::new();
+        Rendezvous {
+            flags: 0,
+            peer: a,
+            addr: pa.addr,
+        }
+        .write(&mut m);
+        self.send_direct(li, b, pb.socket, pb.addr, Verb::RENDEZVOUS, &m, None, false);
+        m.clear();
+        Rendezvous {
+            flags: 0,
+            peer: b,
+            addr: pb.addr,
+        }
+        .write(&mut m);
+        self.send_direct(li, a, pa.socket, pa.addr, Verb::RENDEZVOUS, &m, None, false);
+    }
+
+    fn process_packet(
+        &mut self,
+        now: u64,
+        li: usize,
+        socket: LocalSocket,
+        remote: SocketAddr,
+        mut pkt: Vec<u8>,
+    ) {
+        let Ok(view) = Packet::new_checked(&pkt[..]) else {
+            return self.drop(DropReason::Malformed);
+        };
+        let (src, suite_bits, hops) = (view.source(), view.cipher_suite_bits(), view.hops());
+        if suite_bits == 0 && pkt[27] & 0x1f == Verb::HELLO.0 {
+            return self.handle_hello(now, li, socket, remote, pkt);
+        }
+        if suite_bits == 2 || suite_bits > 3 {
+            return self.drop(DropReason::BadCipherSuite);
+        }
+        let Some(peer) = self.locals[li].peers.get(&src) else {
+            let l = &mut self.locals[li];
+            if l.parked.len() >= QUEUE_LIMIT {
+                l.parked.pop_front();
+                self.drop(DropReason::QueueOverflow);
+            }
+            self.locals[li].parked.push_back((now, socket, remote, pkt));
+            self.whois(now, li, src);
+            return;
+        };
+        if crypto::dearmor(&mut pkt, &peer.key).is_err() {
+            return self.drop(DropReason::MacFailed);
+        }
+        let mut scratch = std::mem::take(&mut self.scratch2);
+        let r = wire::decompress_packet(&mut pkt, &mut scratch);
+        self.scratch2 = scratch;
+        if r.is_err() {
+            return self.drop(DropReason::Decompress);
+        }
+        let verb = Verb(pkt[27] & 0x1f);
+        let packet_id = Packet::new_checked(&pkt[..])
+            .map(|v| v.packet_id())
+            .unwrap_or(0);
+        let payload = &pkt[wire::HEADER_LEN..];
+        let ok = match verb {
+            Verb::OK => self.handle_ok(now, li, src, socket, remote, hops, payload),
+            Verb::ERROR => {
+                if let Ok((re, body)) = InReplyTo::parse(payload) {
+                    if ErrorBody::parse(body).is_ok() {
+                        self.events.push_back(Event::Packet {
+                            local: self.locals[li].identity.address(),
+                            from: src,
+                            verb,
+                            packet_id: re.packet_id,
+                            payload: payload.to_vec(),
+                        });
+                    }
+                }
+                true
+            }
+            Verb::WHOIS => {
+                self.handle_whois(now, li, src, socket, remote, packet_id, payload);
+                true
+            }
+            Verb::RENDEZVOUS => {
+                self.handle_rendezvous(now, li, src, socket, payload);
+                true
+            }
+            Verb::ECHO => {
+                let p = self.locals[li].peers.get_mut(&src);
+                let allowed = p.is_some_and(|p| {
+                    let last = p.echo_answered.entry(remote).or_insert(0);
+                    if *last == 0 || now.saturating_sub(*last) >= timers::ECHO_RATE {
+                        *last = now;
+                        true
+                    } else {
+                        false
+                    }
+                });
+                if allowed {
+                    let mut m = Vec::new();
+                    InReplyTo { verb, packet_id }.write(&mut m);
+                    m.extend_from_slice(payload);
+                    self.send_direct(li, src, socket, remote, Verb::OK, &m, None, false);
+                } else {
+                    self.drop(DropReason::RateLimited);
+                }
+                true
+            }
+            Verb::PUSH_DIRECT_PATHS => {
+                self.handle_push(now, li, src, payload);
+                true
+            }
+            Verb::NOP => true,
+            _ => {
+                self.events.push_back(Event::Packet {
+                    local: self.locals[li].identity.address(),
+                    from: src,
+                    verb,
+                    packet_id,
+                    payload: payload.to_vec(),
+                });
+                true
+            }
+        };
+        if ok {
+            self.learn(now, li, src, socket, remote, hops, verb);
+        }
+    }
+
+    fn learn(
+        &mut self,
+        now: u64,
+        li: usize,
+        src: Address,
+        socket: LocalSocket,
+        remote: SocketAddr,
+        hops: u8,
+        verb: Verb,
+    ) {
+        let local = self.locals[li].identity.address();
+        let Some(p) = self.locals[li].peers.get_mut(&src) else {
+            return;
+        };
+        p.last_receive = now;
+        if hops != 0 {
+            return;
+        }
+        if let Some(x) = p
+            .paths
+            .iter_mut()
+            .find(|x| x.addr == remote && x.socket == socket)
+        {
+            x.last_receive = now;
+            return;
+        }
+        if p.paths.iter().any(|x| {
+            x.addr.ip() == remote.ip()
+                && x.socket == socket
+                && now.saturating_sub(x.last_receive) < 19000
+        }) {
+            return;
+        }
+        if !path_permitted(&remote)
+            || (p.is_root
+                && !p.stable_endpoints.is_empty()
+                && !p.stable_endpoints.iter().any(|e| e.ip() == remote.ip()))
+        {
+            return;
+        }
+        if verb == Verb::OK {
+            if p.paths.len() >= MAX_PATHS {
+                if let Some(i) = p
+                    .paths
+                    .iter()
+                    .enumerate()
+                    .min_by_key(|(_, x)| x.last_receive)
+                    .map(|(i, _)| i)
+                {
+                    p.paths.remove(i);
+                }
+            }
+            p.paths.push(PathEntry {
+                socket,
+                addr: remote,
+                last_receive: now,
+                last_send: 0,
+                latency: None,
+            });
+            self.events.push_back(Event::PathLearned {
+                local,
+                peer: src,
+                addr: remote,
+            });
+        } else {
+            let last = p.confirm_sent.get(&remote).copied().unwrap_or(0);
+            if last == 0 || now.saturating_sub(last) >= timers::CONFIRM_PATH {
+                p.confirm_sent.insert(remote, now);
+                if p.confirm_sent.len() > 256 {
+                    p.confirm_sent
+                        .retain(|_, t| now.saturating_sub(*t) < timers::CONFIRM_PATH);
+                }
+                self.send_hello(now, li, src, socket, remote);
+            }
+        }
+    }
+
+    fn handle_hello(
+        &mut self,
+        now: u64,
+        li: usize,
+        socket: LocalSocket,
+        remote: SocketAddr,
+        mut pkt: Vec<u8>,
+    ) {
+        let Ok((hello, crypt)) = Hello::parse_head(&pkt[wire::HEADER_LEN..]) else {
+            return self.drop(DropReason::BadPayload);
+        };
+        let Ok(view) = Packet::new_checked(&pkt[..]) else {
+            return self.drop(DropReason::Malformed);
+        };
+        let (src, hops, packet_id) = (view.source(), view.hops(), view.packet_id());
+        if hello.protocol_version < wire::MIN_PROTOCOL_VERSION {
+            return self.drop(DropReason::OldProtocol);
+        }
+        if hello.identity.address() != src {
+            return self.drop(DropReason::BadIdentity);
+        }
+        let local = self.locals[li].identity.address();
+        match self.locals[li].peers.get(&src) {
+            Some(p) if p.identity != hello.identity => {
+                // Address collision: refuse (an ERROR reply would need more validation work).
+                return self.drop(DropReason::BadIdentity);
+            }
+            Some(p) => {
+                if crypto::dearmor(&mut pkt, &p.key).is_err() {
+                    return self.drop(DropReason::MacFailed);
+                }
+            }
+            None => {
+                let h = prefix_hash(remote.ip());
+                let last = self.validation_gate.get(&h).copied();
+                if last.is_some_and(|t| now.saturating_sub(t) < timers::IDENTITY_VALIDATION) {
+                    return self.drop(DropReason::RateLimited);
+                }
+                let Ok(key) = self.locals[li].identity.agree(&hello.identity) else {
+                    return self.drop(DropReason::BadIdentity);
+                };
+                if crypto::dearmor(&mut pkt, &key).is_err() {
+                    return self.drop(DropReason::MacFailed);
+                }
+                self.validation_gate.insert(h, now);
+                if self.validation_gate.len() > 16384 {
+                    self.validation_gate
+                        .retain(|_, t| now.saturating_sub(*t) < timers::IDENTITY_VALIDATION);
+                }
+                if !hello.identity.locally_validate() {
+                    return self.drop(DropReason::BadIdentity);
+                }
+                self.locals[li]
+                    .peers
+                    .insert(src, Peer::new(hello.identity.to_public(), key));
+                self.events
+                    .push_back(Event::PeerLearned { local, peer: src });
+                self.retry_waiting(now, li);
+            }
+        }
+        if let Some(off) = crypt {
+            if let Some(p) = self.locals[li].peers.get(&src) {
+                let key = p.key.clone();
+                crypto::crypt_field(&key, &mut pkt, wire::HEADER_LEN + off);
+            }
+        }
+        // OK(HELLO), armored before recording the version (1.x quirk: first one is suite 1).
+        let mut m = Vec::new();
+        InReplyTo {
+            verb: Verb::HELLO,
+            packet_id,
+        }
+        .write(&mut m);
+        OkHello {
+            timestamp_echo: hello.timestamp,
+            protocol_version: wire::PROTOCOL_VERSION,
+            version_major: 1,
+            version_minor: 14,
+            version_revision: 1,
+            observed: Some(remote),
+            world_updates: &[],
+        }
+        .write(&mut m);
+        let mut worlds = Vec::new();
+        if let Some((pid, pts)) = hello.planet
+            && pid == self.cfg.planet.id
+            && self.cfg.planet.timestamp > pts
+        {
+            worlds = self.cfg.planet.serialize(false);
+        }
+        if !worlds.is_empty() {
+            m.truncate(m.len() - 2);
+            m.extend_from_slice(&(worlds.len() as u16).to_be_bytes());
+            m.extend_from_slice(&worlds);
+        }
+        self.send_direct(li, src, socket, remote, Verb::OK, &m, None, false);
+        if let Some(p) = self.locals[li].peers.get_mut(&src) {
+            p.proto = hello.protocol_version;
+        }
+        self.learn(now, li, src, socket, remote, hops, Verb::HELLO);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn handle_ok(
+        &mut self,
+        now: u64,
+        li: usize,
+        src: Address,
+        _socket: LocalSocket,
+        remote: SocketAddr,
+        hops: u8,
+        payload: &[u8],
+    ) -> bool {
+        let Ok((re, body)) = InReplyTo::parse(payload) else {
+            self.drop(DropReason::BadPayload);
+            return false;
+        };
+        if !self.expecting.contains(&(re.packet_id >> 32)) {
+            self.drop(DropReason::UnexpectedReply);
+            return false;
+        }
+        let local = self.locals[li].identity.address();
+        match re.verb {
+            Verb::HELLO => {
+                let Ok(ok) = OkHello::parse(body) else {
+                    self.drop(DropReason::BadPayload);
+                    return false;
+                };
+                if ok.protocol_version < wire::MIN_PROTOCOL_VERSION {
+                    self.drop(DropReason::OldProtocol);
+                    return false;
+                }
+                let latency = now.saturating_sub(ok.timestamp_echo);
+                let is_root = self.locals[li].peers.get(&src).is_some_and(|p| p.is_root);
+                if let Some(p) = self.locals[li].peers.get_mut(&src) {
+                    p.proto = ok.protocol_version;
+                    if hops == 0 {
+                        if let Some(x) = p.paths.iter_mut().find(|x| x.addr == remote) {
+                            x.latency = Some(x.latency.map_or(latency, |l| (l + latency) / 2));
+                        }
+                    }
+                }
+                self.events.push_back(Event::Latency {
+                    local,
+                    peer: src,
+                    ms: latency,
+                });
+                if is_root {
+                    if let Some(addr) = ok.observed
+                        && hops == 0
+                    {
+                        self.events
+                            .push_back(Event::ExternalAddress { local, addr });
+                    }
+                    let mut rest = ok.world_updates;
+                    while let Ok((w, used)) = World::parse(rest) {
+                        if self.cfg.planet.should_replace_with(&w) {
+                            self.cfg.planet = w;
+                        }
+                        rest = &rest[used..];
+                    }
+                }
+            }
+            Verb::WHOIS => {
+                let from_root = self.locals[li].peers.get(&src).is_some_and(|p| p.is_root);
+                if !from_root {
+                    self.drop(DropReason::NotFromRoot);
+                    return false;
+                }
+                let Ok(ids) = wire::parse_ok_whois(body) else {
+                    self.drop(DropReason::BadPayload);
+                    return false;
+                };
+                let mut learned = false;
+                for id in ids {
+                    let a = id.address();
+                    if self.locals[li].whois_sent.remove(&a).is_none()
+                        || self.locals[li].peers.contains_key(&a)
+                    {
+                        continue;
+                    }
+                    if let Ok(key) = self.locals[li].identity.agree(&id) {
+                        self.locals[li]
+                            .peers
+                            .insert(a, Peer::new(id.to_public(), key));
+                        self.events.push_back(Event::PeerLearned { local, peer: a });
+                        learned = true;
+                    }
+                }
+                if learned {
+                    self.retry_waiting(now, li);
+                }
+            }
+            Verb::ECHO => {}
+            _ => {
+                self.events.push_back(Event::Packet {
+                    local,
+                    from: src,
+                    verb: Verb::OK,
+                    packet_id: re.packet_id,
+                    payload: payload.to_vec(),
+                });
+            }
+        }
+        true
+    }
+
+    fn retry_waiting(&mut self, now: u64, li: usize) {
+        let parked: Vec<_> = self.locals[li].parked.drain(..).collect();
+        for (t, s, r, pkt) in parked {
+            let src = Packet::new_checked(&pkt[..]).map(|v| v.source());
+            if src.is_ok_and(|a| self.locals[li].peers.contains_key(&a)) {
+                self.process_packet(now, li, s, r, pkt);
+            } else {
+                self.locals[li].parked.push_back((t, s, r, pkt));
+            }
+        }
+        let queued: Vec<_> = self.locals[li].queued.drain(..).collect();
+        for (t, to, verb, payload) in queued {
+            if self.locals[li].peers.contains_key(&to) {
+                self.send_now(now, li, to, verb, &payload);
+            } else {
+                self.locals[li].queued.push_back((t, to, verb, payload));
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn handle_whois(
+        &mut self,
+        now: u64,
+        li: usize,
+        src: Address,
+        socket: LocalSocket,
+        remote: SocketAddr,
+        packet_id: u64,
+        payload: &[u8],
+    ) {
+        if !self.is_root {
+            let Some(p) = self.locals[li].peers.get_mut(&src) else {
+                return;
+            };
+            if p.last_whois_answered != 0
+                && now.saturating_sub(p.last_whois_answered) < timers::WHOIS_RATE
+            {
+                return self.drop(DropReason::RateLimited);
+            }
+            p.last_whois_answered = now;
+        }
+        let Ok(addrs) = wire::parse_whois(payload) else {
+            return self.drop(DropReason::BadPayload);
+        };
+        let mut m = Vec::new();
+        InReplyTo {
+            verb: Verb::WHOIS,
+            packet_id,
+        }
+        .write(&mut m);
+        let head = m.len();
+        for a in addrs {
+            if let Some(i) = self.locals.iter().position(|l| l.identity.address() == a) {
+                self.locals[i].identity.write_bytes(false, &mut m);
+            } else if let Some(p) = self.locals[li].peers.get(&a) {
+                p.identity.write_bytes(false, &mut m);
+            } else if !self.is_root {
+                self.whois(now, li, a);
+            }
+        }
+        if m.len() > head {
+            self.send_direct(li, src, socket, remote, Verb::OK, &m, None, false);
+        }
+    }
+
+    fn handle_rendezvous(
+        &mut self,
+        now: u64,
+        li: usize,
+        src: Address,
+        socket: LocalSocket,
+        payload: &[u8],
+    ) {
+        if !self.locals[li].peers.get(&src).is_some_and(|p| p.is_root) {
+            return self.drop(DropReason::NotFromRoot);
+        }
+        let Ok(r) = Rendezvous::parse(payload) else {
+            return self.drop(DropReason::BadPayload);
+        };
+        if r.addr.port() == 0
+            || !path_permitted(&r.addr)
+            || !self.locals[li].peers.contains_key(&r.peer)
+        {
+            return;
+        }
+        self.contact(now, li, r.peer, socket, r.addr);
+    }
+
+    fn contact(
+        &mut self,
+        now: u64,
+        li: usize,
+        peer: Address,
+        socket: LocalSocket,
+        addr: SocketAddr,
+    ) {
+        let proto = self.locals[li]
+            .peers
+            .get(&peer)
+            .map(|p| p.proto)
+            .unwrap_or(0);
+        if proto >= 5 {
+            self.send_echo(now, li, peer, socket, addr);
+        } else {
+            self.send_hello(now, li, peer, socket, addr);
+        }
+    }
+
+    fn handle_push(&mut self, now: u64, li: usize, src: Address, payload: &[u8]) {
+        let Some(p) = self.locals[li].peers.get_mut(&src) else {
+            return;
+        };
+        if now.saturating_sub(p.last_push_received) > timers::PUSH_CUTOFF {
+            p.push_count = 0;
+        } else {
+            p.push_count += 1;
+        }
+        p.last_push_received = now;
+        if p.push_count >= 8 {
+            return self.drop(DropReason::RateLimited);
+        }
+        let Ok(recs) = wire::parse_push_direct_paths(payload) else {
+            return self.drop(DropReason::BadPayload);
+        };
+        let mut per_family = [0usize; 2];
+        for rec in recs {
+            if rec.flags & 0x01 != 0 || !path_permitted(&rec.addr) {
+                continue;
+            }
+            let have = self.locals[li].peers.get(&src).is_some_and(|p| {
+                p.paths.iter().any(|x| {
+                    x.addr == rec.addr
+                        && now.saturating_sub(x.last_receive) < timers::PATH_EXPIRATION
+                })
+            });
+            let fam = usize::from(rec.addr.is_ipv6());
+            if have || per_family[fam] >= 8 {
+                continue;
+            }
+            per_family[fam] += 1;
+            self.contact(now, li, src, LocalSocket::default(), rec.addr);
+        }
+    }
+}

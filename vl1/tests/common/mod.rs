@@ -1,0 +1,45 @@
+//! Shared helpers for the known-answer tests: vector loading fails loudly, never skips.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+/// Absolute path of a file under `shared/spec/vectors/`.
+pub fn vector_path(rel: &str) -> PathBuf {
+    PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../shared/spec/vectors/"
+    ))
+    .join(rel)
+}
+
+/// Reads a vector file; panics with the path if it is missing.
+pub fn read_vector(rel: &str) -> Vec<u8> {
+    let p = vector_path(rel);
+    std::fs::read(&p).unwrap_or_else(|e| panic!("vector file {} is required: {e}", p.display()))
+}
+
+/// Reads a vector file as UTF-8 text.
+pub fn read_vector_text(rel: &str) -> String {
+    String::from_utf8(read_vector(rel)).expect("vector file is UTF-8")
+}
+
+/// Parses a JSON vector file.
+pub fn json(rel: &str) -> serde_json::Value {
+    serde_json::from_slice(&read_vector(rel)).expect("vector file is valid JSON")
+}
+
+/// Decodes a hex string field; panics if absent or malformed.
+pub fn hx(v: &serde_json::Value) -> Vec<u8> {
+    hex::decode(
+        v.as_str()
+            .unwrap_or_else(|| panic!("expected hex string, got {v}")),
+    )
+    .expect("valid hex")
+}
+
+/// Decodes a hex string into a fixed array.
+pub fn arr<const N: usize>(v: &serde_json::Value) -> [u8; N] {
+    hx(v)
+        .try_into()
+        .unwrap_or_else(|b: Vec<u8>| panic!("expected {N} bytes, got {}", b.len()))
+}
