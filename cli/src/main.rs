@@ -4,6 +4,8 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+mod rules;
+
 /// flatwire: a ZeroTier-compatible, end-to-end encrypted virtual Ethernet for pods.
 #[derive(Debug, Parser)]
 #[command(name = "flatwire", version, about, propagate_version = true)]
@@ -16,6 +18,9 @@ struct Cli {
 enum Command {
     /// Print version information about this build.
     Version,
+    /// Compile and check ZeroTier rule-language sources.
+    #[command(subcommand)]
+    Rules(rules::RulesCommand),
 }
 
 fn main() -> ExitCode {
@@ -24,6 +29,7 @@ fn main() -> ExitCode {
             println!("flatwire {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
         }
+        Command::Rules(cmd) => rules::run(cmd),
     }
 }
 

@@ -1,0 +1,635 @@
+//! The controller's request procedure: authorization, IP assignment and building the
+//! signed network config (EmbeddedNetworkController semantics).
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use flatwire_vl1::{Address, Identity};
+use serde_json::Value;
+
+use super::{ControllerStore, Member, Network, StoreError};
+use crate::NetworkId;
+use crate::credentials::{
+    Capability, CertificateOfMembership, CertificateOfOwnership, CredentialType, Revocation,
+    SignError, Tag,
+};
+use crate::dictionary::Dictionary;
+use crate::ip::{InetAddress, in_prefix, rfc4193, sixplane};
+use crate::jsonutil::{json_bool, json_int};
+use crate::netconf::{
+    Dns, FLAG_ENABLE_BROADCAST, FLAG_NDP_EMULATION, NetworkConfig, Route, SPECIALIST_ACTIVE_BRIDGE,
+};
+use crate::rules::{MAX_CAPABILITY_RULES, MAX_RULES, Rule, RuleKind, rules_from_json};
+
+/// Default credential time max delta.
+pub const DEFAULT_CTMD: i64 = 1_800_000;
+
+/// Why the controller refuses a request (the VL2 ERROR code to send).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RequestRefusal {
+    /// 0x03: the network does not exist.
+    ObjectNotFound,
+    /// 0x07: the member is not authorized (or its identity does not match the pinned one).
+    AccessDenied,
+}
+
+impl RequestRefusal {
+    /// The VL1 ERROR code byte.
+    pub fn error_code(self) -> u8 {
+        match self {
+            Self::ObjectNotFound => 0x03,
+            Self::AccessDenied => 0x07,
+        }
+    }
+}
+
+/// What to do with a config request.
+#[derive(Clone, Debug, PartialEq)]
+pub enum RequestOutcome {
+    /// Not for us, or a duplicate within 1000 ms: send nothing.
+    Ignore,
+    /// Send ERROR with this code (only when the request had a packet id).
+    Refuse(RequestRefusal),
+    /// Send this config.
+    Config(Box<NetworkConfig>),
+}
+
+/// Why the controller could not process a request.
+#[derive(Debug, thiserror::Error)]
+pub enum ControllerError {
+    /// Storage failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Signing failed (the controller identity has no secret).
+    #[error(transparent)]
+    Sign(#[from] SignError),
+}
+
+/// An extension point that may authorize a member the network would refuse, e.g. a
+/// flatwire node vouching for a pod it hosts.
+pub trait MemberAuthorizer {
+    /// True to authorize `requester` as `member` on `network`, given its request metadata.
+    fn authorize(
+        &self,
+        network: &Network,
+        member: &Member,
+        requester: &Identity,
+        metadata: &Dictionary,
+        now: i64,
+    ) -> bool;
+    /// The `lastAuthorizedCredentialType` recorded for such an authorization.
+    fn credential_type(&self) -> &str {
+        "vouch"
+    }
+}
+
+/// A network controller over a store. Sans-I/O: the caller passes `now` and randomness.
+pub struct Controller<S: ControllerStore> {
+    identity: Identity,
+    store: S,
+    authorizers: Vec<Box<dyn MemberAuthorizer>>,
+    last_request: HashMap<(NetworkId, Address), i64>,
+}
+
+fn parse_cidr(s: &str) -> Option<(IpAddr, u16)> {
+    let (ip, bits) = s.split_once('/')?;
+    let ip: IpAddr = ip.trim().parse().ok()?;
+    let bits: u16 = bits.trim().parse().ok()?;
+    let max = if ip.is_ipv4() { 32 } else { 128 };
+    (bits <= max).then_some((ip, bits))
+}
+
+fn network_of(ip: IpAddr, bits: u16) -> IpAddr {
+    match ip {
+        IpAddr::V4(a) => {
+            let m = if bits == 0 {
+                0
+            } else {
+                u32::MAX << (32 - u32::from(bits.min(32)))
+            };
+            IpAddr::V4(Ipv4Addr::from(u32::from(a) & m))
+        }
+        IpAddr::V6(a) => {
+            let m = if bits == 0 {
+                0
+            } else {
+                u128::MAX << (128 - u32::from(bits.min(128)))
+            };
+            IpAddr::V6(Ipv6Addr::from(u128::from(a) & m))
+        }
+    }
+}
+
+impl<S: ControllerStore> Controller<S> {
+    /// A controller signing with `identity` (must hold its secret key).
+    pub fn new(identity: Identity, store: S) -> Self {
+        Self {
+            identity,
+            store,
+            authorizers: Vec::new(),
+            last_request: HashMap::new(),
+        }
+    }
+
+    /// Adds an authorizer consulted for members that are not otherwise authorized.
+    pub fn add_authorizer(&mut self, a: Box<dyn MemberAuthorizer>) {
+        self.authorizers.push(a);
+    }
+
+    /// The store.
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    /// The store, mutably (API writes).
+    pub fn store_mut(&mut self) -> &mut S {
+        &mut self.store
+    }
+
+    /// The controller's identity.
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
+    /// Handles NETWORK_CONFIG_REQUEST from `requester` (call when one arrives, or with
+    /// `packet_id` 0 to build a push after a change). `random` supplies 64-bit randomness
+    /// for IPv6 pool assignment.
+    pub fn handle_request(
+        &mut self,
+        nwid: NetworkId,
+        requester: &Identity,
+        metadata: &Dictionary,
+        packet_id: u64,
+        now: i64,
+        random: &mut dyn FnMut() -> u64,
+    ) -> Result<RequestOutcome, ControllerError> {
+        if nwid.controller() != self.identity.address() || !self.identity.has_secret() {
+            return Ok(RequestOutcome::Ignore);
+        }
+        let who = requester.address();
+        if packet_id != 0 {
+            if let Some(t) = self.last_request.get(&(nwid, who))
+                && now - t < 1000
+            {
+                return Ok(RequestOutcome::Ignore);
+            }
+            self.last_request.insert((nwid, who), now);
+        }
+        let Some(network) = self.store.get_network(nwid)? else {
+            return Ok(RequestOutcome::Refuse(RequestRefusal::ObjectNotFound));
+        };
+        let (mut member, is_new) = match self.store.get_member(nwid, who)? {
+            Some(m) => (m, false),
+            None => (Member::new(nwid, who, now), true),
+        };
+        let public = requester.to_string();
+        match &member.identity {
+            Some(pinned) if *pinned != public => {
+                return Ok(RequestOutcome::Refuse(RequestRefusal::AccessDenied));
+            }
+            Some(_) => {}
+            None => member.identity = Some(public),
+        }
+        member.id = who.to_string();
+        member.address = who.to_string();
+        member.nwid = nwid.to_string();
+
+        if !member.authorized {
+            let auto = if !network.private {
+                Some(("public".to_owned(), None))
+            } else if let Some(token) = metadata
+                .get_str("a")
+                .and_then(|a| a.strip_prefix("token:").map(str::to_owned))
+                && network.auth_tokens.get(&token).is_some_and(|exp| {
+                    exp.as_i64()
+                        .or_else(|| exp.as_u64().map(|u| u as i64))
+                        .is_some_and(|e| e == 0 || e > now)
+                })
+            {
+                Some(("token".to_owned(), Some(token)))
+            } else {
+                self.authorizers
+                    .iter()
+                    .find(|a| a.authorize(&network, &member, requester, metadata, now))
+                    .map(|a| (a.credential_type().to_owned(), None))
+            };
+            if let Some((kind, cred)) = auto {
+                member.authorized = true;
+                member.last_authorized_time = now;
+                member.last_authorized_credential_type = Some(kind);
+                member.last_authorized_credential = cred;
+            }
+        }
+        if !member.authorized {
+            self.store.put_member(&mut member)?;
+            return Ok(RequestOutcome::Refuse(RequestRefusal::AccessDenied));
+        }
+        if packet_id != 0 {
+            let v = |k: &str| {
+                metadata
+                    .get(k)
+                    .map(|_| metadata.get_u64(k, 0) as i64)
+                    .unwrap_or(-1)
+            };
+            member.v_major = v("majv");
+            member.v_minor = v("minv");
+            member.v_rev = v("revv");
+            member.v_proto = v("pv");
+        }
+        let config = self.build_config(
+            &network,
+            &mut member,
+            is_new,
+            requester,
+            metadata,
+            now,
+            random,
+        )?;
+        self.store.put_member(&mut member)?;
+        Ok(RequestOutcome::Config(Box::new(config)))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn build_config(
+        &mut self,
+        network: &Network,
+        member: &mut Member,
+        is_new: bool,
+        requester: &Identity,
+        metadata: &Dictionary,
+        now: i64,
+        random: &mut dyn FnMut() -> u64,
+    ) -> Result<NetworkConfig, ControllerError> {
+        let nwid: NetworkId = network.id.parse().unwrap_or_default();
+        let who = requester.address();
+        let ctmd = network
+            .extra
+            .get("certificateTimeoutWindowSize")
+            .map(|v| json_int(Some(v), DEFAULT_CTMD as u64) as i64)
+            .unwrap_or(DEFAULT_CTMD)
+            .clamp(300_000, 7_200_000);
+        let trace = |t: &Option<String>| {
+            t.as_deref()
+                .and_then(|s| s.parse::<Address>().ok())
+                .filter(|a| a.to_u64() != 0)
+        };
+        let (tt, tl) = match trace(&member.remote_trace_target) {
+            Some(a) => (a, member.remote_trace_level),
+            None => (
+                trace(&network.remote_trace_target).unwrap_or_default(),
+                network.remote_trace_level,
+            ),
+        };
+        let mut cfg = NetworkConfig {
+            network_id: nwid,
+            timestamp: now,
+            credential_time_max_delta: ctmd,
+            revision: network.revision,
+            issued_to: who,
+            remote_trace_target: tt,
+            remote_trace_level: tl.max(0) as u64,
+            flags: if network.enable_broadcast {
+                FLAG_ENABLE_BROADCAST
+            } else {
+                0
+            },
+            multicast_limit: network.multicast_limit.max(0) as u64,
+            private: network.private,
+            name: network.name.clone(),
+            mtu: network.mtu.clamp(1280, 10000) as u32,
+            ..NetworkConfig::default()
+        };
+        // Specialists: every active bridge of the network.
+        let mut bridges = Vec::new();
+        for a in self.store.list_members(nwid)? {
+            let m = if a == who {
+                Some(member.clone())
+            } else {
+                self.store.get_member(nwid, a)?
+            };
+            if m.is_some_and(|m| m.active_bridge) {
+                bridges.push(a);
+            }
+        }
+        if member.active_bridge && !bridges.contains(&who) {
+            bridges.push(who);
+        }
+        bridges.sort();
+        cfg.specialists = bridges
+            .iter()
+            .map(|a| SPECIALIST_ACTIVE_BRIDGE | a.to_u64())
+            .collect();
+
+        // Rules, capabilities and tags.
+        if metadata.get_u64("revr", 0) == 0 {
+            cfg.rules = vec![Rule::new(RuleKind::Accept)];
+        } else {
+            cfg.rules = rules_from_json(&Value::Array(network.rules.clone()), MAX_RULES);
+            let caps: Vec<(u64, &Value)> = network
+                .capabilities
+                .iter()
+                .filter_map(|c| c.get("id").map(|id| (json_int(Some(id), 0), c)))
+                .collect();
+            if is_new {
+                for (id, c) in &caps {
+                    if json_bool(c.get("default"), false) && !member.capabilities.contains(id) {
+                        member.capabilities.push(*id);
+                    }
+                }
+            }
+            member.capabilities.sort_unstable();
+            member.capabilities.dedup();
+            for id in &member.capabilities {
+                if let Some((_, c)) = caps.iter().find(|(cid, _)| cid == id) {
+                    let rules = rules_from_json(
+                        c.get("rules").unwrap_or(&Value::Null),
+                        MAX_CAPABILITY_RULES,
+                    );
+                    let mut cap = Capability::new(nwid, now, *id as u32, rules, 1);
+                    cap.add_custody(&self.identity, who)?;
+                    if cfg.capabilities.len() < 128 {
+                        cfg.capabilities.push(cap);
+                    }
+                }
+            }
+            for t in &network.tags {
+                let id = json_int(t.get("id"), 0);
+                if let Some(d) = t.get("default").filter(|d| d.is_number())
+                    && !member.tags.iter().any(|(tid, _)| *tid == id)
+                {
+                    member.tags.push((id, json_int(Some(d), 0)));
+                }
+            }
+            let mut tags: Vec<(u64, u64)> = member.tags.clone();
+            tags.sort_unstable();
+            tags.dedup_by_key(|t| t.0);
+            for (id, value) in tags.into_iter().take(128) {
+                let mut tag = Tag::new(nwid, now, who, id as u32, value as u32);
+                tag.sign(&self.identity)?;
+                cfg.tags.push(tag);
+            }
+        }
+
+        // Routes.
+        for r in network.routes.iter().take(128) {
+            let Some((target, bits)) = parse_cidr(&r.target) else {
+                continue;
+            };
+            let via = r
+                .via
+                .as_deref()
+                .and_then(|v| v.parse::<IpAddr>().ok())
+                .filter(|v| v.is_ipv4() == target.is_ipv4())
+                .map(|v| InetAddress::new(v, 0));
+            cfg.routes.push(Route {
+                target: InetAddress::new(target, bits),
+                via,
+                flags: 0,
+                metric: 0,
+            });
+        }
+
+        // Static IPs (§14.4).
+        if !member.no_auto_assign_ips {
+            if network.v6_assign_mode.rfc4193 {
+                cfg.static_ips
+                    .push(InetAddress::new(IpAddr::V6(rfc4193(nwid, who)), 88));
+                cfg.flags |= FLAG_NDP_EMULATION;
+            }
+            if network.v6_assign_mode.sixplane {
+                cfg.static_ips
+                    .push(InetAddress::new(IpAddr::V6(sixplane(nwid, who)), 40));
+                cfg.flags |= FLAG_NDP_EMULATION;
+            }
+        }
+        let (mut have4, mut have6) = (false, false);
+        for ip in &member.ip_assignments {
+            let Ok(ip) = ip.parse::<IpAddr>() else {
+                continue;
+            };
+            let best = cfg
+                .routes
+                .iter()
+                .filter(|r| in_prefix(ip, r.target.ip, r.target.port))
+                .map(|r| r.target.port)
+                .max();
+            if let Some(bits) = best
+                && cfg.static_ips.len() < 32
+            {
+                cfg.static_ips.push(InetAddress::new(ip, bits));
+                if ip.is_ipv4() {
+                    have4 = true;
+                } else {
+                    have6 = true;
+                }
+            }
+        }
+        if !member.no_auto_assign_ips && (network.v4_assign_mode.zt || network.v6_assign_mode.zt) {
+            let allocated = self.allocated(nwid, who)?;
+            if network.v6_assign_mode.zt
+                && !have6
+                && let Some((ip, bits)) =
+                    self.pick_v6(network, &cfg, who, &allocated, member, random)
+            {
+                member.ip_assignments.push(ip.to_string());
+                cfg.static_ips.push(InetAddress::new(IpAddr::V6(ip), bits));
+            }
+            if network.v4_assign_mode.zt
+                && !have4
+                && let Some((ip, bits)) = pick_v4(network, &cfg, who, &allocated, member)
+            {
+                member.ip_assignments.push(ip.to_string());
+                cfg.static_ips.push(InetAddress::new(IpAddr::V4(ip), bits));
+            }
+        }
+        cfg.static_ips.truncate(32);
+        if !cfg.static_ips.is_empty() {
+            let mut coo = CertificateOfOwnership::new(nwid, now, who, 1);
+            for ip in &cfg.static_ips {
+                coo.add_ip(ip.ip);
+            }
+            coo.sign(&self.identity)?;
+            cfg.certificates_of_ownership.push(coo);
+        }
+
+        // DNS.
+        if let Some(obj) = network.dns.as_object() {
+            cfg.dns = Dns {
+                domain: obj
+                    .get("domain")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_owned(),
+                servers: obj
+                    .get("servers")
+                    .and_then(Value::as_array)
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|s| s.as_str()?.parse().ok())
+                            .take(4)
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+            };
+        }
+
+        let mut com = CertificateOfMembership::new(
+            now as u64,
+            ctmd as u64,
+            nwid,
+            who,
+            requester.public_key(),
+        );
+        com.sign(&self.identity)?;
+        cfg.com = Some(com);
+        Ok(cfg)
+    }
+
+    fn allocated(&self, nwid: NetworkId, except: Address) -> Result<Vec<IpAddr>, StoreError> {
+        let mut out = Vec::new();
+        for a in self.store.list_members(nwid)? {
+            if a == except {
+                continue;
+            }
+            if let Some(m) = self.store.get_member(nwid, a)? {
+                out.extend(
+                    m.ip_assignments
+                        .iter()
+                        .filter_map(|s| s.parse::<IpAddr>().ok()),
+                );
+            }
+        }
+        Ok(out)
+    }
+
+    fn pick_v6(
+        &self,
+        network: &Network,
+        cfg: &NetworkConfig,
+        who: Address,
+        allocated: &[IpAddr],
+        member: &Member,
+        random: &mut dyn FnMut() -> u64,
+    ) -> Option<(Ipv6Addr, u16)> {
+        let mine: Vec<IpAddr> = member
+            .ip_assignments
+            .iter()
+            .filter_map(|s| s.parse().ok())
+            .collect();
+        for pool in &network.ip_assignment_pools {
+            let (Ok(s), Ok(e)) = (
+                pool.ip_range_start.parse::<Ipv6Addr>(),
+                pool.ip_range_end.parse::<Ipv6Addr>(),
+            ) else {
+                continue;
+            };
+            let (s, e) = (u128::from(s), u128::from(e));
+            let (shi, slo, ehi, elo) = ((s >> 64) as u64, s as u64, (e >> 64) as u64, e as u64);
+            for trial in 0..1000 {
+                let (hi, lo) = if trial == 0 && elo > slo && elo - slo >= 0xff_ffff_ffff {
+                    (shi, slo.wrapping_add(who.to_u64()))
+                } else {
+                    let (rh, rl) = (random(), random());
+                    (
+                        if ehi > shi {
+                            shi.wrapping_add(rh % (ehi - shi))
+                        } else {
+                            shi
+                        },
+                        if elo > slo {
+                            slo.wrapping_add(rl % (elo - slo))
+                        } else {
+                            slo
+                        },
+                    )
+                };
+                let ip = Ipv6Addr::from((u128::from(hi) << 64) | u128::from(lo));
+                let route = cfg.routes.iter().rfind(|r| {
+                    r.via.is_none() && in_prefix(IpAddr::V6(ip), r.target.ip, r.target.port)
+                });
+                if let Some(r) = route
+                    && r.target.port > 0
+                    && !allocated.contains(&IpAddr::V6(ip))
+                    && !mine.contains(&IpAddr::V6(ip))
+                {
+                    return Some((ip, r.target.port));
+                }
+            }
+        }
+        None
+    }
+
+    /// A signed revocation of `member`'s COM, to send when it is de-authorized (§14.7).
+    pub fn revoke(
+        &self,
+        nwid: NetworkId,
+        member: Address,
+        revocation_id: u32,
+        now: i64,
+    ) -> Result<Revocation, SignError> {
+        let mut r = Revocation::new(
+            revocation_id,
+            nwid,
+            0,
+            now,
+            Revocation::FAST_PROPAGATE,
+            member,
+            CredentialType::Com,
+        );
+        r.sign(&self.identity)?;
+        Ok(r)
+    }
+}
+
+fn pick_v4(
+    network: &Network,
+    cfg: &NetworkConfig,
+    who: Address,
+    allocated: &[IpAddr],
+    member: &Member,
+) -> Option<(Ipv4Addr, u16)> {
+    let mine: Vec<IpAddr> = member
+        .ip_assignments
+        .iter()
+        .filter_map(|s| s.parse().ok())
+        .collect();
+    for pool in &network.ip_assignment_pools {
+        let (Ok(s), Ok(e)) = (
+            pool.ip_range_start.parse::<Ipv4Addr>(),
+            pool.ip_range_end.parse::<Ipv4Addr>(),
+        ) else {
+            continue;
+        };
+        let (s, e) = (u32::from(s), u32::from(e));
+        if s == 0 || s > e {
+            continue;
+        }
+        let len = e - s;
+        let mut counter = (who.to_u64() & 0xffff_ffff) as u32;
+        let trials = 1000u64.min(u64::from(len) + 1);
+        for _ in 0..trials {
+            let cand = if len == 0 {
+                s
+            } else {
+                s.wrapping_add(counter % len)
+            };
+            counter = counter.wrapping_add(1);
+            if cand & 0xff == 0xff {
+                continue;
+            }
+            let ip = IpAddr::V4(Ipv4Addr::from(cand));
+            let route = cfg.routes.iter().find(|r| {
+                r.target.ip.is_ipv4()
+                    && network_of(ip, r.target.port) == network_of(r.target.ip, r.target.port)
+            });
+            if let Some(r) = route
+                && r.target.port > 0
+                && !allocated.contains(&ip)
+                && !mine.contains(&ip)
+            {
+                return Some((Ipv4Addr::from(cand), r.target.port));
+            }
+        }
+    }
+    None
+}

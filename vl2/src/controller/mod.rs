@@ -1,0 +1,626 @@
+//! The network controller's object model (network and member JSON as ZeroTier's
+//! controller API and `controller.d` files have them) and its storage.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use flatwire_vl1::Address;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::NetworkId;
+
+mod logic;
+pub use logic::{Controller, ControllerError, MemberAuthorizer, RequestOutcome, RequestRefusal};
+
+fn d_true() -> bool {
+    true
+}
+fn d_mtu() -> i64 {
+    2800
+}
+fn d_ml() -> i64 {
+    32
+}
+fn d_neg() -> i64 {
+    -1
+}
+fn d_rules() -> Vec<Value> {
+    vec![serde_json::json!({"not": false, "or": false, "type": "ACTION_ACCEPT"})]
+}
+fn d_empty_arr() -> Value {
+    Value::Array(Vec::new())
+}
+fn d_tokens() -> Value {
+    Value::Array(vec![Value::Null])
+}
+fn d_network() -> String {
+    "network".into()
+}
+fn d_member() -> String {
+    "member".into()
+}
+
+/// An IPv4/IPv6 assignment pool.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pool {
+    /// Last address.
+    #[serde(rename = "ipRangeEnd")]
+    pub ip_range_end: String,
+    /// First address.
+    #[serde(rename = "ipRangeStart")]
+    pub ip_range_start: String,
+}
+
+/// A managed route.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouteJson {
+    /// Target CIDR.
+    pub target: String,
+    /// Gateway or null.
+    #[serde(default)]
+    pub via: Option<String>,
+}
+
+/// IPv4 assign mode.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct V4AssignMode {
+    /// Assign from pools.
+    #[serde(default)]
+    pub zt: bool,
+}
+
+/// IPv6 assign modes.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct V6AssignMode {
+    /// 6PLANE.
+    #[serde(rename = "6plane", default)]
+    pub sixplane: bool,
+    /// RFC4193.
+    #[serde(default)]
+    pub rfc4193: bool,
+    /// Assign from pools.
+    #[serde(default)]
+    pub zt: bool,
+}
+
+/// A controller network object (`objtype` "network").
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Network {
+    /// Legacy token auth map (new networks: `[null]`).
+    #[serde(default = "d_tokens")]
+    pub auth_tokens: Value,
+    /// SSO endpoint.
+    #[serde(default)]
+    pub authorization_endpoint: String,
+    /// Capabilities `{id, default, rules}`.
+    #[serde(default)]
+    pub capabilities: Vec<Value>,
+    /// SSO client id.
+    #[serde(default)]
+    pub client_id: String,
+    /// Creation time (ms).
+    #[serde(default)]
+    pub creation_time: i64,
+    /// `{domain, servers}` or `[]`.
+    #[serde(default = "d_empty_arr")]
+    pub dns: Value,
+    /// Broadcast enabled.
+    #[serde(default = "d_true")]
+    pub enable_broadcast: bool,
+    /// 16-hex network id.
+    pub id: String,
+    /// Pools.
+    #[serde(default)]
+    pub ip_assignment_pools: Vec<Pool>,
+    /// MTU.
+    #[serde(default = "d_mtu")]
+    pub mtu: i64,
+    /// Multicast limit.
+    #[serde(default = "d_ml")]
+    pub multicast_limit: i64,
+    /// Name.
+    #[serde(default)]
+    pub name: String,
+    /// 16-hex network id.
+    pub nwid: String,
+    /// "network".
+    #[serde(default = "d_network")]
+    pub objtype: String,
+    /// Private (COM required) or public.
+    #[serde(default = "d_true")]
+    pub private: bool,
+    /// Remote trace level.
+    #[serde(default)]
+    pub remote_trace_level: i64,
+    /// Remote trace target.
+    #[serde(default)]
+    pub remote_trace_target: Option<String>,
+    /// Revision.
+    #[serde(default)]
+    pub revision: u64,
+    /// Routes.
+    #[serde(default)]
+    pub routes: Vec<RouteJson>,
+    /// Base rules (JSON form).
+    #[serde(default = "d_rules")]
+    pub rules: Vec<Value>,
+    /// Rule source (Central).
+    #[serde(default)]
+    pub rules_source: String,
+    /// SSO enabled.
+    #[serde(default)]
+    pub sso_enabled: bool,
+    /// Tags `{id, default}`.
+    #[serde(default)]
+    pub tags: Vec<Value>,
+    /// IPv4 assign mode.
+    #[serde(default)]
+    pub v4_assign_mode: V4AssignMode,
+    /// IPv6 assign mode.
+    #[serde(default)]
+    pub v6_assign_mode: V6AssignMode,
+    /// Fields this model does not know, kept as they are.
+    #[serde(flatten)]
+    pub extra: BTreeMap<String, Value>,
+}
+
+/// A controller member object (`objtype` "member").
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Member {
+    /// Active bridge.
+    #[serde(default)]
+    pub active_bridge: bool,
+    /// 10-hex address.
+    pub address: String,
+    /// SSO expiry.
+    #[serde(default)]
+    pub authentication_expiry_time: i64,
+    /// Authorized.
+    #[serde(default)]
+    pub authorized: bool,
+    /// Capability ids.
+    #[serde(default)]
+    pub capabilities: Vec<u64>,
+    /// Creation time.
+    #[serde(default)]
+    pub creation_time: i64,
+    /// 10-hex address.
+    pub id: String,
+    /// Pinned public identity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
+    /// Assigned IPs.
+    #[serde(default)]
+    pub ip_assignments: Vec<String>,
+    /// How it was last authorized (token or null).
+    #[serde(default)]
+    pub last_authorized_credential: Option<String>,
+    /// "api", "public", "token" or null.
+    #[serde(default)]
+    pub last_authorized_credential_type: Option<String>,
+    /// Time of last authorization.
+    #[serde(default)]
+    pub last_authorized_time: i64,
+    /// Time of last deauthorization.
+    #[serde(default)]
+    pub last_deauthorized_time: i64,
+    /// Name (1.14.0+).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// No automatic IPs.
+    #[serde(default)]
+    pub no_auto_assign_ips: bool,
+    /// 16-hex network id.
+    pub nwid: String,
+    /// "member".
+    #[serde(default = "d_member")]
+    pub objtype: String,
+    /// Remote trace level.
+    #[serde(default)]
+    pub remote_trace_level: i64,
+    /// Remote trace target.
+    #[serde(default)]
+    pub remote_trace_target: Option<String>,
+    /// Revision.
+    #[serde(default)]
+    pub revision: u64,
+    /// SSO exempt.
+    #[serde(default)]
+    pub sso_exempt: bool,
+    /// Tags as `[id, value]` pairs.
+    #[serde(default)]
+    pub tags: Vec<(u64, u64)>,
+    /// Software major version.
+    #[serde(rename = "vMajor", default = "d_neg")]
+    pub v_major: i64,
+    /// Software minor version.
+    #[serde(rename = "vMinor", default = "d_neg")]
+    pub v_minor: i64,
+    /// Protocol version.
+    #[serde(rename = "vProto", default = "d_neg")]
+    pub v_proto: i64,
+    /// Software revision.
+    #[serde(rename = "vRev", default = "d_neg")]
+    pub v_rev: i64,
+    /// Fields this model does not know, kept as they are.
+    #[serde(flatten)]
+    pub extra: BTreeMap<String, Value>,
+}
+
+impl Network {
+    /// A new network with the controller's defaults.
+    pub fn new(nwid: NetworkId, now: i64) -> Self {
+        let mut n: Network = serde_json::from_value(serde_json::json!({
+            "id": nwid.to_string(), "nwid": nwid.to_string()
+        }))
+        .unwrap_or_else(|_| unreachable_network(nwid));
+        n.creation_time = now;
+        n
+    }
+}
+
+fn unreachable_network(nwid: NetworkId) -> Network {
+    Network {
+        auth_tokens: d_tokens(),
+        authorization_endpoint: String::new(),
+        capabilities: Vec::new(),
+        client_id: String::new(),
+        creation_time: 0,
+        dns: d_empty_arr(),
+        enable_broadcast: true,
+        id: nwid.to_string(),
+        ip_assignment_pools: Vec::new(),
+        mtu: 2800,
+        multicast_limit: 32,
+        name: String::new(),
+        nwid: nwid.to_string(),
+        objtype: d_network(),
+        private: true,
+        remote_trace_level: 0,
+        remote_trace_target: None,
+        revision: 0,
+        routes: Vec::new(),
+        rules: d_rules(),
+        rules_source: String::new(),
+        sso_enabled: false,
+        tags: Vec::new(),
+        v4_assign_mode: V4AssignMode::default(),
+        v6_assign_mode: V6AssignMode::default(),
+        extra: BTreeMap::new(),
+    }
+}
+
+impl Member {
+    /// A new member with the controller's defaults.
+    pub fn new(nwid: NetworkId, address: Address, now: i64) -> Self {
+        Member {
+            active_bridge: false,
+            address: address.to_string(),
+            authentication_expiry_time: 0,
+            authorized: false,
+            capabilities: Vec::new(),
+            creation_time: now,
+            id: address.to_string(),
+            identity: None,
+            ip_assignments: Vec::new(),
+            last_authorized_credential: None,
+            last_authorized_credential_type: None,
+            last_authorized_time: 0,
+            last_deauthorized_time: 0,
+            name: None,
+            no_auto_assign_ips: false,
+            nwid: nwid.to_string(),
+            objtype: d_member(),
+            remote_trace_level: 0,
+            remote_trace_target: None,
+            revision: 0,
+            sso_exempt: false,
+            tags: Vec::new(),
+            v_major: -1,
+            v_minor: -1,
+            v_proto: -1,
+            v_rev: -1,
+            extra: BTreeMap::new(),
+        }
+    }
+}
+
+fn write_sorted(v: &Value, out: &mut String) {
+    match v {
+        Value::Object(m) => {
+            let mut keys: Vec<&String> = m.keys().collect();
+            keys.sort();
+            out.push('{');
+            for (i, k) in keys.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str(&Value::String((*k).clone()).to_string());
+                out.push(':');
+                if let Some(x) = m.get(*k) {
+                    write_sorted(x, out);
+                }
+            }
+            out.push('}');
+        }
+        Value::Array(a) => {
+            out.push('[');
+            for (i, x) in a.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                write_sorted(x, out);
+            }
+            out.push(']');
+        }
+        other => out.push_str(&other.to_string()),
+    }
+}
+
+/// Compact JSON with object keys sorted, as the reference (nlohmann::json) writes it.
+pub fn to_canonical_json<T: Serialize>(v: &T) -> Result<String, StoreError> {
+    let value = serde_json::to_value(v).map_err(|e| StoreError::Json(e.to_string()))?;
+    let mut s = String::new();
+    write_sorted(&value, &mut s);
+    Ok(s)
+}
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// File system error.
+    #[error("store I/O: {0}")]
+    Io(#[from] std::io::Error),
+    /// A stored object is not valid JSON of the expected shape.
+    #[error("store JSON: {0}")]
+    Json(String),
+}
+
+/// Storage for controller objects. `put_*` compares with the stored object ignoring
+/// `revision`; when it differs, it stores it with `revision` = stored + 1 and returns
+/// `true`. A new object is stored with revision 1 (or the revision it already has).
+pub trait ControllerStore {
+    /// Loads a network.
+    fn get_network(&self, nwid: NetworkId) -> Result<Option<Network>, StoreError>;
+    /// Saves a network (revision bump on change).
+    fn put_network(&mut self, network: &mut Network) -> Result<bool, StoreError>;
+    /// Deletes a network and its members; returns the deleted network.
+    fn delete_network(&mut self, nwid: NetworkId) -> Result<Option<Network>, StoreError>;
+    /// Network IDs, sorted.
+    fn list_networks(&self) -> Result<Vec<NetworkId>, StoreError>;
+    /// Loads a member.
+    fn get_member(&self, nwid: NetworkId, a: Address) -> Result<Option<Member>, StoreError>;
+    /// Saves a member (revision bump on change).
+    fn put_member(&mut self, member: &mut Member) -> Result<bool, StoreError>;
+    /// Deletes a member.
+    fn delete_member(&mut self, nwid: NetworkId, a: Address) -> Result<Option<Member>, StoreError>;
+    /// Members of a network, sorted by address.
+    fn list_members(&self, nwid: NetworkId) -> Result<Vec<Address>, StoreError>;
+}
+
+fn bump<T: Clone + PartialEq>(
+    stored: Option<&T>,
+    new: &mut T,
+    rev: impl Fn(&mut T) -> &mut u64,
+) -> bool {
+    match stored {
+        Some(old) => {
+            let mut a = old.clone();
+            let mut b = new.clone();
+            *rev(&mut a) = 0;
+            *rev(&mut b) = 0;
+            if a == b {
+                *rev(new) = *rev(&mut old.clone());
+                false
+            } else {
+                *rev(new) = *rev(&mut old.clone()) + 1;
+                true
+            }
+        }
+        None => {
+            // A new object starts at revision 1; an imported one keeps its revision.
+            if *rev(new) == 0 {
+                *rev(new) = 1;
+            }
+            true
+        }
+    }
+}
+
+fn parse_nwid(s: &str) -> Result<NetworkId, StoreError> {
+    s.parse()
+        .map_err(|_| StoreError::Json(format!("bad network id {s:?}")))
+}
+
+fn parse_addr(s: &str) -> Result<Address, StoreError> {
+    s.parse()
+        .map_err(|_| StoreError::Json(format!("bad address {s:?}")))
+}
+
+/// An in-memory store.
+#[derive(Clone, Debug, Default)]
+pub struct MemoryStore {
+    networks: BTreeMap<NetworkId, Network>,
+    members: BTreeMap<(NetworkId, Address), Member>,
+}
+
+impl ControllerStore for MemoryStore {
+    fn get_network(&self, nwid: NetworkId) -> Result<Option<Network>, StoreError> {
+        Ok(self.networks.get(&nwid).cloned())
+    }
+    fn put_network(&mut self, n: &mut Network) -> Result<bool, StoreError> {
+        let id = parse_nwid(&n.id)?;
+        let changed = bump(self.networks.get(&id), n, |x| &mut x.revision);
+        if changed {
+            self.networks.insert(id, n.clone());
+        }
+        Ok(changed)
+    }
+    fn delete_network(&mut self, nwid: NetworkId) -> Result<Option<Network>, StoreError> {
+        self.members.retain(|(n, _), _| *n != nwid);
+        Ok(self.networks.remove(&nwid))
+    }
+    fn list_networks(&self) -> Result<Vec<NetworkId>, StoreError> {
+        Ok(self.networks.keys().copied().collect())
+    }
+    fn get_member(&self, nwid: NetworkId, a: Address) -> Result<Option<Member>, StoreError> {
+        Ok(self.members.get(&(nwid, a)).cloned())
+    }
+    fn put_member(&mut self, m: &mut Member) -> Result<bool, StoreError> {
+        let key = (parse_nwid(&m.nwid)?, parse_addr(&m.id)?);
+        let changed = bump(self.members.get(&key), m, |x| &mut x.revision);
+        if changed {
+            self.members.insert(key, m.clone());
+        }
+        Ok(changed)
+    }
+    fn delete_member(&mut self, nwid: NetworkId, a: Address) -> Result<Option<Member>, StoreError> {
+        Ok(self.members.remove(&(nwid, a)))
+    }
+    fn list_members(&self, nwid: NetworkId) -> Result<Vec<Address>, StoreError> {
+        Ok(self
+            .members
+            .keys()
+            .filter(|(n, _)| *n == nwid)
+            .map(|(_, a)| *a)
+            .collect())
+    }
+}
+
+/// A store of one JSON file per object, laid out like ZeroTier's `controller.d`:
+/// `network/<nwid>.json` and `network/<nwid>/member/<address>.json`.
+/// Writes go to a temporary file that is synced and renamed over the target.
+#[derive(Clone, Debug)]
+pub struct FileStore {
+    root: PathBuf,
+}
+
+impl FileStore {
+    /// Uses `root` (created on first write).
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    fn network_path(&self, nwid: NetworkId) -> PathBuf {
+        self.root.join("network").join(format!("{nwid}.json"))
+    }
+
+    fn member_dir(&self, nwid: NetworkId) -> PathBuf {
+        self.root
+            .join("network")
+            .join(nwid.to_string())
+            .join("member")
+    }
+
+    fn member_path(&self, nwid: NetworkId, a: Address) -> PathBuf {
+        self.member_dir(nwid).join(format!("{a}.json"))
+    }
+
+    fn read<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>, StoreError> {
+        match std::fs::read(path) {
+            Ok(b) => serde_json::from_slice(&b)
+                .map(Some)
+                .map_err(|e| StoreError::Json(format!("{}: {e}", path.display()))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn write_atomic(path: &Path, data: &[u8]) -> Result<(), StoreError> {
+        let dir = path
+            .parent()
+            .ok_or_else(|| StoreError::Json("path without parent".into()))?;
+        std::fs::create_dir_all(dir)?;
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("obj");
+        let tmp = dir.join(format!(".{name}.tmp"));
+        {
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(data)?;
+            f.sync_all()?;
+        }
+        std::fs::rename(&tmp, path)?;
+        std::fs::File::open(dir)?.sync_all()?;
+        Ok(())
+    }
+
+    fn list_json(dir: &Path) -> Result<Vec<String>, StoreError> {
+        let mut out = Vec::new();
+        match std::fs::read_dir(dir) {
+            Ok(rd) => {
+                for e in rd {
+                    let name = e?.file_name().to_string_lossy().into_owned();
+                    if let Some(stem) = name.strip_suffix(".json")
+                        && !stem.starts_with('.')
+                    {
+                        out.push(stem.to_owned());
+                    }
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e.into()),
+        }
+        out.sort();
+        Ok(out)
+    }
+}
+
+impl ControllerStore for FileStore {
+    fn get_network(&self, nwid: NetworkId) -> Result<Option<Network>, StoreError> {
+        Self::read(&self.network_path(nwid))
+    }
+    fn put_network(&mut self, n: &mut Network) -> Result<bool, StoreError> {
+        let id = parse_nwid(&n.id)?;
+        let stored = self.get_network(id)?;
+        let changed = bump(stored.as_ref(), n, |x| &mut x.revision);
+        if changed {
+            Self::write_atomic(&self.network_path(id), to_canonical_json(n)?.as_bytes())?;
+        }
+        Ok(changed)
+    }
+    fn delete_network(&mut self, nwid: NetworkId) -> Result<Option<Network>, StoreError> {
+        let old = self.get_network(nwid)?;
+        if old.is_some() {
+            std::fs::remove_file(self.network_path(nwid))?;
+            let dir = self.root.join("network").join(nwid.to_string());
+            if dir.exists() {
+                std::fs::remove_dir_all(dir)?;
+            }
+        }
+        Ok(old)
+    }
+    fn list_networks(&self) -> Result<Vec<NetworkId>, StoreError> {
+        Ok(Self::list_json(&self.root.join("network"))?
+            .iter()
+            .filter_map(|s| s.parse().ok())
+            .collect())
+    }
+    fn get_member(&self, nwid: NetworkId, a: Address) -> Result<Option<Member>, StoreError> {
+        Self::read(&self.member_path(nwid, a))
+    }
+    fn put_member(&mut self, m: &mut Member) -> Result<bool, StoreError> {
+        let (n, a) = (parse_nwid(&m.nwid)?, parse_addr(&m.id)?);
+        let stored = self.get_member(n, a)?;
+        let changed = bump(stored.as_ref(), m, |x| &mut x.revision);
+        if changed {
+            Self::write_atomic(&self.member_path(n, a), to_canonical_json(m)?.as_bytes())?;
+        }
+        Ok(changed)
+    }
+    fn delete_member(&mut self, nwid: NetworkId, a: Address) -> Result<Option<Member>, StoreError> {
+        let old = self.get_member(nwid, a)?;
+        if old.is_some() {
+            std::fs::remove_file(self.member_path(nwid, a))?;
+        }
+        Ok(old)
+    }
+    fn list_members(&self, nwid: NetworkId) -> Result<Vec<Address>, StoreError> {
+        Ok(Self::list_json(&self.member_dir(nwid))?
+            .iter()
+            .filter_map(|s| s.parse().ok())
+            .collect())
+    }
+}

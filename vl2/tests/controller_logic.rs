@@ -1,0 +1,241 @@
+//! The controller's request procedure, checked against the recorded ZeroTier lab.
+
+mod common;
+
+use common::zt_one;
+use flatwire_vl1::{Address, Identity};
+use flatwire_vl2::NetworkId;
+use flatwire_vl2::controller::{
+    Controller, ControllerStore, Member, MemberAuthorizer, MemoryStore, Network, RequestOutcome,
+    RequestRefusal,
+};
+use flatwire_vl2::dictionary::Dictionary;
+use flatwire_vl2::netconf::NetworkConfig;
+
+fn ident(file: &str) -> Identity {
+    String::from_utf8(zt_one(file))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+fn metadata() -> Dictionary {
+    let mut d = Dictionary::new();
+    for (k, v) in [
+        ("v", 7),
+        ("vend", 1),
+        ("pv", 12),
+        ("majv", 1),
+        ("minv", 14),
+        ("revv", 1),
+        ("mr", 1024),
+        ("mc", 128),
+        ("mcr", 64),
+        ("mt", 128),
+        ("f", 0),
+        ("revr", 1),
+    ] {
+        d.add_u64(k, v);
+    }
+    d
+}
+
+fn lab() -> (Controller<MemoryStore>, Identity, Identity, NetworkId) {
+    let zta = ident("capture/node-identities/zta-e6acfe87fc.secret");
+    let ztb = ident("capture/node-identities/ztb-e28e6b73a1.public");
+    let mut store = MemoryStore::default();
+    let text = String::from_utf8(zt_one(
+        "api-json/controller.d/network/e6acfe87fc3adaf6.json",
+    ))
+    .unwrap();
+    let mut n: Network = serde_json::from_str(&text).unwrap();
+    store.put_network(&mut n).unwrap();
+    assert_eq!(n.revision, 1);
+    (
+        Controller::new(zta.clone(), store),
+        zta,
+        ztb,
+        "e6acfe87fc3adaf6".parse().unwrap(),
+    )
+}
+
+fn config(o: RequestOutcome) -> NetworkConfig {
+    match o {
+        RequestOutcome::Config(c) => *c,
+        other => panic!("expected a config, got {other:?}"),
+    }
+}
+
+#[test]
+fn private_network_denies_then_serves_the_lab_config() {
+    let (mut ctl, zta, ztb, nwid) = lab();
+    let mut rnd = || 4u64;
+    let md = metadata();
+    let out = ctl
+        .handle_request(nwid, &ztb, &md, 1, 1000, &mut rnd)
+        .unwrap();
+    assert_eq!(out, RequestOutcome::Refuse(RequestRefusal::AccessDenied));
+    assert_eq!(RequestRefusal::AccessDenied.error_code(), 7);
+    let mut m = ctl
+        .store()
+        .get_member(nwid, ztb.address())
+        .unwrap()
+        .unwrap();
+    assert_eq!(m.identity.as_deref(), Some(ztb.to_string().as_str()));
+    // A repeat within 1000 ms is ignored.
+    assert_eq!(
+        ctl.handle_request(nwid, &ztb, &md, 2, 1500, &mut rnd)
+            .unwrap(),
+        RequestOutcome::Ignore
+    );
+
+    m.authorized = true;
+    ctl.store_mut().put_member(&mut m).unwrap();
+    let cfg = config(
+        ctl.handle_request(nwid, &ztb, &md, 3, 5000, &mut rnd)
+            .unwrap(),
+    );
+    // The real controller gave ztb 10.147.17.244 and zta 10.147.17.251 from this pool.
+    assert_eq!(cfg.static_ips[0].to_string(), "10.147.17.244/24");
+    let stored = ctl
+        .store()
+        .get_member(nwid, ztb.address())
+        .unwrap()
+        .unwrap();
+    assert_eq!(stored.ip_assignments, vec!["10.147.17.244".to_string()]);
+    assert_eq!(
+        (stored.v_major, stored.v_minor, stored.v_rev, stored.v_proto),
+        (1, 14, 1, 12)
+    );
+    assert!(cfg.com.as_ref().unwrap().verify(&zta));
+    assert!(cfg.certificates_of_ownership[0].verify(&zta));
+    assert!(cfg.certificates_of_ownership[0].owns_ip(&[10, 147, 17, 244]));
+
+    // Everything but the timestamp and signatures equals what ZeroTier sent ztb.
+    let recorded =
+        NetworkConfig::decode(&zt_one("api-json/netconf/ztb-e6acfe87fc3adaf6.conf")).unwrap();
+    let mut mine = cfg.clone();
+    mine.timestamp = recorded.timestamp;
+    mine.com = recorded.com.clone();
+    mine.certificates_of_ownership = recorded.certificates_of_ownership.clone();
+    assert_eq!(mine, recorded);
+    let (a, b) = (cfg.com.as_ref().unwrap(), recorded.com.as_ref().unwrap());
+    assert_eq!(a.qualifiers[1..], b.qualifiers[1..]);
+    assert_eq!(
+        cfg.certificates_of_ownership[0].things,
+        recorded.certificates_of_ownership[0].things
+    );
+
+    // The controller's own member gets .251 next.
+    let mut me = Member::new(nwid, zta.address(), 0);
+    me.authorized = true;
+    ctl.store_mut().put_member(&mut me).unwrap();
+    let cfg = config(
+        ctl.handle_request(nwid, &zta.to_public(), &md, 9, 9000, &mut rnd)
+            .unwrap(),
+    );
+    assert_eq!(cfg.static_ips[0].to_string(), "10.147.17.251/24");
+}
+
+#[test]
+fn identity_pinning_unknown_network_and_foreign_ids() {
+    let (mut ctl, _zta, ztb, nwid) = lab();
+    let mut rnd = || 0u64;
+    let md = metadata();
+    let _ = ctl.handle_request(nwid, &ztb, &md, 1, 0, &mut rnd).unwrap();
+    let mut m = ctl
+        .store()
+        .get_member(nwid, ztb.address())
+        .unwrap()
+        .unwrap();
+    m.identity = Some(ident("identities/identity-2.public").to_string().replacen(
+        &ident("identities/identity-2.public").address().to_string(),
+        &ztb.address().to_string(),
+        1,
+    ));
+    m.authorized = true;
+    ctl.store_mut().put_member(&mut m).unwrap();
+    let out = ctl
+        .handle_request(nwid, &ztb, &md, 2, 5000, &mut rnd)
+        .unwrap();
+    assert_eq!(out, RequestOutcome::Refuse(RequestRefusal::AccessDenied));
+    let other: NetworkId = "e6acfe87fc000001".parse().unwrap();
+    assert_eq!(
+        ctl.handle_request(other, &ztb, &md, 3, 9000, &mut rnd)
+            .unwrap(),
+        RequestOutcome::Refuse(RequestRefusal::ObjectNotFound)
+    );
+    let foreign: NetworkId = "1122334455000001".parse().unwrap();
+    assert_eq!(
+        ctl.handle_request(foreign, &ztb, &md, 4, 20000, &mut rnd)
+            .unwrap(),
+        RequestOutcome::Ignore
+    );
+}
+
+struct Vouch(Address);
+
+impl MemberAuthorizer for Vouch {
+    fn authorize(
+        &self,
+        _: &Network,
+        _: &Member,
+        requester: &Identity,
+        _: &Dictionary,
+        _: i64,
+    ) -> bool {
+        requester.address() == self.0
+    }
+}
+
+#[test]
+fn public_networks_vouchers_tags_capabilities_and_v6_modes() {
+    let (mut ctl, zta, ztb, nwid) = lab();
+    let mut rnd = || 0u64;
+    ctl.add_authorizer(Box::new(Vouch(ztb.address())));
+    let cfg = config(
+        ctl.handle_request(nwid, &ztb, &metadata(), 1, 0, &mut rnd)
+            .unwrap(),
+    );
+    let m = ctl
+        .store()
+        .get_member(nwid, ztb.address())
+        .unwrap()
+        .unwrap();
+    assert_eq!(m.last_authorized_credential_type.as_deref(), Some("vouch"));
+    assert!(cfg.com.is_some());
+
+    let mut n = ctl.store().get_network(nwid).unwrap().unwrap();
+    n.private = false;
+    n.v6_assign_mode.rfc4193 = true;
+    n.v6_assign_mode.sixplane = true;
+    n.capabilities =
+        vec![serde_json::json!({"id": 7, "default": true, "rules": [{"type": "ACTION_ACCEPT"}]})];
+    n.tags = vec![serde_json::json!({"id": 3, "default": 9})];
+    n.dns = serde_json::json!({"domain": "lab", "servers": ["10.147.17.1"]});
+    ctl.store_mut().put_network(&mut n).unwrap();
+    let someone = ident("identities/identity-4.public");
+    let cfg = config(
+        ctl.handle_request(nwid, &someone, &metadata(), 1, 100, &mut rnd)
+            .unwrap(),
+    );
+    let m = ctl
+        .store()
+        .get_member(nwid, someone.address())
+        .unwrap()
+        .unwrap();
+    assert_eq!(m.last_authorized_credential_type.as_deref(), Some("public"));
+    assert_eq!(m.capabilities, vec![7]);
+    assert_eq!(m.tags, vec![(3, 9)]);
+    assert_eq!(cfg.flags & 0x4, 0x4);
+    assert_eq!(cfg.static_ips.len(), 3);
+    assert_eq!(cfg.capabilities[0].holder(), Some(someone.address()));
+    assert!(cfg.capabilities[0].verify(|a| (a == zta.address()).then_some(&zta)));
+    assert!(cfg.tags[0].verify(&zta) && cfg.tags[0].value == 9);
+    assert_eq!(cfg.dns.domain, "lab");
+    assert!(!cfg.private);
+    assert_eq!(cfg.revision, 2);
+    let rev = ctl.revoke(nwid, someone.address(), 5, 200).unwrap();
+    assert!(rev.verify(&zta));
+}
