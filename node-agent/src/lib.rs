@@ -1,0 +1,12 @@
+//! flatwire-agent: the per-host daemon's I/O shell around the sans-I/O `vl1`/`vl2` cores.
+//!
+//! Modules: [`tap`] (member TAP devices moved into pod network namespaces, batched frame I/O),
+//! [`udp`] (the host's UDP port with batched, GSO/GRO-aware I/O), [`state`] (the atomically
+//! written state directory), [`metrics`] (Prometheus text over a tiny HTTP endpoint) and
+//! [`service`] (the gRPC service of `flatwire-api` as served today).
+
+pub mod metrics;
+pub mod service;
+pub mod state;
+pub mod tap;
+pub mod udp;

@@ -1,0 +1,273 @@
+//! Prometheus metrics: the registry of the agent's metric families and a tiny HTTP endpoint
+//! (`GET /metrics`, OpenMetrics text) meant for a loopback TCP port.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// The `Content-Type` of a scrape answer.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Kind of a path to a peer.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
+pub enum PathKind {
+    /// A direct UDP path (possibly after NAT traversal).
+    Direct,
+    /// Relayed through a root.
+    Relayed,
+}
+
+/// Direction of traffic, seen from the local members.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
+pub enum Direction {
+    /// Received from the overlay.
+    Rx,
+    /// Sent to the overlay.
+    Tx,
+}
+
+macro_rules! lowercase_label {
+    ($t:ty, $($v:ident => $s:literal),+) => {
+        impl $t {
+            /// The label value.
+            pub fn as_str(self) -> &'static str {
+                match self { $(Self::$v => $s),+ }
+            }
+        }
+        impl EncodeLabelValue for $t {
+            fn encode(&self, e: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+                e.write_str(self.as_str())
+            }
+        }
+    };
+}
+lowercase_label!(PathKind, Direct => "direct", Relayed => "relayed");
+lowercase_label!(Direction, Rx => "rx", Tx => "tx");
+
+/// Labels of the path gauge.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PathLabels {
+    /// Direct or relayed.
+    pub kind: PathKind,
+}
+
+/// Labels of the traffic counters.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TrafficLabels {
+    /// Network id, 16 hex digits.
+    pub network: String,
+    /// Rx or tx.
+    pub direction: Direction,
+}
+
+/// Labels of the drop counter.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DropLabels {
+    /// The drop reason's name (a `DropReason` of vl1/vl2 or the I/O shell).
+    pub reason: &'static str,
+}
+
+/// Labels of the rule-hit counter.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RuleLabels {
+    /// Network id, 16 hex digits.
+    pub network: String,
+    /// The action that matched (accept, drop, tee, redirect, break, ...).
+    pub action: &'static str,
+}
+
+/// Labels of the controller request counter.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ControllerLabels {
+    /// The request kind (network config, member authorization, ...).
+    pub kind: &'static str,
+    /// The outcome (ok, denied, error, ...).
+    pub result: &'static str,
+}
+
+/// The agent's metric families; clone the handles to update them from any thread.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// Known peers.
+    pub peers: Gauge,
+    /// Active paths by kind.
+    pub paths: Family<PathLabels, Gauge>,
+    /// Payload bytes per network and direction.
+    pub bytes: Family<TrafficLabels, Counter>,
+    /// Frames per network and direction.
+    pub packets: Family<TrafficLabels, Counter>,
+    /// Dropped packets or frames by reason.
+    pub drops: Family<DropLabels, Counter>,
+    /// Rule matches per network and action.
+    pub rule_hits: Family<RuleLabels, Counter>,
+    /// Pre-generated identities ready for new members.
+    pub identity_pool_depth: Gauge,
+    /// Requests handled by (or sent to) the network controller.
+    pub controller_requests: Family<ControllerLabels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every family under the `flatwire_` prefix.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("flatwire");
+        let m = Self {
+            peers: Gauge::default(),
+            paths: Family::default(),
+            bytes: Family::default(),
+            packets: Family::default(),
+            drops: Family::default(),
+            rule_hits: Family::default(),
+            identity_pool_depth: Gauge::default(),
+            controller_requests: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register("peers", "Known VL1 peers", m.peers.clone());
+        registry.register("paths", "Active paths to peers by kind", m.paths.clone());
+        registry.register(
+            "bytes",
+            "Payload bytes per network and direction",
+            m.bytes.clone(),
+        );
+        registry.register(
+            "packets",
+            "Ethernet frames per network and direction",
+            m.packets.clone(),
+        );
+        registry.register("drops", "Dropped packets by reason", m.drops.clone());
+        registry.register(
+            "rule_hits",
+            "Rule matches per network and action",
+            m.rule_hits.clone(),
+        );
+        registry.register(
+            "identity_pool_depth",
+            "Pre-generated identities ready for new members",
+            m.identity_pool_depth.clone(),
+        );
+        registry.register(
+            "controller_requests",
+            "Network controller requests by kind and result",
+            m.controller_requests.clone(),
+        );
+        Self { registry, ..m }
+    }
+
+    /// The OpenMetrics text exposition of every family.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}
+
+/// Binds the metrics endpoint (use a loopback address).
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}
+
+/// Serves `GET /metrics` on `listener` until the task is dropped; one short-lived task per
+/// connection, `Connection: close`.
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                let metrics = metrics.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = handle(stream, &metrics).await {
+                        tracing::debug!(error = %e, "metrics connection");
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// Reads one request head (at most 8 KiB, 5 s) and answers it.
+async fn handle(mut stream: TcpStream, metrics: &Metrics) -> std::io::Result<()> {
+    let mut buf = [0u8; 8192];
+    let mut len = 0;
+    let head_end = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            if let Some(i) = buf[..len].windows(4).position(|w| w == b"\r\n\r\n") {
+                return Ok::<_, std::io::Error>(Some(i));
+            }
+            if len == buf.len() {
+                return Ok(None);
+            }
+            let n = stream.read(&mut buf[len..]).await?;
+            if n == 0 {
+                return Ok(None);
+            }
+            len += n;
+        }
+    })
+    .await
+    .unwrap_or(Ok(None))?;
+    let Some(end) = head_end else {
+        return respond(
+            &mut stream,
+            "400 Bad Request",
+            "text/plain",
+            "bad request\n",
+        )
+        .await;
+    };
+    let head = String::from_utf8_lossy(&buf[..end]);
+    let mut parts = head.lines().next().unwrap_or("").split_whitespace();
+    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let path = target.split('?').next().unwrap_or("");
+    match (method, path) {
+        ("GET", "/metrics") => {
+            respond(&mut stream, "200 OK", CONTENT_TYPE, &metrics.encode()).await
+        }
+        ("GET", _) => respond(&mut stream, "404 Not Found", "text/plain", "try /metrics\n").await,
+        _ => {
+            respond(
+                &mut stream,
+                "405 Method Not Allowed",
+                "text/plain",
+                "only GET\n",
+            )
+            .await
+        }
+    }
+}
+
+async fn respond(
+    stream: &mut TcpStream,
+    status: &str,
+    content_type: &str,
+    body: &str,
+) -> std::io::Result<()> {
+    let mut head = String::new();
+    let _ = write!(
+        head,
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\
+         Connection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(body.as_bytes()).await?;
+    stream.shutdown().await
+}

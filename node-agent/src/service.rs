@@ -1,0 +1,198 @@
+//! The agent's gRPC service (`flatwire.agent.v1.Agent`) as it stands today, and serving it on
+//! a Unix socket.
+//!
+//! Until the VL1 node runs inside the agent, [`AgentService`] answers truthfully: `Status` says
+//! not ready and why, `Attach` is `UNAVAILABLE`, and the calls about existing attachments
+//! answer for the empty set (nothing is attached), after validating their requests.
+
+use std::io;
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+
+use flatwire_api::v1;
+use flatwire_api::{AgentServer, parse_network_id};
+use tokio::net::UnixListener;
+use tokio_stream::wrappers::UnixListenerStream;
+use tonic::{Request, Response, Status};
+
+/// The reason the agent gives while its VL1 node is not running.
+pub const NODE_NOT_RUNNING: &str = "the VL1 node is not running yet";
+
+/// The gRPC service.
+#[derive(Debug, Clone)]
+pub struct AgentService {
+    not_ready_reasons: Vec<String>,
+}
+
+impl Default for AgentService {
+    fn default() -> Self {
+        Self {
+            not_ready_reasons: vec![NODE_NOT_RUNNING.to_string()],
+        }
+    }
+}
+
+fn check_key(key: Option<&v1::AttachmentKey>) -> Result<&v1::AttachmentKey, Status> {
+    let key = key.ok_or_else(|| Status::invalid_argument("key is required"))?;
+    for (field, v) in [
+        ("key.network_name", &key.network_name),
+        ("key.container_id", &key.container_id),
+        ("key.ifname", &key.ifname),
+    ] {
+        if v.trim().is_empty() {
+            return Err(Status::invalid_argument(format!("{field} is required")));
+        }
+    }
+    if key.ifname.len() > 15 || key.ifname.contains(['/', ' ', '\0']) {
+        return Err(Status::invalid_argument(format!(
+            "key.ifname {:?} is not a valid interface name",
+            key.ifname
+        )));
+    }
+    Ok(key)
+}
+
+fn check_netns(path: &str, required: bool) -> Result<(), Status> {
+    if path.is_empty() && !required {
+        return Ok(());
+    }
+    if !Path::new(path).is_absolute() {
+        return Err(Status::invalid_argument(format!(
+            "netns_path {path:?} must be an absolute path"
+        )));
+    }
+    Ok(())
+}
+
+#[tonic::async_trait]
+impl flatwire_api::Agent for AgentService {
+    async fn status(
+        &self,
+        _: Request<v1::StatusRequest>,
+    ) -> Result<Response<v1::StatusResponse>, Status> {
+        Ok(Response::new(v1::StatusResponse {
+            agent_version: env!("CARGO_PKG_VERSION").to_string(),
+            api_version: flatwire_api::API_VERSION.to_string(),
+            ready: self.not_ready_reasons.is_empty(),
+            node_address: String::new(),
+            not_ready_reasons: self.not_ready_reasons.clone(),
+        }))
+    }
+
+    async fn attach(
+        &self,
+        req: Request<v1::AttachRequest>,
+    ) -> Result<Response<v1::AttachResponse>, Status> {
+        let req = req.into_inner();
+        check_key(req.key.as_ref())?;
+        check_netns(&req.netns_path, true)?;
+        if parse_network_id(&req.network_id).is_none() {
+            return Err(Status::invalid_argument(format!(
+                "network_id {:?} is not 16 hex digits",
+                req.network_id
+            )));
+        }
+        Err(Status::unavailable(format!(
+            "cannot attach: {}",
+            self.not_ready_reasons.join("; ")
+        )))
+    }
+
+    async fn detach(
+        &self,
+        req: Request<v1::DetachRequest>,
+    ) -> Result<Response<v1::DetachResponse>, Status> {
+        let req = req.into_inner();
+        check_key(req.key.as_ref())?;
+        check_netns(&req.netns_path, false)?;
+        // Nothing is ever attached yet, so there is nothing to remove: success per CNI DEL.
+        Ok(Response::new(v1::DetachResponse { removed: false }))
+    }
+
+    async fn check(
+        &self,
+        req: Request<v1::CheckRequest>,
+    ) -> Result<Response<v1::CheckResponse>, Status> {
+        let req = req.into_inner();
+        let key = check_key(req.key.as_ref())?;
+        check_netns(&req.netns_path, true)?;
+        Err(Status::not_found(format!(
+            "no attachment {}/{}/{}",
+            key.network_name, key.container_id, key.ifname
+        )))
+    }
+
+    async fn list_attachments(
+        &self,
+        _: Request<v1::ListAttachmentsRequest>,
+    ) -> Result<Response<v1::ListAttachmentsResponse>, Status> {
+        Ok(Response::new(v1::ListAttachmentsResponse::default()))
+    }
+
+    async fn garbage_collect(
+        &self,
+        req: Request<v1::GarbageCollectRequest>,
+    ) -> Result<Response<v1::GarbageCollectResponse>, Status> {
+        if req.get_ref().network_name.trim().is_empty() {
+            return Err(Status::invalid_argument("network_name is required"));
+        }
+        Ok(Response::new(v1::GarbageCollectResponse::default()))
+    }
+}
+
+/// Errors of binding the API socket.
+#[derive(Debug, thiserror::Error)]
+pub enum SocketError {
+    /// Another process accepts connections on the socket.
+    #[error("another agent is already listening on {}", .0.display())]
+    InUse(PathBuf),
+    /// Something that is not a socket is in the way.
+    #[error("{} exists and is not a socket; refusing to remove it", .0.display())]
+    NotASocket(PathBuf),
+    /// Any other I/O error.
+    #[error("cannot listen on {}: {source}", path.display())]
+    Io {
+        /// The socket path.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+}
+
+/// Binds the API socket at `path`: creates the parent directory, replaces a stale socket left
+/// by a dead agent, refuses a live one or a non-socket file. Call from within a tokio runtime.
+pub fn bind_socket(path: &Path) -> Result<UnixListener, SocketError> {
+    let io_err = |source| SocketError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(io_err)?;
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(SocketError::InUse(path.to_path_buf()));
+            }
+            std::fs::remove_file(path).map_err(io_err)?;
+            tracing::info!(path = %path.display(), "removed a stale API socket");
+        }
+        Ok(_) => return Err(SocketError::NotASocket(path.to_path_buf())),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err(e)),
+    }
+    UnixListener::bind(path).map_err(io_err)
+}
+
+/// Serves `service` on `listener` until `shutdown` completes, then stops accepting and lets
+/// calls in flight finish.
+pub async fn serve(
+    listener: UnixListener,
+    service: AgentService,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), tonic::transport::Error> {
+    tonic::transport::Server::builder()
+        .add_service(AgentServer::new(service))
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .await
+}

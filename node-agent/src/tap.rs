@@ -1,0 +1,443 @@
+//! Member TAP devices: created in the host namespace, moved into a pod's network namespace and
+//! renamed there, while the agent keeps reading and writing Ethernet frames on its own fds.
+//!
+//! Link changes inside a namespace run on a dedicated OS thread that `setns`es into it (never on
+//! a tokio worker) and talk rtnetlink there; nothing shells out to `ip`.
+
+use std::fs::File;
+use std::io;
+use std::net::IpAddr;
+use std::os::fd::{AsFd, AsRawFd};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sched::{CloneFlags, setns};
+use rtnetlink::{LinkUnspec, RouteMessageBuilder};
+use tokio_stream::StreamExt;
+use tun_rs::{DeviceBuilder, Layer, SyncDevice};
+
+/// Errors of TAP creation and namespace configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum TapError {
+    /// The TAP device (or one of its queues) could not be created.
+    #[error("cannot create TAP device {name}: {source}")]
+    Create {
+        /// The requested host-side name.
+        name: String,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// The network namespace could not be opened or entered.
+    #[error("cannot enter network namespace {}: {source}", path.display())]
+    Netns {
+        /// The namespace path.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// A netlink request failed.
+    #[error("netlink: cannot {what}: {source}")]
+    Netlink {
+        /// What was being done.
+        what: String,
+        /// The rtnetlink error.
+        source: rtnetlink::Error,
+    },
+    /// The link disappeared between steps.
+    #[error("link {0} not found")]
+    LinkNotFound(String),
+    /// Any other I/O error (runtime setup, thread spawn, poll).
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// The namespace worker thread panicked.
+    #[error("the network namespace worker thread panicked")]
+    ThreadPanicked,
+}
+
+/// How to create a TAP device in the host namespace.
+#[derive(Debug, Clone)]
+pub struct TapConfig {
+    /// Host-side interface name (at most 15 bytes, unique on the host), e.g. `fwt1a2b3c4d`.
+    pub name: String,
+    /// The member's MAC address.
+    pub mac: [u8; 6],
+    /// The interface MTU.
+    pub mtu: u16,
+    /// Number of queues (fds); more than one creates an `IFF_MULTI_QUEUE` device.
+    pub queues: usize,
+}
+
+/// An IP prefix: an address and a prefix length, e.g. `10.147.17.5/24`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpPrefix {
+    /// The address.
+    pub addr: IpAddr,
+    /// The prefix length.
+    pub len: u8,
+}
+
+impl std::str::FromStr for IpPrefix {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (a, l) = s
+            .split_once('/')
+            .ok_or_else(|| format!("{s:?}: no prefix length"))?;
+        let addr: IpAddr = a.parse().map_err(|e| format!("{s:?}: {e}"))?;
+        let len: u8 = l.parse().map_err(|e| format!("{s:?}: {e}"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        if len > max {
+            return Err(format!("{s:?}: prefix length above {max}"));
+        }
+        Ok(Self { addr, len })
+    }
+}
+
+impl std::fmt::Display for IpPrefix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+/// A route through the link: destination prefix and optional gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LinkRoute {
+    /// Destination prefix.
+    pub dst: IpPrefix,
+    /// Next hop; `None` for on-link.
+    pub gateway: Option<IpAddr>,
+}
+
+/// What the link looks like inside the target namespace.
+#[derive(Debug, Clone, Default)]
+pub struct NetnsLink {
+    /// The name inside the namespace, e.g. `eth0`.
+    pub ifname: String,
+    /// Addresses to add.
+    pub addresses: Vec<IpPrefix>,
+    /// Routes to add after the addresses.
+    pub routes: Vec<LinkRoute>,
+}
+
+/// A TAP device held by the agent: one fd per queue. Dropping it closes the fds, which
+/// destroys the (non-persistent) device wherever it lives.
+#[derive(Debug)]
+pub struct Tap {
+    queues: Vec<TapQueue>,
+    host_name: String,
+    ifindex: u32,
+}
+
+/// One queue (fd) of a TAP device, non-blocking, with batched frame I/O.
+pub struct TapQueue {
+    dev: SyncDevice,
+}
+
+impl std::fmt::Debug for TapQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "TapQueue(fd {})", self.dev.as_raw_fd())
+    }
+}
+
+/// Outcome of [`TapQueue::send_batch`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SendOutcome {
+    /// Frames the kernel accepted.
+    pub sent: usize,
+    /// Frames the kernel refused (e.g. oversized); the caller counts them as drops.
+    pub rejected: usize,
+}
+
+impl Tap {
+    /// Creates the TAP device (L2, no packet-info header) with its MAC, MTU and queues in the
+    /// current network namespace, administratively down.
+    pub fn create(config: &TapConfig) -> Result<Self, TapError> {
+        let err = |source| TapError::Create {
+            name: config.name.clone(),
+            source,
+        };
+        let queues = config.queues.max(1);
+        let first = DeviceBuilder::new()
+            .name(&config.name)
+            .layer(Layer::L2)
+            .mac_addr(config.mac)
+            .mtu(config.mtu)
+            .multi_queue(queues > 1)
+            .enable(false)
+            .build_sync()
+            .map_err(err)?;
+        let ifindex = first.if_index().map_err(err)?;
+        let mut devs = vec![first];
+        for _ in 1..queues {
+            devs.push(devs[0].try_clone().map_err(err)?);
+        }
+        let queues = devs
+            .into_iter()
+            .map(|dev| {
+                dev.set_nonblocking(true)?;
+                Ok(TapQueue { dev })
+            })
+            .collect::<io::Result<Vec<_>>>()
+            .map_err(err)?;
+        Ok(Self {
+            queues,
+            host_name: config.name.clone(),
+            ifindex,
+        })
+    }
+
+    /// The queues; frames of one flow always arrive on the same queue.
+    pub fn queues(&self) -> &[TapQueue] {
+        &self.queues
+    }
+
+    /// The host-side name the device was created with.
+    pub fn host_name(&self) -> &str {
+        &self.host_name
+    }
+
+    /// The interface index (as of the last move).
+    pub fn ifindex(&self) -> u32 {
+        self.ifindex
+    }
+
+    /// Moves the device into the network namespace at `netns`, renames it to `link.ifname`,
+    /// brings it up and adds the addresses and routes. Blocks the calling thread while a
+    /// dedicated OS thread does the work; from async code call it via `spawn_blocking`.
+    pub fn move_into(&mut self, netns: &Path, link: &NetnsLink) -> Result<(), TapError> {
+        let ns_path = netns.to_path_buf();
+        let ns = File::open(netns).map_err(|source| TapError::Netns {
+            path: ns_path.clone(),
+            source,
+        })?;
+        let (host_name, ifindex, link) = (self.host_name.clone(), self.ifindex, link.clone());
+        let worker = std::thread::Builder::new()
+            .name("fw-netns".into())
+            .spawn(move || configure_in_netns(ns, &ns_path, &host_name, ifindex, &link))
+            .map_err(|source| TapError::Io {
+                what: "spawn netns thread",
+                source,
+            })?;
+        self.ifindex = worker.join().map_err(|_| TapError::ThreadPanicked)??;
+        Ok(())
+    }
+}
+
+/// Runs on a dedicated thread: moves the link (host netlink socket), enters the namespace,
+/// configures it there (namespace netlink socket). The thread ends afterwards, so its
+/// namespace never leaks to other work.
+fn configure_in_netns(
+    ns: File,
+    ns_path: &Path,
+    host_name: &str,
+    ifindex: u32,
+    link: &NetnsLink,
+) -> Result<u32, TapError> {
+    let rt = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()
+            .map_err(|source| TapError::Io {
+                what: "build netlink runtime",
+                source,
+            })
+    };
+    let nl = |what: &str| {
+        let what = what.to_string();
+        move |source| TapError::Netlink { what, source }
+    };
+    let connect = || {
+        let (conn, handle, _) = rtnetlink::new_connection().map_err(|source| TapError::Io {
+            what: "open rtnetlink socket",
+            source,
+        })?;
+        tokio::spawn(conn);
+        Ok::<_, TapError>(handle)
+    };
+
+    // 1. In the host namespace: move the link.
+    rt()?.block_on(async {
+        let handle = connect()?;
+        handle
+            .link()
+            .set(
+                LinkUnspec::new_with_index(ifindex)
+                    .setns_by_fd(ns.as_raw_fd())
+                    .build(),
+            )
+            .execute()
+            .await
+            .map_err(nl(&format!("move {host_name} into {}", ns_path.display())))
+    })?;
+
+    // 2. Enter the namespace (this thread only).
+    setns(ns.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|e| TapError::Netns {
+        path: ns_path.to_path_buf(),
+        source: e.into(),
+    })?;
+
+    // 3. In the namespace: find it again (the index may change on a clash), rename, up,
+    //    addresses, routes.
+    rt()?.block_on(async {
+        let handle = connect()?;
+        let mut links = handle
+            .link()
+            .get()
+            .match_name(host_name.to_string())
+            .execute();
+        let index = match links.next().await {
+            Some(Ok(msg)) => msg.header.index,
+            Some(Err(e)) => return Err(nl(&format!("look up {host_name}"))(e)),
+            None => return Err(TapError::LinkNotFound(host_name.to_string())),
+        };
+        handle
+            .link()
+            .set(
+                LinkUnspec::new_with_index(index)
+                    .name(link.ifname.clone())
+                    .up()
+                    .build(),
+            )
+            .execute()
+            .await
+            .map_err(nl(&format!(
+                "rename {host_name} to {} and set it up",
+                link.ifname
+            )))?;
+        for a in &link.addresses {
+            handle
+                .address()
+                .add(index, a.addr, a.len)
+                .execute()
+                .await
+                .map_err(nl(&format!("add address {a} to {}", link.ifname)))?;
+        }
+        for r in &link.routes {
+            let mut b = RouteMessageBuilder::<IpAddr>::new()
+                .destination_prefix(r.dst.addr, r.dst.len)
+                .map_err(|e| TapError::Io {
+                    what: "route destination",
+                    source: io::Error::new(io::ErrorKind::InvalidInput, e.to_string()),
+                })?
+                .output_interface(index);
+            if let Some(gw) = r.gateway {
+                b = b.gateway(gw).map_err(|e| TapError::Io {
+                    what: "route gateway",
+                    source: io::Error::new(io::ErrorKind::InvalidInput, e.to_string()),
+                })?;
+            }
+            handle
+                .route()
+                .add(b.build())
+                .execute()
+                .await
+                .map_err(nl(&format!("add route {} via {:?}", r.dst, r.gateway)))?;
+        }
+        Ok(index)
+    })
+}
+
+impl TapQueue {
+    /// Waits up to `timeout` (`None`: forever) until a frame can be read; false on timeout.
+    pub fn wait_readable(&self, timeout: Option<Duration>) -> io::Result<bool> {
+        wait(&self.dev, PollFlags::POLLIN, timeout)
+    }
+
+    /// Reads up to `bufs.len()` frames without blocking, frame `i` into `bufs[i]` with its
+    /// length in `lens[i]`; returns how many were read (0 when none is pending). A frame
+    /// longer than its buffer is truncated by the kernel; callers size buffers for the MTU
+    /// plus the 14-byte Ethernet header.
+    pub fn recv_batch<B: AsMut<[u8]>>(
+        &self,
+        bufs: &mut [B],
+        lens: &mut [usize],
+    ) -> io::Result<usize> {
+        let max = bufs.len().min(lens.len());
+        let mut n = 0;
+        while n < max {
+            match self.dev.recv(bufs[n].as_mut()) {
+                Ok(len) => {
+                    lens[n] = len;
+                    n += 1;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if n == 0 => return Err(e),
+                Err(_) => break,
+            }
+        }
+        Ok(n)
+    }
+
+    /// Writes the frames in order. Stops early (returning what was done) only when the device
+    /// would block; frames the kernel refuses are counted in [`SendOutcome::rejected`].
+    pub fn send_batch<F: AsRef<[u8]>>(&self, frames: &[F]) -> io::Result<SendOutcome> {
+        let mut out = SendOutcome::default();
+        for f in frames {
+            loop {
+                match self.dev.send(f.as_ref()) {
+                    Ok(_) => out.sent += 1,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(out),
+                    Err(e) if e.raw_os_error() == Some(libc::EBADFD) => return Err(e),
+                    Err(_) => out.rejected += 1,
+                }
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// The queue's raw fd (for an external poller).
+    pub fn raw_fd(&self) -> std::os::fd::RawFd {
+        self.dev.as_raw_fd()
+    }
+}
+
+/// Polls one fd for `events`; false on timeout.
+pub(crate) fn wait(
+    fd: &impl AsFd,
+    events: PollFlags,
+    timeout: Option<Duration>,
+) -> io::Result<bool> {
+    let t = match timeout {
+        None => PollTimeout::NONE,
+        Some(d) => PollTimeout::try_from(d).unwrap_or(PollTimeout::MAX),
+    };
+    let mut fds = [PollFd::new(fd.as_fd(), events)];
+    loop {
+        match poll(&mut fds, t) {
+            Ok(0) => return Ok(false),
+            Ok(_) => return Ok(true),
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefixes() {
+        let p: IpPrefix = "198.18.0.1/24".parse().unwrap();
+        assert_eq!(p.to_string(), "198.18.0.1/24");
+        let p: IpPrefix = "fd00::1/88".parse().unwrap();
+        assert_eq!(p.len, 88);
+        for bad in [
+            "198.18.0.1",
+            "198.18.0.1/33",
+            "fd00::1/129",
+            "x/1",
+            "1.2.3.4/x",
+        ] {
+            assert!(bad.parse::<IpPrefix>().is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,170 @@
+//! Starts the real `flatwire-agent` binary on a temporary socket and talks to it through the
+//! `flatwire-api` client.
+
+use std::io::Read;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use flatwire_api::{ClientOptions, connect_checked, v1};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+/// The agent process; killed (by its own PID) if a test fails before stopping it.
+struct Agent(Child);
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+impl Agent {
+    /// Waits (at most 20 s) for the agent to exit by itself; returns its status and stderr.
+    fn finish(mut self) -> (std::process::ExitStatus, String) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let status = loop {
+            if let Some(s) = self.0.try_wait().unwrap() {
+                break s;
+            }
+            assert!(Instant::now() < deadline, "agent did not exit");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut err = String::new();
+        self.0
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+        (status, err)
+    }
+}
+
+fn start(home: &Path, socket: &Path) -> Agent {
+    Agent(
+        Command::new(env!("CARGO_BIN_EXE_flatwire-agent"))
+            .arg("--home")
+            .arg(home)
+            .arg("--socket")
+            .arg(socket)
+            .args(["--metrics-listen", "127.0.0.1:0"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+fn key() -> v1::AttachmentKey {
+    v1::AttachmentKey {
+        network_name: "flat".into(),
+        container_id: "c0ffee".into(),
+        ifname: "eth0".into(),
+    }
+}
+
+#[tokio::test]
+async fn status_through_the_api_client_then_clean_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("run/agent.sock");
+    let mut agent = start(&dir.path().join("home"), &socket);
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (mut client, status) = loop {
+        match connect_checked(&socket, ClientOptions::default()).await {
+            Ok(c) => break c,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "agent never answered: {e}");
+                assert!(agent.0.try_wait().unwrap().is_none(), "agent exited early");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    assert_eq!(status.agent_version, env!("CARGO_PKG_VERSION"));
+    assert_eq!(status.api_version, flatwire_api::API_VERSION);
+    assert!(!status.ready);
+    assert_eq!(
+        status.not_ready_reasons,
+        ["the VL1 node is not running yet"]
+    );
+
+    // No fake attachments: Attach is unavailable, the rest answer for the empty set.
+    let err = client
+        .attach(v1::AttachRequest {
+            key: Some(key()),
+            netns_path: "/var/run/netns/x".into(),
+            network_id: "8056c2e21c000001".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable);
+    assert!(err.message().contains("not running"), "{}", err.message());
+    let err = client
+        .attach(v1::AttachRequest {
+            key: Some(key()),
+            netns_path: "/var/run/netns/x".into(),
+            network_id: "nope".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    let detached = client
+        .detach(v1::DetachRequest {
+            key: Some(key()),
+            netns_path: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!detached.removed);
+    let list = client
+        .list_attachments(v1::ListAttachmentsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(list.attachments.is_empty());
+
+    // SIGTERM while a client is still connected: clean exit within the grace period, socket
+    // removed. (Never block this runtime's thread: the client's connection task runs on it.)
+    kill(Pid::from_raw(agent.0.id() as i32), Signal::SIGTERM).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = agent.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "agent ignored SIGTERM");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    drop(client);
+    assert!(status.success(), "{status}");
+    assert!(!socket.exists());
+}
+
+#[test]
+fn unusable_state_dir_is_reported_with_its_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    std::fs::write(&home, b"a file, not a directory").unwrap();
+    let agent = start(&home, &dir.path().join("agent.sock"));
+    let (status, stderr) = agent.finish();
+    assert!(!status.success());
+    assert!(stderr.contains(&home.display().to_string()), "{stderr}");
+}
+
+#[test]
+fn live_socket_is_not_stolen() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("agent.sock");
+    let _other = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    let agent = start(&dir.path().join("home"), &socket);
+    let (status, stderr) = agent.finish();
+    assert!(!status.success());
+    assert!(stderr.contains("already listening"), "{stderr}");
+    assert!(socket.exists());
+}

@@ -1,0 +1,177 @@
+//! Batched UDP over loopback only (127.0.0.1 and [::1]).
+
+use std::collections::HashSet;
+use std::io::IoSliceMut;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use flatwire_agent::udp::{RecvMeta, Transmit, UdpPort, dual_stack_any, segments};
+
+const MAX_PAYLOAD: usize = 1500;
+
+/// A payload that names its sender and sequence number, of a length that varies with `seq`.
+fn payload(sender: u8, seq: u32) -> Vec<u8> {
+    let len = 16 + (seq as usize * 7) % 900;
+    let mut p = vec![sender; len];
+    p[..4].copy_from_slice(&seq.to_be_bytes());
+    p
+}
+
+/// Receives until `want` datagrams arrived; returns (source, payload) pairs.
+fn recv_n(port: &UdpPort, want: usize) -> Vec<(SocketAddr, Vec<u8>)> {
+    let caps = port.capabilities();
+    let slots = caps.recv_batch.max(1);
+    let mut storage = vec![vec![0u8; caps.recv_buffer_len(MAX_PAYLOAD)]; slots];
+    let mut metas = vec![RecvMeta::default(); slots];
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while got.len() < want {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {want} arrived",
+            got.len()
+        );
+        if !port
+            .wait_readable(Some(Duration::from_millis(200)))
+            .unwrap()
+        {
+            continue;
+        }
+        let mut bufs: Vec<IoSliceMut<'_>> =
+            storage.iter_mut().map(|b| IoSliceMut::new(b)).collect();
+        let n = port.recv_batch(&mut bufs, &mut metas).unwrap();
+        for (m, buf) in metas[..n].iter().zip(storage.iter()) {
+            for d in segments(buf, m) {
+                got.push((m.addr, d.to_vec()));
+            }
+        }
+    }
+    got
+}
+
+#[test]
+fn thousand_datagrams_in_batches_over_v4_and_v6_loopback() {
+    let rx = UdpPort::bind(dual_stack_any(0)).unwrap();
+    rx.set_recv_buffer_size(4 << 20).unwrap();
+    let caps = rx.capabilities();
+    assert!(caps.dual_stack);
+    eprintln!("udp capabilities: {caps:?}");
+    let port = rx.local_addr().unwrap().port();
+
+    let tx4 = UdpPort::bind((Ipv4Addr::LOCALHOST, 0).into()).unwrap();
+    let tx6 = UdpPort::bind((Ipv6Addr::LOCALHOST, 0).into()).unwrap();
+    let to4: SocketAddr = (Ipv4Addr::LOCALHOST, port).into();
+    let to6: SocketAddr = (Ipv6Addr::LOCALHOST, port).into();
+    let from4 = tx4.local_addr().unwrap();
+    let from6 = tx6.local_addr().unwrap();
+
+    let mut expected = HashSet::new();
+    let mut received = HashSet::new();
+    const BATCH: u32 = 50;
+    for batch in 0..10u32 {
+        for (sender, tx, to, from) in [(4u8, &tx4, to4, from4), (6u8, &tx6, to6, from6)] {
+            let payloads: Vec<Vec<u8>> = (batch * BATCH..(batch + 1) * BATCH)
+                .map(|seq| payload(sender, seq))
+                .collect();
+            let transmits: Vec<Transmit<'_>> = payloads
+                .iter()
+                .map(|p| Transmit {
+                    destination: to,
+                    ecn: None,
+                    contents: p,
+                    segment_size: None,
+                    src_ip: None,
+                })
+                .collect();
+            let out = tx.send_batch(&transmits).unwrap();
+            assert_eq!((out.sent, out.rejected), (BATCH as usize, 0));
+            for p in payloads {
+                expected.insert((from, p));
+            }
+            for (src, d) in recv_n(&rx, BATCH as usize) {
+                // Sources are canonical: the IPv4 sender shows as 127.0.0.1, not ::ffff:.
+                assert_eq!(src, from, "source of a datagram from sender {sender}");
+                assert!(received.insert((src, d)), "duplicate datagram");
+            }
+        }
+    }
+    assert_eq!(received.len(), 1000);
+    assert_eq!(received, expected);
+
+    // Back through the dual-stack socket to both families in one sendmmsg batch.
+    let a = payload(9, 1);
+    let b = payload(9, 2);
+    let back = [
+        Transmit {
+            destination: from4,
+            ecn: None,
+            contents: &a,
+            segment_size: None,
+            src_ip: None,
+        },
+        Transmit {
+            destination: from6,
+            ecn: None,
+            contents: &b,
+            segment_size: None,
+            src_ip: None,
+        },
+    ];
+    assert_eq!(rx.send_batch(&back).unwrap().sent, 2);
+    assert_eq!(recv_n(&tx4, 1), [((Ipv4Addr::LOCALHOST, port).into(), a)]);
+    assert_eq!(recv_n(&tx6, 1), [((Ipv6Addr::LOCALHOST, port).into(), b)]);
+}
+
+#[test]
+fn segmented_transmit_arrives_as_separate_datagrams() {
+    let rx = UdpPort::bind((Ipv4Addr::LOCALHOST, 0).into()).unwrap();
+    let tx = UdpPort::bind((Ipv4Addr::LOCALHOST, 0).into()).unwrap();
+    eprintln!("sender capabilities: {:?}", tx.capabilities());
+    // 10 segments of 100 bytes and a short 40-byte tail.
+    let contents: Vec<u8> = (0..1040u32).map(|i| (i / 100) as u8).collect();
+    let t = Transmit {
+        destination: rx.local_addr().unwrap(),
+        ecn: None,
+        contents: &contents,
+        segment_size: Some(100),
+        src_ip: None,
+    };
+    let out = tx.send_batch(&[t]).unwrap();
+    assert_eq!((out.sent, out.rejected), (1, 0));
+    let got = recv_n(&rx, 11);
+    assert_eq!(got.len(), 11);
+    for (i, (src, d)) in got.iter().enumerate() {
+        assert_eq!(*src, tx.local_addr().unwrap());
+        let want = if i == 10 { 40 } else { 100 };
+        assert_eq!(d.len(), want, "segment {i}");
+        assert!(d.iter().all(|&b| b == i as u8), "segment {i} contents");
+    }
+}
+
+#[test]
+fn refused_destination_is_counted_not_fatal() {
+    let tx = UdpPort::bind((Ipv4Addr::LOCALHOST, 0).into()).unwrap();
+    let rx = UdpPort::bind((Ipv4Addr::LOCALHOST, 0).into()).unwrap();
+    let p = payload(1, 1);
+    // An IPv6 destination on an IPv4 socket is refused by the kernel; the next one still goes.
+    let ts = [
+        Transmit {
+            destination: (Ipv6Addr::LOCALHOST, 9).into(),
+            ecn: None,
+            contents: &p,
+            segment_size: None,
+            src_ip: None,
+        },
+        Transmit {
+            destination: rx.local_addr().unwrap(),
+            ecn: None,
+            contents: &p,
+            segment_size: None,
+            src_ip: None,
+        },
+    ];
+    let out = tx.send_batch(&ts).unwrap();
+    assert_eq!((out.sent, out.rejected), (1, 1));
+    assert!(out.last_error.is_some());
+    assert_eq!(recv_n(&rx, 1)[0].1, p);
+}
