@@ -92,17 +92,97 @@ pub enum DropReason {
     QueueOverflow,
     /// A message that is accepted only from roots came from elsewhere.
     NotFromRoot,
+    /// Suite 2 (trusted path) from an address/ID pair that is not configured as trusted.
+    UntrustedPath,
+    /// The caller's buffer given to [`Node::poll_transmit`] could not hold a datagram.
+    BufferTooSmall,
 }
 
-/// A datagram to send.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A datagram to send; its bytes were copied into the buffer given to
+/// [`Node::poll_transmit`] (the first `len` bytes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Transmit {
     /// Local socket to send from.
     pub local_socket: LocalSocket,
     /// Destination address.
     pub to: SocketAddr,
-    /// UDP payload.
-    pub data: Vec<u8>,
+    /// Length of the UDP payload in the caller's buffer.
+    pub len: usize,
+    /// IP TTL / hop limit to send with, when it must differ from the socket's default
+    /// (1.x sends the 4-byte NAT-opening datagram before a RENDEZVOUS contact with TTL 2).
+    pub ttl: Option<u8>,
+}
+
+/// Largest datagram the node ever emits: a caller buffer of this size always suffices.
+pub const MAX_DATAGRAM_LEN: usize = wire::MAX_PACKET_LEN;
+
+/// A queued datagram; its buffer returns to the node's pool once copied out.
+#[derive(Debug)]
+struct Outgoing {
+    socket: LocalSocket,
+    to: SocketAddr,
+    ttl: Option<u8>,
+    data: Vec<u8>,
+}
+
+/// Most spare buffers kept for reuse.
+const POOL_LIMIT: usize = 256;
+
+/// A physical network on which packets go unencrypted and unauthenticated (suite 2, spec
+/// 7.5 and 20): both ends must configure the same non-zero ID for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TrustedPath {
+    /// Network address (host bits are ignored).
+    pub network: IpAddr,
+    /// Prefix length in bits.
+    pub prefix_len: u8,
+    /// The trusted path ID (non-zero).
+    pub id: u64,
+}
+
+impl TrustedPath {
+    /// Whether `ip` lies inside this network (same family only).
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        fn masked(a: u128, b: u128, bits: u32, len: u8) -> bool {
+            let len = u32::from(len).min(bits);
+            if len == 0 {
+                return true;
+            }
+            let shift = bits - len;
+            (a >> shift) == (b >> shift)
+        }
+        match (self.network, ip) {
+            (IpAddr::V4(n), IpAddr::V4(a)) => masked(
+                u128::from(u32::from(n)),
+                u128::from(u32::from(a)),
+                32,
+                self.prefix_len,
+            ),
+            (IpAddr::V6(n), IpAddr::V6(a)) => {
+                masked(u128::from(n), u128::from(a), 128, self.prefix_len)
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Counters of control work done (for logs, metrics and tests).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NodeStats {
+    /// WHOIS requests answered with at least one identity.
+    pub whois_answered: u64,
+    /// Packets and fragments forwarded for others.
+    pub relayed: u64,
+    /// RENDEZVOUS messages sent (introductions, two per pair).
+    pub rendezvous_sent: u64,
+    /// Authenticated HELLOs received.
+    pub hellos_received: u64,
+    /// ERROR(IDENTITY_COLLISION) replies sent.
+    pub collisions_reported: u64,
+    /// Packets sent in the clear over a trusted path (suite 2).
+    pub trusted_sent: u64,
+    /// Packets accepted from a trusted path (suite 2).
+    pub trusted_received: u64,
 }
 
 /// Something the host should know about.
@@ -114,6 +194,51 @@ pub enum Event {
         local: Address,
         /// The peer.
         peer: Address,
+        /// The root whose OK(WHOIS) taught it, or `None` when the peer sent a HELLO.
+        via: Option<Address>,
+    },
+    /// An authenticated HELLO arrived (and was answered with OK(HELLO)).
+    HelloReceived {
+        /// Our identity's address.
+        local: Address,
+        /// The peer.
+        peer: Address,
+        /// Where it came from.
+        addr: SocketAddr,
+        /// Relay hops it took.
+        hops: u8,
+        /// The peer's protocol version.
+        protocol_version: u8,
+        /// The peer's software version (major, minor, revision).
+        software: (u8, u8, u16),
+    },
+    /// An ECHO arrived from a peer (and was answered unless rate-limited).
+    EchoReceived {
+        /// Our identity's address.
+        local: Address,
+        /// The peer.
+        peer: Address,
+        /// Where it came from.
+        addr: SocketAddr,
+        /// Relay hops it took.
+        hops: u8,
+    },
+    /// An OK(ECHO) answered one of our ECHOs.
+    EchoReply {
+        /// Our identity's address.
+        local: Address,
+        /// The peer.
+        peer: Address,
+        /// The echoed payload.
+        payload: Vec<u8>,
+    },
+    /// A root told us another identity holds our address (ERROR IDENTITY_COLLISION):
+    /// 1.x treats this as fatal for the node.
+    IdentityCollision {
+        /// Our identity's address.
+        local: Address,
+        /// The root that reported it.
+        root: Address,
     },
     /// A direct path to a peer was confirmed.
     PathLearned {
@@ -168,6 +293,9 @@ pub enum NodeError {
     /// Payload too large for a packet.
     #[error("payload too large")]
     TooLarge,
+    /// Two local identities share an address.
+    #[error("two local identities share an address")]
+    DuplicateLocal,
 }
 
 /// Node configuration.
@@ -179,6 +307,8 @@ pub struct NodeConfig {
     pub mtu: usize,
     /// Whether to relay packets addressed to others even when not a root.
     pub relay_always: bool,
+    /// Trusted physical networks (suite 2), at most 32 as in 1.x.
+    pub trusted_paths: Vec<TrustedPath>,
 }
 
 impl NodeConfig {
@@ -188,6 +318,7 @@ impl NodeConfig {
             planet,
             mtu: DEFAULT_MTU,
             relay_always: false,
+            trusted_paths: Vec::new(),
         }
     }
 }
@@ -275,7 +406,9 @@ pub struct Node {
     locals: Vec<Local>,
     is_root: bool,
     reassembler: Reassembler<(usize, LocalSocket, SocketAddr)>,
-    transmits: VecDeque<Transmit>,
+    transmits: VecDeque<Outgoing>,
+    pool: Vec<Vec<u8>>,
+    stats: NodeStats,
     events: VecDeque<Event>,
     drops: HashMap<DropReason, u64>,
     expecting: VecDeque<u64>,
@@ -284,6 +417,15 @@ pub struct Node {
     next_ping: u64,
     scratch: Vec<u8>,
     scratch2: Vec<u8>,
+}
+
+/// How a packet is protected on the wire.
+#[derive(Debug, Clone, Copy)]
+enum Seal {
+    /// Armored with the peer key in this suite.
+    Armor(CipherSuite),
+    /// Sent in the clear over a trusted path with this ID (suite 2).
+    Trusted(u64),
 }
 
 fn random_id() -> [u8; 8] {
@@ -329,6 +471,12 @@ impl Node {
             if !id.has_secret() {
                 return Err(NodeError::NoSecret);
             }
+            if locals
+                .iter()
+                .any(|l: &Local| l.identity.address() == id.address())
+            {
+                return Err(NodeError::DuplicateLocal);
+            }
             locals.push(Local {
                 identity: id,
                 peers: HashMap::new(),
@@ -348,6 +496,8 @@ impl Node {
             is_root,
             reassembler: Reassembler::new(ReassemblyLimits::default()),
             transmits: VecDeque::new(),
+            pool: Vec::new(),
+            stats: NodeStats::default(),
             events: VecDeque::new(),
             drops: HashMap::new(),
             expecting: VecDeque::new(),
@@ -425,9 +575,70 @@ impl Node {
         *self.drops.entry(r).or_default() += 1;
     }
 
-    /// Next datagram to send. Call after every `handle_*` and `send` until `None`.
-    pub fn poll_transmit(&mut self) -> Option<Transmit> {
-        self.transmits.pop_front()
+    /// Counters of control work done.
+    pub fn stats(&self) -> &NodeStats {
+        &self.stats
+    }
+
+    /// Next datagram to send, copied into `buf` (its first [`Transmit::len`] bytes). Call
+    /// after every `handle_*` and `send` until `None`. A `buf` of [`MAX_DATAGRAM_LEN`] bytes
+    /// always suffices; a datagram that does not fit is dropped
+    /// ([`DropReason::BufferTooSmall`]). Reuses the node's internal buffers: no allocation
+    /// per datagram once warmed up.
+    pub fn poll_transmit(&mut self, buf: &mut [u8]) -> Option<Transmit> {
+        loop {
+            let o = self.transmits.pop_front()?;
+            let len = o.data.len();
+            let fits = len <= buf.len();
+            if fits {
+                buf[..len].copy_from_slice(&o.data);
+            }
+            let t = Transmit {
+                local_socket: o.socket,
+                to: o.to,
+                len,
+                ttl: o.ttl,
+            };
+            self.give_buf(o.data);
+            if fits {
+                return Some(t);
+            }
+            self.drop(DropReason::BufferTooSmall);
+        }
+    }
+
+    /// Number of datagrams waiting for [`Node::poll_transmit`].
+    pub fn pending_transmits(&self) -> usize {
+        self.transmits.len()
+    }
+
+    fn take_buf(&mut self) -> Vec<u8> {
+        let mut b = self.pool.pop().unwrap_or_default();
+        b.clear();
+        b
+    }
+
+    fn give_buf(&mut self, b: Vec<u8>) {
+        if self.pool.len() < POOL_LIMIT && b.capacity() <= 2 * wire::MAX_PACKET_LEN {
+            self.pool.push(b);
+        }
+    }
+
+    fn trusted_path_id(&self, ip: IpAddr) -> Option<u64> {
+        self.cfg
+            .trusted_paths
+            .iter()
+            .take(32)
+            .find(|t| t.id != 0 && t.contains(ip))
+            .map(|t| t.id)
+    }
+
+    fn is_trusted_inbound(&self, ip: IpAddr, id: u64) -> bool {
+        self.cfg
+            .trusted_paths
+            .iter()
+            .take(32)
+            .any(|t| t.id != 0 && t.id == id && t.contains(ip))
     }
 
     /// Next event. Call after every `handle_*` until `None`.
@@ -556,11 +767,12 @@ impl Node {
         });
     }
 
-    fn push(&mut self, socket: LocalSocket, to: SocketAddr, data: &[u8]) {
-        self.transmits.push_back(Transmit {
-            local_socket: socket,
+    fn push_buf(&mut self, socket: LocalSocket, to: SocketAddr, data: Vec<u8>, ttl: Option<u8>) {
+        self.transmits.push_back(Outgoing {
+            socket,
             to,
-            data: data.to_vec(),
+            ttl,
+            data,
         });
     }
 
@@ -589,10 +801,10 @@ impl Node {
             return;
         };
         let suite = suite.unwrap_or_else(|| p.suite());
-        let mut pkt = Vec::with_capacity(wire::HEADER_LEN + payload.len());
+        let mut pkt = self.take_buf();
         wire::write_header(&mut pkt, random_id(), peer, me, verb);
         pkt.extend_from_slice(payload);
-        self.finish_and_send(li, peer, socket, to, pkt, suite, expect);
+        self.finish_and_send(li, peer, socket, to, pkt, Seal::Armor(suite), expect);
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -603,18 +815,28 @@ impl Node {
         socket: LocalSocket,
         to: SocketAddr,
         mut pkt: Vec<u8>,
-        suite: CipherSuite,
+        seal: Seal,
         expect: bool,
     ) {
         let Some(p) = self.locals[li].peers.get(&peer) else {
-            return;
+            return self.give_buf(pkt);
         };
         let mtu = self.cfg.mtu;
         if pkt.len() > mtu {
             pkt[18] |= wire::FLAG_FRAGMENTED;
         }
-        if crypto::armor(&mut pkt, &p.key, suite).is_err() {
-            return;
+        match seal {
+            Seal::Armor(suite) => {
+                if crypto::armor(&mut pkt, &p.key, suite).is_err() {
+                    return self.give_buf(pkt);
+                }
+            }
+            Seal::Trusted(id) => {
+                // Suite 2 (spec 7.5): no encryption, no MAC; the MAC field carries the ID.
+                pkt[18] = (pkt[18] & 0x47) | (2 << 3);
+                pkt[19..27].copy_from_slice(&id.to_be_bytes());
+                self.stats.trusted_sent += 1;
+            }
         }
         if expect {
             let id = Packet::new_checked(&pkt[..])
@@ -622,19 +844,24 @@ impl Node {
                 .unwrap_or(0);
             self.expect_reply(id);
         }
-        let mut pieces = Vec::new();
         let mut scratch = std::mem::take(&mut self.scratch);
-        if wire::fragment(&pkt, mtu, &mut scratch, |d| pieces.push(d.to_vec())).is_err() {
+        let (pool, transmits) = (&mut self.pool, &mut self.transmits);
+        let r = wire::fragment(&pkt, mtu, &mut scratch, |d| {
+            let mut b = pool.pop().unwrap_or_default();
+            b.clear();
+            b.extend_from_slice(d);
+            transmits.push_back(Outgoing {
+                socket,
+                to,
+                ttl: None,
+                data: b,
+            });
+        });
+        self.scratch = scratch;
+        if r.is_err() {
             self.drop(DropReason::Malformed);
         }
-        self.scratch = scratch;
-        for d in pieces {
-            self.transmits.push_back(Transmit {
-                local_socket: socket,
-                to,
-                data: d,
-            });
-        }
+        self.give_buf(pkt);
     }
 
     fn best_root(
@@ -681,11 +908,20 @@ impl Node {
             planet: Some((self.cfg.planet.id, self.cfg.planet.timestamp)),
             moons: Vec::new(),
         };
-        let mut pkt = Vec::with_capacity(160);
+        let key = p.key.clone();
+        let mut pkt = self.take_buf();
         wire::write_header(&mut pkt, random_id(), peer, me.address(), Verb::HELLO);
         let off = hello.write(&mut pkt);
-        crypto::crypt_field(&p.key, &mut pkt, wire::HEADER_LEN + off);
-        self.finish_and_send(li, peer, socket, to, pkt, CipherSuite::Poly1305None, true);
+        crypto::crypt_field(&key, &mut pkt, wire::HEADER_LEN + off);
+        self.finish_and_send(
+            li,
+            peer,
+            socket,
+            to,
+            pkt,
+            Seal::Armor(CipherSuite::Poly1305None),
+            true,
+        );
     }
 
     fn send_echo(
@@ -763,7 +999,11 @@ impl Node {
             self.drop(DropReason::NoPath);
             return;
         };
-        let mut pkt = Vec::with_capacity(wire::HEADER_LEN + payload.len());
+        let seal = match self.trusted_path_id(addr.ip()) {
+            Some(id) => Seal::Trusted(id),
+            None => Seal::Armor(suite),
+        };
+        let mut pkt = self.take_buf();
         wire::write_header(&mut pkt, random_id(), to, me, verb);
         pkt.extend_from_slice(payload);
         let mut scratch = std::mem::take(&mut self.scratch2);
@@ -771,7 +1011,7 @@ impl Node {
             wire::compress_packet(&mut pkt, &mut scratch);
         }
         self.scratch2 = scratch;
-        self.finish_and_send(li, to, socket, addr, pkt, suite, true);
+        self.finish_and_send(li, to, socket, addr, pkt, seal, true);
         if let Some(x) = self.locals[li]
             .peers
             .get_mut(&to)
@@ -779,6 +1019,23 @@ impl Node {
         {
             x.last_send = now;
         }
+    }
+
+    /// Asks the best root for `peer`'s identity on behalf of `local` (WHOIS) unless it is
+    /// already known; [`Event::PeerLearned`] with `via: Some(root)` reports the answer.
+    /// Sending to an unknown peer does this by itself; call it to resolve a peer ahead of
+    /// traffic.
+    pub fn request_identity(
+        &mut self,
+        now: u64,
+        local: Address,
+        peer: Address,
+    ) -> Result<(), NodeError> {
+        let li = self.local_index(local).ok_or(NodeError::UnknownLocal)?;
+        if !self.locals[li].peers.contains_key(&peer) && self.local_index(peer).is_none() {
+            self.whois(now, li, peer);
+        }
+        Ok(())
     }
 
     /// Tells `local`'s peer `peer` about our addresses (PUSH_DIRECT_PATHS).
@@ -819,7 +1076,8 @@ impl Node {
                     let mut out = std::mem::take(&mut self.scratch);
                     match self.reassembler.add_fragment(now, data, &mut out) {
                         Ok(Some((li, s, r))) => {
-                            let pkt = out.clone();
+                            let mut pkt = self.take_buf();
+                            std::mem::swap(&mut pkt, &mut out);
                             self.scratch = out;
                             self.process_packet(now, li, s, r, pkt);
                         }
@@ -851,7 +1109,8 @@ impl Node {
                 .add_head(now, data, (li, local_socket, remote), &mut out)
             {
                 Ok(Some((li, s, r))) => {
-                    let pkt = out.clone();
+                    let mut pkt = self.take_buf();
+                    std::mem::swap(&mut pkt, &mut out);
                     self.scratch = out;
                     self.process_packet(now, li, s, r, pkt);
                 }
@@ -863,7 +1122,9 @@ impl Node {
             }
             return;
         }
-        self.process_packet(now, li, local_socket, remote, data.to_vec());
+        let mut pkt = self.take_buf();
+        pkt.extend_from_slice(data);
+        self.process_packet(now, li, local_socket, remote, pkt);
     }
 
     fn relay(
@@ -881,7 +1142,8 @@ impl Node {
         if hops >= RELAY_MAX_HOPS {
             return self.drop(DropReason::HopLimit);
         }
-        let mut d = data.to_vec();
+        let mut d = self.take_buf();
+        d.extend_from_slice(data);
         if fragment {
             if let Ok(mut f) = wire::Fragment::new_checked(&mut d[..]) {
                 f.set_hops(hops + 1);
@@ -889,32 +1151,51 @@ impl Node {
         } else if let Ok(mut p) = Packet::new_checked(&mut d[..]) {
             p.set_hops(hops + 1);
         }
-        // Use the first local identity's view of peers.
-        let li = 0;
-        let direct = self
-            .locals
-            .get(li)
-            .and_then(|l| l.peers.get(&dest))
-            .and_then(|p| p.best_path(now, false))
-            .map(|x| (x.socket, x.addr));
-        if let Some((s, a)) = direct {
-            self.push(s, a, &d);
+        // Several local identities may be hosted: use the peer table of the one that has
+        // a live direct path to the destination, the root identity first.
+        let direct = self.relay_order().find_map(|li| {
+            self.locals[li]
+                .peers
+                .get(&dest)
+                .and_then(|p| p.best_path(now, false))
+                .map(|x| (li, x.socket, x.addr))
+        });
+        if let Some((li, s, a)) = direct {
+            self.push_buf(s, a, d, None);
+            self.stats.relayed += 1;
             if let (Some(src), false) = (src, fragment) {
                 self.introduce(now, li, src, dest);
             }
             return;
         }
-        if let Some((root, s, a)) = self
-            .locals
-            .get(li)
-            .and_then(|_| self.best_root(now, li, src))
-        {
+        let up = self
+            .relay_order()
+            .find_map(|li| self.best_root(now, li, src));
+        if let Some((root, s, a)) = up {
             if Some(root) != src {
-                self.push(s, a, &d);
+                self.push_buf(s, a, d, None);
+                self.stats.relayed += 1;
                 return;
             }
         }
+        self.give_buf(d);
         self.drop(DropReason::NoPath);
+    }
+
+    /// Local identities in the order their peer tables are consulted for relaying:
+    /// identities that are roots of the planet first, then the rest in hosting order.
+    fn relay_order(&self) -> impl Iterator<Item = usize> + '_ {
+        let is_root_id = move |i: &usize| {
+            self.cfg
+                .planet
+                .roots
+                .iter()
+                .any(|r| r.identity == self.locals[*i].identity)
+        };
+        let n = self.locals.len();
+        (0..n)
+            .filter(is_root_id)
+            .chain((0..n).filter(move |i| !is_root_id(i)))
     }
 
     fn introduce(&mut self, now: u64, li: usize, a: Address, b: Address) {
@@ -960,6 +1241,7 @@ impl Node {
         }
         .write(&mut m);
         self.send_direct(li, a, pa.socket, pa.addr, Verb::RENDEZVOUS, &m, None, false);
+        self.stats.rendezvous_sent += 2;
     }
 
     fn process_packet(
@@ -975,9 +1257,15 @@ impl Node {
         };
         let (src, suite_bits, hops) = (view.source(), view.cipher_suite_bits(), view.hops());
         if suite_bits == 0 && pkt[27] & 0x1f == Verb::HELLO.0 {
-            return self.handle_hello(now, li, socket, remote, pkt);
+            return self.handle_hello(now, li, socket, remote, pkt, false);
         }
-        if suite_bits == 2 || suite_bits > 3 {
+        let trusted = suite_bits == 2;
+        if trusted {
+            let id = u64::from_be_bytes(pkt[19..27].try_into().unwrap_or([0; 8]));
+            if !self.is_trusted_inbound(remote.ip(), id) {
+                return self.drop(DropReason::UntrustedPath);
+            }
+        } else if suite_bits > 3 {
             return self.drop(DropReason::BadCipherSuite);
         }
         let Some(peer) = self.locals[li].peers.get(&src) else {
@@ -990,7 +1278,9 @@ impl Node {
             self.whois(now, li, src);
             return;
         };
-        if crypto::dearmor(&mut pkt, &peer.key).is_err() {
+        if trusted {
+            self.stats.trusted_received += 1;
+        } else if crypto::dearmor(&mut pkt, &peer.key).is_err() {
             return self.drop(DropReason::MacFailed);
         }
         let mut scratch = std::mem::take(&mut self.scratch2);
@@ -1000,6 +1290,9 @@ impl Node {
             return self.drop(DropReason::Decompress);
         }
         let verb = Verb(pkt[27] & 0x1f);
+        if trusted && verb == Verb::HELLO {
+            return self.handle_hello(now, li, socket, remote, pkt, true);
+        }
         let packet_id = Packet::new_checked(&pkt[..])
             .map(|v| v.packet_id())
             .unwrap_or(0);
@@ -1008,6 +1301,16 @@ impl Node {
             Verb::OK => self.handle_ok(now, li, src, socket, remote, hops, payload),
             Verb::ERROR => {
                 if let Ok((re, body)) = InReplyTo::parse(payload) {
+                    if let Ok(e) = ErrorBody::parse(body)
+                        && e.code == ErrorBody::IDENTITY_COLLISION
+                        && re.verb == Verb::HELLO
+                        && self.locals[li].peers.get(&src).is_some_and(|p| p.is_root)
+                    {
+                        self.events.push_back(Event::IdentityCollision {
+                            local: self.locals[li].identity.address(),
+                            root: src,
+                        });
+                    }
                     if ErrorBody::parse(body).is_ok() {
                         self.events.push_back(Event::Packet {
                             local: self.locals[li].identity.address(),
@@ -1039,6 +1342,12 @@ impl Node {
                         false
                     }
                 });
+                self.events.push_back(Event::EchoReceived {
+                    local: self.locals[li].identity.address(),
+                    peer: src,
+                    addr: remote,
+                    hops,
+                });
                 if allowed {
                     let mut m = Vec::new();
                     InReplyTo { verb, packet_id }.write(&mut m);
@@ -1068,6 +1377,7 @@ impl Node {
         if ok {
             self.learn(now, li, src, socket, remote, hops, verb);
         }
+        self.give_buf(pkt);
     }
 
     fn learn(
@@ -1154,6 +1464,7 @@ impl Node {
         socket: LocalSocket,
         remote: SocketAddr,
         mut pkt: Vec<u8>,
+        trusted_path: bool,
     ) {
         let Ok((hello, crypt)) = Hello::parse_head(&pkt[wire::HEADER_LEN..]) else {
             return self.drop(DropReason::BadPayload);
@@ -1170,8 +1481,44 @@ impl Node {
         }
         let local = self.locals[li].identity.address();
         match self.locals[li].peers.get(&src) {
+            // Via a trusted path (suite 2, already accepted): only a known peer with the same
+            // identity counts, as in 1.x (`alreadyAuthenticated`); the field encryption
+            // below still applies.
+            Some(p) if trusted_path && p.identity == hello.identity => {}
+            _ if trusted_path => return self.drop(DropReason::BadIdentity),
             Some(p) if p.identity != hello.identity => {
-                // Address collision: refuse (an ERROR reply would need more validation work).
+                // Address collision (spec 13.2): behind the identity-verification gate, check
+                // the MAC with a key agreed with the *presented* identity and, if it is
+                // authentic, answer ERROR(IDENTITY_COLLISION) armored with that key.
+                let h = prefix_hash(remote.ip());
+                let last = self.validation_gate.get(&h).copied();
+                if last.is_some_and(|t| now.saturating_sub(t) < timers::IDENTITY_VALIDATION) {
+                    return self.drop(DropReason::RateLimited);
+                }
+                self.validation_gate.insert(h, now);
+                let Ok(key) = self.locals[li].identity.agree(&hello.identity) else {
+                    return self.drop(DropReason::BadIdentity);
+                };
+                if crypto::dearmor(&mut pkt, &key).is_err() {
+                    return self.drop(DropReason::MacFailed);
+                }
+                let me = self.locals[li].identity.address();
+                let mut e = self.take_buf();
+                wire::write_header(&mut e, random_id(), src, me, Verb::ERROR);
+                InReplyTo {
+                    verb: Verb::HELLO,
+                    packet_id,
+                }
+                .write(&mut e);
+                e.push(ErrorBody::IDENTITY_COLLISION);
+                // 1.x passes the known peer's AES keys here (so a >= 12 peer gets a suite 3
+                // packet it cannot open); suite 1 with the presented key is what it means.
+                if crypto::armor(&mut e, &key, CipherSuite::Poly1305Salsa2012).is_ok() {
+                    self.push_buf(socket, remote, e, None);
+                    self.stats.collisions_reported += 1;
+                } else {
+                    self.give_buf(e);
+                }
                 return self.drop(DropReason::BadIdentity);
             }
             Some(p) => {
@@ -1202,8 +1549,11 @@ impl Node {
                 self.locals[li]
                     .peers
                     .insert(src, Peer::new(hello.identity.to_public(), key));
-                self.events
-                    .push_back(Event::PeerLearned { local, peer: src });
+                self.events.push_back(Event::PeerLearned {
+                    local,
+                    peer: src,
+                    via: None,
+                });
                 self.retry_waiting(now, li);
             }
         }
@@ -1246,7 +1596,21 @@ impl Node {
         if let Some(p) = self.locals[li].peers.get_mut(&src) {
             p.proto = hello.protocol_version;
         }
+        self.stats.hellos_received += 1;
+        self.events.push_back(Event::HelloReceived {
+            local,
+            peer: src,
+            addr: remote,
+            hops,
+            protocol_version: hello.protocol_version,
+            software: (
+                hello.version_major,
+                hello.version_minor,
+                hello.version_revision,
+            ),
+        });
         self.learn(now, li, src, socket, remote, hops, Verb::HELLO);
+        self.give_buf(pkt);
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -1332,7 +1696,11 @@ impl Node {
                         self.locals[li]
                             .peers
                             .insert(a, Peer::new(id.to_public(), key));
-                        self.events.push_back(Event::PeerLearned { local, peer: a });
+                        self.events.push_back(Event::PeerLearned {
+                            local,
+                            peer: a,
+                            via: Some(src),
+                        });
                         learned = true;
                     }
                 }
@@ -1340,7 +1708,13 @@ impl Node {
                     self.retry_waiting(now, li);
                 }
             }
-            Verb::ECHO => {}
+            Verb::ECHO => {
+                self.events.push_back(Event::EchoReply {
+                    local,
+                    peer: src,
+                    payload: body.to_vec(),
+                });
+            }
             _ => {
                 self.events.push_back(Event::Packet {
                     local,
@@ -1416,6 +1790,7 @@ impl Node {
             }
         }
         if m.len() > head {
+            self.stats.whois_answered += 1;
             self.send_direct(li, src, socket, remote, Verb::OK, &m, None, false);
         }
     }
@@ -1440,6 +1815,11 @@ impl Node {
         {
             return;
         }
+        // 1.x first sends 4 random bytes with IP TTL 2 to open local NAT/firewall state
+        // without reaching the far side, then contacts the peer there.
+        let mut junk = self.take_buf();
+        junk.extend_from_slice(&random_id()[..4]);
+        self.push_buf(socket, r.addr, junk, Some(2));
         self.contact(now, li, r.peer, socket, r.addr);
     }
 
@@ -1499,3 +1879,7 @@ impl Node {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "node_tests.rs"]
+mod tests;

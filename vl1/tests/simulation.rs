@@ -37,6 +37,9 @@ struct Sim {
     wire: VecDeque<(u64, SocketAddr, SocketAddr, Vec<u8>)>,
     now: u64,
     relayed_by: HashMap<usize, u64>,
+    /// Low-TTL NAT-opening datagrams sent (they open the sender's NAT, never arrive).
+    junk_sent: u64,
+    buf: Vec<u8>,
 }
 
 fn sa(s: &str) -> SocketAddr {
@@ -77,7 +80,7 @@ impl Sim {
             }
             // Collect output.
             for h in &mut self.hosts {
-                while let Some(t) = h.node.poll_transmit() {
+                while let Some(t) = h.node.poll_transmit(&mut self.buf) {
                     if !h.alive {
                         continue;
                     }
@@ -88,7 +91,14 @@ impl Sim {
                         }
                         None => h.private,
                     };
-                    self.wire.push_back((now + 1, from, t.to, t.data));
+                    if t.ttl.is_some_and(|ttl| ttl <= 2) {
+                        // Expires two hops out: it opened our NAT, nobody receives it.
+                        assert_eq!(t.len, 4, "the NAT-opening datagram is 4 bytes");
+                        self.junk_sent += 1;
+                        continue;
+                    }
+                    self.wire
+                        .push_back((now + 1, from, t.to, self.buf[..t.len].to_vec()));
                 }
                 while let Some(e) = h.node.poll_event() {
                     if let Event::Packet {
@@ -168,6 +178,8 @@ fn nat_traversal_relay_and_lost_root() {
         wire: VecDeque::new(),
         now: 1000,
         relayed_by: HashMap::new(),
+        junk_sent: 0,
+        buf: vec![0u8; flatwire_vl1::node::MAX_DATAGRAM_LEN],
     };
     assert!(sim.hosts[0].node.is_root() && sim.hosts[1].node.is_root());
     assert!(!sim.hosts[2].node.is_root());
@@ -205,6 +217,10 @@ fn nat_traversal_relay_and_lost_root() {
         Some(sim.hosts[a].public())
     );
     assert!(sim.got(a, b, b"b19") && sim.got(b, a, b"a19"));
+    assert!(
+        sim.junk_sent >= 2,
+        "each side opened its NAT with a TTL-2 datagram before contacting the other"
+    );
 
     // Now direct: further traffic does not touch the roots.
     let relayed = sim.relayed_by.values().sum::<u64>();
@@ -217,11 +233,21 @@ fn nat_traversal_relay_and_lost_root() {
         "no relaying once direct"
     );
 
-    // Lose whichever root A currently prefers... both are equivalent: lose root 0 entirely.
+    // Lose root 0 entirely.
     sim.hosts[0].alive = false;
     sim.step(40_000);
-    // A reaches C (never talked before) through the surviving root.
+    // A reaches C (never talked before) through the surviving root: root 1 must answer
+    // A's WHOIS for C and relay the first packets; the dead root must carry nothing.
     let c = 4;
+    let ca = sim.hosts[c].addr;
+    assert!(!sim.hosts[a].node.knows_peer(aa, ca));
+    assert!(sim.hosts[a].node.direct_path(sim.now, aa, ca).is_none());
+    let relayed_before = (
+        sim.relayed_by.get(&0).copied().unwrap_or(0),
+        sim.relayed_by.get(&1).copied().unwrap_or(0),
+    );
+    let whois_before = sim.hosts[1].node.stats().whois_answered;
+    let relay_stat_before = sim.hosts[1].node.stats().relayed;
     sim.send(a, c, b"after root loss");
     sim.step(5000);
     assert!(
@@ -229,11 +255,18 @@ fn nat_traversal_relay_and_lost_root() {
         "routed around the lost root"
     );
     assert!(
-        sim.relayed_by.get(&1).copied().unwrap_or(0) > 0
-            || sim.hosts[a]
-                .node
-                .direct_path(sim.now, aa, sim.hosts[c].addr)
-                .is_some()
+        sim.hosts[1].node.stats().whois_answered > whois_before,
+        "the surviving root answered the WHOIS for C"
+    );
+    assert!(
+        sim.relayed_by.get(&1).copied().unwrap_or(0) > relayed_before.1
+            && sim.hosts[1].node.stats().relayed > relay_stat_before,
+        "the surviving root relayed A's first packet to C"
+    );
+    assert_eq!(
+        sim.relayed_by.get(&0).copied().unwrap_or(0),
+        relayed_before.0,
+        "the lost root carried nothing"
     );
     for i in 2..5 {
         let h = &sim.hosts[i];

@@ -15,11 +15,13 @@ mod group;
 pub mod ip;
 mod jsonutil;
 mod mac;
+pub mod member;
 pub mod multicast;
 pub mod ndp;
 pub mod netconf;
 mod network_id;
 pub mod rules;
+pub mod verbs;
 
 pub use group::MulticastGroup;
 pub use mac::{Mac, MacError};

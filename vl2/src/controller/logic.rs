@@ -424,7 +424,10 @@ impl<S: ControllerStore> Controller<S> {
                 }
             }
         }
-        if !member.no_auto_assign_ips && (network.v4_assign_mode.zt || network.v6_assign_mode.zt) {
+        let want6 = network.v6_assign_mode.zt && !have6;
+        let want4 = network.v4_assign_mode.zt && !have4;
+        // Listing every member's IPs is O(members): only do it when something is assigned.
+        if !member.no_auto_assign_ips && (want4 || want6) {
             let allocated = self.allocated(nwid, who)?;
             if network.v6_assign_mode.zt
                 && !have6
@@ -632,4 +635,47 @@ fn pick_v4(
         }
     }
     None
+}
+
+/// The VL1 payloads delivering `cfg`: with `request_packet_id` each signed chunk is an
+/// OK(in-re NETWORK_CONFIG_REQUEST) payload, without it a NETWORK_CONFIG push. Returns
+/// `(verb, payload)` pairs to hand to `flatwire_vl1::Node::send`. `update_id` must be
+/// random and non-zero.
+pub fn config_payloads(
+    signer: &Identity,
+    cfg: &NetworkConfig,
+    request_packet_id: Option<u64>,
+    update_id: u64,
+) -> Result<Vec<(flatwire_vl1::Verb, Vec<u8>)>, SignError> {
+    let dict = cfg.encode();
+    let chunks = crate::netconf::ConfigChunk::split(cfg.network_id, &dict, update_id, signer)?;
+    Ok(chunks
+        .into_iter()
+        .map(|c| match request_packet_id {
+            Some(id) => {
+                let mut p = Vec::new();
+                crate::verbs::in_re(flatwire_vl1::Verb::NETWORK_CONFIG_REQUEST.0, id, &mut p);
+                p.extend_from_slice(&c.encode());
+                (flatwire_vl1::Verb::OK, p)
+            }
+            None => (flatwire_vl1::Verb::NETWORK_CONFIG, c.encode()),
+        })
+        .collect())
+}
+
+/// The ERROR payload refusing the config request `packet_id` for `nwid`.
+pub fn refusal_payload(packet_id: u64, refusal: RequestRefusal, nwid: NetworkId) -> Vec<u8> {
+    let mut p = Vec::new();
+    crate::verbs::in_re(
+        flatwire_vl1::Verb::NETWORK_CONFIG_REQUEST.0,
+        packet_id,
+        &mut p,
+    );
+    crate::verbs::Vl2Error {
+        code: refusal.error_code(),
+        nwid,
+        extra: &[],
+    }
+    .encode(&mut p);
+    p
 }

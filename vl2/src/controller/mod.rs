@@ -12,7 +12,10 @@ use serde_json::Value;
 use crate::NetworkId;
 
 mod logic;
-pub use logic::{Controller, ControllerError, MemberAuthorizer, RequestOutcome, RequestRefusal};
+pub use logic::{
+    Controller, ControllerError, MemberAuthorizer, RequestOutcome, RequestRefusal, config_payloads,
+    refusal_payload,
+};
 
 fn d_true() -> bool {
     true

@@ -1,0 +1,417 @@
+//! Unit tests of the node: NAT-opening datagram, address collisions, trusted paths,
+//! relaying with several local identities and buffer reuse.
+
+use std::collections::VecDeque;
+use std::str::FromStr;
+use std::sync::atomic::AtomicBool;
+
+use super::*;
+use crate::identity::generate_key_pair;
+use crate::world::{Root, WorldType};
+
+fn sa(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+fn new_id() -> Identity {
+    Identity::generate(&AtomicBool::new(false)).unwrap()
+}
+
+fn planet(roots: &[(&Identity, &str)]) -> World {
+    let (pk, sk) = generate_key_pair().unwrap();
+    let roots = roots
+        .iter()
+        .map(|(id, ep)| Root {
+            identity: id.to_public(),
+            stable_endpoints: vec![sa(ep)],
+        })
+        .collect();
+    World::create(WorldType::Planet, 4242, 1000, pk, roots, &sk).unwrap()
+}
+
+/// A datagram seen on the virtual wire.
+struct Sent {
+    from: usize,
+    to: SocketAddr,
+    data: Vec<u8>,
+    ttl: Option<u8>,
+}
+
+/// Nodes on one flat virtual network; every datagram takes 1 ms.
+struct Net {
+    nodes: Vec<(Node, SocketAddr)>,
+    now: u64,
+    wire: VecDeque<(u64, SocketAddr, SocketAddr, Vec<u8>)>,
+    sent: Vec<Sent>,
+    events: Vec<(usize, Event)>,
+    buf: Vec<u8>,
+}
+
+impl Net {
+    fn new(nodes: Vec<(Node, SocketAddr)>) -> Self {
+        Self {
+            nodes,
+            now: 10_000,
+            wire: VecDeque::new(),
+            sent: Vec::new(),
+            events: Vec::new(),
+            buf: vec![0; MAX_DATAGRAM_LEN],
+        }
+    }
+
+    fn step(&mut self, ms: u64) {
+        for _ in 0..ms {
+            self.now += 1;
+            let now = self.now;
+            for (n, _) in &mut self.nodes {
+                if now >= n.poll_timeout() {
+                    n.handle_timeout(now);
+                }
+            }
+            while self.wire.front().is_some_and(|w| w.0 <= now) {
+                let (_, from, to, data) = self.wire.pop_front().unwrap();
+                if let Some((n, _)) = self.nodes.iter_mut().find(|(_, a)| *a == to) {
+                    n.handle_datagram(now, LocalSocket(0), from, &data);
+                }
+            }
+            self.collect();
+        }
+    }
+
+    fn collect(&mut self) {
+        let now = self.now;
+        for (i, (n, addr)) in self.nodes.iter_mut().enumerate() {
+            while let Some(t) = n.poll_transmit(&mut self.buf) {
+                let data = self.buf[..t.len].to_vec();
+                self.sent.push(Sent {
+                    from: i,
+                    to: t.to,
+                    data: data.clone(),
+                    ttl: t.ttl,
+                });
+                // A TTL-2 datagram dies on the way (it only opens the sender's NAT).
+                if t.ttl.is_none() {
+                    self.wire.push_back((now + 1, *addr, t.to, data));
+                }
+            }
+            while let Some(e) = n.poll_event() {
+                self.events.push((i, e));
+            }
+        }
+    }
+
+    fn user_messages(&self, at: usize) -> Vec<(Address, Vec<u8>)> {
+        self.events
+            .iter()
+            .filter(|(i, _)| *i == at)
+            .filter_map(|(_, e)| match e {
+                Event::Packet {
+                    from,
+                    verb: Verb::USER_MESSAGE,
+                    payload,
+                    ..
+                } => Some((*from, payload.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+fn leaf(planet: &World, id: &Identity, addr: &str) -> (Node, SocketAddr) {
+    (
+        Node::new(NodeConfig::new(planet.clone()), vec![id.clone()]).unwrap(),
+        sa(addr),
+    )
+}
+
+#[test]
+fn rendezvous_opens_the_nat_with_a_ttl2_datagram_before_contact() {
+    let (r, a, b) = (new_id(), new_id(), new_id());
+    let p = planet(&[(&r, "10.0.0.1:9993")]);
+    let mut net = Net::new(vec![
+        leaf(&p, &r, "10.0.0.1:9993"),
+        leaf(&p, &a, "10.0.2.2:9993"),
+        leaf(&p, &b, "10.0.3.3:9993"),
+    ]);
+    net.step(2000);
+    net.nodes[1]
+        .0
+        .send(
+            net.now,
+            a.address(),
+            b.address(),
+            Verb::USER_MESSAGE,
+            &[0; 9],
+        )
+        .unwrap();
+    net.step(2000);
+    assert_eq!(net.nodes[0].0.stats().rendezvous_sent, 2);
+    // A knows B when the RENDEZVOUS arrives, so it opens its NAT towards B first. (B learns
+    // A only through WHOIS, after its RENDEZVOUS was ignored, and answers A's probe instead.)
+    let a_to_b: Vec<&Sent> = net
+        .sent
+        .iter()
+        .filter(|s| s.from == 1 && s.to == sa("10.0.3.3:9993"))
+        .collect();
+    let first = a_to_b.first().expect("A contacted B");
+    assert_eq!(first.ttl, Some(2), "the NAT-opening datagram goes first");
+    assert_eq!(first.data.len(), 4);
+    assert!(
+        a_to_b.len() > 1,
+        "contact (HELLO/ECHO) follows the junk datagram"
+    );
+    assert!(a_to_b[1..].iter().all(|s| s.ttl.is_none()));
+    // And the leaves end up with a direct path.
+    assert_eq!(
+        net.nodes[1]
+            .0
+            .direct_path(net.now, a.address(), b.address()),
+        Some(sa("10.0.3.3:9993"))
+    );
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+#[test]
+fn an_address_collision_is_answered_with_identity_collision() {
+    let (r, x) = (new_id(), new_id());
+    // An impostor: x's address with other keys (it cannot validate, but it can speak).
+    let (pk2, sk2) = generate_key_pair().unwrap();
+    let impostor =
+        Identity::from_str(&format!("{}:0:{}:{}", x.address(), hex(&pk2), hex(&sk2))).unwrap();
+    assert_eq!(impostor.address(), x.address());
+    assert_ne!(impostor, x);
+    let p = planet(&[(&r, "10.0.0.1:9993")]);
+    let mut net = Net::new(vec![
+        leaf(&p, &r, "10.0.0.1:9993"),
+        leaf(&p, &x, "10.0.2.2:9993"),
+    ]);
+    net.step(3000);
+    assert!(net.nodes[0].0.knows_peer(r.address(), x.address()));
+    // The impostor shows up from another /24 (the identity-verification gate is per /24).
+    net.nodes.push(leaf(&p, &impostor, "10.0.9.2:9993"));
+    net.step(3000);
+    assert!(net.nodes[0].0.stats().collisions_reported >= 1);
+    assert!(
+        net.events.iter().any(|(i, e)| *i == 2
+            && *e
+                == Event::IdentityCollision {
+                    local: x.address(),
+                    root: r.address()
+                }),
+        "the impostor learns from its root that its address is taken"
+    );
+    // The genuine peer is untouched and still known with its own key.
+    assert!(net.nodes[0].0.knows_peer(r.address(), x.address()));
+    assert!(
+        !net.events
+            .iter()
+            .any(|(i, e)| *i == 1 && matches!(e, Event::IdentityCollision { .. }))
+    );
+}
+
+#[test]
+fn trusted_paths_send_suite_2_and_accept_only_matching_networks() {
+    let (r, a, b) = (new_id(), new_id(), new_id());
+    let p = planet(&[(&r, "10.0.0.1:9993")]);
+    let trusted = TrustedPath {
+        network: "10.0.0.0".parse().unwrap(),
+        prefix_len: 16,
+        id: 0x1234_5678,
+    };
+    let with_trust = |id: &Identity, addr: &str| {
+        let mut cfg = NodeConfig::new(p.clone());
+        cfg.trusted_paths = vec![trusted];
+        (Node::new(cfg, vec![id.clone()]).unwrap(), sa(addr))
+    };
+    let mut net = Net::new(vec![
+        leaf(&p, &r, "10.0.0.1:9993"),
+        with_trust(&a, "10.0.2.2:9993"),
+        with_trust(&b, "10.0.3.3:9993"),
+    ]);
+    net.step(2000);
+    // Make the path direct first (HELLO/ECHO are never suite 2).
+    for i in 0..3 {
+        net.nodes[1]
+            .0
+            .send(
+                net.now,
+                a.address(),
+                b.address(),
+                Verb::USER_MESSAGE,
+                format!("warm{i}").as_bytes(),
+            )
+            .unwrap();
+        net.step(1000);
+    }
+    assert!(
+        net.nodes[1]
+            .0
+            .direct_path(net.now, a.address(), b.address())
+            .is_some()
+    );
+    let mark = net.sent.len();
+    let mut msg = 9u64.to_be_bytes().to_vec();
+    msg.extend_from_slice(b"in the clear on a trusted path");
+    net.nodes[1]
+        .0
+        .send(net.now, a.address(), b.address(), Verb::USER_MESSAGE, &msg)
+        .unwrap();
+    net.collect();
+    let pkt = net.sent[mark..]
+        .iter()
+        .find(|s| s.from == 1 && s.to == sa("10.0.3.3:9993"))
+        .expect("sent directly")
+        .data
+        .clone();
+    assert_eq!((pkt[18] >> 3) & 7, 2, "suite 2");
+    assert_eq!(pkt[19..27], 0x1234_5678u64.to_be_bytes());
+    assert_eq!(pkt[27] & 0x1f, Verb::USER_MESSAGE.0);
+    net.step(10);
+    assert!(
+        net.user_messages(2).iter().any(|(_, p)| *p == msg),
+        "the trusted receiver accepts it"
+    );
+
+    // The same bytes from outside the trusted network, or with another ID, are dropped.
+    let b_node = &mut net.nodes[2].0;
+    let before = b_node.drop_count(DropReason::UntrustedPath);
+    b_node.handle_datagram(net.now, LocalSocket(0), sa("10.1.0.2:9993"), &pkt);
+    let mut wrong = pkt.clone();
+    wrong[26] ^= 1;
+    b_node.handle_datagram(net.now, LocalSocket(0), sa("10.0.2.2:9993"), &wrong);
+    assert_eq!(b_node.drop_count(DropReason::UntrustedPath), before + 2);
+
+    // A HELLO arriving over the trusted path (suite 2) is accepted like an authenticated one.
+    let hello = net
+        .sent
+        .iter()
+        .find(|s| {
+            s.from == 1
+                && s.to == sa("10.0.3.3:9993")
+                && s.data.len() > 28
+                && s.data[27] & 0x1f == Verb::HELLO.0
+        })
+        .expect("A sent B a HELLO")
+        .data
+        .clone();
+    let mut trusted_hello = hello.clone();
+    trusted_hello[18] = (trusted_hello[18] & 0x47) | (2 << 3);
+    trusted_hello[19..27].copy_from_slice(&0x1234_5678u64.to_be_bytes());
+    let b_node = &mut net.nodes[2].0;
+    let (hellos, drops) = (
+        b_node.stats().hellos_received,
+        b_node.drops().values().sum::<u64>(),
+    );
+    b_node.handle_datagram(net.now, LocalSocket(0), sa("10.0.2.2:9993"), &trusted_hello);
+    assert_eq!(b_node.stats().hellos_received, hellos + 1);
+    assert_eq!(b_node.drops().values().sum::<u64>(), drops);
+
+    // A node without the configuration never accepts suite 2.
+    let mut plain = Node::new(NodeConfig::new(p.clone()), vec![b.clone()]).unwrap();
+    plain.handle_datagram(net.now, LocalSocket(0), sa("10.0.2.2:9993"), &pkt);
+    assert_eq!(plain.drop_count(DropReason::UntrustedPath), 1);
+
+    assert!(trusted.contains("10.0.200.1".parse().unwrap()));
+    assert!(!trusted.contains("10.1.0.1".parse().unwrap()));
+    assert!(!trusted.contains("::1".parse().unwrap()));
+}
+
+#[test]
+fn a_root_hosting_several_identities_relays_with_the_root_identitys_peers() {
+    let (other, r, a, b) = (new_id(), new_id(), new_id(), new_id());
+    let p = planet(&[(&r, "10.0.0.1:9993")]);
+    // The root identity is *not* the first one the node hosts.
+    let root_node = Node::new(NodeConfig::new(p.clone()), vec![other.clone(), r.clone()]).unwrap();
+    assert!(root_node.is_root());
+    let mut net = Net::new(vec![
+        (root_node, sa("10.0.0.1:9993")),
+        leaf(&p, &a, "10.0.2.2:9993"),
+        leaf(&p, &b, "10.0.3.3:9993"),
+    ]);
+    net.step(2000);
+    let mut msg = 1u64.to_be_bytes().to_vec();
+    msg.extend_from_slice(b"through the second identity's table");
+    net.nodes[1]
+        .0
+        .send(net.now, a.address(), b.address(), Verb::USER_MESSAGE, &msg)
+        .unwrap();
+    net.step(500);
+    assert!(
+        net.user_messages(2)
+            .iter()
+            .any(|(f, m)| *f == a.address() && *m == msg)
+    );
+    let s = net.nodes[0].0.stats();
+    assert!(s.relayed >= 1, "{s:?}");
+    assert_eq!(s.rendezvous_sent, 2, "introduced by the root identity");
+    assert_eq!(net.nodes[0].0.drop_count(DropReason::NoPath), 0);
+}
+
+#[test]
+fn transmit_buffers_are_reused_and_a_short_caller_buffer_is_a_counted_drop() {
+    let (r, a) = (new_id(), new_id());
+    let p = planet(&[(&r, "10.0.0.1:9993")]);
+    let mut net = Net::new(vec![
+        leaf(&p, &r, "10.0.0.1:9993"),
+        leaf(&p, &a, "10.0.2.2:9993"),
+    ]);
+    net.step(2000);
+    let n = &mut net.nodes[1].0;
+    let mut buf = vec![0u8; MAX_DATAGRAM_LEN];
+    while n.poll_transmit(&mut buf).is_some() {}
+    let pooled = n.pool.len();
+    assert!(pooled > 0, "sent datagrams returned their buffers");
+    let spare: Vec<*const u8> = n.pool.iter().map(|b| b.as_ptr()).collect();
+    n.send(net.now, a.address(), r.address(), Verb::ECHO, b"x")
+        .unwrap();
+    let queued = n.transmits.front().expect("queued");
+    assert!(
+        spare.contains(&queued.data.as_ptr()),
+        "the datagram was built in a pooled buffer"
+    );
+    assert!(n.pool.len() <= pooled, "no new buffer was needed");
+    // A caller buffer too small for the datagram: dropped and counted, not truncated.
+    let mut tiny = [0u8; 8];
+    assert!(n.poll_transmit(&mut tiny).is_none());
+    assert_eq!(n.drop_count(DropReason::BufferTooSmall), 1);
+    assert!(n.pool.len() <= POOL_LIMIT);
+}
+
+#[test]
+fn request_identity_resolves_a_peer_through_the_root_without_contacting_it() {
+    let (r, a, b) = (new_id(), new_id(), new_id());
+    let p = planet(&[(&r, "10.0.0.1:9993")]);
+    let mut net = Net::new(vec![
+        leaf(&p, &r, "10.0.0.1:9993"),
+        leaf(&p, &a, "10.0.2.2:9993"),
+        leaf(&p, &b, "10.0.3.3:9993"),
+    ]);
+    net.step(6000);
+    let mark = net.sent.len();
+    net.nodes[1]
+        .0
+        .request_identity(net.now, a.address(), b.address())
+        .unwrap();
+    net.step(100);
+    assert!(net.events.iter().any(|(i, e)| *i == 1
+        && *e
+            == Event::PeerLearned {
+                local: a.address(),
+                peer: b.address(),
+                via: Some(r.address()),
+            }));
+    assert!(
+        net.sent[mark..].iter().all(|s| s.to != sa("10.0.3.3:9993")),
+        "B is not contacted"
+    );
+    assert!(!net.nodes[2].0.knows_peer(b.address(), a.address()));
+    assert_eq!(
+        net.nodes[1]
+            .0
+            .request_identity(net.now, b.address(), a.address()),
+        Err(NodeError::UnknownLocal)
+    );
+}
