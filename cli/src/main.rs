@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+mod idtool;
 mod rules;
 
 /// flatwire: a ZeroTier-compatible, end-to-end encrypted virtual Ethernet for pods.
@@ -21,6 +22,8 @@ enum Command {
     /// Compile and check ZeroTier rule-language sources.
     #[command(subcommand)]
     Rules(rules::RulesCommand),
+    /// Identities, signatures and planets, as `zerotier-idtool` (`flatwire idtool` for usage).
+    Idtool(idtool::IdtoolArgs),
 }
 
 fn main() -> ExitCode {
@@ -30,6 +33,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Rules(cmd) => rules::run(cmd),
+        Command::Idtool(args) => idtool::run(args),
     }
 }
 

@@ -211,8 +211,17 @@ fn salsa_and_poly_key(key: &SymmetricKey, packet: &[u8]) -> (Salsa12, [u8; 32]) 
     (s, pk)
 }
 
+/// Poly1305 over `data`: whole blocks go through `update` (the backend's multi-block
+/// path), only the tail through `compute_unpadded`, which works one block at a time.
+fn poly1305_tag(poly_key: &[u8; 32], data: &[u8]) -> poly1305::Tag {
+    let (blocks, tail) = poly1305::Block::slice_as_chunks(data);
+    let mut mac = Poly1305::new(poly_key.into());
+    mac.update(blocks);
+    mac.compute_unpadded(tail)
+}
+
 fn poly1305_8(poly_key: &[u8; 32], data: &[u8]) -> [u8; 8] {
-    let tag = Poly1305::new(poly_key.into()).compute_unpadded(data);
+    let tag = poly1305_tag(poly_key, data);
     let mut t = [0u8; 8];
     t.copy_from_slice(&tag[..8]);
     t
@@ -422,7 +431,7 @@ pub fn salsa20_xor(key: &[u8; 32], nonce: &[u8; 8], data: &mut [u8]) {
 
 /// Full 16-byte one-time Poly1305 tag.
 pub fn poly1305(key: &[u8; 32], data: &[u8]) -> [u8; 16] {
-    let t = Poly1305::new(key.into()).compute_unpadded(data);
+    let t = poly1305_tag(key, data);
     let mut out = [0u8; 16];
     out.copy_from_slice(&t);
     out

@@ -1,5 +1,6 @@
 //! `cargo xtask`: flatwire's development tasks.
 
+mod fuzz;
 mod table;
 mod test;
 mod tools;
@@ -14,11 +15,14 @@ enum Task {
     Tools,
     /// Run formatting and lint checks, the whole test suite, and check nothing was left behind.
     Test(test::Args),
+    /// Run each cargo-fuzz target for a bounded time and print target/runs/result (not in CI).
+    Fuzz(fuzz::Args),
 }
 
 fn main() -> anyhow::Result<()> {
     match Task::parse() {
         Task::Tools => tools::run(),
         Task::Test(args) => test::run(&args),
+        Task::Fuzz(args) => fuzz::run(&args),
     }
 }
