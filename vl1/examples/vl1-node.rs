@@ -325,6 +325,12 @@ fn log_event(e: Event) {
             payload.len()
         )),
         Event::ExternalAddress { addr, .. } => say(format_args!("external-address addr={addr}")),
+        Event::PlanetUpdated { planet } => say(format_args!(
+            "planet-updated id={} timestamp={} roots={}",
+            planet.id,
+            planet.timestamp,
+            planet.roots.len()
+        )),
         Event::IdentityCollision { root, .. } => {
             say(format_args!("identity-collision root={root}"))
         }

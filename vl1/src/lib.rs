@@ -15,6 +15,7 @@ pub mod crypto;
 pub mod identity;
 pub mod node;
 pub mod reassembly;
+mod replay;
 pub mod wire;
 pub mod world;
 

@@ -13,6 +13,7 @@ use crate::address::Address;
 use crate::crypto::{self, CipherSuite, SymmetricKey};
 use crate::identity::Identity;
 use crate::reassembly::{Reassembler, ReassemblyLimits};
+use crate::replay::ReplayWindow;
 use crate::wire::{
     self, DEFAULT_MTU, ErrorBody, Hello, InReplyTo, OkHello, Packet, PathRecord, RELAY_MAX_HOPS,
     Rendezvous, Verb,
@@ -96,6 +97,11 @@ pub enum DropReason {
     UntrustedPath,
     /// The caller's buffer given to [`Node::poll_transmit`] could not hold a datagram.
     BufferTooSmall,
+    /// An authenticated packet whose ID was seen recently from the same peer (a duplicate
+    /// or a replay).
+    Duplicate,
+    /// A world update from a root that is newer but not signed by the current world's key.
+    BadWorld,
 }
 
 /// A datagram to send; its bytes were copied into the buffer given to
@@ -272,6 +278,12 @@ pub enum Event {
         /// Round trip in ms.
         ms: u64,
     },
+    /// A root pushed a newer planet, signed as the current one requires; it is in force now
+    /// (persist it so a restart keeps it).
+    PlanetUpdated {
+        /// The new planet.
+        planet: World,
+    },
     /// A root reported our external address.
     ExternalAddress {
         /// Our identity's address.
@@ -347,6 +359,7 @@ struct Peer {
     echo_answered: HashMap<SocketAddr, u64>,
     is_root: bool,
     stable_endpoints: Vec<SocketAddr>,
+    recent: ReplayWindow,
 }
 
 impl Peer {
@@ -363,6 +376,7 @@ impl Peer {
             push_count: 0,
             confirm_sent: HashMap::new(),
             echo_answered: HashMap::new(),
+            recent: ReplayWindow::new(),
             is_root: false,
             stable_endpoints: Vec::new(),
         }
@@ -507,21 +521,50 @@ impl Node {
             scratch: Vec::new(),
             scratch2: Vec::new(),
         };
-        for li in 0..node.locals.len() {
-            let roots = node.cfg.planet.roots.clone();
-            for r in roots {
-                if r.identity == node.locals[li].identity {
+        node.install_roots();
+        Ok(node)
+    }
+
+    /// Applies a planet pushed by a root if the update rule accepts it: the roots it names
+    /// become this node's roots. A newer planet with a bad signature is a counted drop.
+    fn offer_planet(&mut self, w: World) {
+        let current = &self.cfg.planet;
+        if current.should_replace_with(&w) {
+            self.cfg.planet = w.clone();
+            self.install_roots();
+            self.events.push_back(Event::PlanetUpdated { planet: w });
+        } else if w.world_type == current.world_type
+            && w.id == current.id
+            && w.timestamp > current.timestamp
+        {
+            self.drop(DropReason::BadWorld);
+        }
+    }
+
+    /// Marks the current planet's roots (and only them) as roots, adding unknown ones as
+    /// peers of every local identity.
+    fn install_roots(&mut self) {
+        let roots = self.cfg.planet.roots.clone();
+        for local in &mut self.locals {
+            for p in local.peers.values_mut() {
+                p.is_root = false;
+            }
+            for r in &roots {
+                if r.identity == local.identity {
                     continue;
                 }
-                if let Ok(key) = node.locals[li].identity.agree(&r.identity) {
+                let a = r.identity.address();
+                if let Some(p) = local.peers.get_mut(&a).filter(|p| p.identity == r.identity) {
+                    p.is_root = true;
+                    p.stable_endpoints = r.stable_endpoints.clone();
+                } else if let Ok(key) = local.identity.agree(&r.identity) {
                     let mut p = Peer::new(r.identity.clone(), key);
                     p.is_root = true;
                     p.stable_endpoints = r.stable_endpoints.clone();
-                    node.locals[li].peers.insert(r.identity.address(), p);
+                    local.peers.insert(a, p);
                 }
             }
         }
-        Ok(node)
     }
 
     /// Whether this node is a root of its planet.
@@ -1293,9 +1336,15 @@ impl Node {
         if trusted && verb == Verb::HELLO {
             return self.handle_hello(now, li, socket, remote, pkt, true);
         }
+        // Authenticated repeats are dropped (a trusted HELLO is checked in handle_hello).
         let packet_id = Packet::new_checked(&pkt[..])
             .map(|v| v.packet_id())
             .unwrap_or(0);
+        if let Some(p) = self.locals[li].peers.get_mut(&src)
+            && !p.recent.insert(packet_id)
+        {
+            return self.drop(DropReason::Duplicate);
+        }
         let payload = &pkt[wire::HEADER_LEN..];
         let ok = match verb {
             Verb::OK => self.handle_ok(now, li, src, socket, remote, hops, payload),
@@ -1557,6 +1606,11 @@ impl Node {
                 self.retry_waiting(now, li);
             }
         }
+        if let Some(p) = self.locals[li].peers.get_mut(&src)
+            && !p.recent.insert(packet_id)
+        {
+            return self.drop(DropReason::Duplicate);
+        }
         if let Some(off) = crypt {
             if let Some(p) = self.locals[li].peers.get(&src) {
                 let key = p.key.clone();
@@ -1667,10 +1721,8 @@ impl Node {
                     }
                     let mut rest = ok.world_updates;
                     while let Ok((w, used)) = World::parse(rest) {
-                        if self.cfg.planet.should_replace_with(&w) {
-                            self.cfg.planet = w;
-                        }
                         rest = &rest[used..];
+                        self.offer_planet(w);
                     }
                 }
             }

@@ -300,6 +300,14 @@ fn trusted_paths_send_suite_2_and_accept_only_matching_networks() {
     let mut trusted_hello = hello.clone();
     trusted_hello[18] = (trusted_hello[18] & 0x47) | (2 << 3);
     trusted_hello[19..27].copy_from_slice(&0x1234_5678u64.to_be_bytes());
+    // B already saw that HELLO's packet ID (a replay is dropped), so give it a fresh one and
+    // re-encrypt its cryptField under the new ID, as a sender would.
+    let key = a.agree(&b).unwrap();
+    let (_, crypt) = Hello::parse_head(&trusted_hello[wire::HEADER_LEN..]).unwrap();
+    let start = wire::HEADER_LEN + crypt.expect("A's HELLO has a cryptField");
+    crypto::crypt_field(&key, &mut trusted_hello, start);
+    trusted_hello[..8].copy_from_slice(&0x0f1e_2d3c_4b5a_6978u64.to_be_bytes());
+    crypto::crypt_field(&key, &mut trusted_hello, start);
     let b_node = &mut net.nodes[2].0;
     let (hellos, drops) = (
         b_node.stats().hellos_received,
@@ -414,4 +422,135 @@ fn request_identity_resolves_a_peer_through_the_root_without_contacting_it() {
             .request_identity(net.now, b.address(), a.address()),
         Err(NodeError::UnknownLocal)
     );
+}
+
+#[test]
+fn replayed_and_duplicated_packets_are_dropped_and_counted() {
+    let (r, a, b) = (new_id(), new_id(), new_id());
+    let p = planet(&[(&r, "10.0.0.1:9993")]);
+    let mut net = Net::new(vec![
+        leaf(&p, &r, "10.0.0.1:9993"),
+        leaf(&p, &a, "10.0.2.2:9993"),
+        leaf(&p, &b, "10.0.3.3:9993"),
+    ]);
+    net.step(2000);
+    net.nodes[1]
+        .0
+        .send(
+            net.now,
+            a.address(),
+            b.address(),
+            Verb::USER_MESSAGE,
+            b"once",
+        )
+        .unwrap();
+    net.step(2000);
+    assert_eq!(net.user_messages(2), vec![(a.address(), b"once".to_vec())]);
+    assert_eq!(net.nodes[2].0.drop_count(DropReason::Duplicate), 0);
+
+    // Replay everything B ever received, as an attacker on the path could.
+    let b_addr = net.nodes[2].1;
+    let replays: Vec<(SocketAddr, Vec<u8>)> = net
+        .sent
+        .iter()
+        .filter(|s| s.to == b_addr && s.ttl.is_none())
+        .map(|s| (net.nodes[s.from].1, s.data.clone()))
+        .collect();
+    assert!(replays.len() >= 3, "HELLO, OK and the message reached B");
+    let now = net.now;
+    for (from, data) in &replays {
+        net.nodes[2]
+            .0
+            .handle_datagram(now, LocalSocket(0), *from, data);
+    }
+    net.collect();
+    assert_eq!(
+        net.user_messages(2).len(),
+        1,
+        "a replayed USER_MESSAGE must not be delivered again"
+    );
+    // Every replayed packet that reached the checks is a counted duplicate (the HELLO, the
+    // root's OK and the message at least); nothing else was dropped for being odd.
+    let drops = net.nodes[2].0.drops().clone();
+    assert!(drops.get(&DropReason::Duplicate).copied().unwrap_or(0) >= 3, "{drops:?}");
+    assert_eq!(drops.get(&DropReason::MacFailed), None, "{drops:?}");
+    // Good state survives: new traffic still flows.
+    net.nodes[1]
+        .0
+        .send(
+            net.now,
+            a.address(),
+            b.address(),
+            Verb::USER_MESSAGE,
+            b"twice",
+        )
+        .unwrap();
+    net.step(1000);
+    assert_eq!(net.user_messages(2).len(), 2);
+}
+
+#[test]
+fn roots_push_newer_planets_and_badly_signed_ones_are_counted_drops() {
+    let (r, r2, a) = (new_id(), new_id(), new_id());
+    let (pk, sk) = generate_key_pair().unwrap();
+    let root = |id: &Identity, ep: &str| Root {
+        identity: id.to_public(),
+        stable_endpoints: vec![sa(ep)],
+    };
+    let old = World::create(
+        WorldType::Planet,
+        77,
+        1000,
+        pk,
+        vec![root(&r, "10.0.0.1:9993")],
+        &sk,
+    )
+    .unwrap();
+    let newer = World::create(
+        WorldType::Planet,
+        77,
+        2000,
+        pk,
+        vec![root(&r, "10.0.0.1:9993"), root(&r2, "10.0.0.2:9993")],
+        &sk,
+    )
+    .unwrap();
+    let (other_pk, other_sk) = generate_key_pair().unwrap();
+    let forged = World::create(
+        WorldType::Planet,
+        77,
+        3000,
+        other_pk,
+        vec![root(&r2, "10.0.0.2:9993")],
+        &other_sk,
+    )
+    .unwrap();
+
+    // A root serving the forged planet: the leaf counts it and keeps its own.
+    let mut net = Net::new(vec![
+        leaf(&forged, &r, "10.0.0.1:9993"),
+        leaf(&old, &a, "10.0.2.2:9993"),
+    ]);
+    net.step(2000);
+    assert!(net.nodes[1].0.drop_count(DropReason::BadWorld) >= 1);
+    assert!(
+        !net.events
+            .iter()
+            .any(|(_, e)| matches!(e, Event::PlanetUpdated { .. }))
+    );
+    assert!(!net.nodes[1].0.knows_peer(a.address(), r2.address()));
+
+    // A root serving a properly signed newer planet: the leaf takes it and its new root.
+    let mut net = Net::new(vec![
+        leaf(&newer, &r, "10.0.0.1:9993"),
+        leaf(&old, &a, "10.0.2.2:9993"),
+    ]);
+    net.step(2000);
+    assert!(net.events.iter().any(|(i, e)| *i == 1
+        && *e
+            == Event::PlanetUpdated {
+                planet: newer.clone()
+            }));
+    assert!(net.nodes[1].0.knows_peer(a.address(), r2.address()));
+    assert_eq!(net.nodes[1].0.drop_count(DropReason::BadWorld), 0);
 }
