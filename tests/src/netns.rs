@@ -400,16 +400,20 @@ pub fn harness_namespaces() -> Vec<String> {
     names
 }
 
+/// Whether the process that created harness namespace `ns` (`fw-<pid>-...`) still runs.
+pub fn owner_alive(ns: &str) -> bool {
+    ns.strip_prefix(NS_PREFIX)
+        .and_then(|rest| rest.split('-').next())
+        .and_then(|pid| pid.parse::<u32>().ok())
+        .is_some_and(alive)
+}
+
 /// Deletes harness namespaces whose creating process is gone (left by killed runs).
 /// Returns the names it removed.
 pub fn sweep_stale() -> Result<Vec<String>, HarnessError> {
     let mut removed = Vec::new();
     for ns in harness_namespaces() {
-        let owner = ns
-            .strip_prefix(NS_PREFIX)
-            .and_then(|rest| rest.split('-').next())
-            .and_then(|pid| pid.parse::<u32>().ok());
-        if owner.is_some_and(alive) {
+        if owner_alive(&ns) {
             continue;
         }
         delete_namespace(&ns)?;

@@ -472,7 +472,10 @@ fn replayed_and_duplicated_packets_are_dropped_and_counted() {
     // Every replayed packet that reached the checks is a counted duplicate (the HELLO, the
     // root's OK and the message at least); nothing else was dropped for being odd.
     let drops = net.nodes[2].0.drops().clone();
-    assert!(drops.get(&DropReason::Duplicate).copied().unwrap_or(0) >= 3, "{drops:?}");
+    assert!(
+        drops.get(&DropReason::Duplicate).copied().unwrap_or(0) >= 3,
+        "{drops:?}"
+    );
     assert_eq!(drops.get(&DropReason::MacFailed), None, "{drops:?}");
     // Good state survives: new traffic still flows.
     net.nodes[1]

@@ -77,8 +77,8 @@ fn memory_store_bumps_revisions() {
 #[test]
 fn file_store_bumps_revisions_and_writes_controller_d_layout() {
     let dir = tempfile::tempdir().unwrap();
-    exercise(&mut FileStore::new(dir.path()));
-    let mut s = FileStore::new(dir.path());
+    exercise(&mut FileStore::open(dir.path()).unwrap());
+    let mut s = FileStore::open(dir.path()).unwrap();
     let nwid: NetworkId = "e6acfe87fc3adaf6".parse().unwrap();
     let mut n = Network::new(nwid, 5);
     s.put_network(&mut n).unwrap();

@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::zt_one;
+use common::{ident, zt_one};
 use flatwire_vl1::{Address, Identity};
 use flatwire_vl2::NetworkId;
 use flatwire_vl2::controller::{
@@ -11,34 +11,18 @@ use flatwire_vl2::controller::{
 };
 use flatwire_vl2::dictionary::Dictionary;
 use flatwire_vl2::netconf::NetworkConfig;
+use flatwire_vl2::verbs::{SoftwareVersion, request_metadata};
 
-fn ident(file: &str) -> Identity {
-    String::from_utf8(zt_one(file))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap()
-}
-
+/// What a 1.14.1 node sends (without the platform key).
 fn metadata() -> Dictionary {
-    let mut d = Dictionary::new();
-    for (k, v) in [
-        ("v", 7),
-        ("vend", 1),
-        ("pv", 12),
-        ("majv", 1),
-        ("minv", 14),
-        ("revv", 1),
-        ("mr", 1024),
-        ("mc", 128),
-        ("mcr", 64),
-        ("mt", 128),
-        ("f", 0),
-        ("revr", 1),
-    ] {
-        d.add_u64(k, v);
-    }
-    d
+    request_metadata(
+        SoftwareVersion {
+            major: 1,
+            minor: 14,
+            revision: 1,
+        },
+        None,
+    )
 }
 
 fn lab() -> (Controller<MemoryStore>, Identity, Identity, NetworkId) {

@@ -3,8 +3,7 @@
 
 mod common;
 
-use common::{s, unhex, vl2, zt_one};
-use flatwire_vl1::Identity;
+use common::{ident, s, unhex, vl2, zt_one};
 use flatwire_vl2::NetworkId;
 use flatwire_vl2::credentials::{Revocation, Tag};
 use flatwire_vl2::verbs::{
@@ -19,14 +18,6 @@ fn captured(verb: &str) -> Vec<(String, Vec<u8>)> {
         .filter(|j| j["verb"].as_str() == Some(verb))
         .map(|j| (s(&j, "source").to_owned(), unhex(s(&j, "payload_hex"))))
         .collect()
-}
-
-fn ident(file: &str) -> Identity {
-    String::from_utf8(zt_one(file))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap()
 }
 
 const V1_14_1: SoftwareVersion = SoftwareVersion {

@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use flatwire_tests::netns::{NS_PREFIX, harness_namespaces};
+use flatwire_tests::netns::{NS_PREFIX, harness_namespaces, owner_alive};
 
 use crate::table::Table;
 
@@ -77,7 +77,7 @@ pub fn run(args: &Args) -> Result<()> {
             .map(|()| "no warnings".into())
         });
     }
-    let before = watched_processes();
+    let before = orphaned_processes();
     let mut counts = Counts::default();
     step("cargo test", &mut || {
         counts = cargo_test(&args.cargo_test_args)?;
@@ -188,6 +188,22 @@ const WATCHED: &[&str] = &[
     "zerotier-one",
 ];
 
+/// Running processes of the watched binaries that have been orphaned (re-parented to PID 1):
+/// what a test that forgot to end its children leaves. Children of a run still in progress
+/// (say, another checkout's tests) keep their parent and are not counted.
+fn orphaned_processes() -> BTreeSet<(u32, String)> {
+    watched_processes()
+        .into_iter()
+        .filter(|(pid, _)| parent_pid(*pid) == Some(1))
+        .collect()
+}
+
+fn parent_pid(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
 /// PIDs of running processes of the watched binaries.
 fn watched_processes() -> BTreeSet<(u32, String)> {
     let Ok(dir) = std::fs::read_dir("/proc") else {
@@ -203,10 +219,14 @@ fn watched_processes() -> BTreeSet<(u32, String)> {
         .collect()
 }
 
-/// Fails if the run left harness namespaces, their mounts, or new watched processes.
+/// Fails if the run left harness namespaces (whose creating process is gone), their mounts,
+/// or new orphaned watched processes.
 fn leftovers(before: &BTreeSet<(u32, String)>) -> Result<String> {
     let mut problems = Vec::new();
-    let namespaces = harness_namespaces();
+    let namespaces: Vec<String> = harness_namespaces()
+        .into_iter()
+        .filter(|ns| !owner_alive(ns))
+        .collect();
     if !namespaces.is_empty() {
         problems.push(format!("namespaces left: {}", namespaces.join(" ")));
     }
@@ -218,13 +238,13 @@ fn leftovers(before: &BTreeSet<(u32, String)>) -> Result<String> {
             Path::new(m)
                 .file_name()
                 .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with(NS_PREFIX))
+                .is_some_and(|n| n.starts_with(NS_PREFIX) && !owner_alive(n))
         })
         .collect();
     if !ns_mounts.is_empty() {
         problems.push(format!("netns mounts left: {}", ns_mounts.join(" ")));
     }
-    let leaked: Vec<String> = watched_processes()
+    let leaked: Vec<String> = orphaned_processes()
         .difference(before)
         .map(|(pid, name)| format!("{name} (pid {pid})"))
         .collect();

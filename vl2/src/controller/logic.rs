@@ -7,6 +7,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use flatwire_vl1::{Address, Identity};
 use serde_json::Value;
 
+use super::index::member_ips;
 use super::{ControllerStore, Member, Network, StoreError};
 use crate::NetworkId;
 use crate::credentials::{
@@ -91,7 +92,7 @@ pub struct Controller<S: ControllerStore> {
     last_request: HashMap<(NetworkId, Address), i64>,
 }
 
-fn parse_cidr(s: &str) -> Option<(IpAddr, u16)> {
+pub(super) fn parse_cidr(s: &str) -> Option<(IpAddr, u16)> {
     let (ip, bits) = s.split_once('/')?;
     let ip: IpAddr = ip.trim().parse().ok()?;
     let bits: u16 = bits.trim().parse().ok()?;
@@ -299,22 +300,13 @@ impl<S: ControllerStore> Controller<S> {
             mtu: network.mtu.clamp(1280, 10000) as u32,
             ..NetworkConfig::default()
         };
-        // Specialists: every active bridge of the network.
-        let mut bridges = Vec::new();
-        for a in self.store.list_members(nwid)? {
-            let m = if a == who {
-                Some(member.clone())
-            } else {
-                self.store.get_member(nwid, a)?
-            };
-            if m.is_some_and(|m| m.active_bridge) {
-                bridges.push(a);
-            }
-        }
-        if member.active_bridge && !bridges.contains(&who) {
+        // Specialists: every active bridge of the network (the requester as it is now).
+        let mut bridges = self.store.active_bridges(nwid)?;
+        bridges.retain(|a| *a != who);
+        if member.active_bridge {
             bridges.push(who);
+            bridges.sort();
         }
-        bridges.sort();
         cfg.specialists = bridges
             .iter()
             .map(|a| SPECIALIST_ACTIVE_BRIDGE | a.to_u64())
@@ -426,21 +418,16 @@ impl<S: ControllerStore> Controller<S> {
         }
         let want6 = network.v6_assign_mode.zt && !have6;
         let want4 = network.v4_assign_mode.zt && !have4;
-        // Listing every member's IPs is O(members): only do it when something is assigned.
         if !member.no_auto_assign_ips && (want4 || want6) {
-            let allocated = self.allocated(nwid, who)?;
-            if network.v6_assign_mode.zt
-                && !have6
-                && let Some((ip, bits)) =
-                    self.pick_v6(network, &cfg, who, &allocated, member, random)
+            // Taken by another member: one index lookup per candidate.
+            let store = &self.store;
+            let taken = |ip: IpAddr| store.ip_assigned(nwid, ip, who);
+            if want6 && let Some((ip, bits)) = pick_v6(network, &cfg, who, &taken, member, random)?
             {
                 member.ip_assignments.push(ip.to_string());
                 cfg.static_ips.push(InetAddress::new(IpAddr::V6(ip), bits));
             }
-            if network.v4_assign_mode.zt
-                && !have4
-                && let Some((ip, bits)) = pick_v4(network, &cfg, who, &allocated, member)
-            {
+            if want4 && let Some((ip, bits)) = pick_v4(network, &cfg, who, &taken, member)? {
                 member.ip_assignments.push(ip.to_string());
                 cfg.static_ips.push(InetAddress::new(IpAddr::V4(ip), bits));
             }
@@ -488,80 +475,6 @@ impl<S: ControllerStore> Controller<S> {
         Ok(cfg)
     }
 
-    fn allocated(&self, nwid: NetworkId, except: Address) -> Result<Vec<IpAddr>, StoreError> {
-        let mut out = Vec::new();
-        for a in self.store.list_members(nwid)? {
-            if a == except {
-                continue;
-            }
-            if let Some(m) = self.store.get_member(nwid, a)? {
-                out.extend(
-                    m.ip_assignments
-                        .iter()
-                        .filter_map(|s| s.parse::<IpAddr>().ok()),
-                );
-            }
-        }
-        Ok(out)
-    }
-
-    fn pick_v6(
-        &self,
-        network: &Network,
-        cfg: &NetworkConfig,
-        who: Address,
-        allocated: &[IpAddr],
-        member: &Member,
-        random: &mut dyn FnMut() -> u64,
-    ) -> Option<(Ipv6Addr, u16)> {
-        let mine: Vec<IpAddr> = member
-            .ip_assignments
-            .iter()
-            .filter_map(|s| s.parse().ok())
-            .collect();
-        for pool in &network.ip_assignment_pools {
-            let (Ok(s), Ok(e)) = (
-                pool.ip_range_start.parse::<Ipv6Addr>(),
-                pool.ip_range_end.parse::<Ipv6Addr>(),
-            ) else {
-                continue;
-            };
-            let (s, e) = (u128::from(s), u128::from(e));
-            let (shi, slo, ehi, elo) = ((s >> 64) as u64, s as u64, (e >> 64) as u64, e as u64);
-            for trial in 0..1000 {
-                let (hi, lo) = if trial == 0 && elo > slo && elo - slo >= 0xff_ffff_ffff {
-                    (shi, slo.wrapping_add(who.to_u64()))
-                } else {
-                    let (rh, rl) = (random(), random());
-                    (
-                        if ehi > shi {
-                            shi.wrapping_add(rh % (ehi - shi))
-                        } else {
-                            shi
-                        },
-                        if elo > slo {
-                            slo.wrapping_add(rl % (elo - slo))
-                        } else {
-                            slo
-                        },
-                    )
-                };
-                let ip = Ipv6Addr::from((u128::from(hi) << 64) | u128::from(lo));
-                let route = cfg.routes.iter().rfind(|r| {
-                    r.via.is_none() && in_prefix(IpAddr::V6(ip), r.target.ip, r.target.port)
-                });
-                if let Some(r) = route
-                    && r.target.port > 0
-                    && !allocated.contains(&IpAddr::V6(ip))
-                    && !mine.contains(&IpAddr::V6(ip))
-                {
-                    return Some((ip, r.target.port));
-                }
-            }
-        }
-        None
-    }
-
     /// A signed revocation of `member`'s COM, to send when it is de-authorized (§14.7).
     pub fn revoke(
         &self,
@@ -584,25 +497,74 @@ impl<S: ControllerStore> Controller<S> {
     }
 }
 
+/// Whether a member other than the requester holds an address.
+type Taken<'a> = dyn Fn(IpAddr) -> Result<bool, StoreError> + 'a;
+
+/// The pools of `network` whose ends both parse as `T`, as `(start, end)`.
+fn pools<T: std::str::FromStr>(network: &Network) -> impl Iterator<Item = (T, T)> + '_ {
+    network
+        .ip_assignment_pools
+        .iter()
+        .filter_map(|p| Some((p.ip_range_start.parse().ok()?, p.ip_range_end.parse().ok()?)))
+}
+
+fn pick_v6(
+    network: &Network,
+    cfg: &NetworkConfig,
+    who: Address,
+    taken: &Taken<'_>,
+    member: &Member,
+    random: &mut dyn FnMut() -> u64,
+) -> Result<Option<(Ipv6Addr, u16)>, StoreError> {
+    let mine: Vec<IpAddr> = member_ips(member).collect();
+    for (s, e) in pools::<Ipv6Addr>(network) {
+        let (s, e) = (u128::from(s), u128::from(e));
+        let (shi, slo, ehi, elo) = ((s >> 64) as u64, s as u64, (e >> 64) as u64, e as u64);
+        for trial in 0..1000 {
+            let (hi, lo) = if trial == 0 && elo > slo && elo - slo >= 0xff_ffff_ffff {
+                (shi, slo.wrapping_add(who.to_u64()))
+            } else {
+                let (rh, rl) = (random(), random());
+                (
+                    if ehi > shi {
+                        shi.wrapping_add(rh % (ehi - shi))
+                    } else {
+                        shi
+                    },
+                    if elo > slo {
+                        slo.wrapping_add(rl % (elo - slo))
+                    } else {
+                        slo
+                    },
+                )
+            };
+            let ip = IpAddr::V6(Ipv6Addr::from((u128::from(hi) << 64) | u128::from(lo)));
+            let route = cfg
+                .routes
+                .iter()
+                .rfind(|r| r.via.is_none() && in_prefix(ip, r.target.ip, r.target.port));
+            if let Some(r) = route
+                && r.target.port > 0
+                && !mine.contains(&ip)
+                && !taken(ip)?
+                && let IpAddr::V6(v6) = ip
+            {
+                return Ok(Some((v6, r.target.port)));
+            }
+        }
+    }
+    Ok(None)
+}
+
 fn pick_v4(
     network: &Network,
     cfg: &NetworkConfig,
     who: Address,
-    allocated: &[IpAddr],
+    taken: &Taken<'_>,
     member: &Member,
-) -> Option<(Ipv4Addr, u16)> {
-    let mine: Vec<IpAddr> = member
-        .ip_assignments
-        .iter()
-        .filter_map(|s| s.parse().ok())
-        .collect();
-    for pool in &network.ip_assignment_pools {
-        let (Ok(s), Ok(e)) = (
-            pool.ip_range_start.parse::<Ipv4Addr>(),
-            pool.ip_range_end.parse::<Ipv4Addr>(),
-        ) else {
-            continue;
-        };
+) -> Result<Option<(Ipv4Addr, u16)>, StoreError> {
+    let mine: Vec<IpAddr> = member_ips(member).collect();
+    for (s, e) in pools::<Ipv4Addr>(network) {
         let (s, e) = (u32::from(s), u32::from(e));
         if s == 0 || s > e {
             continue;
@@ -627,14 +589,14 @@ fn pick_v4(
             });
             if let Some(r) = route
                 && r.target.port > 0
-                && !allocated.contains(&ip)
                 && !mine.contains(&ip)
+                && !taken(ip)?
             {
-                return Some((Ipv4Addr::from(cand), r.target.port));
+                return Ok(Some((Ipv4Addr::from(cand), r.target.port)));
             }
         }
     }
-    None
+    Ok(None)
 }
 
 /// The VL1 payloads delivering `cfg`: with `request_packet_id` each signed chunk is an

@@ -1,8 +1,9 @@
 //! The network controller's object model (network and member JSON as ZeroTier's
 //! controller API and `controller.d` files have them) and its storage.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use flatwire_vl1::Address;
@@ -11,7 +12,11 @@ use serde_json::Value;
 
 use crate::NetworkId;
 
+mod api;
+mod index;
 mod logic;
+pub use api::{ApiError, MAX_BODY, MAX_MEMBER_IPS, MAX_NETWORK_ITEMS, MAX_V4_POOL, PoolProblem};
+use index::{MemberIndex, member_ips};
 pub use logic::{
     Controller, ControllerError, MemberAuthorizer, RequestOutcome, RequestRefusal, config_payloads,
     refusal_payload,
@@ -403,6 +408,36 @@ pub trait ControllerStore {
     fn delete_member(&mut self, nwid: NetworkId, a: Address) -> Result<Option<Member>, StoreError>;
     /// Members of a network, sorted by address.
     fn list_members(&self, nwid: NetworkId) -> Result<Vec<Address>, StoreError>;
+    /// The members of a network with `activeBridge` set, sorted by address. The default
+    /// reads every member; [`MemoryStore`] and [`FileStore`] answer from an index.
+    fn active_bridges(&self, nwid: NetworkId) -> Result<Vec<Address>, StoreError> {
+        let mut out = Vec::new();
+        for a in self.list_members(nwid)? {
+            if self.get_member(nwid, a)?.is_some_and(|m| m.active_bridge) {
+                out.push(a);
+            }
+        }
+        Ok(out)
+    }
+    /// Whether a member of the network other than `except` has `ip` in its
+    /// `ipAssignments`. The default reads every member; [`MemoryStore`] and
+    /// [`FileStore`] answer from an index.
+    fn ip_assigned(
+        &self,
+        nwid: NetworkId,
+        ip: IpAddr,
+        except: Address,
+    ) -> Result<bool, StoreError> {
+        for a in self.list_members(nwid)? {
+            if a != except
+                && let Some(m) = self.get_member(nwid, a)?
+                && member_ips(&m).any(|x| x == ip)
+            {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
 }
 
 fn bump<T: Clone + PartialEq>(
@@ -449,6 +484,7 @@ fn parse_addr(s: &str) -> Result<Address, StoreError> {
 pub struct MemoryStore {
     networks: BTreeMap<NetworkId, Network>,
     members: BTreeMap<(NetworkId, Address), Member>,
+    index: MemberIndex,
 }
 
 impl ControllerStore for MemoryStore {
@@ -465,6 +501,7 @@ impl ControllerStore for MemoryStore {
     }
     fn delete_network(&mut self, nwid: NetworkId) -> Result<Option<Network>, StoreError> {
         self.members.retain(|(n, _), _| *n != nwid);
+        self.index.remove_network(nwid);
         Ok(self.networks.remove(&nwid))
     }
     fn list_networks(&self) -> Result<Vec<NetworkId>, StoreError> {
@@ -477,12 +514,15 @@ impl ControllerStore for MemoryStore {
         let key = (parse_nwid(&m.nwid)?, parse_addr(&m.id)?);
         let changed = bump(self.members.get(&key), m, |x| &mut x.revision);
         if changed {
-            self.members.insert(key, m.clone());
+            let old = self.members.insert(key, m.clone());
+            self.index.update(key.0, key.1, old.as_ref(), Some(m));
         }
         Ok(changed)
     }
     fn delete_member(&mut self, nwid: NetworkId, a: Address) -> Result<Option<Member>, StoreError> {
-        Ok(self.members.remove(&(nwid, a)))
+        let old = self.members.remove(&(nwid, a));
+        self.index.update(nwid, a, old.as_ref(), None);
+        Ok(old)
     }
     fn list_members(&self, nwid: NetworkId) -> Result<Vec<Address>, StoreError> {
         Ok(self
@@ -492,20 +532,67 @@ impl ControllerStore for MemoryStore {
             .map(|(_, a)| *a)
             .collect())
     }
+    fn active_bridges(&self, nwid: NetworkId) -> Result<Vec<Address>, StoreError> {
+        Ok(self.index.active_bridges(nwid))
+    }
+    fn ip_assigned(
+        &self,
+        nwid: NetworkId,
+        ip: IpAddr,
+        except: Address,
+    ) -> Result<bool, StoreError> {
+        Ok(self.index.ip_assigned(nwid, ip, except))
+    }
 }
 
 /// A store of one JSON file per object, laid out like ZeroTier's `controller.d`:
 /// `network/<nwid>.json` and `network/<nwid>/member/<address>.json`.
-/// Writes go to a temporary file that is synced and renamed over the target.
-#[derive(Clone, Debug)]
+/// Writes go to a temporary file that is synced and renamed over the target, so a
+/// crash leaves either the old or the new object (and perhaps a `.*.tmp` file, which
+/// is ignored and overwritten by the next write of that object).
+///
+/// Active bridges and assigned IPs are indexed in memory, built when the store opens:
+/// files changed behind an open store's back are not seen by the index until it
+/// is opened again.
+#[derive(Debug)]
 pub struct FileStore {
     root: PathBuf,
+    index: MemberIndex,
 }
 
 impl FileStore {
-    /// Uses `root` (created on first write).
-    pub fn new(root: impl Into<PathBuf>) -> Self {
-        Self { root: root.into() }
+    /// Opens the store at `root` (created on first write) and indexes its members.
+    /// Fails if a member file does not parse.
+    pub fn open(root: impl Into<PathBuf>) -> Result<Self, StoreError> {
+        let mut s = Self {
+            root: root.into(),
+            index: MemberIndex::default(),
+        };
+        // Every network with a member directory, with or without its network file,
+        // as `list_members` and `get_member` see them.
+        let mut nets: BTreeSet<NetworkId> = s.list_networks()?.into_iter().collect();
+        match std::fs::read_dir(s.root.join("network")) {
+            Ok(rd) => {
+                for e in rd {
+                    let e = e?;
+                    if e.file_type()?.is_dir()
+                        && let Ok(n) = e.file_name().to_string_lossy().parse()
+                    {
+                        nets.insert(n);
+                    }
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e.into()),
+        }
+        for nwid in nets {
+            for a in s.list_members(nwid)? {
+                if let Some(m) = s.get_member(nwid, a)? {
+                    s.index.update(nwid, a, None, Some(&m));
+                }
+            }
+        }
+        Ok(s)
     }
 
     fn network_path(&self, nwid: NetworkId) -> PathBuf {
@@ -587,11 +674,14 @@ impl ControllerStore for FileStore {
     fn delete_network(&mut self, nwid: NetworkId) -> Result<Option<Network>, StoreError> {
         let old = self.get_network(nwid)?;
         if old.is_some() {
-            std::fs::remove_file(self.network_path(nwid))?;
+            // Members first: a crash in between leaves a network to delete again,
+            // never members that a re-created network would inherit.
             let dir = self.root.join("network").join(nwid.to_string());
             if dir.exists() {
                 std::fs::remove_dir_all(dir)?;
             }
+            self.index.remove_network(nwid);
+            std::fs::remove_file(self.network_path(nwid))?;
         }
         Ok(old)
     }
@@ -610,6 +700,7 @@ impl ControllerStore for FileStore {
         let changed = bump(stored.as_ref(), m, |x| &mut x.revision);
         if changed {
             Self::write_atomic(&self.member_path(n, a), to_canonical_json(m)?.as_bytes())?;
+            self.index.update(n, a, stored.as_ref(), Some(m));
         }
         Ok(changed)
     }
@@ -617,6 +708,7 @@ impl ControllerStore for FileStore {
         let old = self.get_member(nwid, a)?;
         if old.is_some() {
             std::fs::remove_file(self.member_path(nwid, a))?;
+            self.index.update(nwid, a, old.as_ref(), None);
         }
         Ok(old)
     }
@@ -625,5 +717,16 @@ impl ControllerStore for FileStore {
             .iter()
             .filter_map(|s| s.parse().ok())
             .collect())
+    }
+    fn active_bridges(&self, nwid: NetworkId) -> Result<Vec<Address>, StoreError> {
+        Ok(self.index.active_bridges(nwid))
+    }
+    fn ip_assigned(
+        &self,
+        nwid: NetworkId,
+        ip: IpAddr,
+        except: Address,
+    ) -> Result<bool, StoreError> {
+        Ok(self.index.ip_assigned(nwid, ip, except))
     }
 }

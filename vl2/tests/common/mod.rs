@@ -23,6 +23,15 @@ pub fn zt_one(rel: &str) -> Vec<u8> {
     std::fs::read(&path).unwrap_or_else(|e| panic!("vector file {path} is required: {e}"))
 }
 
+/// An identity (public or secret) from a file under `shared/spec/vectors/zt-one/`.
+pub fn ident(file: &str) -> flatwire_vl1::Identity {
+    String::from_utf8(zt_one(file))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
 /// Hex to bytes.
 pub fn unhex(s: &str) -> Vec<u8> {
     hex::decode(s).expect("hex")
