@@ -1,6 +1,7 @@
 //! flatwire's test harness: the real tools at pinned versions ([`tools`]), topologies of
 //! network namespaces ([`netns`]), a real etcd + kube-apiserver ([`controlplane`]) and
-//! process guards that end what a test started by PID ([`process`]).
+//! process guards that end what a test started by PID ([`process`]), and a lab for interop
+//! with a real ZeroTier One ([`ztlab`]).
 //!
 //! Every end-to-end test and the demo build on this crate.
 
@@ -8,6 +9,7 @@ pub mod controlplane;
 pub mod netns;
 pub mod process;
 pub mod tools;
+pub mod ztlab;
 
 use std::path::PathBuf;
 

@@ -20,48 +20,24 @@
 //! USER_MESSAGEs over it. ZeroTier One is checked to bind only UDP 9993 on its namespace
 //! address and to know no root but ours.
 
-use std::io::Write;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::AtomicBool;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use flatwire_tests::netns::{Host, Topology};
+use flatwire_tests::ztlab::{
+    self, FwNode, ZtNode, ZtOptions, hex, now_ms, read, tail, wait_for, zt_bin,
+};
 use flatwire_vl1::identity::generate_key_pair;
 use flatwire_vl1::{Identity, Root, World, WorldType};
 
 const PLANET_ID: u64 = 0x466c_6174_7769_7265; // "Flatwire"
 const SKIP: &str = "SKIPPED: set FLATWIRE_ZT_ONE_BIN to a zerotier-one binary to run the ZeroTier One interop test";
 
-fn zt_bin() -> Option<PathBuf> {
-    std::env::var_os("FLATWIRE_ZT_ONE_BIN").map(PathBuf::from)
-}
-
 /// Builds the `vl1-node` example and returns its path.
-fn example_bin() -> PathBuf {
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let workspace = manifest.parent().expect("workspace root");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(cargo)
-        .current_dir(workspace)
-        .args(["build", "-p", "flatwire-vl1", "--example", "vl1-node"])
-        .status()
-        .expect("run cargo build");
-    assert!(status.success(), "cargo build --example vl1-node failed");
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .map(|p| {
-            if p.is_relative() {
-                workspace.join(p)
-            } else {
-                p
-            }
-        })
-        .unwrap_or_else(|| workspace.join("target"));
-    let bin = target.join("debug/examples/vl1-node");
-    assert!(bin.exists(), "{} missing after build", bin.display());
-    bin
+fn example_bin() -> std::path::PathBuf {
+    ztlab::build_example("flatwire-vl1", "vl1-node")
 }
 
 /// The "update" Z distributes: 6000 incompressible bytes, so a chunk of it is a USER_MESSAGE
@@ -78,302 +54,88 @@ fn dist_payload() -> Vec<u8> {
         .collect()
 }
 
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 fn generate() -> Identity {
     Identity::generate(&AtomicBool::new(false)).expect("generate identity")
 }
 
-/// Polls `f` until it returns `Some` or `secs` pass; panics with `what` and `diag()`.
-fn wait_for<T>(
-    what: &str,
-    secs: u64,
-    diag: impl Fn() -> String,
-    mut f: impl FnMut() -> Option<T>,
-) -> T {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        if Instant::now() >= deadline {
-            panic!("timed out after {secs} s waiting for: {what}\n{}", diag());
-        }
-        std::thread::sleep(Duration::from_millis(200));
+/// Starts `vl1-node` bound to `bind` with `planet` (as a root with `root`).
+#[allow(clippy::too_many_arguments)]
+fn start_fw(
+    t: &mut Topology,
+    host: &Host,
+    bin: &Path,
+    dir: &Path,
+    bind: &str,
+    planet: &Path,
+    root: bool,
+    extra: &[String],
+) -> FwNode {
+    let mut args = vec![
+        "--bind".to_owned(),
+        bind.to_owned(),
+        "--planet".to_owned(),
+        planet.display().to_string(),
+    ];
+    if root {
+        args.push("--root".to_owned());
     }
+    args.extend_from_slice(extra);
+    FwNode::start(t, host, bin, dir, &args)
 }
 
-fn read(path: &Path) -> String {
-    std::fs::read_to_string(path).unwrap_or_default()
+/// The last value of `key=` on a `stats` line of `node`.
+fn stat(node: &FwNode, key: &str) -> u64 {
+    node.lines()
+        .iter()
+        .rfind(|l| l.starts_with("stats "))
+        .and_then(|l| FwNode::field(l, key).and_then(|v| v.parse().ok()))
+        .unwrap_or(0)
 }
 
-fn tail(path: &Path, n: usize) -> String {
-    let text = read(path);
-    let lines: Vec<&str> = text.lines().collect();
-    format!(
-        "--- {} (last {n} lines)\n{}",
-        path.display(),
-        lines[lines.len().saturating_sub(n)..].join("\n")
+/// Starts ZeroTier One as a software-update distributor of [`dist_payload`] (so that a
+/// GET_LATEST USER_MESSAGE gets a LATEST reply), bound only to `ip`.
+#[allow(clippy::too_many_arguments)]
+fn start_zt(
+    t: &mut Topology,
+    host: &Host,
+    bin: &Path,
+    home: &Path,
+    ip: &str,
+    planet: &[u8],
+    identity: Option<&Identity>,
+    physical: serde_json::Value,
+) -> ZtNode {
+    let dist = home.join("update-dist.d");
+    std::fs::create_dir_all(&dist).unwrap();
+    let bin_path = dist.join("flatwire-interop.bin");
+    std::fs::write(&bin_path, dist_payload()).unwrap();
+    let sha = Command::new("sha512sum").arg(&bin_path).output().unwrap();
+    let hash = String::from_utf8_lossy(&sha.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    assert_eq!(hash.len(), 128, "sha512sum output");
+    let meta = serde_json::json!({
+        "vMajor": 99, "vMinor": 0, "vRev": 0, "vBuild": 0,
+        "platform": 1, "arch": 2, "vendor": 0,
+        "channel": "flatwire-interop", "signer": "flatwire-interop-signer",
+        "hash": hash
+    });
+    std::fs::write(dist.join("flatwire-interop.bin.json"), meta.to_string()).unwrap();
+    ZtNode::start(
+        t,
+        host,
+        bin,
+        home,
+        ip,
+        planet,
+        ZtOptions {
+            identity: identity.map(|id| (id.to_secret_string().unwrap(), id.to_string())),
+            physical,
+            settings: serde_json::json!({ "softwareUpdateDist": true }),
+        },
     )
-}
-
-/// A `vl1-node` process and its stdout log.
-struct FwNode {
-    log: PathBuf,
-    commands: PathBuf,
-    address: String,
-}
-
-impl FwNode {
-    #[allow(clippy::too_many_arguments)]
-    fn start(
-        t: &mut Topology,
-        host: &Host,
-        bin: &Path,
-        dir: &Path,
-        bind: &str,
-        planet: &Path,
-        root: bool,
-        extra: &[String],
-    ) -> FwNode {
-        std::fs::create_dir_all(dir).unwrap();
-        let log = dir.join("node.log");
-        let commands = dir.join("commands");
-        std::fs::write(&commands, "").unwrap();
-        let mut cmd = format!(
-            "exec {} --identity {} --bind {bind} --planet {} --commands {}",
-            bin.display(),
-            dir.join("identity.secret").display(),
-            planet.display(),
-            commands.display()
-        );
-        if root {
-            cmd.push_str(" --root");
-        }
-        for x in extra {
-            cmd.push(' ');
-            cmd.push_str(x);
-        }
-        cmd.push_str(&format!(" >{} 2>&1", log.display()));
-        t.spawn(host, "sh", &["-c", &cmd]).unwrap();
-        let address = wait_for(
-            "vl1-node prints its address",
-            30,
-            || tail(&log, 20),
-            || {
-                read(&log)
-                    .lines()
-                    .find_map(|l| l.strip_prefix("address ").map(str::to_owned))
-            },
-        );
-        FwNode {
-            log,
-            commands,
-            address,
-        }
-    }
-
-    fn command(&self, line: &str) {
-        let mut f = std::fs::OpenOptions::new()
-            .append(true)
-            .open(&self.commands)
-            .unwrap();
-        writeln!(f, "{line}").unwrap();
-    }
-
-    /// Waits for a log line that starts with `prefix` and contains every one of `parts`.
-    fn wait_line(&self, what: &str, secs: u64, prefix: &str, parts: &[&str]) -> String {
-        wait_for(
-            what,
-            secs,
-            || tail(&self.log, 40),
-            || {
-                read(&self.log)
-                    .lines()
-                    .find(|l| l.starts_with(prefix) && parts.iter().all(|p| l.contains(p)))
-                    .map(str::to_owned)
-            },
-        )
-    }
-
-    /// The last value of `key=` on a `stats` line.
-    fn stat(&self, key: &str) -> u64 {
-        read(&self.log)
-            .lines()
-            .rfind(|l| l.starts_with("stats "))
-            .and_then(|l| {
-                l.split_whitespace()
-                    .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
-                    .and_then(|v| v.parse().ok())
-            })
-            .unwrap_or(0)
-    }
-}
-
-/// A `zerotier-one` process with its home directory.
-struct ZtNode {
-    host: Host,
-    home: PathBuf,
-    bin: PathBuf,
-    address: String,
-}
-
-impl ZtNode {
-    /// Starts ZeroTier One with our planet, bound only to `ip` in its namespace. With
-    /// `identity`, that identity is used (written as identity.secret/.public); otherwise
-    /// ZeroTier One generates its own. `physical` is local.conf's `physical` object.
-    #[allow(clippy::too_many_arguments)]
-    fn start(
-        t: &mut Topology,
-        host: &Host,
-        bin: &Path,
-        home: &Path,
-        ip: &str,
-        planet: &[u8],
-        identity: Option<&Identity>,
-        physical: serde_json::Value,
-    ) -> ZtNode {
-        std::fs::create_dir_all(home).unwrap();
-        std::fs::write(home.join("planet"), planet).unwrap();
-        let conf = serde_json::json!({
-            "physical": physical,
-            "settings": {
-                "primaryPort": 9993,
-                "portMappingEnabled": false,
-                "allowTcpFallbackRelay": false,
-                "allowSecondaryPort": false,
-                "bind": [ip],
-                "softwareUpdate": "disable",
-                "softwareUpdateDist": true,
-                "allowManagementFrom": ["127.0.0.1/32"]
-            }
-        });
-        std::fs::write(home.join("local.conf"), conf.to_string()).unwrap();
-        // A distributable "update" so that a GET_LATEST USER_MESSAGE gets a LATEST reply.
-        let dist = home.join("update-dist.d");
-        std::fs::create_dir_all(&dist).unwrap();
-        let bin_path = dist.join("flatwire-interop.bin");
-        std::fs::write(&bin_path, dist_payload()).unwrap();
-        let sha = Command::new("sha512sum").arg(&bin_path).output().unwrap();
-        let hash = String::from_utf8_lossy(&sha.stdout)
-            .split_whitespace()
-            .next()
-            .unwrap_or_default()
-            .to_owned();
-        assert_eq!(hash.len(), 128, "sha512sum output");
-        let meta = serde_json::json!({
-            "vMajor": 99, "vMinor": 0, "vRev": 0, "vBuild": 0,
-            "platform": 1, "arch": 2, "vendor": 0,
-            "channel": "flatwire-interop", "signer": "flatwire-interop-signer",
-            "hash": hash
-        });
-        std::fs::write(dist.join("flatwire-interop.bin.json"), meta.to_string()).unwrap();
-        if let Some(id) = identity {
-            std::fs::write(home.join("identity.secret"), id.to_secret_string().unwrap()).unwrap();
-            std::fs::write(home.join("identity.public"), id.to_string()).unwrap();
-        }
-        let log = home.join("out.log");
-        let cmd = format!(
-            "exec {} -U {} >{} 2>&1",
-            bin.display(),
-            home.display(),
-            log.display()
-        );
-        t.spawn(host, "sh", &["-c", &cmd]).unwrap();
-        let public = home.join("identity.public");
-        let address = wait_for(
-            "zerotier-one has an identity",
-            60,
-            || tail(&log, 20),
-            || {
-                let p = read(&public);
-                (p.len() >= 10).then(|| p[..10].to_owned())
-            },
-        );
-        let z = ZtNode {
-            host: host.clone(),
-            home: home.to_owned(),
-            bin: bin.to_owned(),
-            address,
-        };
-        wait_for(
-            "zerotier-one answers its local API",
-            60,
-            || z.diag(),
-            || z.cli(&["info"]).ok(),
-        );
-        z
-    }
-
-    fn cli(&self, args: &[&str]) -> Result<serde_json::Value, String> {
-        let out = self
-            .host
-            .command(&self.bin)
-            .arg("-q")
-            .arg(format!("-D{}", self.home.display()))
-            .arg("-j")
-            .args(args)
-            .output()
-            .map_err(|e| e.to_string())?;
-        if !out.status.success() {
-            return Err(format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ));
-        }
-        serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())
-    }
-
-    fn peers(&self) -> Vec<serde_json::Value> {
-        self.cli(&["listpeers"])
-            .ok()
-            .and_then(|v| v.as_array().cloned())
-            .unwrap_or_default()
-    }
-
-    fn peer(&self, address: &str) -> Option<serde_json::Value> {
-        self.peers()
-            .into_iter()
-            .find(|p| p["address"].as_str() == Some(address))
-    }
-
-    fn diag(&self) -> String {
-        format!(
-            "{}\n--- peers of {}: {}",
-            tail(&self.home.join("out.log"), 20),
-            self.address,
-            serde_json::Value::Array(self.peers())
-        )
-    }
-
-    /// Waits until `peer` is listed with an active direct path at `ip` and a measured
-    /// latency (so an OK to one of this node's HELLO/ECHO probes came back).
-    fn wait_peer(&self, what: &str, peer: &str, ip: &str, secs: u64) -> serde_json::Value {
-        wait_for(
-            what,
-            secs,
-            || self.diag(),
-            || {
-                let p = self.peer(peer)?;
-                let has_path = p["paths"].as_array()?.iter().any(|x| {
-                    x["active"].as_bool() == Some(true)
-                        && x["address"]
-                            .as_str()
-                            .is_some_and(|a| a.starts_with(&format!("{ip}/")))
-                });
-                (has_path && p["latency"].as_i64().is_some_and(|l| l >= 0)).then_some(p)
-            },
-        )
-    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -442,7 +204,7 @@ fn scenario(kind: RootKind, net: u8) {
                 root_id.to_secret_string().unwrap(),
             )
             .unwrap();
-            let r = FwNode::start(
+            let r = start_fw(
                 &mut t,
                 &root_h,
                 &fw_bin,
@@ -456,7 +218,7 @@ fn scenario(kind: RootKind, net: u8) {
             (Some(r), None)
         }
         RootKind::ZeroTierOne => {
-            let r = ZtNode::start(
+            let r = start_zt(
                 &mut t,
                 &root_h,
                 &zt,
@@ -485,7 +247,7 @@ fn scenario(kind: RootKind, net: u8) {
     };
 
     // Our leaf E.
-    let e = FwNode::start(
+    let e = start_fw(
         &mut t,
         &fw_h,
         &fw_bin,
@@ -521,7 +283,7 @@ fn scenario(kind: RootKind, net: u8) {
     }
 
     // ZeroTier One leaf Z.
-    let z = ZtNode::start(
+    let z = start_zt(
         &mut t,
         &zt_h,
         &zt,
@@ -560,7 +322,7 @@ fn scenario(kind: RootKind, net: u8) {
     // WHOIS both ways through the root, each the first contact between the two: E looks Z
     // up (without sending Z anything), then Z joins a network whose controller address is
     // E, so Z must look E up at the root before its request can reach E.
-    let whois_before = fw_root.as_ref().map(|r| r.stat("whois_answered"));
+    let whois_before = fw_root.as_ref().map(|r| stat(r, "whois_answered"));
     e.command(&format!("whois {}", z.address));
     e.wait_line(
         "E learns Z through the root",
@@ -593,7 +355,7 @@ fn scenario(kind: RootKind, net: u8) {
             "our root answered both WHOIS",
             10,
             || tail(&r.log, 20),
-            || (r.stat("whois_answered") >= before + 2).then_some(()),
+            || (stat(r, "whois_answered") >= before + 2).then_some(()),
         );
         pass("our root answered WHOIS from both E and ZeroTier One (stats)");
     }
@@ -750,17 +512,17 @@ fn scenario(kind: RootKind, net: u8) {
             "E counts suite 2 both ways",
             10,
             || tail(&e.log, 20),
-            || (e.stat("trusted_sent") > 0 && e.stat("trusted_received") > 0).then_some(()),
+            || (stat(&e, "trusted_sent") > 0 && stat(&e, "trusted_received") > 0).then_some(()),
         );
         pass(&format!(
             "trusted path (suite 2, ID {trust_id:#x}) both ways: ZeroTier One accepted E's \
              clear-text USER_MESSAGE and E accepted its reply ({} sent, {} received)",
-            e.stat("trusted_sent"),
-            e.stat("trusted_received")
+            stat(&e, "trusted_sent"),
+            stat(&e, "trusted_received")
         ));
     }
     if let Some(r) = &fw_root {
-        assert!(r.stat("relayed") > 0, "{}", tail(&r.log, 30));
+        assert!(stat(r, "relayed") > 0, "{}", tail(&r.log, 30));
         pass("our root relayed between E and ZeroTier One");
     }
     if std::env::var_os("FLATWIRE_ZT_DUMP").is_some() {

@@ -55,6 +55,11 @@ pub mod timers {
 }
 
 const QUEUE_LIMIT: usize = 32;
+/// Identity validations allowed per source prefix per [`timers::IDENTITY_VALIDATION`]
+/// window. 1.x allows one, which serializes a burst of new nodes behind one prefix (the pods
+/// of a Kubernetes node share its IP; cluster nodes share a /24): each waits for its next
+/// 5 s HELLO. A small budget keeps the CPU bound while letting such a burst in at once.
+const IDENTITY_VALIDATION_BURST: u32 = 16;
 const MAX_PATHS: usize = 64;
 const REPLY_TABLE: usize = 1024;
 
@@ -426,7 +431,7 @@ pub struct Node {
     events: VecDeque<Event>,
     drops: HashMap<DropReason, u64>,
     expecting: VecDeque<u64>,
-    validation_gate: HashMap<u64, u64>,
+    validation_gate: HashMap<u64, (u64, u32)>,
     unites: HashMap<(Address, Address), u64>,
     next_ping: u64,
     scratch: Vec<u8>,
@@ -586,6 +591,14 @@ impl Node {
     pub fn knows_peer(&self, local: Address, peer: Address) -> bool {
         self.local_index(local)
             .is_some_and(|i| self.locals[i].peers.contains_key(&peer))
+    }
+
+    /// The identity of `peer` as known to `local` (learned from its HELLO or a root's
+    /// OK(WHOIS), or a root of the planet). The layer above uses it to verify what `peer`
+    /// signed (e.g. a controller's network config).
+    pub fn peer_identity(&self, local: Address, peer: Address) -> Option<&Identity> {
+        let li = self.local_index(local)?;
+        self.locals[li].peers.get(&peer).map(|p| &p.identity)
     }
 
     /// The physical address of the best direct (non-expired) path from `local` to `peer`.
@@ -1481,6 +1494,7 @@ impl Node {
                     p.paths.remove(i);
                 }
             }
+            let first_root_path = p.is_root && p.paths.is_empty();
             p.paths.push(PathEntry {
                 socket,
                 addr: remote,
@@ -1493,6 +1507,11 @@ impl Node {
                 peer: src,
                 addr: remote,
             });
+            // Packets queued or parked while no root could be reached wait on a WHOIS that
+            // could not be sent: send it now rather than at the next ping scan (up to 5 s).
+            if first_root_path {
+                self.retry_whois(now, li);
+            }
         } else {
             let last = p.confirm_sent.get(&remote).copied().unwrap_or(0);
             if last == 0 || now.saturating_sub(last) >= timers::CONFIRM_PATH {
@@ -1503,6 +1522,32 @@ impl Node {
                 }
                 self.send_hello(now, li, src, socket, remote);
             }
+        }
+    }
+
+    /// Whether the identity-validation budget of `ip`'s prefix has room at `now`.
+    fn validation_allowed(&self, now: u64, ip: IpAddr) -> bool {
+        match self.validation_gate.get(&prefix_hash(ip)) {
+            Some((start, n)) if now.saturating_sub(*start) < timers::IDENTITY_VALIDATION => {
+                *n < IDENTITY_VALIDATION_BURST
+            }
+            _ => true,
+        }
+    }
+
+    /// Spends one identity validation of `ip`'s prefix at `now`.
+    fn validation_spend(&mut self, now: u64, ip: IpAddr) {
+        let e = self
+            .validation_gate
+            .entry(prefix_hash(ip))
+            .or_insert((now, 0));
+        if now.saturating_sub(e.0) >= timers::IDENTITY_VALIDATION {
+            *e = (now, 0);
+        }
+        e.1 += 1;
+        if self.validation_gate.len() > 16384 {
+            self.validation_gate
+                .retain(|_, (t, _)| now.saturating_sub(*t) < timers::IDENTITY_VALIDATION);
         }
     }
 
@@ -1539,12 +1584,10 @@ impl Node {
                 // Address collision (spec 13.2): behind the identity-verification gate, check
                 // the MAC with a key agreed with the *presented* identity and, if it is
                 // authentic, answer ERROR(IDENTITY_COLLISION) armored with that key.
-                let h = prefix_hash(remote.ip());
-                let last = self.validation_gate.get(&h).copied();
-                if last.is_some_and(|t| now.saturating_sub(t) < timers::IDENTITY_VALIDATION) {
+                if !self.validation_allowed(now, remote.ip()) {
                     return self.drop(DropReason::RateLimited);
                 }
-                self.validation_gate.insert(h, now);
+                self.validation_spend(now, remote.ip());
                 let Ok(key) = self.locals[li].identity.agree(&hello.identity) else {
                     return self.drop(DropReason::BadIdentity);
                 };
@@ -1576,9 +1619,7 @@ impl Node {
                 }
             }
             None => {
-                let h = prefix_hash(remote.ip());
-                let last = self.validation_gate.get(&h).copied();
-                if last.is_some_and(|t| now.saturating_sub(t) < timers::IDENTITY_VALIDATION) {
+                if !self.validation_allowed(now, remote.ip()) {
                     return self.drop(DropReason::RateLimited);
                 }
                 let Ok(key) = self.locals[li].identity.agree(&hello.identity) else {
@@ -1587,11 +1628,7 @@ impl Node {
                 if crypto::dearmor(&mut pkt, &key).is_err() {
                     return self.drop(DropReason::MacFailed);
                 }
-                self.validation_gate.insert(h, now);
-                if self.validation_gate.len() > 16384 {
-                    self.validation_gate
-                        .retain(|_, t| now.saturating_sub(*t) < timers::IDENTITY_VALIDATION);
-                }
+                self.validation_spend(now, remote.ip());
                 if !hello.identity.locally_validate() {
                     return self.drop(DropReason::BadIdentity);
                 }

@@ -424,6 +424,47 @@ fn request_identity_resolves_a_peer_through_the_root_without_contacting_it() {
     );
 }
 
+/// Many nodes in one /24 (a Kubernetes node's pods share its IP; cluster nodes share a
+/// subnet) start at once and each sends to a peer it has never seen. Every first packet must
+/// arrive within a couple of seconds: the root's identity-validation gate must let a burst
+/// of HELLOs from one prefix through, and packets queued while no root path was known must
+/// go out (with their WHOIS) as soon as the root answers, not at the next 5 s ping scan.
+#[test]
+fn a_burst_of_new_nodes_in_one_prefix_all_reach_a_peer_quickly() {
+    let root = new_id();
+    let ctl = new_id();
+    let members: Vec<Identity> = (0..6).map(|_| new_id()).collect();
+    let p = planet(&[(&root, "10.7.0.1:9993")]);
+    let mut nodes = vec![
+        leaf(&p, &root, "10.7.0.1:9993"),
+        leaf(&p, &ctl, "10.7.0.2:9993"),
+    ];
+    for (i, m) in members.iter().enumerate() {
+        nodes.push(leaf(&p, m, &format!("10.7.0.{}:9993", 10 + i)));
+    }
+    let mut net = Net::new(nodes);
+    let now = net.now;
+    for (i, m) in members.iter().enumerate() {
+        net.nodes[2 + i]
+            .0
+            .send(now, m.address(), ctl.address(), Verb::USER_MESSAGE, b"join")
+            .unwrap();
+    }
+    net.collect();
+    net.step(2500);
+    let got: Vec<Address> = net.user_messages(1).iter().map(|(a, _)| *a).collect();
+    for m in &members {
+        assert!(
+            got.contains(&m.address()),
+            "{} reached the controller within 2.5 s (got {} of {}); root drops {:?}",
+            m.address(),
+            got.len(),
+            members.len(),
+            net.nodes[0].0.drops()
+        );
+    }
+}
+
 #[test]
 fn replayed_and_duplicated_packets_are_dropped_and_counted() {
     let (r, a, b) = (new_id(), new_id(), new_id());
