@@ -3,8 +3,12 @@
 //! Modules: [`tap`] (member TAP devices moved into pod network namespaces, batched frame I/O),
 //! [`udp`] (the host's UDP port with batched, GSO/GRO-aware I/O), [`state`] (the atomically
 //! written state directory), [`metrics`] (Prometheus text over a tiny HTTP endpoint) and
-//! [`service`] (the gRPC service of `flatwire-api` as served today).
+//! [`service`] (the gRPC service of `flatwire-api` as served today), [`host`] (the host identity
+//! and planet in the state directory) and [`dataplane`] (the thread that runs the VL1 node on
+//! the UDP port).
 
+pub mod dataplane;
+pub mod host;
 pub mod metrics;
 pub mod service;
 pub mod state;

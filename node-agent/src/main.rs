@@ -1,16 +1,21 @@
 //! `flatwire-agent`: the per-host daemon that runs the flatwire node.
 //!
-//! Today it opens the state directory, serves the gRPC API on its Unix socket (answering
-//! `Status` with ready=false until the VL1 node runs) and Prometheus metrics on a loopback TCP
-//! port, and exits cleanly on SIGINT/SIGTERM, removing its socket.
+//! It opens the state directory, loads (or on first start generates) the host identity, loads
+//! the planet, runs the VL1 node on the UDP port in a data-plane thread (as a root of the
+//! planet with `--root`), serves the gRPC API on its Unix socket (`Status` is ready once a root
+//! answered) and Prometheus metrics on a loopback TCP port, and exits cleanly on
+//! SIGINT/SIGTERM, removing its socket.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 
 use anyhow::Context as _;
 use clap::Parser;
-use flatwire_agent::{metrics, service, state::StateDir};
+use flatwire_agent::dataplane::{self, DataPlaneConfig, NodeHandle};
+use flatwire_agent::{host, metrics, service, state::StateDir, udp};
+use flatwire_vl1::Event;
 use tokio::signal::unix::{SignalKind, signal};
 
 /// How long calls in flight may run after SIGTERM/SIGINT.
@@ -32,6 +37,13 @@ struct Args {
     /// Address of the Prometheus metrics endpoint (`GET /metrics`); keep it on loopback.
     #[arg(long, default_value = "127.0.0.1:9994")]
     metrics_listen: SocketAddr,
+    /// A planet file (serialized world) to use; it is copied into the state directory.
+    /// Without it, the planet already in the state directory is used.
+    #[arg(long)]
+    planet: Option<PathBuf>,
+    /// Serve the planet as one of its roots (this host's identity must be listed in it).
+    #[arg(long)]
+    root: bool,
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -47,6 +59,29 @@ async fn main() -> anyhow::Result<()> {
     let state = StateDir::open(&args.home)
         .with_context(|| format!("cannot use the state directory {}", args.home.display()))?;
 
+    let identity = {
+        let state = state.clone();
+        tokio::task::spawn_blocking(move || {
+            host::load_or_generate_identity(&state, &AtomicBool::new(false))
+        })
+        .await
+        .context("identity generation panicked")??
+    };
+    if identity.1 {
+        tracing::info!(address = %identity.0.address(), "generated the host identity");
+    }
+    let identity = identity.0;
+    let planet = host::load_planet(&state, args.planet.as_deref())?;
+    if args.root {
+        let Some(planet) = &planet else {
+            anyhow::bail!(
+                "--root needs a planet: pass --planet FILE (or put one at {})",
+                state.root().join(host::PLANET).display()
+            );
+        };
+        host::check_root(planet, &identity)?;
+    }
+
     let metrics = Arc::new(metrics::Metrics::new());
     let metrics_listener = metrics::bind(args.metrics_listen)
         .await
@@ -55,14 +90,47 @@ async fn main() -> anyhow::Result<()> {
     let metrics_task = tokio::spawn(metrics::serve(metrics_listener, metrics.clone()));
 
     let listener = service::bind_socket(&args.socket)?;
+    let address = identity.address();
+    let (agent_service, node) = match planet {
+        Some(planet) => {
+            let planet_id = planet.id;
+            let cfg = DataPlaneConfig {
+                identity,
+                planet,
+                bind: udp::dual_stack_any(args.port),
+            };
+            let (node, events) = dataplane::start(cfg, metrics.clone())?;
+            let node = Arc::new(node);
+            tokio::spawn(handle_events(events, state.clone()));
+            tracing::info!(
+                %address,
+                planet = planet_id,
+                udp = %node.local_addr(),
+                root = args.root,
+                "VL1 node running"
+            );
+            (service::AgentService::with_node(node.clone()), Some(node))
+        }
+        None => {
+            let reason = format!(
+                "{}: no planet (pass --planet FILE or put one at {})",
+                service::NODE_NOT_RUNNING,
+                state.root().join(host::PLANET).display()
+            );
+            tracing::warn!(%address, "{reason}");
+            (
+                service::AgentService::not_running(address.to_string(), reason),
+                None,
+            )
+        }
+    };
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         home = %state.root().display(),
         socket = %args.socket.display(),
         metrics = %metrics_addr,
         udp_port = args.port,
-        "flatwire-agent started; not ready: {}",
-        service::NODE_NOT_RUNNING
+        "flatwire-agent started"
     );
 
     let mut term = signal(SignalKind::terminate())?;
@@ -76,7 +144,7 @@ async fn main() -> anyhow::Result<()> {
         tracing::info!("shutting down");
         let _ = stopping_tx.send(());
     };
-    let served = service::serve(listener, service::AgentService::default(), shutdown);
+    let served = service::serve(listener, agent_service, shutdown);
     // Calls in flight get a short grace period; idle client connections do not hold us up.
     let served = tokio::select! {
         r = served => r,
@@ -92,10 +160,58 @@ async fn main() -> anyhow::Result<()> {
         }
     };
     metrics_task.abort();
+    if let Some(node) = node {
+        stop_node(node).await;
+    }
     if let Err(e) = std::fs::remove_file(&args.socket) {
         tracing::warn!(socket = %args.socket.display(), error = %e, "cannot remove the API socket");
     }
     served.with_context(|| format!("gRPC server on {}", args.socket.display()))
+}
+
+/// Stops the data-plane thread and waits (off the tokio workers) for it to end.
+async fn stop_node(node: Arc<NodeHandle>) {
+    node.stop();
+    let _ = tokio::task::spawn_blocking(move || node.join()).await;
+}
+
+/// The control plane's consumer of data-plane events: logs them and persists a planet a
+/// root pushed, so a restart keeps it.
+async fn handle_events(mut events: tokio::sync::mpsc::Receiver<Event>, state: StateDir) {
+    while let Some(e) = events.recv().await {
+        match e {
+            Event::PlanetUpdated { planet } => {
+                let (id, timestamp) = (planet.id, planet.timestamp);
+                let state = state.clone();
+                let stored =
+                    tokio::task::spawn_blocking(move || host::store_planet(&state, &planet)).await;
+                match stored {
+                    Ok(Ok(())) => tracing::info!(id, timestamp, "planet updated by a root"),
+                    Ok(Err(e)) => {
+                        tracing::error!(id, timestamp, error = %e, "cannot store the updated planet")
+                    }
+                    Err(e) => tracing::error!(error = %e, "planet store task failed"),
+                }
+            }
+            Event::PeerLearned { peer, via, .. } => {
+                tracing::debug!(%peer, via = ?via, "peer learned");
+            }
+            Event::HelloReceived {
+                peer, addr, hops, ..
+            } => tracing::debug!(%peer, %addr, hops, "HELLO"),
+            Event::PathLearned { peer, addr, .. } => {
+                tracing::info!(%peer, %addr, "direct path");
+            }
+            Event::ExternalAddress { addr, .. } => {
+                tracing::info!(%addr, "external address reported by a root");
+            }
+            Event::IdentityCollision { root, .. } => tracing::error!(
+                %root,
+                "a root reports that another identity holds our address"
+            ),
+            _ => {}
+        }
+    }
 }
 
 #[cfg(test)]

@@ -1,13 +1,15 @@
 //! The agent's gRPC service (`flatwire.agent.v1.Agent`) as it stands today, and serving it on
 //! a Unix socket.
 //!
-//! Until the VL1 node runs inside the agent, [`AgentService`] answers truthfully: `Status` says
-//! not ready and why, `Attach` is `UNAVAILABLE`, and the calls about existing attachments
-//! answer for the empty set (nothing is attached), after validating their requests.
+//! [`AgentService`] answers truthfully: `Status` is ready once the VL1 node has a root online
+//! (and says why not otherwise), `Attach` is `UNAVAILABLE` (members are not attached yet), and
+//! the calls about existing attachments answer for the empty set (nothing is attached), after
+//! validating their requests.
 
 use std::io;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use flatwire_api::v1;
 use flatwire_api::{AgentServer, parse_network_id};
@@ -15,20 +17,68 @@ use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 use tonic::{Request, Response, Status};
 
+use crate::dataplane::NodeHandle;
+
 /// The reason the agent gives while its VL1 node is not running.
 pub const NODE_NOT_RUNNING: &str = "the VL1 node is not running yet";
+
+/// Why attaching is refused even when the node is up.
+pub const ATTACH_NOT_IMPLEMENTED: &str = "attaching members is not implemented yet";
 
 /// The gRPC service.
 #[derive(Debug, Clone)]
 pub struct AgentService {
+    node: Option<Arc<NodeHandle>>,
+    node_address: String,
     not_ready_reasons: Vec<String>,
 }
 
 impl Default for AgentService {
     fn default() -> Self {
+        Self::not_running(String::new(), NODE_NOT_RUNNING.to_string())
+    }
+}
+
+impl AgentService {
+    /// A service for an agent whose node does not run, for `reason`; `node_address` is the
+    /// host identity's address (empty when there is none).
+    pub fn not_running(node_address: String, reason: String) -> Self {
         Self {
-            not_ready_reasons: vec![NODE_NOT_RUNNING.to_string()],
+            node: None,
+            node_address,
+            not_ready_reasons: vec![reason],
         }
+    }
+
+    /// A service reporting on the running node `node`.
+    pub fn with_node(node: Arc<NodeHandle>) -> Self {
+        Self {
+            node_address: node.address().to_string(),
+            node: Some(node),
+            not_ready_reasons: Vec::new(),
+        }
+    }
+
+    /// Node address (empty without a node) and the reasons it is not ready (empty: ready).
+    async fn readiness(&self) -> (String, Vec<String>) {
+        let Some(node) = &self.node else {
+            return (self.node_address.clone(), self.not_ready_reasons.clone());
+        };
+        let address = self.node_address.clone();
+        let reasons = match node.snapshot().await {
+            Some(s) if s.online => Vec::new(),
+            Some(s) => vec![format!(
+                "no root of planet {} has answered yet (roots: {})",
+                s.planet_id,
+                s.roots
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(",")
+            )],
+            None => vec!["the VL1 data plane is not answering".to_string()],
+        };
+        (address, reasons)
     }
 }
 
@@ -70,12 +120,13 @@ impl flatwire_api::Agent for AgentService {
         &self,
         _: Request<v1::StatusRequest>,
     ) -> Result<Response<v1::StatusResponse>, Status> {
+        let (node_address, not_ready_reasons) = self.readiness().await;
         Ok(Response::new(v1::StatusResponse {
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
             api_version: flatwire_api::API_VERSION.to_string(),
-            ready: self.not_ready_reasons.is_empty(),
-            node_address: String::new(),
-            not_ready_reasons: self.not_ready_reasons.clone(),
+            ready: not_ready_reasons.is_empty(),
+            node_address,
+            not_ready_reasons,
         }))
     }
 
@@ -92,9 +143,13 @@ impl flatwire_api::Agent for AgentService {
                 req.network_id
             )));
         }
+        let (_, mut reasons) = self.readiness().await;
+        if reasons.is_empty() {
+            reasons.push(ATTACH_NOT_IMPLEMENTED.to_string());
+        }
         Err(Status::unavailable(format!(
             "cannot attach: {}",
-            self.not_ready_reasons.join("; ")
+            reasons.join("; ")
         )))
     }
 

@@ -86,10 +86,14 @@ async fn status_through_the_api_client_then_clean_shutdown() {
     };
     assert_eq!(status.agent_version, env!("CARGO_PKG_VERSION"));
     assert_eq!(status.api_version, flatwire_api::API_VERSION);
+    // No planet: the identity exists (generated on first start) but the node cannot run.
     assert!(!status.ready);
-    assert_eq!(
-        status.not_ready_reasons,
-        ["the VL1 node is not running yet"]
+    assert_eq!(status.node_address.len(), 10, "{status:?}");
+    assert_eq!(status.not_ready_reasons.len(), 1, "{status:?}");
+    let reason = &status.not_ready_reasons[0];
+    assert!(
+        reason.starts_with("the VL1 node is not running yet") && reason.contains("no planet"),
+        "{reason}"
     );
 
     // No fake attachments: Attach is unavailable, the rest answer for the empty set.
@@ -167,4 +171,59 @@ fn live_socket_is_not_stolen() {
     assert!(!status.success());
     assert!(stderr.contains("already listening"), "{stderr}");
     assert!(socket.exists());
+}
+
+#[test]
+fn corrupt_identity_refuses_to_start_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    std::fs::create_dir(&home).unwrap();
+    let secret = home.join("identity.secret");
+    std::fs::write(&secret, b"0123456789:0:not-a-key\n").unwrap();
+    let agent = start(&home, &dir.path().join("agent.sock"));
+    let (status, stderr) = agent.finish();
+    assert!(!status.success());
+    assert!(stderr.contains(&secret.display().to_string()), "{stderr}");
+    assert!(stderr.contains("corrupted"), "{stderr}");
+    // Nothing was regenerated over it.
+    assert_eq!(std::fs::read(&secret).unwrap(), b"0123456789:0:not-a-key\n");
+}
+
+#[test]
+fn root_flag_requires_being_a_root_of_the_planet() {
+    use flatwire_vl1::{Identity, Root, World, WorldType};
+    let dir = tempfile::tempdir().unwrap();
+    let other = Identity::generate(&std::sync::atomic::AtomicBool::new(false)).unwrap();
+    let (pk, sk) = flatwire_vl1::identity::generate_key_pair().unwrap();
+    let planet = World::create(
+        WorldType::Planet,
+        1,
+        1,
+        pk,
+        vec![Root {
+            identity: other.clone(),
+            stable_endpoints: vec!["198.18.0.1:9993".parse().unwrap()],
+        }],
+        &sk,
+    )
+    .unwrap();
+    let file = dir.path().join("planet");
+    std::fs::write(&file, planet.serialize(false)).unwrap();
+    let agent = Agent(
+        Command::new(env!("CARGO_BIN_EXE_flatwire-agent"))
+            .arg("--home")
+            .arg(dir.path().join("home"))
+            .arg("--socket")
+            .arg(dir.path().join("agent.sock"))
+            .args(["--metrics-listen", "127.0.0.1:0", "--root", "--planet"])
+            .arg(&file)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let (status, stderr) = agent.finish();
+    assert!(!status.success());
+    assert!(stderr.contains("is not one of the roots"), "{stderr}");
+    assert!(stderr.contains(&other.address().to_string()), "{stderr}");
 }

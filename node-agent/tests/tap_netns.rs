@@ -1,4 +1,4 @@
-//! Real TAP devices moved into a real network namespace (needs root; skipped otherwise).
+//! Real TAP devices moved into a real network namespace (needs root).
 //!
 //! The namespace is named `fw-<pid>-agent-...` and removed by a Drop guard, also on panic.
 //! Only 198.18.0.0/15 addresses are used, and only inside the namespace.
@@ -128,10 +128,10 @@ fn answer(frame: &[u8], ip: Ipv4Addr, seen: &mut (usize, usize)) -> Option<Vec<u
 
 #[test]
 fn tap_in_a_namespace_answers_ping_through_the_fd() {
-    if !is_root() {
-        eprintln!("skipped: needs root (CAP_NET_ADMIN) to create TAPs and namespaces");
-        return;
-    }
+    assert!(
+        is_root(),
+        "this test needs root (CAP_NET_ADMIN) to create TAPs and namespaces"
+    );
     let ns = Netns::new("tap");
     let x = (std::process::id() % 250) as u8 + 1;
     let pod_ip = Ipv4Addr::new(198, 18, x, 1);
@@ -209,10 +209,7 @@ fn tap_in_a_namespace_answers_ping_through_the_fd() {
 
 #[test]
 fn multiqueue_tap_moves_with_all_queues() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    assert!(is_root(), "this test needs root (CAP_NET_ADMIN)");
     let ns = Netns::new("mq");
     let mut tap = Tap::create(&TapConfig {
         name: tap_name("m"),
@@ -247,10 +244,7 @@ fn multiqueue_tap_moves_with_all_queues() {
 
 #[test]
 fn missing_namespace_is_named_in_the_error() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    assert!(is_root(), "this test needs root (CAP_NET_ADMIN)");
     let mut tap = Tap::create(&TapConfig {
         name: tap_name("e"),
         mac: POD_MAC,

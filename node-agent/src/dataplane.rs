@@ -1,0 +1,682 @@
+//! The data plane: one dedicated OS thread that owns the host's [`UdpPort`] and the sans-I/O
+//! VL1 [`Node`], and the [`NodeHandle`] the tokio control plane uses to talk to it.
+//!
+//! The thread waits in `poll(2)` on the UDP socket and a wake-up socket, with the node's next
+//! timer as the timeout (no busy loop). Readable datagrams are taken in batches (`recvmmsg`,
+//! GRO) and fed to [`Node::handle_datagram`]; what the node wants sent goes out in batches
+//! (`sendmmsg`, GSO). Events go to the control plane over a bounded channel; snapshots (peers,
+//! stats, drops) are answered on request; metrics are refreshed once a second.
+
+use std::collections::HashMap;
+use std::io::{self, IoSliceMut};
+use std::net::SocketAddr;
+use std::os::fd::AsFd;
+use std::os::unix::net::UnixDatagram;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use flatwire_vl1::node::{MAX_DATAGRAM_LEN, NodeStats};
+use flatwire_vl1::{Address, DropReason, Event, Identity, LocalSocket, Node, NodeConfig, World};
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use prometheus_client::metrics::gauge::Gauge;
+
+use crate::metrics::{DropLabels, Metrics, PathKind, PathLabels};
+use crate::udp::{self, RecvMeta, UdpPort};
+
+/// Receive slots per `recvmmsg`.
+const RECV_BATCH: usize = quinn_udp::BATCH_SIZE;
+/// Bytes per receive slot: a whole GRO-coalesced run fits.
+const RECV_SLOT: usize = 64 * 1024;
+/// Receive batches handled before the thread looks at timers and commands again.
+const RECV_ROUNDS: usize = 8;
+/// Events buffered for the control plane; beyond that they are counted as lost.
+pub const EVENT_QUEUE: usize = 1024;
+/// Most peers the snapshot table tracks.
+const PEER_TABLE_LIMIT: usize = 16 * 1024;
+/// How often metrics are refreshed (ms).
+const PUBLISH_INTERVAL: u64 = 1000;
+
+/// Errors of starting the data plane.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The UDP port could not be bound.
+    #[error(transparent)]
+    Bind(#[from] udp::BindError),
+    /// The node refused the configuration.
+    #[error("cannot start the VL1 node: {0}")]
+    Node(#[from] flatwire_vl1::NodeError),
+    /// The thread or its wake-up socket could not be created.
+    #[error("cannot start the data-plane thread: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// What the data plane runs.
+#[derive(Debug, Clone)]
+pub struct DataPlaneConfig {
+    /// The host identity (with its secret).
+    pub identity: Identity,
+    /// The planet.
+    pub planet: World,
+    /// Where to bind the UDP port (`[::]:9993` by default: dual-stack).
+    pub bind: SocketAddr,
+}
+
+/// The role of a peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerRole {
+    /// A root of our planet.
+    Root,
+    /// Any other node.
+    Leaf,
+}
+
+/// One peer as the data plane sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerSnapshot {
+    /// Its address.
+    pub address: Address,
+    /// Root or leaf.
+    pub role: PeerRole,
+    /// Last measured round trip (OK(HELLO)/OK(ECHO)), ms.
+    pub latency_ms: Option<u64>,
+    /// The best confirmed direct path, if any.
+    pub direct_path: Option<SocketAddr>,
+    /// True for a leaf without a direct path: traffic to it goes through a root.
+    pub relayed: bool,
+    /// Software version (major, minor, revision) from its HELLO, if it sent one.
+    pub version: Option<(u8, u8, u16)>,
+    /// Protocol version from its HELLO, if it sent one.
+    pub protocol_version: Option<u8>,
+}
+
+/// A point-in-time view of the node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeSnapshot {
+    /// Our address.
+    pub address: Address,
+    /// Whether we are a root of the planet.
+    pub is_root: bool,
+    /// Whether some root answered recently (always true for a root).
+    pub online: bool,
+    /// The planet's ID.
+    pub planet_id: u64,
+    /// The planet's root addresses.
+    pub roots: Vec<Address>,
+    /// Known peers (roots first), sorted by address within each role.
+    pub peers: Vec<PeerSnapshot>,
+    /// Control-work counters of the node.
+    pub stats: NodeStats,
+    /// Drops by reason (the node's and the I/O shell's), sorted by reason.
+    pub drops: Vec<(&'static str, u64)>,
+    /// Events the control plane did not take in time.
+    pub events_lost: u64,
+    /// The bound UDP address.
+    pub local_addr: SocketAddr,
+}
+
+impl NodeSnapshot {
+    /// The entry of `peer`, if known.
+    pub fn peer(&self, peer: Address) -> Option<&PeerSnapshot> {
+        self.peers.iter().find(|p| p.address == peer)
+    }
+
+    /// Total drops for `reason` (a [`DropReason`] name such as `"Malformed"`).
+    pub fn drop_count(&self, reason: &str) -> u64 {
+        self.drops
+            .iter()
+            .filter(|(r, _)| *r == reason)
+            .map(|(_, n)| n)
+            .sum()
+    }
+}
+
+enum Command {
+    Snapshot(tokio::sync::oneshot::Sender<NodeSnapshot>),
+    Stop,
+}
+
+/// The control plane's handle on the data-plane thread.
+#[derive(Debug)]
+pub struct NodeHandle {
+    address: Address,
+    local_addr: SocketAddr,
+    commands: Mutex<mpsc::Sender<Command>>,
+    waker: UnixDatagram,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Command::Snapshot(_) => "Snapshot",
+            Command::Stop => "Stop",
+        })
+    }
+}
+
+impl NodeHandle {
+    /// Our address.
+    pub fn address(&self) -> Address {
+        self.address
+    }
+
+    /// The bound UDP address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    fn command(&self, c: Command) -> bool {
+        let sent = self
+            .commands
+            .lock()
+            .map(|tx| tx.send(c).is_ok())
+            .unwrap_or(false);
+        // A full wake-up socket already holds a wake-up: nothing lost.
+        let _ = self.waker.send(&[1]);
+        sent
+    }
+
+    /// Asks the data plane for a snapshot; `None` if it stopped or did not answer in 2 s.
+    pub async fn snapshot(&self) -> Option<NodeSnapshot> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if !self.command(Command::Snapshot(tx)) {
+            return None;
+        }
+        tokio::time::timeout(Duration::from_secs(2), rx)
+            .await
+            .ok()?
+            .ok()
+    }
+
+    /// Tells the thread to stop; [`NodeHandle::join`] waits for it.
+    pub fn stop(&self) {
+        self.command(Command::Stop);
+    }
+
+    /// Waits for the thread to end (blocking: call off the tokio workers).
+    pub fn join(&self) {
+        let t = self.thread.lock().ok().and_then(|mut t| t.take());
+        if let Some(t) = t {
+            let _ = t.join();
+        }
+    }
+
+    /// Whether the data-plane thread is still running.
+    pub fn is_running(&self) -> bool {
+        self.thread
+            .lock()
+            .map(|t| t.as_ref().is_some_and(|t| !t.is_finished()))
+            .unwrap_or(false)
+    }
+}
+
+/// Binds the UDP port, creates the node and starts the data-plane thread (`flatwire-dp`).
+/// Returns the handle and the receiver of the node's events (all but `Packet`, which has no
+/// consumer until VL2 runs and is counted as an `UnhandledPacket` drop).
+pub fn start(
+    cfg: DataPlaneConfig,
+    metrics: Arc<Metrics>,
+) -> Result<(NodeHandle, tokio::sync::mpsc::Receiver<Event>), StartError> {
+    let port = UdpPort::bind(cfg.bind)?;
+    let local_addr = port.local_addr()?;
+    let address = cfg.identity.address();
+    let roots: Vec<Address> = cfg
+        .planet
+        .roots
+        .iter()
+        .map(|r| r.identity.address())
+        .collect();
+    let planet_id = cfg.planet.id;
+    let node = Node::new(NodeConfig::new(cfg.planet), vec![cfg.identity])?;
+    let (wake_tx, wake_rx) = UnixDatagram::pair()?;
+    wake_tx.set_nonblocking(true)?;
+    wake_rx.set_nonblocking(true)?;
+    let (cmd_tx, cmd_rx) = mpsc::channel();
+    let (ev_tx, ev_rx) = tokio::sync::mpsc::channel(EVENT_QUEUE);
+    let mut peers = HashMap::new();
+    for r in roots.iter().filter(|r| **r != address) {
+        peers.insert(*r, PeerTrack::default());
+    }
+    let dp = DataPlane {
+        port,
+        node,
+        address,
+        roots,
+        planet_id,
+        local_addr,
+        commands: cmd_rx,
+        wake: wake_rx,
+        events: ev_tx,
+        events_lost: 0,
+        peers,
+        metrics,
+        published_drops: HashMap::new(),
+        local_drops: HashMap::new(),
+        names: HashMap::new(),
+        clock: Clock::new(),
+        next_publish: 0,
+    };
+    let thread = std::thread::Builder::new()
+        .name("flatwire-dp".into())
+        .spawn(move || dp.run())?;
+    Ok((
+        NodeHandle {
+            address,
+            local_addr,
+            commands: Mutex::new(cmd_tx),
+            waker: wake_tx,
+            thread: Mutex::new(Some(thread)),
+        },
+        ev_rx,
+    ))
+}
+
+/// Milliseconds on a monotonic clock that starts at the wall-clock time of launch.
+struct Clock {
+    start: Instant,
+    epoch_ms: u64,
+}
+
+impl Clock {
+    fn new() -> Self {
+        let epoch_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(1, |d| d.as_millis() as u64);
+        Self {
+            start: Instant::now(),
+            epoch_ms,
+        }
+    }
+
+    fn now(&self) -> u64 {
+        self.epoch_ms + self.start.elapsed().as_millis() as u64
+    }
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct PeerTrack {
+    latency_ms: Option<u64>,
+    version: Option<(u8, u8, u16)>,
+    protocol_version: Option<u8>,
+}
+
+/// Drop reasons of the I/O shell (next to the node's [`DropReason`]s).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum ShellDrop {
+    /// The kernel refused a datagram we sent (unreachable, too large, ...).
+    SendRejected,
+    /// An authenticated packet for VL2, which does not run yet.
+    UnhandledPacket,
+}
+
+impl ShellDrop {
+    fn name(self) -> &'static str {
+        match self {
+            ShellDrop::SendRejected => "SendRejected",
+            ShellDrop::UnhandledPacket => "UnhandledPacket",
+        }
+    }
+}
+
+struct DataPlane {
+    port: UdpPort,
+    node: Node,
+    address: Address,
+    roots: Vec<Address>,
+    planet_id: u64,
+    local_addr: SocketAddr,
+    commands: mpsc::Receiver<Command>,
+    wake: UnixDatagram,
+    events: tokio::sync::mpsc::Sender<Event>,
+    events_lost: u64,
+    peers: HashMap<Address, PeerTrack>,
+    metrics: Arc<Metrics>,
+    /// Drop totals already added to the metrics counters, by label.
+    published_drops: HashMap<&'static str, u64>,
+    local_drops: HashMap<ShellDrop, u64>,
+    /// `DropReason` label strings, made once per reason (a handful of small strings).
+    names: HashMap<DropReason, &'static str>,
+    clock: Clock,
+    next_publish: u64,
+}
+
+impl DataPlane {
+    fn run(mut self) {
+        let mut rx = vec![0u8; RECV_SLOT * RECV_BATCH];
+        let mut metas = [RecvMeta::default(); RECV_BATCH];
+        let mut tx = vec![0u8; MAX_DATAGRAM_LEN * udp::SEND_BATCH];
+        tracing::info!(address = %self.address, udp = %self.local_addr, "data plane running");
+        loop {
+            let now = self.clock.now();
+            if now >= self.node.poll_timeout() {
+                self.node.handle_timeout(now);
+            }
+            if let Err(e) = self.flush(&mut tx) {
+                tracing::error!(error = %e, "UDP socket failed; data plane stops");
+                return;
+            }
+            self.drain_events();
+            if now >= self.next_publish {
+                self.publish(now);
+                self.next_publish = now + PUBLISH_INTERVAL;
+            }
+            if !self.serve_commands() {
+                tracing::info!("data plane stopped");
+                return;
+            }
+            let now = self.clock.now();
+            let wake_at = self.node.poll_timeout().min(self.next_publish);
+            let timeout = Duration::from_millis(wake_at.saturating_sub(now));
+            let (udp_ready, _) = match self.wait(timeout) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(error = %e, "poll failed; data plane stops");
+                    return;
+                }
+            };
+            if udp_ready && let Err(e) = self.receive(&mut rx, &mut metas, &mut tx) {
+                tracing::error!(error = %e, "UDP socket failed; data plane stops");
+                return;
+            }
+        }
+    }
+
+    /// Waits for the UDP socket or the wake-up socket; returns which are readable.
+    fn wait(&self, timeout: Duration) -> io::Result<(bool, bool)> {
+        let t = PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX);
+        let mut fds = [
+            PollFd::new(self.port.as_fd(), PollFlags::POLLIN),
+            PollFd::new(self.wake.as_fd(), PollFlags::POLLIN),
+        ];
+        loop {
+            match poll(&mut fds, t) {
+                Ok(_) => break,
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let ready = |f: &PollFd<'_>| {
+            f.revents()
+                .is_some_and(|r| r.intersects(PollFlags::POLLIN | PollFlags::POLLERR))
+        };
+        let (udp, wake) = (ready(&fds[0]), ready(&fds[1]));
+        if wake {
+            let mut b = [0u8; 64];
+            while self.wake.recv(&mut b).is_ok() {}
+        }
+        Ok((udp, wake))
+    }
+
+    fn receive(
+        &mut self,
+        rx: &mut [u8],
+        metas: &mut [RecvMeta; RECV_BATCH],
+        tx: &mut [u8],
+    ) -> io::Result<()> {
+        for _ in 0..RECV_ROUNDS {
+            let mut chunks = rx.chunks_mut(RECV_SLOT);
+            let mut slices: [IoSliceMut<'_>; RECV_BATCH] =
+                std::array::from_fn(|_| IoSliceMut::new(chunks.next().unwrap_or_default()));
+            let n = match self.port.recv_batch(&mut slices, metas) {
+                Ok(n) => n,
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EBADF | libc::ENOTSOCK | libc::EFAULT | libc::EINVAL)
+                    ) =>
+                {
+                    return Err(e);
+                }
+                // Anything else (an ICMP error reported on the socket, ...) concerns one
+                // datagram, not the socket: go back to waiting.
+                Err(e) => {
+                    tracing::debug!(error = %e, "UDP receive");
+                    return Ok(());
+                }
+            };
+            if n == 0 {
+                return Ok(());
+            }
+            let now = self.clock.now();
+            for (slice, meta) in slices.iter().zip(metas.iter()).take(n) {
+                for datagram in udp::segments(slice, meta) {
+                    self.node
+                        .handle_datagram(now, LocalSocket(0), meta.addr, datagram);
+                }
+            }
+            self.flush(tx)?;
+            self.drain_events();
+        }
+        Ok(())
+    }
+
+    /// Sends everything the node has queued, [`udp::SEND_BATCH`] datagrams per batch.
+    fn flush(&mut self, tx: &mut [u8]) -> io::Result<()> {
+        let mut lens = [(0usize, None::<SocketAddr>); udp::SEND_BATCH];
+        loop {
+            let mut n = 0;
+            while n < udp::SEND_BATCH {
+                let slot = &mut tx[n * MAX_DATAGRAM_LEN..(n + 1) * MAX_DATAGRAM_LEN];
+                let Some(t) = self.node.poll_transmit(slot) else {
+                    break;
+                };
+                if let Some(ttl) = t.ttl {
+                    // Rare (NAT-opening datagrams): sent alone with the asked TTL.
+                    self.send_with_ttl(&slot[..t.len], t.to, ttl)?;
+                    continue;
+                }
+                lens[n] = (t.len, Some(t.to));
+                n += 1;
+            }
+            if n == 0 {
+                return Ok(());
+            }
+            let transmits: Vec<udp::Transmit<'_>> = lens[..n]
+                .iter()
+                .enumerate()
+                .filter_map(|(k, (len, to))| {
+                    Some(udp::Transmit {
+                        destination: (*to)?,
+                        ecn: None,
+                        contents: &tx[k * MAX_DATAGRAM_LEN..k * MAX_DATAGRAM_LEN + len],
+                        segment_size: None,
+                        src_ip: None,
+                    })
+                })
+                .collect();
+            let out = self.port.send_batch(&transmits)?;
+            if out.rejected > 0 {
+                *self.local_drops.entry(ShellDrop::SendRejected).or_default() +=
+                    out.rejected as u64;
+            }
+            if n < udp::SEND_BATCH {
+                return Ok(());
+            }
+        }
+    }
+
+    fn send_with_ttl(&mut self, data: &[u8], to: SocketAddr, ttl: u8) -> io::Result<()> {
+        use nix::sys::socket::{setsockopt, sockopt};
+        let fd = self.port.as_fd();
+        let ttl = i32::from(ttl);
+        // On the dual-stack socket IPv4 destinations use IP_TTL, IPv6 ones the hop limit.
+        let _ = setsockopt(&fd, sockopt::Ipv4Ttl, &ttl);
+        let _ = setsockopt(&fd, sockopt::Ipv6Ttl, &ttl);
+        let t = udp::Transmit {
+            destination: to,
+            ecn: None,
+            contents: data,
+            segment_size: None,
+            src_ip: None,
+        };
+        let r = self.port.send_batch(std::slice::from_ref(&t));
+        let _ = setsockopt(&fd, sockopt::Ipv4Ttl, &64);
+        let _ = setsockopt(&fd, sockopt::Ipv6Ttl, &-1);
+        if r?.rejected > 0 {
+            *self.local_drops.entry(ShellDrop::SendRejected).or_default() += 1;
+        }
+        Ok(())
+    }
+
+    fn track(&mut self, peer: Address) -> Option<&mut PeerTrack> {
+        if peer == self.address {
+            return None;
+        }
+        if self.peers.len() >= PEER_TABLE_LIMIT && !self.peers.contains_key(&peer) {
+            return None;
+        }
+        Some(self.peers.entry(peer).or_default())
+    }
+
+    fn drain_events(&mut self) {
+        while let Some(ev) = self.node.poll_event() {
+            match &ev {
+                Event::PeerLearned { peer, .. } | Event::PathLearned { peer, .. } => {
+                    self.track(*peer);
+                }
+                Event::HelloReceived {
+                    peer,
+                    protocol_version,
+                    software,
+                    ..
+                } => {
+                    let (pv, sw) = (*protocol_version, *software);
+                    if let Some(t) = self.track(*peer) {
+                        t.protocol_version = Some(pv);
+                        t.version = Some(sw);
+                    }
+                }
+                Event::Latency { peer, ms, .. } => {
+                    let ms = *ms;
+                    if let Some(t) = self.track(*peer) {
+                        t.latency_ms = Some(ms);
+                    }
+                }
+                Event::Packet { .. } => {
+                    *self
+                        .local_drops
+                        .entry(ShellDrop::UnhandledPacket)
+                        .or_default() += 1;
+                    continue;
+                }
+                _ => {}
+            }
+            if self.events.try_send(ev).is_err() {
+                self.events_lost += 1;
+            }
+        }
+    }
+
+    /// Answers commands; false when told to stop (or when the control plane is gone).
+    fn serve_commands(&mut self) -> bool {
+        loop {
+            match self.commands.try_recv() {
+                Ok(Command::Snapshot(reply)) => {
+                    let s = self.snapshot(self.clock.now());
+                    let _ = reply.send(s);
+                }
+                Ok(Command::Stop) | Err(mpsc::TryRecvError::Disconnected) => return false,
+                Err(mpsc::TryRecvError::Empty) => return true,
+            }
+        }
+    }
+
+    fn drop_name(&mut self, r: DropReason) -> &'static str {
+        if let Some(&n) = self.names.get(&r) {
+            return n;
+        }
+        let n: &'static str = Box::leak(format!("{r:?}").into_boxed_str());
+        self.names.insert(r, n);
+        n
+    }
+
+    fn drops(&mut self) -> Vec<(&'static str, u64)> {
+        let node: Vec<(DropReason, u64)> =
+            self.node.drops().iter().map(|(r, n)| (*r, *n)).collect();
+        let mut out: Vec<(&'static str, u64)> = node
+            .into_iter()
+            .map(|(r, n)| (self.drop_name(r), n))
+            .collect();
+        out.extend(self.local_drops.iter().map(|(r, n)| (r.name(), *n)));
+        out.sort_unstable();
+        out
+    }
+
+    fn snapshot(&mut self, now: u64) -> NodeSnapshot {
+        let me = self.address;
+        let node = &self.node;
+        self.peers
+            .retain(|a, _| *a != me && (node.knows_peer(me, *a) || self.roots.contains(a)));
+        let mut peers: Vec<PeerSnapshot> = self
+            .peers
+            .iter()
+            .map(|(a, t)| {
+                let role = if self.roots.contains(a) {
+                    PeerRole::Root
+                } else {
+                    PeerRole::Leaf
+                };
+                let direct_path = node.direct_path(now, me, *a);
+                PeerSnapshot {
+                    address: *a,
+                    role,
+                    latency_ms: t.latency_ms,
+                    direct_path,
+                    relayed: direct_path.is_none() && role == PeerRole::Leaf,
+                    version: t.version,
+                    protocol_version: t.protocol_version,
+                }
+            })
+            .collect();
+        peers.sort_by_key(|p| (p.role == PeerRole::Leaf, p.address));
+        NodeSnapshot {
+            address: me,
+            is_root: node.is_root(),
+            online: node.is_online(now, me),
+            planet_id: self.planet_id,
+            roots: self.roots.clone(),
+            peers,
+            stats: *node.stats(),
+            drops: self.drops(),
+            events_lost: self.events_lost,
+            local_addr: self.local_addr,
+        }
+    }
+
+    /// Refreshes the metrics: peers, paths by kind, drops by reason.
+    fn publish(&mut self, now: u64) {
+        let s = self.snapshot(now);
+        let m = &self.metrics;
+        set(&m.peers, s.peers.len());
+        let direct = s.peers.iter().filter(|p| p.direct_path.is_some()).count();
+        let relayed = s.peers.iter().filter(|p| p.relayed).count();
+        set(
+            &m.paths.get_or_create(&PathLabels {
+                kind: PathKind::Direct,
+            }),
+            direct,
+        );
+        set(
+            &m.paths.get_or_create(&PathLabels {
+                kind: PathKind::Relayed,
+            }),
+            relayed,
+        );
+        for (reason, total) in s.drops {
+            let seen = self.published_drops.entry(reason).or_default();
+            if total > *seen {
+                m.drops
+                    .get_or_create(&DropLabels { reason })
+                    .inc_by(total - *seen);
+                *seen = total;
+            }
+        }
+    }
+}
+
+fn set(g: &Gauge, v: usize) {
+    g.set(i64::try_from(v).unwrap_or(i64::MAX));
+}
