@@ -167,20 +167,14 @@ impl Compiled {
                 ])
             })
             .collect();
-        // cli.js writes `t.default || null`: a default of 0 becomes null here.
+        // cli.js writes `(dfl || dfl === 0) ? dfl : null`: a default of 0 stays 0.
         let tags: Vec<OJson> = self
             .tags
             .iter()
             .map(|(_, t)| {
                 OJson::obj(vec![
                     ("id", OJson::Int(t.id)),
-                    (
-                        "default",
-                        match t.default {
-                            Some(d) if d != 0 => OJson::Int(d),
-                            _ => OJson::Null,
-                        },
-                    ),
+                    ("default", t.default.map_or(OJson::Null, OJson::Int)),
                 ])
             })
             .collect();
