@@ -1,5 +1,6 @@
 //! `cargo xtask`: flatwire's development tasks.
 
+mod crds;
 mod fuzz;
 mod table;
 mod test;
@@ -17,6 +18,8 @@ enum Task {
     Test(test::Args),
     /// Run each cargo-fuzz target for a bounded time and print target/runs/result (not in CI).
     Fuzz(fuzz::Args),
+    /// Regenerate crds/*.yaml from the operator's Rust types (`flatwire-operator crds`).
+    Crds,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -24,5 +27,6 @@ fn main() -> anyhow::Result<()> {
         Task::Tools => tools::run(),
         Task::Test(args) => test::run(&args),
         Task::Fuzz(args) => fuzz::run(&args),
+        Task::Crds => crds::run(),
     }
 }

@@ -1,0 +1,7 @@
+//! flatwire-operator: the `flatwire.io` custom resources (`Network`, `NetworkMember`) and,
+//! as they arrive, the controllers that turn them into ZeroTier-compatible networks.
+
+pub mod crd;
+
+/// API group of every flatwire custom resource.
+pub const API_GROUP: &str = "flatwire.io";
