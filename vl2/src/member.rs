@@ -632,10 +632,14 @@ impl Network {
             if cfg.flags & FLAG_ENABLE_BROADCAST != 0 {
                 s.insert(MulticastGroup::BROADCAST);
             }
+            // The address-resolution group of every assigned IP, as the reference's taps
+            // add `deriveMulticastGroupForAddressResolution` for each: ARP `(ff:…:ff, ip)`
+            // for IPv4, the solicited-node `(33:33:ff:xx:yy:zz, 0)` for IPv6.
             for ip in &cfg.static_ips {
-                if let std::net::IpAddr::V4(a) = ip.ip {
-                    s.insert(MulticastGroup::arp(a));
-                }
+                match ip.ip {
+                    std::net::IpAddr::V4(a) => s.insert(MulticastGroup::arp(a)),
+                    std::net::IpAddr::V6(a) => s.insert(MulticastGroup::ndp(a)),
+                };
             }
         }
         let new: Vec<MulticastGroup> = s.difference(&self.subscriptions).copied().collect();
@@ -1878,5 +1882,90 @@ impl Upstream {
     /// Members of a group.
     pub fn members(&self, nwid: NetworkId, group: MulticastGroup) -> Vec<Address> {
         self.groups.members(nwid, group)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+    use super::*;
+    use crate::ip::{InetAddress, rfc4193, sixplane};
+
+    fn likes_to(out: &[Output], to: Address) -> BTreeSet<MulticastGroup> {
+        out.iter()
+            .filter_map(|o| match o {
+                Output::Send {
+                    to: t,
+                    verb: Verb::MULTICAST_LIKE,
+                    payload,
+                } if *t == to => Some(decode_likes(payload).unwrap()),
+                _ => None,
+            })
+            .flatten()
+            .map(|(_, g)| g)
+            .collect()
+    }
+
+    #[test]
+    fn members_subscribe_to_the_address_resolution_groups_of_their_ips() {
+        let own = Address::new(0x89_e92c_eee5).unwrap();
+        let root = Address::new(0x77_7777_7777).unwrap();
+        let nwid: NetworkId = "8056c2e21c000001".parse().unwrap();
+        let mut n = Network::join(own, nwid, MemberOptions::default(), 1000);
+        n.set_upstreams(vec![root]);
+        while n.poll_output().is_some() {}
+
+        let v4 = Ipv4Addr::new(10, 9, 0, 17);
+        let pool6: Ipv6Addr = "fd00:feed::12:3456".parse().unwrap();
+        let (r6, p6) = (rfc4193(nwid, own), sixplane(nwid, own));
+        let mut cfg = NetworkConfig {
+            network_id: nwid,
+            issued_to: own,
+            timestamp: 1000,
+            multicast_limit: 32,
+            static_ips: vec![
+                InetAddress::new(IpAddr::V4(v4), 24),
+                InetAddress::new(IpAddr::V6(pool6), 64),
+                InetAddress::new(IpAddr::V6(r6), 88),
+                InetAddress::new(IpAddr::V6(p6), 40),
+            ],
+            ..NetworkConfig::default()
+        };
+        assert!(n.apply_config(2000, cfg.clone()));
+        let out: Vec<Output> = std::iter::from_fn(|| n.poll_output()).collect();
+
+        // ZeroTier's deriveMulticastGroupForAddressResolution: IPv6 groups are the
+        // solicited-node MAC 33:33:ff + the last three address bytes, with ADI 0.
+        let ndp = |ip: Ipv6Addr| {
+            let o = ip.octets();
+            MulticastGroup::new(Mac([0x33, 0x33, 0xff, o[13], o[14], o[15]]), 0)
+        };
+        let want: BTreeSet<MulticastGroup> = [
+            MulticastGroup::new(Mac::BROADCAST, u32::from(v4)),
+            ndp(pool6),
+            ndp(r6),
+            ndp(p6),
+        ]
+        .into_iter()
+        .collect();
+        assert_eq!(
+            n.subscriptions, want,
+            "no broadcast group: broadcast is off"
+        );
+        assert_eq!(ndp(pool6).mac, Mac([0x33, 0x33, 0xff, 0x12, 0x34, 0x56]));
+        // Announced at once to the root and the controller.
+        assert_eq!(likes_to(&out, root), want);
+        assert_eq!(likes_to(&out, nwid.controller()), want);
+
+        // A changed address: the new group is announced, the old one is no longer held.
+        let moved: Ipv6Addr = "fd00:feed::ab:cdef".parse().unwrap();
+        cfg.static_ips[1] = InetAddress::new(IpAddr::V6(moved), 64);
+        cfg.revision += 1;
+        assert!(n.apply_config(3000, cfg));
+        let out: Vec<Output> = std::iter::from_fn(|| n.poll_output()).collect();
+        assert!(n.subscriptions.contains(&ndp(moved)));
+        assert!(!n.subscriptions.contains(&ndp(pool6)));
+        assert_eq!(likes_to(&out, root), [ndp(moved)].into_iter().collect());
     }
 }
