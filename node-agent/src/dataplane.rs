@@ -12,6 +12,7 @@ use std::io::{self, IoSliceMut};
 use std::net::SocketAddr;
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixDatagram;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::mpsc;
@@ -20,10 +21,12 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use flatwire_vl1::node::{MAX_DATAGRAM_LEN, NodeStats};
 use flatwire_vl1::{Address, DropReason, Event, Identity, LocalSocket, Node, NodeConfig, World};
+use flatwire_vl2::NetworkId;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use prometheus_client::metrics::gauge::Gauge;
 
 use crate::metrics::{DropLabels, Metrics, PathKind, PathLabels};
+use crate::networks::{NetworkSnapshot, Vl2};
 use crate::udp::{self, RecvMeta, UdpPort};
 
 /// Receive slots per `recvmmsg`.
@@ -51,6 +54,9 @@ pub enum StartError {
     /// The thread or its wake-up socket could not be created.
     #[error("cannot start the data-plane thread: {0}")]
     Io(#[from] io::Error),
+    /// The controller's store could not be opened.
+    #[error("cannot open the controller store: {0}")]
+    Controller(#[from] flatwire_vl2::controller::StoreError),
 }
 
 /// What the data plane runs.
@@ -62,6 +68,10 @@ pub struct DataPlaneConfig {
     pub planet: World,
     /// Where to bind the UDP port (`[::]:9993` by default: dual-stack).
     pub bind: SocketAddr,
+    /// With the controller role: its JSON-file store (`<home>/controller.d`).
+    pub controller_dir: Option<PathBuf>,
+    /// Networks to join (a TAP `fw<last 8 hex digits>` each).
+    pub networks: Vec<NetworkId>,
 }
 
 /// The role of a peer.
@@ -115,6 +125,8 @@ pub struct NodeSnapshot {
     pub events_lost: u64,
     /// The bound UDP address.
     pub local_addr: SocketAddr,
+    /// Joined networks.
+    pub networks: Vec<NetworkSnapshot>,
 }
 
 impl NodeSnapshot {
@@ -213,9 +225,11 @@ impl NodeHandle {
     }
 }
 
-/// Binds the UDP port, creates the node and starts the data-plane thread (`flatwire-dp`).
-/// Returns the handle and the receiver of the node's events (all but `Packet`, which has no
-/// consumer until VL2 runs and is counted as an `UnhandledPacket` drop).
+/// Binds the UDP port, creates the node, opens the controller store, creates the TAPs of the
+/// joined networks and starts the data-plane thread (`flatwire-dp`). Blocks briefly (file and
+/// device I/O): from async code call it via `spawn_blocking`. Returns the handle and the
+/// receiver of the node's events (all but `Packet`, which VL2 consumes on the thread; with no
+/// VL2 role it is counted as an `UnhandledPacket` drop).
 pub fn start(
     cfg: DataPlaneConfig,
     metrics: Arc<Metrics>,
@@ -230,6 +244,13 @@ pub fn start(
         .map(|r| r.identity.address())
         .collect();
     let planet_id = cfg.planet.id;
+    let clock = Clock::new();
+    let is_root = cfg
+        .planet
+        .roots
+        .iter()
+        .any(|r| r.identity.address() == address);
+    let vl2_identity = cfg.identity.clone();
     let node = Node::new(NodeConfig::new(cfg.planet), vec![cfg.identity])?;
     let (wake_tx, wake_rx) = UnixDatagram::pair()?;
     wake_tx.set_nonblocking(true)?;
@@ -240,28 +261,64 @@ pub fn start(
     for r in roots.iter().filter(|r| **r != address) {
         peers.insert(*r, PeerTrack::default());
     }
-    let dp = DataPlane {
-        port,
-        node,
-        address,
-        roots,
-        planet_id,
-        local_addr,
-        commands: cmd_rx,
-        wake: wake_rx,
-        events: ev_tx,
-        events_lost: 0,
-        peers,
-        metrics,
-        published_drops: HashMap::new(),
-        local_drops: HashMap::new(),
-        names: HashMap::new(),
-        clock: Clock::new(),
-        next_publish: 0,
-    };
+    // The controller is not `Send`: VL2 is set up on the thread, which reports how it went.
+    let (started_tx, started_rx) = mpsc::sync_channel(1);
+    let (controller_dir, networks) = (cfg.controller_dir, cfg.networks);
     let thread = std::thread::Builder::new()
         .name("flatwire-dp".into())
-        .spawn(move || dp.run())?;
+        .spawn(move || {
+            let now = clock.now();
+            let vl2 = Vl2::start(
+                address,
+                &vl2_identity,
+                &roots,
+                is_root,
+                controller_dir.as_deref(),
+                &networks,
+                now,
+            );
+            match vl2 {
+                Ok(vl2) => {
+                    let _ = started_tx.send(Ok(()));
+                    let dp = DataPlane {
+                        port,
+                        node,
+                        address,
+                        roots,
+                        planet_id,
+                        local_addr,
+                        commands: cmd_rx,
+                        wake: wake_rx,
+                        events: ev_tx,
+                        events_lost: 0,
+                        peers,
+                        metrics,
+                        published_drops: HashMap::new(),
+                        local_drops: HashMap::new(),
+                        names: HashMap::new(),
+                        clock,
+                        next_publish: 0,
+                        vl2,
+                        ready_taps: Vec::new(),
+                    };
+                    dp.run();
+                }
+                Err(e) => {
+                    let _ = started_tx.send(Err(e));
+                }
+            }
+        })?;
+    match started_rx.recv() {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            let _ = thread.join();
+            return Err(e.into());
+        }
+        Err(_) => {
+            let _ = thread.join();
+            return Err(io::Error::other("the data-plane thread died while starting").into());
+        }
+    }
     Ok((
         NodeHandle {
             address,
@@ -308,8 +365,10 @@ struct PeerTrack {
 enum ShellDrop {
     /// The kernel refused a datagram we sent (unreachable, too large, ...).
     SendRejected,
-    /// An authenticated packet for VL2, which does not run yet.
+    /// An authenticated VL2 packet while no VL2 role runs (no network, controller or root).
     UnhandledPacket,
+    /// A frame a member delivered that its TAP refused or could not take.
+    TapRejected,
 }
 
 impl ShellDrop {
@@ -317,6 +376,7 @@ impl ShellDrop {
         match self {
             ShellDrop::SendRejected => "SendRejected",
             ShellDrop::UnhandledPacket => "UnhandledPacket",
+            ShellDrop::TapRejected => "TapRejected",
         }
     }
 }
@@ -341,6 +401,9 @@ struct DataPlane {
     names: HashMap<DropReason, &'static str>,
     clock: Clock,
     next_publish: u64,
+    vl2: Vl2,
+    /// Indices of the networks whose TAP polled readable (reused).
+    ready_taps: Vec<usize>,
 }
 
 impl DataPlane {
@@ -354,11 +417,17 @@ impl DataPlane {
             if now >= self.node.poll_timeout() {
                 self.node.handle_timeout(now);
             }
+            if now >= self.vl2.poll_timeout() {
+                self.vl2.handle_timeout(now);
+            }
+            if self.vl2.awaits_config() && self.node.is_online(now, self.address) {
+                self.vl2.nudge(now);
+            }
+            self.drain_events();
             if let Err(e) = self.flush(&mut tx) {
                 tracing::error!(error = %e, "UDP socket failed; data plane stops");
                 return;
             }
-            self.drain_events();
             if now >= self.next_publish {
                 self.publish(now);
                 self.next_publish = now + PUBLISH_INTERVAL;
@@ -368,7 +437,11 @@ impl DataPlane {
                 return;
             }
             let now = self.clock.now();
-            let wake_at = self.node.poll_timeout().min(self.next_publish);
+            let wake_at = self
+                .node
+                .poll_timeout()
+                .min(self.next_publish)
+                .min(self.vl2.poll_timeout());
             let timeout = Duration::from_millis(wake_at.saturating_sub(now));
             let (udp_ready, _) = match self.wait(timeout) {
                 Ok(r) => r,
@@ -381,16 +454,37 @@ impl DataPlane {
                 tracing::error!(error = %e, "UDP socket failed; data plane stops");
                 return;
             }
+            if !self.ready_taps.is_empty() {
+                let now = self.clock.now();
+                let ready = std::mem::take(&mut self.ready_taps);
+                for &i in &ready {
+                    self.vl2.tap_readable(i, &mut self.node, now);
+                }
+                self.ready_taps = ready;
+                self.account_tap_rejects();
+                if let Err(e) = self.flush(&mut tx) {
+                    tracing::error!(error = %e, "UDP socket failed; data plane stops");
+                    return;
+                }
+            }
         }
     }
 
-    /// Waits for the UDP socket or the wake-up socket; returns which are readable.
-    fn wait(&self, timeout: Duration) -> io::Result<(bool, bool)> {
+    /// Waits for the UDP socket, the wake-up socket or a TAP; returns whether the first two
+    /// are readable and leaves the indices of readable TAPs in `ready_taps`.
+    fn wait(&mut self, timeout: Duration) -> io::Result<(bool, bool)> {
         let t = PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX);
-        let mut fds = [
+        let mut taps: Vec<usize> = Vec::new();
+        let mut fds = vec![
             PollFd::new(self.port.as_fd(), PollFlags::POLLIN),
             PollFd::new(self.wake.as_fd(), PollFlags::POLLIN),
         ];
+        for (i, fd) in self.vl2.tap_fds().enumerate() {
+            if let Some(fd) = fd {
+                taps.push(i);
+                fds.push(PollFd::new(fd, PollFlags::POLLIN));
+            }
+        }
         loop {
             match poll(&mut fds, t) {
                 Ok(_) => break,
@@ -403,6 +497,13 @@ impl DataPlane {
                 .is_some_and(|r| r.intersects(PollFlags::POLLIN | PollFlags::POLLERR))
         };
         let (udp, wake) = (ready(&fds[0]), ready(&fds[1]));
+        self.ready_taps.clear();
+        for (k, i) in taps.iter().enumerate() {
+            if ready(&fds[k + 2]) {
+                self.ready_taps.push(*i);
+            }
+        }
+        drop(fds);
         if wake {
             let mut b = [0u8; 64];
             while self.wake.recv(&mut b).is_ok() {}
@@ -447,8 +548,8 @@ impl DataPlane {
                         .handle_datagram(now, LocalSocket(0), meta.addr, datagram);
                 }
             }
-            self.flush(tx)?;
             self.drain_events();
+            self.flush(tx)?;
         }
         Ok(())
     }
@@ -535,6 +636,9 @@ impl DataPlane {
         while let Some(ev) = self.node.poll_event() {
             match &ev {
                 Event::PeerLearned { peer, .. } | Event::PathLearned { peer, .. } => {
+                    if self.vl2.awaits_config_from(*peer) {
+                        self.vl2.nudge(self.clock.now());
+                    }
                     self.track(*peer);
                 }
                 Event::HelloReceived {
@@ -550,16 +654,31 @@ impl DataPlane {
                     }
                 }
                 Event::Latency { peer, ms, .. } => {
+                    if self.vl2.awaits_config_from(*peer) {
+                        self.vl2.nudge(self.clock.now());
+                    }
                     let ms = *ms;
                     if let Some(t) = self.track(*peer) {
                         t.latency_ms = Some(ms);
                     }
                 }
-                Event::Packet { .. } => {
-                    *self
-                        .local_drops
-                        .entry(ShellDrop::UnhandledPacket)
-                        .or_default() += 1;
+                Event::Packet {
+                    from,
+                    verb,
+                    packet_id,
+                    payload,
+                    ..
+                } => {
+                    let now = self.clock.now();
+                    let handled = self
+                        .vl2
+                        .handle_packet(&self.node, now, *from, *verb, *packet_id, payload);
+                    if !handled {
+                        *self
+                            .local_drops
+                            .entry(ShellDrop::UnhandledPacket)
+                            .or_default() += 1;
+                    }
                     continue;
                 }
                 _ => {}
@@ -567,6 +686,16 @@ impl DataPlane {
             if self.events.try_send(ev).is_err() {
                 self.events_lost += 1;
             }
+        }
+        let now = self.clock.now();
+        self.vl2.drain(&mut self.node, now);
+        self.account_tap_rejects();
+    }
+
+    fn account_tap_rejects(&mut self) {
+        let n = std::mem::take(&mut self.vl2.tap_rejected);
+        if n > 0 {
+            *self.local_drops.entry(ShellDrop::TapRejected).or_default() += n;
         }
     }
 
@@ -601,6 +730,7 @@ impl DataPlane {
             .map(|(r, n)| (self.drop_name(r), n))
             .collect();
         out.extend(self.local_drops.iter().map(|(r, n)| (r.name(), *n)));
+        out.extend(self.vl2.drops().filter(|(_, n)| *n > 0));
         out.sort_unstable();
         out
     }
@@ -643,6 +773,7 @@ impl DataPlane {
             drops: self.drops(),
             events_lost: self.events_lost,
             local_addr: self.local_addr,
+            networks: self.vl2.snapshot(),
         }
     }
 

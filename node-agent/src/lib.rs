@@ -5,11 +5,12 @@
 //! written state directory), [`metrics`] (Prometheus text over a tiny HTTP endpoint) and
 //! [`service`] (the gRPC service of `flatwire-api` as served today), [`host`] (the host identity
 //! and planet in the state directory) and [`dataplane`] (the thread that runs the VL1 node on
-//! the UDP port).
+//! the UDP port) and [`networks`] (VL2 on that thread: joined networks on TAPs, the controller).
 
 pub mod dataplane;
 pub mod host;
 pub mod metrics;
+pub mod networks;
 pub mod service;
 pub mod state;
 pub mod tap;

@@ -2,7 +2,8 @@
 //!
 //! It opens the state directory, loads (or on first start generates) the host identity, loads
 //! the planet, runs the VL1 node on the UDP port in a data-plane thread (as a root of the
-//! planet with `--root`), serves the gRPC API on its Unix socket (`Status` is ready once a root
+//! planet with `--root`) together with VL2 (the networks of `--join` and `HOME/networks.d`,
+//! each on a TAP; the network controller with `--controller`), serves the gRPC API on its Unix socket (`Status` is ready once a root
 //! answered) and Prometheus metrics on a loopback TCP port, and exits cleanly on
 //! SIGINT/SIGTERM, removing its socket.
 
@@ -14,8 +15,10 @@ use std::sync::atomic::AtomicBool;
 use anyhow::Context as _;
 use clap::Parser;
 use flatwire_agent::dataplane::{self, DataPlaneConfig, NodeHandle};
-use flatwire_agent::{host, metrics, service, state::StateDir, udp};
+use flatwire_agent::state::{Sensitivity, StateDir};
+use flatwire_agent::{host, metrics, networks, service, udp};
 use flatwire_vl1::Event;
+use flatwire_vl2::NetworkId;
 use tokio::signal::unix::{SignalKind, signal};
 
 /// How long calls in flight may run after SIGTERM/SIGINT.
@@ -44,6 +47,14 @@ struct Args {
     /// Serve the planet as one of its roots (this host's identity must be listed in it).
     #[arg(long)]
     root: bool,
+    /// Also run the network controller for networks `<our address>xxxxxx`, with the
+    /// ZeroTier-style JSON-file store in `HOME/controller.d`.
+    #[arg(long)]
+    controller: bool,
+    /// Join this network (16 hex digits; repeatable). Remembered in `HOME/networks.d`, so a
+    /// restart rejoins it without the flag.
+    #[arg(long = "join", value_name = "NWID")]
+    join: Vec<NetworkId>,
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -94,12 +105,23 @@ async fn main() -> anyhow::Result<()> {
     let (agent_service, node) = match planet {
         Some(planet) => {
             let planet_id = planet.id;
+            let joined = {
+                let (state, join) = (state.clone(), args.join.clone());
+                tokio::task::spawn_blocking(move || persist_networks(&state, &join))
+                    .await
+                    .context("network persistence panicked")??
+            };
             let cfg = DataPlaneConfig {
                 identity,
                 planet,
                 bind: udp::dual_stack_any(args.port),
+                controller_dir: args.controller.then(|| state.root().join(CONTROLLER_DIR)),
+                networks: joined,
             };
-            let (node, events) = dataplane::start(cfg, metrics.clone())?;
+            let m = metrics.clone();
+            let (node, events) = tokio::task::spawn_blocking(move || dataplane::start(cfg, m))
+                .await
+                .context("data-plane start panicked")??;
             let node = Arc::new(node);
             tokio::spawn(handle_events(events, state.clone()));
             tracing::info!(
@@ -107,6 +129,7 @@ async fn main() -> anyhow::Result<()> {
                 planet = planet_id,
                 udp = %node.local_addr(),
                 root = args.root,
+                controller = args.controller,
                 "VL1 node running"
             );
             (service::AgentService::with_node(node.clone()), Some(node))
@@ -169,6 +192,30 @@ async fn main() -> anyhow::Result<()> {
     served.with_context(|| format!("gRPC server on {}", args.socket.display()))
 }
 
+/// The controller's JSON-file store under the state directory.
+const CONTROLLER_DIR: &str = "controller.d";
+/// Joined networks under the state directory, one `<nwid>.json` each.
+const NETWORKS_DIR: &str = "networks.d";
+
+/// Records the networks of `--join` in `HOME/networks.d` and returns every network recorded
+/// there (blocking file I/O: run off the tokio workers).
+fn persist_networks(state: &StateDir, join: &[NetworkId]) -> anyhow::Result<Vec<NetworkId>> {
+    let dir = StateDir::open(state.root().join(NETWORKS_DIR))?;
+    for nwid in join {
+        let name = format!("{nwid}.json");
+        if dir.read(&name)?.is_none() {
+            dir.write_json(
+                &name,
+                &serde_json::json!({ "id": nwid.to_string() }),
+                Sensitivity::Public,
+            )?;
+        }
+    }
+    let nets = networks::persisted_networks(dir.root())
+        .with_context(|| format!("cannot list {}", dir.root().display()))?;
+    Ok(nets)
+}
+
 /// Stops the data-plane thread and waits (off the tokio workers) for it to end.
 async fn stop_node(node: Arc<NodeHandle>) {
     node.stop();
@@ -226,5 +273,22 @@ mod tests {
         assert_eq!(a.socket, PathBuf::from(flatwire_api::DEFAULT_AGENT_SOCKET));
         assert!(a.metrics_listen.ip().is_loopback());
         assert!(Args::try_parse_from(["flatwire-agent", "--port", "70000"]).is_err());
+    }
+
+    #[test]
+    fn join_is_repeatable_and_checked() {
+        let a = Args::try_parse_from([
+            "flatwire-agent",
+            "--controller",
+            "--join",
+            "8056c2e21c000001",
+            "--join",
+            "8056c2e21c000002",
+        ])
+        .unwrap();
+        assert!(a.controller);
+        assert_eq!(a.join.len(), 2);
+        assert!(!Args::try_parse_from(["flatwire-agent"]).unwrap().controller);
+        assert!(Args::try_parse_from(["flatwire-agent", "--join", "xyz"]).is_err());
     }
 }

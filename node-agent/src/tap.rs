@@ -138,6 +138,12 @@ pub struct TapQueue {
     dev: SyncDevice,
 }
 
+impl AsFd for TapQueue {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.dev.as_fd()
+    }
+}
+
 impl std::fmt::Debug for TapQueue {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "TapQueue(fd {})", self.dev.as_raw_fd())
@@ -339,6 +345,118 @@ fn configure_in_netns(
                 .map_err(nl(&format!("add route {} via {:?}", r.dst, r.gateway)))?;
         }
         Ok(index)
+    })
+}
+
+/// What a link in the current network namespace should look like (see [`configure_link`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LinkState {
+    /// The interface MTU.
+    pub mtu: u32,
+    /// Exactly these addresses (others are removed, IPv6 link-local ones excepted).
+    pub addresses: Vec<IpPrefix>,
+    /// Routes to add through the link (ones that already exist are fine).
+    pub routes: Vec<LinkRoute>,
+}
+
+fn exists(e: &rtnetlink::Error) -> bool {
+    matches!(e, rtnetlink::Error::NetlinkError(m) if m.raw_code() == -libc::EEXIST)
+}
+
+/// Brings the link `ifindex` of the current network namespace up with `state`'s MTU,
+/// reconciles its addresses to `state.addresses` and adds `state.routes`. Idempotent.
+/// Blocks on its own single-threaded runtime: call it from a plain OS thread, never from a
+/// tokio worker.
+pub fn configure_link(ifindex: u32, state: &LinkState) -> Result<(), TapError> {
+    use rtnetlink::packet_route::address::AddressAttribute;
+    let nl = |what: String| move |source| TapError::Netlink { what, source };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .map_err(|source| TapError::Io {
+            what: "build netlink runtime",
+            source,
+        })?;
+    rt.block_on(async {
+        let (conn, handle, _) = rtnetlink::new_connection().map_err(|source| TapError::Io {
+            what: "open rtnetlink socket",
+            source,
+        })?;
+        tokio::spawn(conn);
+        handle
+            .link()
+            .set(
+                LinkUnspec::new_with_index(ifindex)
+                    .mtu(state.mtu)
+                    .up()
+                    .build(),
+            )
+            .execute()
+            .await
+            .map_err(nl(format!("set link {ifindex} up, mtu {}", state.mtu)))?;
+        let mut have = Vec::new();
+        let mut stale = Vec::new();
+        let mut addrs = handle
+            .address()
+            .get()
+            .set_link_index_filter(ifindex)
+            .execute();
+        while let Some(msg) = addrs.next().await {
+            let msg = msg.map_err(nl(format!("list addresses of link {ifindex}")))?;
+            let addr = msg.attributes.iter().find_map(|a| match a {
+                AddressAttribute::Address(ip) => Some(*ip),
+                _ => None,
+            });
+            let Some(addr) = addr else { continue };
+            let p = IpPrefix {
+                addr,
+                len: msg.header.prefix_len,
+            };
+            let link_local = matches!(addr, IpAddr::V6(a) if a.is_unicast_link_local());
+            if state.addresses.contains(&p) {
+                have.push(p);
+            } else if !link_local {
+                stale.push(msg);
+            }
+        }
+        for msg in stale {
+            handle
+                .address()
+                .del(msg)
+                .execute()
+                .await
+                .map_err(nl(format!("remove a stale address of link {ifindex}")))?;
+        }
+        for a in state.addresses.iter().filter(|a| !have.contains(a)) {
+            match handle.address().add(ifindex, a.addr, a.len).execute().await {
+                Err(e) if !exists(&e) => {
+                    return Err(nl(format!("add address {a} to link {ifindex}"))(e));
+                }
+                _ => {}
+            }
+        }
+        for r in &state.routes {
+            let mut b = RouteMessageBuilder::<IpAddr>::new()
+                .destination_prefix(r.dst.addr, r.dst.len)
+                .map_err(|e| TapError::Io {
+                    what: "route destination",
+                    source: io::Error::new(io::ErrorKind::InvalidInput, e.to_string()),
+                })?
+                .output_interface(ifindex);
+            if let Some(gw) = r.gateway {
+                b = b.gateway(gw).map_err(|e| TapError::Io {
+                    what: "route gateway",
+                    source: io::Error::new(io::ErrorKind::InvalidInput, e.to_string()),
+                })?;
+            }
+            match handle.route().add(b.build()).execute().await {
+                Err(e) if !exists(&e) => {
+                    return Err(nl(format!("add route {} via {:?}", r.dst, r.gateway))(e));
+                }
+                _ => {}
+            }
+        }
+        Ok(())
     })
 }
 

@@ -60,6 +60,8 @@ async fn leaf_reaches_root_and_snapshots_say_so() {
             identity: root_id.clone(),
             planet: planet.clone(),
             bind: root_addr,
+            controller_dir: None,
+            networks: Vec::new(),
         },
         root_metrics.clone(),
     )
@@ -69,6 +71,8 @@ async fn leaf_reaches_root_and_snapshots_say_so() {
             identity: leaf_id.clone(),
             planet,
             bind: "127.0.0.1:0".parse().unwrap(),
+            controller_dir: None,
+            networks: Vec::new(),
         },
         leaf_metrics.clone(),
     )

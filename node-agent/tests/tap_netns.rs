@@ -237,9 +237,17 @@ fn multiqueue_tap_moves_with_all_queues() {
     .unwrap();
     assert_eq!(flags & 0x0002, 0x0002, "IFF_TAP");
     assert_eq!(flags & 0x0100, 0x0100, "IFF_MULTI_QUEUE");
-    // Dropping the fds destroys the device inside the namespace.
+    // Dropping the fds destroys the device inside the namespace (the kernel tears it down
+    // asynchronously, so give it a moment).
     drop(tap);
-    assert_eq!(ns.read("/sys/class/net/net1/mtu"), "");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    while !ns.read("/sys/class/net/net1/mtu").is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "net1 still exists 3 s after its fds were closed"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 }
 
 #[test]

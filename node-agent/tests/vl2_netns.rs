@@ -1,0 +1,316 @@
+//! VL2 over real agents in network namespaces (needs root): one agent is the planet's root and
+//! the network controller (a network pre-created as JSON in its `controller.d`), two member
+//! agents join it with `--join`, get their addresses on their TAPs and ping each other over
+//! the overlay; a restarted member rejoins from `networks.d` with the same address.
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use flatwire_agent::host;
+use flatwire_agent::networks::tap_name;
+use flatwire_agent::state::StateDir;
+use flatwire_tests::netns::{Host, Topology};
+use flatwire_tests::process::Proc;
+use flatwire_vl1::{Identity, Root, World, WorldType};
+use flatwire_vl2::NetworkId;
+
+const AGENT: &str = env!("CARGO_BIN_EXE_flatwire-agent");
+
+fn is_root() -> bool {
+    nix::unistd::Uid::effective().is_root()
+}
+
+/// Starts an agent inside `host`; ended by PID when the returned guard drops.
+fn start(host: &Host, home: &Path, extra: &[&str]) -> Proc {
+    let mut cmd = host.command(AGENT);
+    cmd.arg("--home")
+        .arg(home)
+        .arg("--socket")
+        .arg(home.join("agent.sock"))
+        .args(["--metrics-listen", "127.0.0.1:9994"])
+        .args(extra)
+        .env("RUST_LOG", "info,flatwire_agent=debug")
+        .stdin(std::process::Stdio::null());
+    Proc::spawn(&format!("agent in {}", host.name()), &mut cmd).unwrap()
+}
+
+fn new_identity(home: &Path) -> Identity {
+    let id = Identity::generate(&AtomicBool::new(false)).unwrap();
+    host::store_identity(&StateDir::open(home).unwrap(), &id).unwrap();
+    id
+}
+
+/// The IPv4 address on `dev` in `host`'s namespace, if any.
+fn ipv4_of(host: &Host, dev: &str) -> Option<Ipv4Addr> {
+    let out = host
+        .run("ip", &["-4", "-o", "addr", "show", "dev", dev])
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let word = text
+        .split_whitespace()
+        .skip_while(|w| *w != "inet")
+        .nth(1)?;
+    word.split('/').next()?.parse().ok()
+}
+
+/// Waits (at most `limit`) for an IPv4 address on `dev`.
+fn wait_ipv4(host: &Host, dev: &str, proc: &mut Proc, limit: Duration) -> Ipv4Addr {
+    let deadline = Instant::now() + limit;
+    loop {
+        assert!(proc.try_status().is_none(), "{} exited", proc.name());
+        if let Some(a) = ipv4_of(host, dev) {
+            return a;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no IPv4 address on {dev} in {} after {limit:?}",
+            host.name()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Runs `ping` in `host`; returns (success, stdout).
+fn ping(host: &Host, to: Ipv4Addr, count: &str) -> (bool, String) {
+    let out = host
+        .run(
+            "ping",
+            &["-c", count, "-W", "1", "-i", "0.2", &to.to_string()],
+        )
+        .map(|o| {
+            (
+                o.status.success(),
+                String::from_utf8_lossy(&o.stdout).into_owned(),
+            )
+        });
+    match out {
+        Ok(r) => r,
+        Err(e) => (false, e.to_string()),
+    }
+}
+
+fn rtt_avg(ping_out: &str) -> Option<f64> {
+    let line = ping_out.lines().find(|l| l.contains("min/avg/max"))?;
+    line.split('=')
+        .nth(1)?
+        .trim()
+        .split('/')
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+#[test]
+fn controller_and_two_members_ping_over_the_overlay() {
+    assert!(
+        is_root(),
+        "this test needs root to create network namespaces and TAP devices"
+    );
+    let mut topo = Topology::new().unwrap();
+    let mut lan = topo.switch("lan").unwrap();
+    let hosts: Vec<Host> = ["ctl", "m1", "m2", "m3"]
+        .iter()
+        .map(|n| topo.host(n).unwrap())
+        .collect();
+    for (i, h) in hosts.iter().enumerate() {
+        topo.plug(&mut lan, h, &format!("198.18.0.{}/24", i + 1))
+            .unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let home = |n: &str| -> PathBuf { dir.path().join(n) };
+
+    // Identities made up front: the planet names the root, the controller pre-authorizes the
+    // members by address.
+    let root_id = new_identity(&home("ctl"));
+    let m1_id = new_identity(&home("m1"));
+    let m2_id = new_identity(&home("m2"));
+    let m3_id = new_identity(&home("m3"));
+    let key = flatwire_vl1::identity::generate_key_pair().unwrap();
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let planet = World::create(
+        WorldType::Planet,
+        0x00f1_a7f2,
+        now,
+        key.0,
+        vec![Root {
+            identity: root_id.clone(),
+            stable_endpoints: vec!["198.18.0.1:9993".parse().unwrap()],
+        }],
+        &key.1,
+    )
+    .unwrap();
+    let planet_file = dir.path().join("planet");
+    std::fs::write(&planet_file, planet.serialize(false)).unwrap();
+    let planet_arg = planet_file.to_str().unwrap();
+
+    // The network, as ZeroTier controller JSON in controller.d: private, a 10.77.0.0/24 pool
+    // (overlay only: it exists on the TAPs inside these namespaces), both members authorized.
+    let nwid = NetworkId::new(root_id.address(), 0x00_0001);
+    let net_dir = home("ctl").join("controller.d").join("network");
+    std::fs::create_dir_all(net_dir.join(nwid.to_string()).join("member")).unwrap();
+    std::fs::write(
+        net_dir.join(format!("{nwid}.json")),
+        serde_json::json!({
+            "id": nwid.to_string(), "nwid": nwid.to_string(), "name": "agents",
+            "private": true, "mtu": 2800,
+            "ipAssignmentPools": [{"ipRangeStart": "10.77.0.10", "ipRangeEnd": "10.77.0.99"}],
+            "routes": [{"target": "10.77.0.0/24", "via": null}],
+            "v4AssignMode": {"zt": true}
+        })
+        .to_string(),
+    )
+    .unwrap();
+    for id in [&m1_id, &m2_id] {
+        let a = id.address().to_string();
+        std::fs::write(
+            net_dir
+                .join(nwid.to_string())
+                .join("member")
+                .join(format!("{a}.json")),
+            serde_json::json!({
+                "id": a, "address": a, "nwid": nwid.to_string(), "authorized": true
+            })
+            .to_string(),
+        )
+        .unwrap();
+    }
+
+    let tap = tap_name(nwid);
+    let nwid_arg = nwid.to_string();
+    let started = Instant::now();
+    let mut ctl = start(
+        &hosts[0],
+        &home("ctl"),
+        &["--planet", planet_arg, "--root", "--controller"],
+    );
+    // The root listens before the members say HELLO (else they retry only after 5 s).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !home("ctl").join("agent.sock").exists() {
+        assert!(ctl.try_status().is_none(), "controller agent exited");
+        assert!(Instant::now() < deadline, "controller agent never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut m1 = start(
+        &hosts[1],
+        &home("m1"),
+        &["--planet", planet_arg, "--join", &nwid_arg],
+    );
+    let mut m2 = start(
+        &hosts[2],
+        &home("m2"),
+        &["--planet", planet_arg, "--join", &nwid_arg],
+    );
+    // Not authorized: the private network refuses it.
+    let mut m3 = start(
+        &hosts[3],
+        &home("m3"),
+        &["--planet", planet_arg, "--join", &nwid_arg],
+    );
+    let limit = Duration::from_secs(30);
+    let ip1 = wait_ipv4(&hosts[1], &tap, &mut m1, limit);
+    let ip2 = wait_ipv4(&hosts[2], &tap, &mut m2, limit);
+    eprintln!(
+        "members have their IPs {:?} after start: {ip1} {ip2} on {tap}",
+        started.elapsed()
+    );
+    assert!(ctl.try_status().is_none(), "controller agent exited");
+    for ip in [ip1, ip2] {
+        assert_eq!(ip.octets()[..3], [10, 77, 0], "{ip} outside the pool");
+    }
+    assert_ne!(ip1, ip2);
+    // The TAP carries the member MAC of vl2 and the network's MTU.
+    let link = hosts[1]
+        .run("ip", &["-o", "link", "show", "dev", &tap])
+        .unwrap();
+    let link = String::from_utf8_lossy(&link.stdout).into_owned();
+    let mac = flatwire_vl2::Mac::from_address(m1_id.address(), nwid).to_string();
+    assert!(link.contains("mtu 2800"), "{link}");
+    assert!(link.contains(&mac), "{link} lacks {mac}");
+    // The persisted join.
+    assert!(
+        home("m1")
+            .join("networks.d")
+            .join(format!("{nwid}.json"))
+            .exists()
+    );
+
+    let t = Instant::now();
+    let (ok, out) = ping(&hosts[1], ip2, "3");
+    assert!(ok, "ping {ip1} -> {ip2} over the overlay failed:\n{out}");
+    eprintln!(
+        "ping -c 3 m1 -> m2 ok in {:?}, rtt avg {:?} ms",
+        t.elapsed(),
+        rtt_avg(&out)
+    );
+    let neigh = hosts[1]
+        .run("ip", &["neigh", "show", "dev", &tap, &ip2.to_string()])
+        .unwrap();
+    let neigh = String::from_utf8_lossy(&neigh.stdout).into_owned();
+    let mac2 = flatwire_vl2::Mac::from_address(m2_id.address(), nwid).to_string();
+    assert!(
+        neigh.contains(&mac2),
+        "no ARP entry for {ip2} ({mac2}): {neigh}"
+    );
+    let (ok, out) = ping(&hosts[2], ip1, "3");
+    assert!(ok, "ping {ip2} -> {ip1} failed:\n{out}");
+
+    // Restart m2 without --join: it rejoins from networks.d, gets the same address, and
+    // traffic flows again within 5 s.
+    m2.stop();
+    let restarted = Instant::now();
+    let mut m2 = start(&hosts[2], &home("m2"), &[]);
+    let ip2b = wait_ipv4(&hosts[2], &tap, &mut m2, Duration::from_secs(5));
+    let to_ip = restarted.elapsed();
+    assert_eq!(ip2b, ip2, "the restarted member got another address");
+    let deadline = restarted + Duration::from_secs(5);
+    loop {
+        let (ok, out) = ping(&hosts[1], ip2, "1");
+        if ok {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no ping to the restarted member within 5 s:\n{out}"
+        );
+    }
+    eprintln!(
+        "restarted m2: IP back after {to_ip:?}, ping ok after {:?}",
+        restarted.elapsed()
+    );
+
+    // The unauthorized member got no address (its TAP exists, without one) and the controller
+    // recorded it as a new, unauthorized member.
+    assert!(m3.try_status().is_none(), "m3 exited");
+    assert!(hosts[3].run("ip", &["link", "show", "dev", &tap]).is_ok());
+    assert_eq!(
+        ipv4_of(&hosts[3], &tap),
+        None,
+        "unauthorized member got an IP"
+    );
+    let m3_path = net_dir
+        .join(nwid.to_string())
+        .join("member")
+        .join(format!("{}.json", m3_id.address()));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let m3_file: serde_json::Value = loop {
+        if let Ok(b) = std::fs::read(&m3_path) {
+            break serde_json::from_slice(&b).unwrap();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no member file for the unauthorized member"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(m3_file["authorized"], false, "{m3_file}");
+
+    for p in [&mut ctl, &mut m1, &mut m2, &mut m3] {
+        p.stop();
+    }
+    drop(topo);
+}
