@@ -1023,19 +1023,25 @@ impl Node {
             return Ok(());
         }
         if !self.locals[li].peers.contains_key(&to) {
-            let l = &mut self.locals[li];
-            if l.queued.len() >= QUEUE_LIMIT {
-                l.queued.pop_front();
-                self.drop(DropReason::QueueOverflow);
-            }
-            self.locals[li]
-                .queued
-                .push_back((now, to, verb, payload.to_vec()));
+            self.enqueue(now, li, to, verb, payload);
             self.whois(now, li, to);
             return Ok(());
         }
         self.send_now(now, li, to, verb, payload);
         Ok(())
+    }
+
+    /// Queues an outgoing packet until `to` is known and reachable (bounded; the oldest
+    /// goes first, counted as a drop).
+    fn enqueue(&mut self, now: u64, li: usize, to: Address, verb: Verb, payload: &[u8]) {
+        let l = &mut self.locals[li];
+        if l.queued.len() >= QUEUE_LIMIT {
+            l.queued.pop_front();
+            self.drop(DropReason::QueueOverflow);
+        }
+        self.locals[li]
+            .queued
+            .push_back((now, to, verb, payload.to_vec()));
     }
 
     fn send_now(&mut self, now: u64, li: usize, to: Address, verb: Verb, payload: &[u8]) {
@@ -1052,8 +1058,9 @@ impl Node {
                 .or_else(|| p.best_path(now, true).map(|x| (x.socket, x.addr))),
         };
         let Some((socket, addr)) = route else {
-            self.drop(DropReason::NoPath);
-            return;
+            // No path and no root online yet (e.g. right after start): queue it like a
+            // packet waiting on WHOIS; the first confirmed path sends it.
+            return self.enqueue(now, li, to, verb, payload);
         };
         let seal = match self.trusted_path_id(addr.ip()) {
             Some(id) => Seal::Trusted(id),
@@ -1494,7 +1501,8 @@ impl Node {
                     p.paths.remove(i);
                 }
             }
-            let first_root_path = p.is_root && p.paths.is_empty();
+            let first_path = p.paths.is_empty();
+            let first_root_path = p.is_root && first_path;
             p.paths.push(PathEntry {
                 socket,
                 addr: remote,
@@ -1511,6 +1519,11 @@ impl Node {
             // could not be sent: send it now rather than at the next ping scan (up to 5 s).
             if first_root_path {
                 self.retry_whois(now, li);
+            }
+            // Packets for known peers that had no way out yet (no path, no root online) go
+            // now: through this new path, or relayed by the root that just answered.
+            if first_path {
+                self.retry_waiting(now, li);
             }
         } else {
             let last = p.confirm_sent.get(&remote).copied().unwrap_or(0);

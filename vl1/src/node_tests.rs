@@ -598,3 +598,27 @@ fn roots_push_newer_planets_and_badly_signed_ones_are_counted_drops() {
     assert!(net.nodes[1].0.knows_peer(a.address(), r2.address()));
     assert_eq!(net.nodes[1].0.drop_count(DropReason::BadWorld), 0);
 }
+
+#[test]
+fn packets_sent_before_any_path_exists_go_out_once_the_root_answers() {
+    let (r, a) = (new_id(), new_id());
+    let p = planet(&[(&r, "10.0.0.1:9993")]);
+    let mut net = Net::new(vec![
+        leaf(&p, &r, "10.0.0.1:9993"),
+        leaf(&p, &a, "10.0.2.2:9993"),
+    ]);
+    // Right at start A knows the root (from the planet) but has no confirmed path to it.
+    net.nodes[1]
+        .0
+        .send(
+            net.now,
+            a.address(),
+            r.address(),
+            Verb::USER_MESSAGE,
+            b"early",
+        )
+        .unwrap();
+    net.step(500);
+    assert_eq!(net.user_messages(0), vec![(a.address(), b"early".to_vec())]);
+    assert_eq!(net.nodes[1].0.drop_count(DropReason::NoPath), 0);
+}
