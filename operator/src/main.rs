@@ -2,9 +2,12 @@
 //! the network controller.
 
 use std::io::Write;
+use std::path::PathBuf;
 
+use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use flatwire_operator::{API_GROUP, crd};
+use flatwire_operator::controller::{self, ControllerAddress};
+use flatwire_operator::crd;
 
 /// The flatwire operator.
 #[derive(Debug, Parser)]
@@ -13,13 +16,22 @@ struct Args {
     /// Namespace holding the operator's identity Secret, its Lease and the planet ConfigMap.
     #[arg(long, env = "FLATWIRE_NAMESPACE", default_value = "flatwire-system")]
     namespace: String,
-    /// What to do (default: run the controllers).
+    /// The controller's 40-bit ZeroTier address (10 hex digits), the top of every network
+    /// ID; a placeholder until the operator has its own identity. Required to run.
+    #[arg(long, env = "FLATWIRE_CONTROLLER_ADDRESS", global = true)]
+    controller_address: Option<ControllerAddress>,
+    /// Kubeconfig to use (default: `$KUBECONFIG`, `~/.kube/config`, then in-cluster).
+    #[arg(long, global = true)]
+    kubeconfig: Option<PathBuf>,
+    /// What to do (default: `run`).
     #[command(subcommand)]
     command: Option<Command>,
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the controllers against the API server until SIGINT or SIGTERM.
+    Run,
     /// Print the CRD YAML generated from the Rust types (all, `---`-separated, or one).
     Crds {
         /// Print only this CRD (e.g. `networks.flatwire.io`).
@@ -52,11 +64,41 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        None => anyhow::bail!(
-            "flatwire-operator {}: the {API_GROUP} controllers are not built yet (namespace {})",
-            env!("CARGO_PKG_VERSION"),
-            args.namespace
-        ),
+        None | Some(Command::Run) => {
+            let address = args
+                .controller_address
+                .context("--controller-address (or FLATWIRE_CONTROLLER_ADDRESS) is required")?;
+            tracing_subscriber::fmt()
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_default_env()
+                        .unwrap_or_else(|_| "info".into()),
+                )
+                .init();
+            // The namespace will hold the identity Secret, the Lease and the planet; unused yet.
+            tracing::info!(namespace = %args.namespace, %address, "starting");
+            let rt = tokio::runtime::Runtime::new().context("tokio runtime")?;
+            rt.block_on(async {
+                let client = controller::client(args.kubeconfig.as_deref()).await?;
+                controller::run(client, address, shutdown_signal()).await;
+                anyhow::Ok(())
+            })
+        }
+    }
+}
+
+/// Completes on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
 
@@ -81,6 +123,22 @@ mod tests {
         );
         assert!(
             Args::try_parse_from(["flatwire-operator", "crds", "--list", "--name", "n"]).is_err()
+        );
+    }
+
+    #[test]
+    fn run_takes_a_controller_address() {
+        let a = Args::try_parse_from([
+            "flatwire-operator",
+            "run",
+            "--controller-address",
+            "89e92ceee5",
+        ])
+        .unwrap();
+        assert!(matches!(a.command, Some(Command::Run)));
+        assert_eq!(a.controller_address.unwrap().to_string(), "89e92ceee5");
+        assert!(
+            Args::try_parse_from(["flatwire-operator", "--controller-address", "xyz"]).is_err()
         );
     }
 }

@@ -249,7 +249,7 @@ fn the_crd_templates_are_the_generated_crds() {
         .collect();
     generated.sort();
     assert_eq!(shipped, generated, "charts/flatwire/files/crds/ vs crds/");
-    let fix = "run `cp crds/*.yaml charts/flatwire/files/crds/`";
+    let fix = "run `cargo xtask crds` (it writes crds/ and the chart copy)";
 
     for name in CRDS {
         let file = format!("{name}.yaml");

@@ -1,4 +1,5 @@
-//! `cargo xtask crds`: regenerates `crds/*.yaml` from the operator's Rust types.
+//! `cargo xtask crds`: regenerates `crds/*.yaml` from the operator's Rust types, and the
+//! chart's copy in `charts/flatwire/files/crds/` (helm can only read files in the chart).
 //!
 //! The YAML comes from `flatwire-operator crds`, so xtask itself never builds kube or
 //! k8s-openapi; `operator/tests/crds.rs` checks the files match what the types generate.
@@ -34,16 +35,21 @@ fn operator_crds(root: &Path, args: &[&str]) -> Result<String> {
     String::from_utf8(out.stdout).context("flatwire-operator printed non-UTF-8")
 }
 
-/// Writes `crds/<name>.yaml` for every CRD the operator defines and prints each path.
+/// Writes `<dir>/<name>.yaml` for every CRD the operator defines, in `crds/` and in the
+/// chart, and prints each path.
 pub fn run() -> Result<()> {
     let root = root();
-    let dir = root.join("crds");
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let dirs = [root.join("crds"), root.join("charts/flatwire/files/crds")];
+    for dir in &dirs {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
     for name in operator_crds(&root, &["--list"])?.lines() {
         let yaml = operator_crds(&root, &["--name", name])?;
-        let path = dir.join(format!("{name}.yaml"));
-        std::fs::write(&path, yaml).with_context(|| format!("writing {}", path.display()))?;
-        println!("{}", path.display());
+        for dir in &dirs {
+            let path = dir.join(format!("{name}.yaml"));
+            std::fs::write(&path, &yaml).with_context(|| format!("writing {}", path.display()))?;
+            println!("{}", path.display());
+        }
     }
     Ok(())
 }

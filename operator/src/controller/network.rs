@@ -1,0 +1,333 @@
+//! The `Network` reconciler: network ID, rules compilation, revision and conditions.
+//!
+//! [`desired_status`] is the pure core (object, controller address and `now` in, status out);
+//! [`reconcile`] wraps it with the API server: it emits an Event when the rules stop
+//! compiling and server-side applies the status with the field manager [`FIELD_MANAGER`].
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::jiff::{Timestamp, TimestampRound, Unit};
+use kube::api::{Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::{Api, Client, Resource, ResourceExt};
+
+use super::{ControllerAddress, Error, FIELD_MANAGER};
+use crate::crd::{Network, NetworkSpec, NetworkStatus};
+
+/// Condition type: the rules source and every capability compiled.
+pub const RULES_COMPILED: &str = "RulesCompiled";
+/// Condition type: the network is configured and can be served to members.
+pub const READY: &str = "Ready";
+/// How often a healthy Network is reconciled again without any change.
+const RESYNC: Duration = Duration::from_secs(300);
+/// The first retry delay after a failed reconcile; it doubles up to [`MAX_BACKOFF`].
+const MIN_BACKOFF: Duration = Duration::from_secs(1);
+/// The longest retry delay after repeated failures.
+const MAX_BACKOFF: Duration = Duration::from_secs(300);
+
+/// What a reconcile needs: the API client, the Event recorder and the controller address.
+pub struct Context {
+    client: Client,
+    recorder: Recorder,
+    address: ControllerAddress,
+    /// Consecutive failures per Network name, for the retry backoff.
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+impl Context {
+    /// A context whose Events are reported by `flatwire-operator` (instance: the hostname).
+    pub fn new(client: Client, address: ControllerAddress) -> Self {
+        let reporter = Reporter {
+            controller: FIELD_MANAGER.into(),
+            instance: None,
+        };
+        Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            address,
+            failures: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+/// The network ID a Network gets under `address`, or why it gets none.
+///
+/// - `spec.number` `n`: `address << 24 | n`.
+/// - `spec.id`: used as is when its top 40 bits are `address`.
+/// - neither: the number already in `status.networkId` when it is under `address` (the API
+///   server is the store, so it survives restarts), else one derived from `metadata.uid`
+///   (FNV-1a folded to 24 bits, never 0). Collisions with other Networks are not yet detected.
+pub fn network_id(address: ControllerAddress, net: &Network) -> Result<u64, String> {
+    let prefix = address.as_u64() << 24;
+    if let Some(n) = net.spec.number {
+        if n > 0xff_ffff {
+            return Err(format!("number {n} does not fit in 24 bits"));
+        }
+        return Ok(prefix | u64::from(n));
+    }
+    if let Some(id) = &net.spec.id {
+        let v = u64::from_str_radix(id, 16)
+            .ok()
+            .filter(|_| id.len() == 16)
+            .ok_or_else(|| format!("id {id:?} is not 16 hex digits"))?;
+        if v >> 24 != address.as_u64() {
+            return Err(format!(
+                "id {id} is not under this operator's controller address {address}"
+            ));
+        }
+        return Ok(v);
+    }
+    let kept = net
+        .status
+        .as_ref()
+        .and_then(|s| s.network_id.as_deref())
+        .and_then(|s| u64::from_str_radix(s, 16).ok())
+        .filter(|v| v >> 24 == address.as_u64());
+    if let Some(v) = kept {
+        return Ok(v);
+    }
+    let uid = net.metadata.uid.as_deref().unwrap_or_default();
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in uid.bytes().chain(net.name_any().bytes()) {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    let n = ((h >> 40) ^ (h >> 16) ^ h) & 0xff_ffff;
+    Ok(prefix | n.max(1))
+}
+
+/// Compiles the rules source and every capability's rules; the error is the compiler's
+/// `line L column C: ...`, prefixed with `capability NAME: ` for a capability.
+pub fn compile(spec: &NetworkSpec) -> Result<String, String> {
+    let base = spec.compile_rules().map_err(|e| e.to_string())?;
+    for cap in &spec.capabilities {
+        flatwire_vl2::rules::compiler::compile(&cap.rules)
+            .map_err(|e| format!("capability {}: {e}", cap.name))?;
+    }
+    Ok(format!(
+        "{} rules, {} capabilities",
+        base.rules.len(),
+        spec.capabilities.len()
+    ))
+}
+
+/// The status the operator wants for `net` at `now`: the pure, idempotent core of the
+/// reconciler. Conditions keep their `lastTransitionTime` while their status is unchanged;
+/// `revision` is bumped when `metadata.generation` or the network ID changed since the
+/// status was written. Member counts are left out (nothing counts members yet), so the
+/// server-side apply neither sets nor claims them.
+pub fn desired_status(address: ControllerAddress, net: &Network, now: Timestamp) -> NetworkStatus {
+    let prev = net.status.clone().unwrap_or_default();
+    let generation = net.metadata.generation;
+    let id = network_id(address, net);
+    let network_id = id.as_ref().ok().map(|v| format!("{v:016x}"));
+    let changed = prev.observed_generation != generation || prev.network_id != network_id;
+    let revision = match prev.revision {
+        Some(r) if !changed => r,
+        Some(r) => r.saturating_add(1),
+        None => 1,
+    };
+    let now = Time(
+        now.round(TimestampRound::new().smallest(Unit::Second))
+            .unwrap_or(now),
+    );
+    let cond = |type_: &str, ok: bool, reason: &str, message: String| {
+        let status = if ok { "True" } else { "False" };
+        let last_transition_time = prev
+            .conditions
+            .iter()
+            .find(|c| c.type_ == type_ && c.status == status)
+            .map_or_else(|| now.clone(), |c| c.last_transition_time.clone());
+        Condition {
+            type_: type_.into(),
+            status: status.into(),
+            reason: reason.into(),
+            message,
+            observed_generation: generation,
+            last_transition_time,
+        }
+    };
+    let compiled = compile(&net.spec);
+    let rules = match &compiled {
+        Ok(m) => cond(RULES_COMPILED, true, "Compiled", format!("compiled {m}")),
+        Err(e) => cond(RULES_COMPILED, false, "SyntaxError", e.clone()),
+    };
+    let ready = match (&id, &compiled) {
+        (Err(e), _) => cond(READY, false, "InvalidNetworkId", e.clone()),
+        (_, Err(_)) => cond(
+            READY,
+            false,
+            "RulesNotCompiled",
+            "the rules do not compile (see RulesCompiled)".into(),
+        ),
+        (Ok(_), Ok(_)) => cond(READY, true, "Configured", "network configured".into()),
+    };
+    NetworkStatus {
+        network_id,
+        revision: Some(revision),
+        observed_generation: generation,
+        conditions: vec![rules, ready],
+        members: None,
+        authorized_members: None,
+    }
+}
+
+/// The `RulesCompiled=False` message of `status`, if the rules fail to compile.
+fn compile_error(status: Option<&NetworkStatus>) -> Option<&str> {
+    status?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == RULES_COMPILED && c.status == "False")
+        .map(|c| c.message.as_str())
+}
+
+/// Reconciles one Network: computes [`desired_status`], publishes a `SyntaxError` Warning
+/// Event when the rules newly fail to compile (or fail differently), and server-side
+/// applies the status when its fields differ from the stored ones. Call it from the
+/// controller.
+pub async fn reconcile(net: Arc<Network>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let name = net.metadata.name.clone().ok_or(Error::NoName)?;
+    let status = desired_status(ctx.address, &net, Timestamp::now());
+    if let Some(msg) = compile_error(Some(&status))
+        && compile_error(net.status.as_ref()) != Some(msg)
+    {
+        let note: String = msg.chars().take(1000).collect();
+        let ev = Event {
+            type_: EventType::Warning,
+            reason: "SyntaxError".into(),
+            note: Some(note),
+            action: "CompileRules".into(),
+            secondary: None,
+        };
+        ctx.recorder.publish(&ev, &net.object_ref(&())).await?;
+    }
+    let stored = net.status.clone().map(|s| NetworkStatus {
+        members: None,
+        authorized_members: None,
+        ..s
+    });
+    if stored.as_ref() != Some(&status) {
+        let api: Api<Network> = Api::all(ctx.client.clone());
+        let patch = serde_json::json!({
+            "apiVersion": Network::api_version(&()),
+            "kind": Network::kind(&()),
+            "status": status,
+        });
+        let pp = PatchParams::apply(FIELD_MANAGER).force();
+        api.patch_status(&name, &pp, &Patch::Apply(&patch)).await?;
+    }
+    lock(&ctx.failures).remove(&name);
+    Ok(Action::requeue(RESYNC))
+}
+
+/// The retry after a failed reconcile: exponential backoff per Network, from 1 s to 5 min.
+pub fn error_policy(net: Arc<Network>, err: &Error, ctx: Arc<Context>) -> Action {
+    let name = net.name_any();
+    let mut failures = lock(&ctx.failures);
+    let n = failures.entry(name.clone()).or_insert(0);
+    *n = n.saturating_add(1);
+    let delay = backoff(*n);
+    tracing::warn!(network = %name, error = %err, retry_in = ?delay, "reconcile failed");
+    Action::requeue(delay)
+}
+
+/// The delay before retry number `n` (1-based): 1 s, 2 s, 4 s, ... capped at 5 min.
+pub fn backoff(n: u32) -> Duration {
+    MIN_BACKOFF
+        .saturating_mul(1u32 << n.saturating_sub(1).min(16))
+        .min(MAX_BACKOFF)
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr() -> ControllerAddress {
+        "89e92ceee5".parse().unwrap()
+    }
+
+    fn net(spec: serde_json::Value) -> Network {
+        let mut n = Network::new("lab", serde_json::from_value(spec).unwrap());
+        n.metadata.generation = Some(1);
+        n.metadata.uid = Some("0b7c0f1e-1111-2222-3333-444455556666".into());
+        n
+    }
+
+    fn cond<'a>(s: &'a NetworkStatus, t: &str) -> &'a Condition {
+        s.conditions.iter().find(|c| c.type_ == t).unwrap()
+    }
+
+    #[test]
+    fn ids_from_number_id_or_uid() {
+        assert_eq!(
+            network_id(addr(), &net(serde_json::json!({"number": 0x42}))),
+            Ok(0x89e9_2cee_e500_0042)
+        );
+        assert_eq!(
+            network_id(addr(), &net(serde_json::json!({"id": "89e92ceee5abcdef"}))),
+            Ok(0x89e9_2cee_e5ab_cdef)
+        );
+        let e = network_id(addr(), &net(serde_json::json!({"id": "1111111111abcdef"})));
+        assert!(e.unwrap_err().contains("89e92ceee5"));
+        let n = net(serde_json::json!({}));
+        let a = network_id(addr(), &n).unwrap();
+        assert_eq!(a >> 24, addr().as_u64());
+        assert_eq!(network_id(addr(), &n), Ok(a), "stable");
+    }
+
+    #[test]
+    fn status_is_idempotent_and_bumps_revision_on_generation() {
+        let mut n = net(serde_json::json!({"number": 1, "rules": "accept;"}));
+        let now = Timestamp::now();
+        let s1 = desired_status(addr(), &n, now);
+        assert_eq!(s1.revision, Some(1));
+        assert_eq!(s1.network_id.as_deref(), Some("89e92ceee5000001"));
+        assert_eq!(cond(&s1, RULES_COMPILED).status, "True");
+        assert_eq!(cond(&s1, READY).status, "True");
+        n.status = Some(s1.clone());
+        let later = now + k8s_openapi::jiff::SignedDuration::from_secs(60);
+        assert_eq!(desired_status(addr(), &n, later), s1, "idempotent");
+
+        n.metadata.generation = Some(2);
+        n.spec.rules = Some("accept;\ndrop bogus;\n".into());
+        let s2 = desired_status(addr(), &n, later);
+        assert_eq!(s2.revision, Some(2));
+        assert_eq!(s2.observed_generation, Some(2));
+        let rc = cond(&s2, RULES_COMPILED);
+        assert_eq!(
+            (rc.status.as_str(), rc.reason.as_str()),
+            ("False", "SyntaxError")
+        );
+        assert!(rc.message.starts_with("line 2 column "), "{}", rc.message);
+        assert_ne!(
+            rc.last_transition_time,
+            cond(&s1, RULES_COMPILED).last_transition_time
+        );
+        assert_eq!(cond(&s2, READY).status, "False");
+        assert_eq!(compile_error(Some(&s2)), Some(rc.message.as_str()));
+    }
+
+    #[test]
+    fn capability_errors_name_the_capability() {
+        let n = net(
+            serde_json::json!({"capabilities": [{"name": "su", "id": 1, "rules": "drop bogus;"}]}),
+        );
+        let s = desired_status(addr(), &n, Timestamp::now());
+        let m = &cond(&s, RULES_COMPILED).message;
+        assert!(m.starts_with("capability su: line 1 column "), "{m}");
+    }
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        assert_eq!(backoff(1), Duration::from_secs(1));
+        assert_eq!(backoff(4), Duration::from_secs(8));
+        assert_eq!(backoff(100), MAX_BACKOFF);
+    }
+}
