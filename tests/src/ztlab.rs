@@ -19,6 +19,50 @@ pub fn zt_bin() -> Option<PathBuf> {
     std::env::var_os("FLATWIRE_ZT_ONE_BIN").map(PathBuf::from)
 }
 
+/// [`zt_bin`], checked to exist; `None` (after printing `skip`) when it is not set, so a
+/// test can return early and pass as skipped.
+pub fn zt_bin_or_skip(skip: &str) -> Option<PathBuf> {
+    let Some(zt) = zt_bin() else {
+        println!("{skip}");
+        return None;
+    };
+    assert!(
+        zt.exists(),
+        "FLATWIRE_ZT_ONE_BIN={} does not exist",
+        zt.display()
+    );
+    Some(zt)
+}
+
+/// The world id of the interop tests' own planet ("Flatwire").
+pub const PLANET_ID: u64 = 0x466c_6174_7769_7265;
+
+/// The serialized bytes of our own planet ([`PLANET_ID`], created now with a fresh signing
+/// key) whose one root is `$root_id` (a `flatwire_vl1::Identity`) at `$endpoint` (a
+/// `SocketAddr`).
+///
+/// A macro because this harness does not depend on `flatwire_vl1`: it expands in the
+/// interop tests, which do.
+#[macro_export]
+macro_rules! zt_planet {
+    ($root_id:expr, $endpoint:expr $(,)?) => {{
+        let (pk, sk) = ::flatwire_vl1::identity::generate_key_pair().unwrap();
+        ::flatwire_vl1::World::create(
+            ::flatwire_vl1::WorldType::Planet,
+            $crate::ztlab::PLANET_ID,
+            $crate::ztlab::now_ms(),
+            pk,
+            vec![::flatwire_vl1::Root {
+                identity: $root_id.to_public(),
+                stable_endpoints: vec![$endpoint],
+            }],
+            &sk,
+        )
+        .unwrap()
+        .serialize(false)
+    }};
+}
+
 /// `zerotier-one -v`.
 pub fn zt_version(bin: &Path) -> String {
     Command::new(bin)
@@ -176,6 +220,25 @@ impl FwNode {
                     .find(|l| l.starts_with(prefix) && parts.iter().all(|p| l.contains(p)))
             },
         )
+    }
+
+    /// The last log line that starts with `prefix`.
+    pub fn last_line(&self, prefix: &str) -> Option<String> {
+        self.lines().into_iter().rfind(|l| l.starts_with(prefix))
+    }
+
+    /// Prints the last log line starting with `prefix` (a `drops ` or `stats ` line) after
+    /// `label`, and asserts that it counts no packet that failed authentication
+    /// (`MacFailed`) or decoding (`BadPayload`).
+    pub fn assert_no_bad_packets(&self, label: &str, prefix: &str) {
+        let line = self
+            .last_line(prefix)
+            .unwrap_or_else(|| prefix.trim_end().to_owned());
+        println!("{label} {line}");
+        assert!(
+            !line.contains("MacFailed") && !line.contains("BadPayload"),
+            "{label} dropped packets: {line}"
+        );
     }
 
     /// The value of `key=` in `line` (`key=value` words).

@@ -26,13 +26,12 @@ use std::process::Command;
 use std::sync::atomic::AtomicBool;
 
 use flatwire_tests::netns::{Host, Topology};
+use flatwire_tests::zt_planet;
 use flatwire_tests::ztlab::{
-    self, FwNode, ZtNode, ZtOptions, hex, now_ms, read, tail, wait_for, zt_bin,
+    self, FwNode, ZtNode, ZtOptions, hex, read, tail, wait_for, zt_bin_or_skip, zt_version,
 };
-use flatwire_vl1::identity::generate_key_pair;
-use flatwire_vl1::{Identity, Root, World, WorldType};
+use flatwire_vl1::Identity;
 
-const PLANET_ID: u64 = 0x466c_6174_7769_7265; // "Flatwire"
 const SKIP: &str = "SKIPPED: set FLATWIRE_ZT_ONE_BIN to a zerotier-one binary to run the ZeroTier One interop test";
 
 /// Builds the `vl1-node` example and returns its path.
@@ -85,10 +84,8 @@ fn start_fw(
 
 /// The last value of `key=` on a `stats` line of `node`.
 fn stat(node: &FwNode, key: &str) -> u64 {
-    node.lines()
-        .iter()
-        .rfind(|l| l.starts_with("stats "))
-        .and_then(|l| FwNode::field(l, key).and_then(|v| v.parse().ok()))
+    node.last_line("stats ")
+        .and_then(|l| FwNode::field(&l, key).and_then(|v| v.parse().ok()))
         .unwrap_or(0)
 }
 
@@ -145,17 +142,10 @@ enum RootKind {
 }
 
 fn scenario(kind: RootKind, net: u8) {
-    let Some(zt) = zt_bin() else {
-        println!("{SKIP}");
+    let Some(zt) = zt_bin_or_skip(SKIP) else {
         return;
     };
-    assert!(
-        zt.exists(),
-        "FLATWIRE_ZT_ONE_BIN={} does not exist",
-        zt.display()
-    );
-    let version = Command::new(&zt).arg("-v").output().unwrap();
-    let version = String::from_utf8_lossy(&version.stdout).trim().to_owned();
+    let version = zt_version(&zt);
     let fw_bin = example_bin();
     let tag = format!("[{kind:?} root]");
     let pass = |what: &str| println!("PASS {tag} {what}");
@@ -175,21 +165,8 @@ fn scenario(kind: RootKind, net: u8) {
 
     // Our planet: one root at 198.18.<net>.1:9993.
     let root_id = generate();
-    let (pk, sk) = generate_key_pair().unwrap();
     let endpoint: SocketAddr = format!("{}:9993", ip(1)).parse().unwrap();
-    let planet = World::create(
-        WorldType::Planet,
-        PLANET_ID,
-        now_ms(),
-        pk,
-        vec![Root {
-            identity: root_id.to_public(),
-            stable_endpoints: vec![endpoint],
-        }],
-        &sk,
-    )
-    .unwrap()
-    .serialize(false);
+    let planet = zt_planet!(root_id, endpoint);
     let planet_file = dir.path().join("planet");
     std::fs::write(&planet_file, &planet).unwrap();
     let root_addr = root_id.address().to_string();
@@ -534,28 +511,10 @@ fn scenario(kind: RootKind, net: u8) {
     }
     if let Some(r) = &fw_root {
         for kind in ["stats ", "drops "] {
-            let line = read(&r.log)
-                .lines()
-                .rfind(|l| l.starts_with(kind))
-                .unwrap_or(kind)
-                .to_owned();
-            println!("{tag} root {line}");
-            assert!(
-                !line.contains("MacFailed") && !line.contains("BadPayload"),
-                "our root dropped packets: {line}"
-            );
+            r.assert_no_bad_packets(&format!("{tag} root"), kind);
         }
     }
-    let drops = read(&e.log)
-        .lines()
-        .rfind(|l| l.starts_with("drops "))
-        .unwrap_or("drops")
-        .to_owned();
-    println!("{tag} E {drops}");
-    assert!(
-        !drops.contains("MacFailed") && !drops.contains("BadPayload"),
-        "E dropped packets from ZeroTier One: {drops}"
-    );
+    e.assert_no_bad_packets(&format!("{tag} E"), "drops ");
     println!("{tag} all interop checks passed with ZeroTier One {version}");
     drop(t);
 }

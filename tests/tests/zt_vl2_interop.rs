@@ -23,16 +23,15 @@ use std::path::Path;
 use std::sync::atomic::AtomicBool;
 
 use flatwire_tests::netns::Topology;
+use flatwire_tests::zt_planet;
 use flatwire_tests::ztlab::{
-    FwNode, ZtNode, ZtOptions, build_example, hex, now_ms, read, tail, wait_for, zt_bin, zt_version,
+    FwNode, ZtNode, ZtOptions, build_example, hex, read, tail, wait_for, zt_bin_or_skip, zt_version,
 };
-use flatwire_vl1::identity::generate_key_pair;
-use flatwire_vl1::{Identity, Root, World, WorldType};
+use flatwire_vl1::Identity;
 use flatwire_vl2::netconf::NetworkConfig;
 use flatwire_vl2::rules::compiler::compile;
 use flatwire_vl2::rules::{MAX_RULES, Rule, encode_rules, rules_from_json};
 
-const PLANET_ID: u64 = 0x466c_6174_7769_7265; // "Flatwire"
 const SKIP: &str = "SKIPPED: set FLATWIRE_ZT_ONE_BIN to a zerotier-one binary to run the ZeroTier One VL2 interop test";
 
 /// Rules with tags (an enum and a flags tag) and capabilities (consulted by 1.x only when
@@ -105,21 +104,8 @@ impl Lab {
                 .unwrap();
             hosts.push(h);
         }
-        let (pk, sk) = generate_key_pair().unwrap();
         let endpoint: SocketAddr = format!("198.18.{net}.1:9993").parse().unwrap();
-        let planet = World::create(
-            WorldType::Planet,
-            PLANET_ID,
-            now_ms(),
-            pk,
-            vec![Root {
-                identity: root_id.to_public(),
-                stable_endpoints: vec![endpoint],
-            }],
-            &sk,
-        )
-        .unwrap()
-        .serialize(false);
+        let planet = zt_planet!(root_id, endpoint);
         let planet_file = dir.path().join("planet");
         std::fs::write(&planet_file, &planet).unwrap();
         Lab {
@@ -194,17 +180,39 @@ fn wait_zt_status(
     )
 }
 
+/// Waits until our member `m` logs `nwid` with `status`.
+fn wait_fw_status(m: &FwNode, nwid: &str, status: &str, secs: u64, extra: impl Fn() -> String) {
+    let (nwid, status) = (format!("nwid={nwid}"), format!("status={status}"));
+    wait_for(
+        &format!("our member reports {nwid} {status}"),
+        secs,
+        || format!("{}\n{}", tail(&m.log, 40), extra()),
+        || {
+            m.lines()
+                .iter()
+                .any(|l| l.starts_with("network ") && l.contains(&nwid) && l.contains(&status))
+                .then_some(())
+        },
+    )
+}
+
+/// The first of a ZeroTier One `/network` object's `assignedAddresses`, without its prefix
+/// length.
+fn first_ip(n: &serde_json::Value) -> String {
+    n["assignedAddresses"][0]
+        .as_str()
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
 #[test]
 fn our_controller_real_member() {
-    let Some(zt) = zt_bin() else {
-        println!("{SKIP}");
+    let Some(zt) = zt_bin_or_skip(SKIP) else {
         return;
     };
-    assert!(
-        zt.exists(),
-        "FLATWIRE_ZT_ONE_BIN={} does not exist",
-        zt.display()
-    );
     let version = zt_version(&zt);
     let bin = build_example("flatwire-vl2", "vl2-node");
     let tag = "[our controller, real member, our root]";
@@ -410,13 +418,7 @@ fn our_controller_real_member() {
 
     // (6) De-authorize our member: our controller's signed revocation makes ZeroTier One
     // refuse it at once (our member's ARP requests are no longer answered).
-    let z_ip = n["assignedAddresses"][0]
-        .as_str()
-        .unwrap()
-        .split('/')
-        .next()
-        .unwrap()
-        .to_owned();
+    let z_ip = first_ip(&n);
     let z_mac = n["mac"].as_str().unwrap().to_owned();
     let replies = |m: &FwNode| {
         m.lines()
@@ -473,16 +475,7 @@ fn our_controller_real_member() {
          our member's frames (no ARP reply, {errors_after} ERROR replies)"
     ));
 
-    let drops = ctl
-        .lines()
-        .into_iter()
-        .rfind(|l| l.starts_with("drops "))
-        .unwrap_or_default();
-    println!("{tag} controller {drops}");
-    assert!(
-        !drops.contains("MacFailed") && !drops.contains("BadPayload"),
-        "{drops}"
-    );
+    ctl.assert_no_bad_packets(&format!("{tag} controller"), "drops ");
     println!("{tag} all checks passed with ZeroTier One {version}");
     let _ = read(&ctl.log);
     drop(lab);
@@ -490,15 +483,9 @@ fn our_controller_real_member() {
 
 #[test]
 fn real_controller_our_member() {
-    let Some(zt) = zt_bin() else {
-        println!("{SKIP}");
+    let Some(zt) = zt_bin_or_skip(SKIP) else {
         return;
     };
-    assert!(
-        zt.exists(),
-        "FLATWIRE_ZT_ONE_BIN={} does not exist",
-        zt.display()
-    );
     let version = zt_version(&zt);
     let bin = build_example("flatwire-vl2", "vl2-node");
     let tag = "[real controller, our member, ZeroTier One root]";
@@ -587,17 +574,7 @@ fn real_controller_our_member() {
             nwid_denied.clone(),
         ],
     );
-    let diag = || format!("{}\n{}", tail(&m.log, 40), c.diag());
-    wait_for("our member is OK", 90, diag, || {
-        m.lines()
-            .iter()
-            .any(|l| {
-                l.starts_with("network ")
-                    && l.contains(&format!("nwid={nwid}"))
-                    && l.contains("status=OK")
-            })
-            .then_some(())
-    });
+    wait_fw_status(&m, &nwid, "OK", 90, || c.diag());
     let config = m.wait_line("config line", 5, "config ", &[&format!("nwid={nwid}")]);
     pass(&format!(
         "our member joined the ZeroTier One controller's network: status OK ({config})"
@@ -696,21 +673,7 @@ fn real_controller_our_member() {
     ));
 
     // Not authorized on the second network.
-    wait_for(
-        "ACCESS_DENIED on the second network",
-        60,
-        || tail(&m.log, 30),
-        || {
-            m.lines()
-                .iter()
-                .any(|l| {
-                    l.starts_with("network ")
-                        && l.contains(&format!("nwid={nwid_denied}"))
-                        && l.contains("status=ACCESS_DENIED")
-                })
-                .then_some(())
-        },
-    );
+    wait_fw_status(&m, &nwid_denied, "ACCESS_DENIED", 60, String::new);
     pass(
         "our member got ACCESS_DENIED from the ZeroTier One controller on the network it is not authorized on",
     );
@@ -721,16 +684,7 @@ fn real_controller_our_member() {
     let cn = wait_zt_status(&c, &nwid, "OK", 60, || tail(&m.log, 20));
     data_plane(&m, &c, &cn, &nwid, tag);
 
-    let drops = m
-        .lines()
-        .into_iter()
-        .rfind(|l| l.starts_with("drops "))
-        .unwrap_or_default();
-    println!("{tag} member {drops}");
-    assert!(
-        !drops.contains("MacFailed") && !drops.contains("BadPayload"),
-        "{drops}"
-    );
+    m.assert_no_bad_packets(&format!("{tag} member"), "drops ");
     println!("{tag} all checks passed with ZeroTier One {version}");
     drop(lab);
 }
@@ -756,13 +710,7 @@ fn data_plane(m: &FwNode, z: &ZtNode, zn: &serde_json::Value, nwid: &str, tag: &
     let joined = m.wait_line("our member's MAC", 5, "joined ", &[]);
     let m_mac = FwNode::field(&joined, "mac").unwrap().to_owned();
     let z_mac = zn["mac"].as_str().unwrap().to_owned();
-    let z_ip = zn["assignedAddresses"][0]
-        .as_str()
-        .unwrap()
-        .split('/')
-        .next()
-        .unwrap()
-        .to_owned();
+    let z_ip = first_ip(zn);
     let dev = zn["portDeviceName"].as_str().unwrap_or_default().to_owned();
     let addrs = z.host.run("ip", &["-o", "addr", "show"]).unwrap();
     let addrs = String::from_utf8_lossy(&addrs.stdout).to_string();

@@ -90,9 +90,60 @@ fn read_ext(r: &mut Reader<'_>) -> Result<(), CodecError> {
     r.skip(n)
 }
 
+/// The trailing signature and (skipped) extension of a marker-framed credential.
+fn read_final_sig(r: &mut Reader<'_>) -> Result<[u8; SIGNATURE_LEN], CodecError> {
+    let sig = read_sig(r)?;
+    read_ext(r)?;
+    Ok(sig)
+}
+
 fn controller_signed(nwid: NetworkId, signer: &Identity, signed_by: Address) -> bool {
     signer.address() == signed_by && nwid.controller() == signed_by
 }
+
+/// `MARKER ‖ body ‖ 0x0000 ‖ MARKER`: the signed form of the marker-framed credentials.
+fn marked(body: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
+    let mut m = MARKER.to_vec();
+    body(&mut m);
+    m.extend_from_slice(&[0, 0]);
+    m.extend_from_slice(&MARKER);
+    m
+}
+
+/// The signing, verification and encoding shared by the controller-signed credentials
+/// whose `body` ends with `signed_by` (tags, certificates of ownership, revocations).
+macro_rules! controller_signed_credential {
+    ($($t:ty),+) => {$(
+        impl $t {
+            /// The signed bytes.
+            pub fn signed_message(&self) -> Vec<u8> {
+                marked(|m| self.body(m))
+            }
+
+            /// Signs with the controller identity.
+            pub fn sign(&mut self, signer: &Identity) -> Result<(), SignError> {
+                self.signed_by = signer.address();
+                self.signature = signer.sign(&self.signed_message())?;
+                Ok(())
+            }
+
+            /// Verifies signer and signature.
+            pub fn verify(&self, signer: &Identity) -> bool {
+                controller_signed(self.nwid, signer, self.signed_by)
+                    && signer.verify(&self.signed_message(), &self.signature)
+            }
+
+            /// Appends the binary form.
+            pub fn encode(&self, out: &mut Vec<u8>) {
+                self.body(out);
+                put_sig(out, &self.signature);
+                out.extend_from_slice(&[0, 0]);
+            }
+        }
+    )+};
+}
+
+controller_signed_credential!(Tag, CertificateOfOwnership, Revocation);
 
 /// The four identity-hash words of a COM: SHA-384(address ‖ 64-byte public key).
 pub fn identity_hash(address: Address, public_key: &[u8; 64]) -> [u64; 4] {
@@ -336,48 +387,17 @@ impl Tag {
         out.extend_from_slice(&self.signed_by.to_bytes());
     }
 
-    /// The signed bytes.
-    pub fn signed_message(&self) -> Vec<u8> {
-        let mut m = MARKER.to_vec();
-        self.body(&mut m);
-        m.extend_from_slice(&[0, 0]);
-        m.extend_from_slice(&MARKER);
-        m
-    }
-
-    /// Signs with the controller identity.
-    pub fn sign(&mut self, signer: &Identity) -> Result<(), SignError> {
-        self.signed_by = signer.address();
-        self.signature = signer.sign(&self.signed_message())?;
-        Ok(())
-    }
-
-    /// Verifies signer and signature.
-    pub fn verify(&self, signer: &Identity) -> bool {
-        controller_signed(self.nwid, signer, self.signed_by)
-            && signer.verify(&self.signed_message(), &self.signature)
-    }
-
-    /// Appends the binary form.
-    pub fn encode(&self, out: &mut Vec<u8>) {
-        self.body(out);
-        put_sig(out, &self.signature);
-        out.extend_from_slice(&[0, 0]);
-    }
-
     /// Reads the binary form.
     pub fn decode(r: &mut Reader<'_>) -> Result<Self, CodecError> {
-        let t = Self {
+        Ok(Self {
             nwid: NetworkId::from(r.u64()?),
             timestamp: r.u64()? as i64,
             id: r.u32()?,
             value: r.u32()?,
             issued_to: r.address()?,
             signed_by: r.address()?,
-            signature: read_sig(r)?,
-        };
-        read_ext(r)?;
-        Ok(t)
+            signature: read_final_sig(r)?,
+        })
     }
 }
 
@@ -433,11 +453,7 @@ impl Capability {
 
     /// The signed bytes (the same for every custody entry).
     pub fn signed_message(&self) -> Vec<u8> {
-        let mut m = MARKER.to_vec();
-        self.head(&mut m);
-        m.extend_from_slice(&[0, 0]);
-        m.extend_from_slice(&MARKER);
-        m
+        marked(|m| self.head(m))
     }
 
     /// Adds a custody entry `from` → `to`, signed by `from`.
@@ -658,35 +674,6 @@ impl CertificateOfOwnership {
         out.extend_from_slice(&self.signed_by.to_bytes());
     }
 
-    /// The signed bytes.
-    pub fn signed_message(&self) -> Vec<u8> {
-        let mut m = MARKER.to_vec();
-        self.body(&mut m);
-        m.extend_from_slice(&[0, 0]);
-        m.extend_from_slice(&MARKER);
-        m
-    }
-
-    /// Signs with the controller identity.
-    pub fn sign(&mut self, signer: &Identity) -> Result<(), SignError> {
-        self.signed_by = signer.address();
-        self.signature = signer.sign(&self.signed_message())?;
-        Ok(())
-    }
-
-    /// Verifies signer and signature.
-    pub fn verify(&self, signer: &Identity) -> bool {
-        controller_signed(self.nwid, signer, self.signed_by)
-            && signer.verify(&self.signed_message(), &self.signature)
-    }
-
-    /// Appends the binary form.
-    pub fn encode(&self, out: &mut Vec<u8>) {
-        self.body(out);
-        put_sig(out, &self.signature);
-        out.extend_from_slice(&[0, 0]);
-    }
-
     /// Reads the binary form.
     pub fn decode(r: &mut Reader<'_>) -> Result<Self, CodecError> {
         let nwid = NetworkId::from(r.u64()?);
@@ -702,7 +689,7 @@ impl CertificateOfOwnership {
             let t = r.u8()?;
             things.push(Thing::from_wire(t, r.array()?));
         }
-        let c = Self {
+        Ok(Self {
             nwid,
             timestamp,
             flags,
@@ -710,10 +697,8 @@ impl CertificateOfOwnership {
             things,
             issued_to: r.address()?,
             signed_by: r.address()?,
-            signature: read_sig(r)?,
-        };
-        read_ext(r)?;
-        Ok(c)
+            signature: read_final_sig(r)?,
+        })
     }
 }
 
@@ -780,42 +765,13 @@ impl Revocation {
         out.push(self.credential_type);
     }
 
-    /// The signed bytes.
-    pub fn signed_message(&self) -> Vec<u8> {
-        let mut m = MARKER.to_vec();
-        self.body(&mut m);
-        m.extend_from_slice(&[0, 0]);
-        m.extend_from_slice(&MARKER);
-        m
-    }
-
-    /// Signs with the controller identity.
-    pub fn sign(&mut self, signer: &Identity) -> Result<(), SignError> {
-        self.signed_by = signer.address();
-        self.signature = signer.sign(&self.signed_message())?;
-        Ok(())
-    }
-
-    /// Verifies signer and signature.
-    pub fn verify(&self, signer: &Identity) -> bool {
-        controller_signed(self.nwid, signer, self.signed_by)
-            && signer.verify(&self.signed_message(), &self.signature)
-    }
-
-    /// Appends the binary form.
-    pub fn encode(&self, out: &mut Vec<u8>) {
-        self.body(out);
-        put_sig(out, &self.signature);
-        out.extend_from_slice(&[0, 0]);
-    }
-
     /// Reads the binary form.
     pub fn decode(r: &mut Reader<'_>) -> Result<Self, CodecError> {
         r.skip(4)?;
         let id = r.u32()?;
         let nwid = NetworkId::from(r.u64()?);
         r.skip(4)?;
-        let v = Self {
+        Ok(Self {
             id,
             nwid,
             credential_id: r.u32()?,
@@ -824,9 +780,7 @@ impl Revocation {
             target: r.address()?,
             signed_by: r.address()?,
             credential_type: r.u8()?,
-            signature: read_sig(r)?,
-        };
-        read_ext(r)?;
-        Ok(v)
+            signature: read_final_sig(r)?,
+        })
     }
 }

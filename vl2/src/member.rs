@@ -16,7 +16,7 @@ use std::collections::{BTreeSet, HashMap, VecDeque};
 
 use flatwire_vl1::{Address, Identity, Verb};
 
-use crate::codec::Reader;
+use crate::codec::{CodecError, Reader};
 use crate::credentials::{
     Capability, CertificateOfMembership, CertificateOfOwnership, CredentialType, Revocation, Tag,
 };
@@ -212,6 +212,57 @@ impl PeerRecord {
     }
 }
 
+/// A credential a peer holds by id: a tag, capability or certificate of ownership.
+trait HeldCredential: Sized {
+    const TYPE: CredentialType;
+    fn nwid(&self) -> NetworkId;
+    fn holder(&self) -> Option<Address>;
+    fn id(&self) -> u32;
+    fn timestamp(&self) -> i64;
+    fn verified_by(&self, ctl: &Identity) -> bool;
+    fn held(r: &mut PeerRecord) -> &mut HashMap<u32, Self>;
+}
+
+macro_rules! held_credential {
+    ($t:ty, $ty:ident, $field:ident, |$c:ident, $ctl:ident| $holder:expr, $verify:expr) => {
+        impl HeldCredential for $t {
+            const TYPE: CredentialType = CredentialType::$ty;
+            fn nwid(&self) -> NetworkId {
+                self.nwid
+            }
+            fn holder(&self) -> Option<Address> {
+                let $c = self;
+                $holder
+            }
+            fn id(&self) -> u32 {
+                self.id
+            }
+            fn timestamp(&self) -> i64 {
+                self.timestamp
+            }
+            fn verified_by(&self, $ctl: &Identity) -> bool {
+                let $c = self;
+                $verify
+            }
+            fn held(r: &mut PeerRecord) -> &mut HashMap<u32, Self> {
+                &mut r.$field
+            }
+        }
+    };
+}
+
+held_credential!(Tag, Tag, tags, |t, ctl| Some(t.issued_to), t.verify(ctl));
+held_credential!(
+    CertificateOfOwnership,
+    Coo,
+    coos,
+    |c, ctl| Some(c.issued_to),
+    c.verify(ctl)
+);
+held_credential!(Capability, Capability, caps, |c, ctl| c.holder(), {
+    c.verify(|a| (a == ctl.address()).then_some(ctl))
+});
+
 #[derive(Clone, Debug, Default)]
 struct Slot {
     update_id: u64,
@@ -239,6 +290,22 @@ struct CredView<'a> {
     peer: Option<&'a PeerRecord>,
 }
 
+impl CredView<'_> {
+    /// Whether the sender holds a certificate of ownership satisfying `owns`: inbound, a
+    /// valid one the peer presented; outbound (we are the sender), one in our config.
+    fn sender_owns(&self, inbound: bool, owns: impl Fn(&CertificateOfOwnership) -> bool) -> bool {
+        if inbound {
+            self.peer.is_some_and(|p| {
+                p.coos
+                    .values()
+                    .any(|c| p.valid(self.cfg, CredentialType::Coo, c.id, c.timestamp) && owns(c))
+            })
+        } else {
+            self.cfg.certificates_of_ownership.iter().any(owns)
+        }
+    }
+}
+
 impl Credentials for CredView<'_> {
     fn local_tag(&self, id: u32) -> Option<u32> {
         self.cfg.tag(id)
@@ -250,32 +317,10 @@ impl Credentials for CredView<'_> {
             .then_some(t.value)
     }
     fn sender_owns_ip(&self, inbound: bool, ip: &[u8]) -> bool {
-        if inbound {
-            self.peer.is_some_and(|p| {
-                p.coos.values().any(|c| {
-                    p.valid(self.cfg, CredentialType::Coo, c.id, c.timestamp) && c.owns_ip(ip)
-                })
-            })
-        } else {
-            self.cfg
-                .certificates_of_ownership
-                .iter()
-                .any(|c| c.owns_ip(ip))
-        }
+        self.sender_owns(inbound, |c| c.owns_ip(ip))
     }
     fn sender_owns_mac(&self, inbound: bool, mac: Mac) -> bool {
-        if inbound {
-            self.peer.is_some_and(|p| {
-                p.coos.values().any(|c| {
-                    p.valid(self.cfg, CredentialType::Coo, c.id, c.timestamp) && c.owns_mac(mac)
-                })
-            })
-        } else {
-            self.cfg
-                .certificates_of_ownership
-                .iter()
-                .any(|c| c.owns_mac(mac))
-        }
+        self.sender_owns(inbound, |c| c.owns_mac(mac))
     }
 }
 
@@ -286,6 +331,27 @@ fn xorshift(s: &mut u64) -> u64 {
     x ^= x << 17;
     *s = x;
     x
+}
+
+/// Runs `filter` with the rules environment of one frame to or from `peer`.
+fn with_filter_env<R>(
+    cfg: &NetworkConfig,
+    peer: Option<&PeerRecord>,
+    own: Address,
+    semantics: Semantics,
+    rng: &mut u64,
+    filter: impl FnOnce(&mut Env<'_>) -> R,
+) -> R {
+    let creds = CredView { cfg, peer };
+    let mut random = || xorshift(rng) as u32;
+    let mut env = Env {
+        own_address: own,
+        config_flags: cfg.flags,
+        credentials: &creds,
+        random: &mut random,
+        semantics,
+    };
+    filter(&mut env)
 }
 
 /// Runs the outbound filter for one frame.
@@ -300,23 +366,16 @@ fn outbound_filter(
     no_tee: bool,
     frame: &Frame<'_>,
 ) -> FilterDecision {
-    let creds = CredView { cfg, peer };
-    let mut random = || xorshift(rng) as u32;
-    let mut env = Env {
-        own_address: own,
-        config_flags: cfg.flags,
-        credentials: &creds,
-        random: &mut random,
-        semantics,
-    };
-    eval::filter_outbound(
-        &cfg.rules,
-        cfg.capabilities.iter().map(|c| c.rules.as_slice()),
-        no_tee,
-        zt_dest,
-        frame,
-        &mut env,
-    )
+    with_filter_env(cfg, peer, own, semantics, rng, |env| {
+        eval::filter_outbound(
+            &cfg.rules,
+            cfg.capabilities.iter().map(|c| c.rules.as_slice()),
+            no_tee,
+            zt_dest,
+            frame,
+            env,
+        )
+    })
 }
 
 /// Runs the inbound filter for one frame from `sender`.
@@ -329,22 +388,15 @@ fn inbound_filter(
     sender: Address,
     frame: &Frame<'_>,
 ) -> FilterDecision {
-    let creds = CredView { cfg, peer };
-    let mut random = || xorshift(rng) as u32;
-    let mut env = Env {
-        own_address: own,
-        config_flags: cfg.flags,
-        credentials: &creds,
-        random: &mut random,
-        semantics,
-    };
     let caps = peer.into_iter().flat_map(|p| {
         p.caps
             .values()
             .filter(|c| p.valid(cfg, CredentialType::Capability, c.id, c.timestamp))
             .map(|c| c.rules.as_slice())
     });
-    eval::filter_inbound(&cfg.rules, caps, sender, frame, &mut env)
+    with_filter_env(cfg, peer, own, semantics, rng, |env| {
+        eval::filter_inbound(&cfg.rules, caps, sender, frame, env)
+    })
 }
 
 /// The runtime of one joined network for one local identity.
@@ -518,6 +570,20 @@ impl Network {
 
     fn buf(&mut self) -> Vec<u8> {
         self.pool.pop().unwrap_or_default()
+    }
+
+    /// A decoded payload when it is for this network; `None` when it is for another one, or
+    /// (counted as malformed) when it did not decode.
+    fn for_this_network<T>(
+        &mut self,
+        decoded: Result<T, CodecError>,
+        nwid_of: impl FnOnce(&T) -> NetworkId,
+    ) -> Option<T> {
+        let Ok(v) = decoded else {
+            self.drop(DropReason::Malformed);
+            return None;
+        };
+        (nwid_of(&v) == self.nwid).then_some(v)
     }
 
     fn drop(&mut self, r: DropReason) {
@@ -779,19 +845,25 @@ impl Network {
         self.out.push_back(Output::Deliver(f));
     }
 
-    fn send_copy(&mut self, c: CopyAction, dest: Mac, source: Mac, ethertype: u16, data: &[u8]) {
-        let h = ExtFrameHeader {
-            nwid: self.nwid,
-            flags: c.flags,
-            com: None,
-            dest,
-            source,
-            ethertype,
-        };
+    fn send_ext_frame(&mut self, to: Address, flags: u8, fr: &Frame<'_>, data: &[u8]) {
         let mut p = self.buf();
-        h.encode(&mut p);
-        p.extend_from_slice(&data[..c.length.min(data.len())]);
-        self.send(c.to, Verb::EXT_FRAME, p);
+        ExtFrameHeader {
+            nwid: self.nwid,
+            flags,
+            com: None,
+            dest: fr.dest_mac,
+            source: fr.source_mac,
+            ethertype: fr.ethertype,
+        }
+        .encode(&mut p);
+        p.extend_from_slice(data);
+        self.send(to, Verb::EXT_FRAME, p);
+    }
+
+    /// Sends the TEE/REDIRECT copy `c` of `fr`.
+    fn send_copy(&mut self, c: CopyAction, fr: &Frame<'_>) {
+        let data = &fr.payload[..c.length.min(fr.payload.len())];
+        self.send_ext_frame(c.to, c.flags, fr, data);
     }
 
     /// Inbound filter for a frame from `sender`; sends copies; returns 0/1/2.
@@ -809,13 +881,7 @@ impl Network {
             frame,
         );
         for c in [d.copy, d.redirect].into_iter().flatten() {
-            self.send_copy(
-                c,
-                frame.dest_mac,
-                frame.source_mac,
-                frame.ethertype,
-                frame.payload,
-            );
+            self.send_copy(c, frame);
         }
         if d.accept == 0 {
             self.drop(DropReason::RulesInbound);
@@ -824,12 +890,10 @@ impl Network {
     }
 
     fn on_frame(&mut self, now: i64, from: Address, packet_id: u64, payload: &[u8]) {
-        let Ok((h, data)) = FrameHeader::decode(payload) else {
-            return self.drop(DropReason::Malformed);
-        };
-        if h.nwid != self.nwid {
+        let Some((h, data)) = self.for_this_network(FrameHeader::decode(payload), |(h, _)| h.nwid)
+        else {
             return;
-        }
+        };
         if self.config.is_none() {
             return self.drop(DropReason::NoConfig);
         }
@@ -877,12 +941,11 @@ impl Network {
         payload: &[u8],
         dir: &dyn Directory,
     ) {
-        let Ok((h, data)) = ExtFrameHeader::decode(payload) else {
-            return self.drop(DropReason::Malformed);
-        };
-        if h.nwid != self.nwid {
+        let Some((h, data)) =
+            self.for_this_network(ExtFrameHeader::decode(payload), |(h, _)| h.nwid)
+        else {
             return;
-        }
+        };
         if self.config.is_none() {
             return self.drop(DropReason::NoConfig);
         }
@@ -989,12 +1052,9 @@ impl Network {
         payload: &[u8],
         dir: &dyn Directory,
     ) {
-        let Ok(g) = Gather::decode(payload) else {
-            return self.drop(DropReason::Malformed);
-        };
-        if g.nwid != self.nwid {
+        let Some(g) = self.for_this_network(Gather::decode(payload), |g| g.nwid) else {
             return;
-        }
+        };
         if let Some(com) = g.com {
             self.add_com(com, dir);
         }
@@ -1041,12 +1101,11 @@ impl Network {
         payload: &[u8],
         dir: &dyn Directory,
     ) {
-        let Ok((h, data)) = MulticastFrameHeader::decode(payload) else {
-            return self.drop(DropReason::Malformed);
-        };
-        if h.nwid != self.nwid {
+        let Some((h, data)) =
+            self.for_this_network(MulticastFrameHeader::decode(payload), |(h, _)| h.nwid)
+        else {
             return;
-        }
+        };
         let Some(limit) = self.config.as_ref().map(|c| c.multicast_limit) else {
             return self.drop(DropReason::NoConfig);
         };
@@ -1152,12 +1211,9 @@ impl Network {
         let Ok((verb, _, body)) = split_in_re(payload) else {
             return self.drop(DropReason::Malformed);
         };
-        let Ok(e) = Vl2Error::decode(body) else {
-            return self.drop(DropReason::Malformed);
-        };
-        if e.nwid != self.nwid {
+        let Some(e) = self.for_this_network(Vl2Error::decode(body), |e| e.nwid) else {
             return;
-        }
+        };
         let from_controller = from == self.controller();
         match e.code {
             error_code::OBJ_NOT_FOUND | error_code::UNSUPPORTED_OPERATION
@@ -1352,13 +1408,13 @@ impl Network {
             return;
         };
         for cap in c.capabilities {
-            self.add_capability(cap, &ctl);
+            self.add_held(cap, &ctl);
         }
         for t in c.tags {
-            self.add_tag(t, &ctl);
+            self.add_held(t, &ctl);
         }
         for coo in c.coos {
-            self.add_coo(coo, &ctl);
+            self.add_held(coo, &ctl);
         }
         for r in c.revocations {
             self.add_revocation(now, from, r, &ctl);
@@ -1397,52 +1453,23 @@ impl Network {
         }
     }
 
-    fn add_tag(&mut self, t: Tag, ctl: &Identity) {
-        if t.nwid != self.nwid {
-            return;
-        }
-        let ok = self.peers.get(&t.issued_to).is_none_or(|r| {
-            r.tags.get(&t.id).is_none_or(|o| o.timestamp <= t.timestamp)
-                && r.revoked_at(CredentialType::Tag, t.id) < t.timestamp
-        });
-        if !ok || !t.verify(ctl) {
-            return self.drop(DropReason::BadCredential);
-        }
-        if let Some(r) = self.record(t.issued_to) {
-            r.tags.insert(t.id, t);
-        }
-    }
-
-    fn add_capability(&mut self, c: Capability, ctl: &Identity) {
+    /// Stores a tag, capability or certificate of ownership unless it is for another
+    /// network, older than the one held, revoked, or not signed by the controller.
+    fn add_held<C: HeldCredential>(&mut self, c: C, ctl: &Identity) {
         let Some(holder) = c.holder() else { return };
-        if c.nwid != self.nwid {
+        if c.nwid() != self.nwid {
             return;
         }
-        let ok = self.peers.get(&holder).is_none_or(|r| {
-            r.caps.get(&c.id).is_none_or(|o| o.timestamp <= c.timestamp)
-                && r.revoked_at(CredentialType::Capability, c.id) < c.timestamp
+        let (id, ts) = (c.id(), c.timestamp());
+        let ok = self.peers.get_mut(&holder).is_none_or(|r| {
+            C::held(r).get(&id).is_none_or(|o| o.timestamp() <= ts)
+                && r.revoked_at(C::TYPE, id) < ts
         });
-        if !ok || !c.verify(|a| (a == ctl.address()).then_some(ctl)) {
+        if !ok || !c.verified_by(ctl) {
             return self.drop(DropReason::BadCredential);
         }
         if let Some(r) = self.record(holder) {
-            r.caps.insert(c.id, c);
-        }
-    }
-
-    fn add_coo(&mut self, c: CertificateOfOwnership, ctl: &Identity) {
-        if c.nwid != self.nwid {
-            return;
-        }
-        let ok = self.peers.get(&c.issued_to).is_none_or(|r| {
-            r.coos.get(&c.id).is_none_or(|o| o.timestamp <= c.timestamp)
-                && r.revoked_at(CredentialType::Coo, c.id) < c.timestamp
-        });
-        if !ok || !c.verify(ctl) {
-            return self.drop(DropReason::BadCredential);
-        }
-        if let Some(r) = self.record(c.issued_to) {
-            r.coos.insert(c.id, c);
+            C::held(r).insert(id, c);
         }
     }
 
@@ -1541,20 +1568,10 @@ impl Network {
             };
             if dec.redirect.is_none() {
                 self.push_if_needed(now, to, PUSH_PERIOD);
-                let mut p = self.buf();
                 if bridged {
-                    ExtFrameHeader {
-                        nwid: self.nwid,
-                        flags: 0,
-                        com: None,
-                        dest,
-                        source,
-                        ethertype,
-                    }
-                    .encode(&mut p);
-                    p.extend_from_slice(payload);
-                    self.send(to, Verb::EXT_FRAME, p);
+                    self.send_ext_frame(to, 0, &fr, payload);
                 } else {
+                    let mut p = self.buf();
                     FrameHeader {
                         nwid: self.nwid,
                         ethertype,
@@ -1581,18 +1598,8 @@ impl Network {
         let targets: Vec<Address> = match route {
             Some(b) => vec![b],
             None => {
-                let mut v: Vec<Address> = self
-                    .config
-                    .as_ref()
-                    .map(|c| {
-                        c.specialists
-                            .iter()
-                            .filter(|s| **s & crate::netconf::SPECIALIST_ACTIVE_BRIDGE != 0)
-                            .filter_map(|s| Address::new(s & 0xff_ffff_ffff).ok())
-                            .filter(|a| *a != self.own)
-                            .collect()
-                    })
-                    .unwrap_or_default();
+                let mut v = self.active_bridges();
+                v.retain(|a| *a != self.own);
                 let rng = &mut self.rng;
                 shuffle(&mut v, rng);
                 v.truncate(MAX_BRIDGE_COPIES);
@@ -1604,18 +1611,7 @@ impl Network {
                 continue;
             }
             self.push_if_needed(now, b, PUSH_PERIOD);
-            let mut p = self.buf();
-            ExtFrameHeader {
-                nwid: self.nwid,
-                flags: 0,
-                com: None,
-                dest,
-                source,
-                ethertype,
-            }
-            .encode(&mut p);
-            p.extend_from_slice(payload);
-            self.send(b, Verb::EXT_FRAME, p);
+            self.send_ext_frame(b, 0, &fr, payload);
         }
     }
 
@@ -1634,7 +1630,7 @@ impl Network {
             fr,
         );
         for c in [d.copy, d.redirect].into_iter().flatten() {
-            self.send_copy(c, fr.dest_mac, fr.source_mac, fr.ethertype, fr.payload);
+            self.send_copy(c, fr);
         }
         if d.accept == 0 && d.redirect.is_none() {
             self.drop(DropReason::RulesOutbound);

@@ -139,6 +139,34 @@ impl GatherResult {
     }
 }
 
+/// Appends `nwid ‖ flags ‖ [COM]`, the head of EXT_FRAME and MULTICAST_FRAME.
+fn put_frame_head(
+    out: &mut Vec<u8>,
+    nwid: NetworkId,
+    flags: u8,
+    com: Option<&CertificateOfMembership>,
+) {
+    out.extend_from_slice(&nwid.to_bytes());
+    out.push(flags);
+    if let Some(c) = com {
+        c.encode(out);
+    }
+}
+
+/// Reads `nwid ‖ flags ‖ [COM if flags & 0x01]`.
+fn read_frame_head(
+    r: &mut Reader<'_>,
+) -> Result<(NetworkId, u8, Option<CertificateOfMembership>), CodecError> {
+    let nwid = NetworkId::from(r.u64()?);
+    let flags = r.u8()?;
+    let com = if flags & 1 != 0 {
+        Some(CertificateOfMembership::decode(r)?)
+    } else {
+        None
+    };
+    Ok((nwid, flags, com))
+}
+
 /// A FRAME header; the Ethernet payload follows it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FrameHeader {
@@ -186,11 +214,8 @@ pub struct ExtFrameHeader {
 impl ExtFrameHeader {
     /// Appends the header (the COM bit follows `com`).
     pub fn encode(&self, out: &mut Vec<u8>) {
-        out.extend_from_slice(&self.nwid.to_bytes());
-        out.push((self.flags & !1) | u8::from(self.com.is_some()));
-        if let Some(c) = &self.com {
-            c.encode(out);
-        }
+        let flags = (self.flags & !1) | u8::from(self.com.is_some());
+        put_frame_head(out, self.nwid, flags, self.com.as_ref());
         out.extend_from_slice(&self.dest.0);
         out.extend_from_slice(&self.source.0);
         out.extend_from_slice(&self.ethertype.to_be_bytes());
@@ -199,13 +224,7 @@ impl ExtFrameHeader {
     /// Splits an EXT_FRAME payload into header and Ethernet payload.
     pub fn decode(payload: &[u8]) -> Result<(Self, &[u8]), CodecError> {
         let mut r = Reader::new(payload);
-        let nwid = NetworkId::from(r.u64()?);
-        let flags = r.u8()?;
-        let com = if flags & 1 != 0 {
-            Some(CertificateOfMembership::decode(&mut r)?)
-        } else {
-            None
-        };
+        let (nwid, flags, com) = read_frame_head(&mut r)?;
         let h = Self {
             nwid,
             flags,
@@ -244,11 +263,7 @@ impl MulticastFrameHeader {
             | u8::from(self.com.is_some())
             | if self.gather_limit.is_some() { 2 } else { 0 }
             | if self.source.is_some() { 4 } else { 0 };
-        out.extend_from_slice(&self.nwid.to_bytes());
-        out.push(flags);
-        if let Some(c) = &self.com {
-            c.encode(out);
-        }
+        put_frame_head(out, self.nwid, flags, self.com.as_ref());
         if let Some(g) = self.gather_limit {
             out.extend_from_slice(&g.to_be_bytes());
         }
@@ -262,13 +277,7 @@ impl MulticastFrameHeader {
     /// Splits a MULTICAST_FRAME payload into header and Ethernet payload.
     pub fn decode(payload: &[u8]) -> Result<(Self, &[u8]), CodecError> {
         let mut r = Reader::new(payload);
-        let nwid = NetworkId::from(r.u64()?);
-        let flags = r.u8()?;
-        let com = if flags & 1 != 0 {
-            Some(CertificateOfMembership::decode(&mut r)?)
-        } else {
-            None
-        };
+        let (nwid, flags, com) = read_frame_head(&mut r)?;
         let gather_limit = if flags & 2 != 0 { Some(r.u32()?) } else { None };
         let source = if flags & 4 != 0 {
             Some(Mac(r.array()?))

@@ -479,6 +479,23 @@ fn parse_addr(s: &str) -> Result<Address, StoreError> {
         .map_err(|_| StoreError::Json(format!("bad address {s:?}")))
 }
 
+/// The [`Store`] queries a store with a `MemberIndex` in `self.index` answers from it.
+macro_rules! answer_from_index {
+    () => {
+        fn active_bridges(&self, nwid: NetworkId) -> Result<Vec<Address>, StoreError> {
+            Ok(self.index.active_bridges(nwid))
+        }
+        fn ip_assigned(
+            &self,
+            nwid: NetworkId,
+            ip: IpAddr,
+            except: Address,
+        ) -> Result<bool, StoreError> {
+            Ok(self.index.ip_assigned(nwid, ip, except))
+        }
+    };
+}
+
 /// An in-memory store.
 #[derive(Clone, Debug, Default)]
 pub struct MemoryStore {
@@ -532,17 +549,7 @@ impl ControllerStore for MemoryStore {
             .map(|(_, a)| *a)
             .collect())
     }
-    fn active_bridges(&self, nwid: NetworkId) -> Result<Vec<Address>, StoreError> {
-        Ok(self.index.active_bridges(nwid))
-    }
-    fn ip_assigned(
-        &self,
-        nwid: NetworkId,
-        ip: IpAddr,
-        except: Address,
-    ) -> Result<bool, StoreError> {
-        Ok(self.index.ip_assigned(nwid, ip, except))
-    }
+    answer_from_index!();
 }
 
 /// A store of one JSON file per object, laid out like ZeroTier's `controller.d`:
@@ -718,15 +725,5 @@ impl ControllerStore for FileStore {
             .filter_map(|s| s.parse().ok())
             .collect())
     }
-    fn active_bridges(&self, nwid: NetworkId) -> Result<Vec<Address>, StoreError> {
-        Ok(self.index.active_bridges(nwid))
-    }
-    fn ip_assigned(
-        &self,
-        nwid: NetworkId,
-        ip: IpAddr,
-        except: Address,
-    ) -> Result<bool, StoreError> {
-        Ok(self.index.ip_assigned(nwid, ip, except))
-    }
+    answer_from_index!();
 }
