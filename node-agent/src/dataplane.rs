@@ -113,6 +113,8 @@ pub struct NodeSnapshot {
     pub online: bool,
     /// The planet's ID.
     pub planet_id: u64,
+    /// The planet's timestamp (updated when a root pushes a newer one).
+    pub planet_timestamp: u64,
     /// The planet's root addresses.
     pub roots: Vec<Address>,
     /// Known peers (roots first), sorted by address within each role.
@@ -145,8 +147,19 @@ impl NodeSnapshot {
     }
 }
 
+/// A `/controller/...` API request for the thread that owns the controller.
+struct ControllerCall {
+    method: String,
+    path: Vec<String>,
+    body: Vec<u8>,
+    reply: tokio::sync::oneshot::Sender<Option<(u16, serde_json::Value)>>,
+}
+
 enum Command {
     Snapshot(tokio::sync::oneshot::Sender<NodeSnapshot>),
+    Join(NetworkId, tokio::sync::oneshot::Sender<bool>),
+    Leave(NetworkId, tokio::sync::oneshot::Sender<bool>),
+    Controller(ControllerCall),
     Stop,
 }
 
@@ -164,6 +177,9 @@ impl std::fmt::Debug for Command {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Command::Snapshot(_) => "Snapshot",
+            Command::Join(..) => "Join",
+            Command::Leave(..) => "Leave",
+            Command::Controller(_) => "Controller",
             Command::Stop => "Stop",
         })
     }
@@ -198,6 +214,57 @@ impl NodeHandle {
             return None;
         }
         tokio::time::timeout(Duration::from_secs(2), rx)
+            .await
+            .ok()?
+            .ok()
+    }
+
+    /// Joins `nwid` at runtime (TAP and member); `Some(false)` if it was already joined,
+    /// `None` if the data plane stopped or did not answer in 2 s. Not persisted here.
+    pub async fn join_network(&self, nwid: NetworkId) -> Option<bool> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if !self.command(Command::Join(nwid, tx)) {
+            return None;
+        }
+        tokio::time::timeout(Duration::from_secs(2), rx)
+            .await
+            .ok()?
+            .ok()
+    }
+
+    /// Leaves `nwid` at runtime (its TAP goes away); `Some(false)` if it was not joined,
+    /// `None` if the data plane stopped or did not answer in 2 s. Not persisted here.
+    pub async fn leave_network(&self, nwid: NetworkId) -> Option<bool> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if !self.command(Command::Leave(nwid, tx)) {
+            return None;
+        }
+        tokio::time::timeout(Duration::from_secs(2), rx)
+            .await
+            .ok()?
+            .ok()
+    }
+
+    /// Runs a `/controller/...` API request (`path`: the segments after `controller`) on the
+    /// controller: `Some(None)` without the controller role, `None` if the data plane stopped
+    /// or did not answer in 5 s; else the HTTP status and JSON body.
+    pub async fn controller_api(
+        &self,
+        method: &str,
+        path: Vec<String>,
+        body: Vec<u8>,
+    ) -> Option<Option<(u16, serde_json::Value)>> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let call = ControllerCall {
+            method: method.to_string(),
+            path,
+            body,
+            reply: tx,
+        };
+        if !self.command(Command::Controller(call)) {
+            return None;
+        }
+        tokio::time::timeout(Duration::from_secs(5), rx)
             .await
             .ok()?
             .ok()
@@ -244,6 +311,7 @@ pub fn start(
         .map(|r| r.identity.address())
         .collect();
     let planet_id = cfg.planet.id;
+    let planet_timestamp = cfg.planet.timestamp;
     let clock = Clock::new();
     let is_root = cfg
         .planet
@@ -286,6 +354,7 @@ pub fn start(
                         address,
                         roots,
                         planet_id,
+                        planet_timestamp,
                         local_addr,
                         commands: cmd_rx,
                         wake: wake_rx,
@@ -387,6 +456,7 @@ struct DataPlane {
     address: Address,
     roots: Vec<Address>,
     planet_id: u64,
+    planet_timestamp: u64,
     local_addr: SocketAddr,
     commands: mpsc::Receiver<Command>,
     wake: UnixDatagram,
@@ -635,6 +705,7 @@ impl DataPlane {
     fn drain_events(&mut self) {
         while let Some(ev) = self.node.poll_event() {
             match &ev {
+                Event::PlanetUpdated { planet } => self.planet_timestamp = planet.timestamp,
                 Event::PeerLearned { peer, .. } | Event::PathLearned { peer, .. } => {
                     if self.vl2.awaits_config_from(*peer) {
                         self.vl2.nudge(self.clock.now());
@@ -707,6 +778,18 @@ impl DataPlane {
                     let s = self.snapshot(self.clock.now());
                     let _ = reply.send(s);
                 }
+                Ok(Command::Join(nwid, reply)) => {
+                    let joined = self.vl2.join(nwid, self.clock.now());
+                    let _ = reply.send(joined);
+                }
+                Ok(Command::Leave(nwid, reply)) => {
+                    let _ = reply.send(self.vl2.leave(nwid));
+                }
+                Ok(Command::Controller(c)) => {
+                    let now = self.clock.now();
+                    let r = self.vl2.controller_api(&c.method, &c.path, &c.body, now);
+                    let _ = c.reply.send(r);
+                }
                 Ok(Command::Stop) | Err(mpsc::TryRecvError::Disconnected) => return false,
                 Err(mpsc::TryRecvError::Empty) => return true,
             }
@@ -767,6 +850,7 @@ impl DataPlane {
             is_root: node.is_root(),
             online: node.is_online(now, me),
             planet_id: self.planet_id,
+            planet_timestamp: self.planet_timestamp,
             roots: self.roots.clone(),
             peers,
             stats: *node.stats(),

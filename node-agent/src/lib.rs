@@ -2,13 +2,15 @@
 //!
 //! Modules: [`tap`] (member TAP devices moved into pod network namespaces, batched frame I/O),
 //! [`udp`] (the host's UDP port with batched, GSO/GRO-aware I/O), [`state`] (the atomically
-//! written state directory), [`metrics`] (Prometheus text over a tiny HTTP endpoint) and
+//! written state directory), [`metrics`] (Prometheus text over a tiny HTTP endpoint), [`http_api`] (the
+//! ZeroTier-style local JSON API) and
 //! [`service`] (the gRPC service of `flatwire-api` as served today), [`host`] (the host identity
 //! and planet in the state directory) and [`dataplane`] (the thread that runs the VL1 node on
 //! the UDP port) and [`networks`] (VL2 on that thread: joined networks on TAPs, the controller).
 
 pub mod dataplane;
 pub mod host;
+pub mod http_api;
 pub mod metrics;
 pub mod networks;
 pub mod service;

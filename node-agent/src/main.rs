@@ -4,7 +4,8 @@
 //! the planet, runs the VL1 node on the UDP port in a data-plane thread (as a root of the
 //! planet with `--root`) together with VL2 (the networks of `--join` and `HOME/networks.d`,
 //! each on a TAP; the network controller with `--controller`), serves the gRPC API on its Unix socket (`Status` is ready once a root
-//! answered) and Prometheus metrics on a loopback TCP port, and exits cleanly on
+//! answered), the ZeroTier-style HTTP API (loopback TCP on the UDP port's number, token in
+//! `HOME/authtoken.secret`) and Prometheus metrics on a loopback TCP port, and exits cleanly on
 //! SIGINT/SIGTERM, removing its socket.
 
 use std::net::SocketAddr;
@@ -16,7 +17,7 @@ use anyhow::Context as _;
 use clap::Parser;
 use flatwire_agent::dataplane::{self, DataPlaneConfig, NodeHandle};
 use flatwire_agent::state::{Sensitivity, StateDir};
-use flatwire_agent::{host, metrics, networks, service, udp};
+use flatwire_agent::{host, http_api, metrics, networks, service, udp};
 use flatwire_vl1::Event;
 use flatwire_vl2::NetworkId;
 use tokio::signal::unix::{SignalKind, signal};
@@ -40,6 +41,10 @@ struct Args {
     /// Address of the Prometheus metrics endpoint (`GET /metrics`); keep it on loopback.
     #[arg(long, default_value = "127.0.0.1:9994")]
     metrics_listen: SocketAddr,
+    /// Address of the local HTTP API (ZeroTier One's service API); default `127.0.0.1:PORT`
+    /// (TCP, the UDP port's number). Keep it on loopback.
+    #[arg(long)]
+    api_listen: Option<SocketAddr>,
     /// A planet file (serialized world) to use; it is copied into the state directory.
     /// Without it, the planet already in the state directory is used.
     #[arg(long)]
@@ -82,6 +87,7 @@ async fn main() -> anyhow::Result<()> {
         tracing::info!(address = %identity.0.address(), "generated the host identity");
     }
     let identity = identity.0;
+    let public_identity = identity.to_public().to_string();
     let planet = host::load_planet(&state, args.planet.as_deref())?;
     if args.root {
         let Some(planet) = &planet else {
@@ -99,6 +105,19 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("cannot serve metrics on {}", args.metrics_listen))?;
     let metrics_addr = metrics_listener.local_addr()?;
     let metrics_task = tokio::spawn(metrics::serve(metrics_listener, metrics.clone()));
+
+    let api_addr = args
+        .api_listen
+        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], args.port)));
+    let api_listener = http_api::bind(api_addr)
+        .await
+        .with_context(|| format!("cannot serve the HTTP API on {api_addr}"))?;
+    let token = {
+        let state = state.clone();
+        tokio::task::spawn_blocking(move || http_api::load_or_create_token(&state))
+            .await
+            .context("token creation panicked")??
+    };
 
     let listener = service::bind_socket(&args.socket)?;
     let address = identity.address();
@@ -147,11 +166,23 @@ async fn main() -> anyhow::Result<()> {
             )
         }
     };
+    let api = Arc::new(http_api::ApiContext {
+        token,
+        node: node.clone(),
+        address,
+        public_identity,
+        home: state.root().to_path_buf(),
+        networks_dir: state.root().join(NETWORKS_DIR),
+        primary_port: args.port,
+        controller: args.controller,
+    });
+    let api_task = tokio::spawn(http_api::serve(api_listener, api));
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         home = %state.root().display(),
         socket = %args.socket.display(),
         metrics = %metrics_addr,
+        api = %api_addr,
         udp_port = args.port,
         "flatwire-agent started"
     );
@@ -183,6 +214,7 @@ async fn main() -> anyhow::Result<()> {
         }
     };
     metrics_task.abort();
+    api_task.abort();
     if let Some(node) = node {
         stop_node(node).await;
     }
@@ -272,6 +304,9 @@ mod tests {
         assert_eq!(a.home, PathBuf::from("/var/lib/flatwire"));
         assert_eq!(a.socket, PathBuf::from(flatwire_api::DEFAULT_AGENT_SOCKET));
         assert!(a.metrics_listen.ip().is_loopback());
+        assert_eq!(a.api_listen, None);
+        let a = Args::try_parse_from(["flatwire-agent", "--api-listen", "127.0.0.1:1234"]).unwrap();
+        assert_eq!(a.api_listen, Some("127.0.0.1:1234".parse().unwrap()));
         assert!(Args::try_parse_from(["flatwire-agent", "--port", "70000"]).is_err());
     }
 

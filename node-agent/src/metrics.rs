@@ -254,7 +254,9 @@ async fn handle(mut stream: TcpStream, metrics: &Metrics) -> std::io::Result<()>
     }
 }
 
-async fn respond(
+/// Writes one `Connection: close` answer and shuts the stream down (also used by the HTTP
+/// API).
+pub(crate) async fn respond(
     stream: &mut TcpStream,
     status: &str,
     content_type: &str,

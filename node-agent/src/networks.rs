@@ -8,9 +8,10 @@
 //! (MTU, addresses, routes) takes netlink round trips, so it runs on a separate `fw-link`
 //! thread fed over a channel, in order.
 //!
-//! # Administering the controller (until the HTTP API exists)
+//! # Administering the controller
 //!
-//! Networks and members are ZeroTier controller JSON files in `HOME/controller.d`, the same
+//! Through the HTTP API (`/controller/network/...`, see [`crate::http_api`]) or by hand:
+//! networks and members are ZeroTier controller JSON files in `HOME/controller.d`, the same
 //! layout and fields as ZeroTier One's `controller.d`:
 //!
 //! * `network/<nwid>.json`: `{"id": "<nwid>", "nwid": "<nwid>", "name": "..", "private": true,
@@ -35,13 +36,14 @@ use std::path::Path;
 use std::sync::mpsc;
 
 use flatwire_vl1::{Address, Node, Verb};
+use flatwire_vl2::Mac;
 use flatwire_vl2::NetworkId;
 use flatwire_vl2::controller::{
-    Controller, ControllerStore, FileStore, RequestOutcome, StoreError, config_payloads,
+    ApiError, Controller, ControllerStore, FileStore, RequestOutcome, StoreError, config_payloads,
     refusal_payload,
 };
 use flatwire_vl2::member::{self, MemberOptions, Network, NetworkEvent, Output, Status, Upstream};
-use flatwire_vl2::netconf::{DEFAULT_MTU, NetworkConfig};
+use flatwire_vl2::netconf::{DEFAULT_MTU, Dns, FLAG_ENABLE_BROADCAST, NetworkConfig, Route};
 use flatwire_vl2::verbs::ConfigRequest;
 
 use crate::tap::{self, IpPrefix, LinkRoute, LinkState, Tap, TapConfig};
@@ -52,7 +54,7 @@ const TAP_BATCH: usize = 32;
 const TAP_FRAME: usize = 10_000 + 14;
 /// TAP batches read before the thread looks at other work again.
 const TAP_ROUNDS: usize = 8;
-/// Least time between two config requests [`Vl2::nudge`] sends for one network (ms): more
+/// Least time between two config requests `Vl2::nudge` sends for one network (ms): more
 /// than the controller's 1 s duplicate window.
 pub const NUDGE_INTERVAL: u64 = 1100;
 /// Most nudges per network.
@@ -205,6 +207,22 @@ pub struct NetworkSnapshot {
     pub tap: String,
     /// Assigned addresses of the current config.
     pub addresses: Vec<IpPrefix>,
+    /// The member's MAC on this network.
+    pub mac: Mac,
+    /// Network name from the config (empty without one).
+    pub name: String,
+    /// MTU of the config ([`DEFAULT_MTU`] without one).
+    pub mtu: u32,
+    /// Private (certificate-gated) network; true without a config, as in ZeroTier One.
+    pub private: bool,
+    /// Revision of the config (0 without one).
+    pub revision: u64,
+    /// Whether the config enables broadcast.
+    pub broadcast: bool,
+    /// Managed routes of the config.
+    pub routes: Vec<Route>,
+    /// DNS settings of the config.
+    pub dns: Dns,
 }
 
 impl Vl2 {
@@ -240,7 +258,7 @@ impl Vl2 {
             tap_rejected: 0,
         };
         for nwid in networks {
-            v.join(*nwid, now);
+            let _ = v.join(*nwid, now);
         }
         Ok(v)
     }
@@ -298,9 +316,36 @@ impl Vl2 {
         }
     }
 
-    fn join(&mut self, nwid: NetworkId, now: u64) {
+    /// Leaves `nwid`: the member is dropped and its TAP closed (which removes it); false if
+    /// it was not joined.
+    pub(crate) fn leave(&mut self, nwid: NetworkId) -> bool {
+        let Some(i) = self.nets.iter().position(|j| j.net.id() == nwid) else {
+            return false;
+        };
+        let mut j = self.nets.remove(i);
+        j.net.leave();
+        tracing::info!(%nwid, tap = %j.name, "left network");
+        true
+    }
+
+    /// Answers a `/controller/...` API request (`path`: the segments after `controller`);
+    /// `None` without the controller role. GET/POST/DELETE of `network`, `network/<nwid>`,
+    /// `network/<nwid>/member` and `network/<nwid>/member/<address>`, in ZeroTier One's JSON.
+    pub(crate) fn controller_api(
+        &mut self,
+        method: &str,
+        path: &[String],
+        body: &[u8],
+        now: u64,
+    ) -> Option<(u16, serde_json::Value)> {
+        let ctl = &mut self.ctl.as_mut()?.ctl;
+        Some(controller_api(ctl, method, path, body, now as i64))
+    }
+
+    /// Joins `nwid` (a TAP and a member); false if it was already joined.
+    pub(crate) fn join(&mut self, nwid: NetworkId, now: u64) -> bool {
         if self.nets.iter().any(|j| j.net.id() == nwid) {
-            return;
+            return false;
         }
         let mut net = self.member(nwid, now);
         let name = tap_name(nwid);
@@ -326,6 +371,7 @@ impl Vl2 {
             nudged: 0,
             nudges: 0,
         });
+        true
     }
 
     /// The fds of the TAPs to poll, in network order (`None` for a network without one).
@@ -593,8 +639,125 @@ impl Vl2 {
                     .net
                     .config()
                     .map_or_else(Vec::new, |c| link_state(c).addresses),
+                mac: j.net.mac(),
+                name: j.net.config().map(|c| c.name.clone()).unwrap_or_default(),
+                mtu: j.net.config().map_or(DEFAULT_MTU, |c| c.mtu),
+                private: j.net.config().is_none_or(|c| c.private),
+                revision: j.net.config().map_or(0, |c| c.revision),
+                broadcast: j
+                    .net
+                    .config()
+                    .is_some_and(|c| c.flags & FLAG_ENABLE_BROADCAST != 0),
+                routes: j.net.config().map(|c| c.routes.clone()).unwrap_or_default(),
+                dns: j.net.config().map(|c| c.dns.clone()).unwrap_or_default(),
             })
             .collect()
+    }
+}
+
+fn api_err(status: u16, msg: impl std::fmt::Display) -> (u16, serde_json::Value) {
+    (status, serde_json::json!({ "error": msg.to_string() }))
+}
+
+fn api_value<T: serde::Serialize>(v: &T) -> (u16, serde_json::Value) {
+    match serde_json::to_value(v) {
+        Ok(v) => (200, v),
+        Err(e) => api_err(500, e),
+    }
+}
+
+fn api_write_err(e: &ApiError) -> (u16, serde_json::Value) {
+    match e {
+        ApiError::NoSuchNetwork(_) => api_err(404, e),
+        ApiError::Store(_) => api_err(500, e),
+        _ => api_err(400, e),
+    }
+}
+
+fn controller_api(
+    ctl: &mut Controller<FileStore>,
+    method: &str,
+    path: &[String],
+    body: &[u8],
+    now: i64,
+) -> (u16, serde_json::Value) {
+    let parts: Vec<&str> = path.iter().map(String::as_str).collect();
+    let nwid = |s: &str| s.parse::<NetworkId>().ok();
+    match (method, parts.as_slice()) {
+        ("GET", ["network"]) => match ctl.store().list_networks() {
+            Ok(l) => api_value(&l.iter().map(ToString::to_string).collect::<Vec<_>>()),
+            Err(e) => api_err(500, e),
+        },
+        (_, ["network"]) => api_err(405, "only GET"),
+        (m, ["network", id]) => {
+            let Some(id) = nwid(id) else {
+                return api_err(404, "no such network");
+            };
+            match m {
+                "GET" => match ctl.store().get_network(id) {
+                    Ok(Some(n)) => api_value(&n),
+                    Ok(None) => api_err(404, "no such network"),
+                    Err(e) => api_err(500, e),
+                },
+                "POST" => match ctl.api_network_post(id, body, now) {
+                    Ok(n) => api_value(&n),
+                    Err(e) => api_write_err(&e),
+                },
+                "DELETE" => match ctl.store_mut().delete_network(id) {
+                    Ok(Some(n)) => api_value(&n),
+                    Ok(None) => api_err(404, "no such network"),
+                    Err(e) => api_err(500, e),
+                },
+                _ => api_err(405, "only GET, POST and DELETE"),
+            }
+        }
+        (m, ["network", id, "member"]) => {
+            if m != "GET" {
+                return api_err(405, "only GET");
+            }
+            let Some(id) = nwid(id) else {
+                return api_err(404, "no such network");
+            };
+            match ctl.store().get_network(id) {
+                Ok(Some(_)) => {}
+                Ok(None) => return api_err(404, "no such network"),
+                Err(e) => return api_err(500, e),
+            }
+            let members = match ctl.store().list_members(id) {
+                Ok(l) => l,
+                Err(e) => return api_err(500, e),
+            };
+            let mut out = serde_json::Map::new();
+            for a in members {
+                if let Ok(Some(m)) = ctl.store().get_member(id, a) {
+                    out.insert(a.to_string(), m.revision.into());
+                }
+            }
+            (200, serde_json::Value::Object(out))
+        }
+        (m, ["network", id, "member", a]) => {
+            let (Some(id), Ok(a)) = (nwid(id), a.parse::<Address>()) else {
+                return api_err(404, "no such member");
+            };
+            match m {
+                "GET" => match ctl.store().get_member(id, a) {
+                    Ok(Some(m)) => api_value(&m),
+                    Ok(None) => api_err(404, "no such member"),
+                    Err(e) => api_err(500, e),
+                },
+                "POST" => match ctl.api_member_post(id, a, body, now) {
+                    Ok(m) => api_value(&m),
+                    Err(e) => api_write_err(&e),
+                },
+                "DELETE" => match ctl.store_mut().delete_member(id, a) {
+                    Ok(Some(m)) => api_value(&m),
+                    Ok(None) => api_err(404, "no such member"),
+                    Err(e) => api_err(500, e),
+                },
+                _ => api_err(405, "only GET, POST and DELETE"),
+            }
+        }
+        _ => api_err(404, "not found"),
     }
 }
 

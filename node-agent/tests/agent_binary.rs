@@ -51,7 +51,12 @@ fn start(home: &Path, socket: &Path) -> Agent {
             .arg(home)
             .arg("--socket")
             .arg(socket)
-            .args(["--metrics-listen", "127.0.0.1:0"])
+            .args([
+                "--metrics-listen",
+                "127.0.0.1:0",
+                "--api-listen",
+                "127.0.0.1:0",
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -215,7 +220,13 @@ fn root_flag_requires_being_a_root_of_the_planet() {
             .arg(dir.path().join("home"))
             .arg("--socket")
             .arg(dir.path().join("agent.sock"))
-            .args(["--metrics-listen", "127.0.0.1:0", "--root", "--planet"])
+            .args([
+                "--metrics-listen",
+                "127.0.0.1:0",
+                "--api-listen",
+                "127.0.0.1:0",
+            ])
+            .args(["--root", "--planet"])
             .arg(&file)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

@@ -1,0 +1,485 @@
+//! The local HTTP API of real agents in network namespaces (needs root): a root+controller
+//! and a member that joined a network. Requests go over each namespace's loopback with
+//! `curl`; the answers are compared with ZeroTier One 1.14.1's recorded JSON
+//! (`spec/vectors/zt-one/api-json`), key set for key set.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use flatwire_agent::host;
+use flatwire_agent::networks::tap_name;
+use flatwire_agent::state::StateDir;
+use flatwire_tests::netns::{Host, Topology};
+use flatwire_tests::process::Proc;
+use flatwire_vl1::{Identity, Root, World, WorldType};
+use flatwire_vl2::NetworkId;
+use serde_json::Value;
+
+const AGENT: &str = env!("CARGO_BIN_EXE_flatwire-agent");
+const API: &str = "http://127.0.0.1:9993";
+
+fn start(host: &Host, home: &Path, extra: &[&str]) -> Proc {
+    let mut cmd = host.command(AGENT);
+    cmd.arg("--home")
+        .arg(home)
+        .arg("--socket")
+        .arg(home.join("agent.sock"))
+        .args(["--metrics-listen", "127.0.0.1:9994"])
+        .args(extra)
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::null());
+    Proc::spawn(&format!("agent in {}", host.name()), &mut cmd).unwrap()
+}
+
+fn new_identity(home: &Path) -> Identity {
+    let id = Identity::generate(&AtomicBool::new(false)).unwrap();
+    host::store_identity(&StateDir::open(home).unwrap(), &id).unwrap();
+    id
+}
+
+fn vector(name: &str) -> Value {
+    let p = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../shared/spec/vectors/zt-one/api-json/"
+    );
+    serde_json::from_slice(&std::fs::read(format!("{p}{name}")).unwrap()).unwrap()
+}
+
+fn keys(v: &Value) -> BTreeSet<String> {
+    v.as_object()
+        .unwrap_or_else(|| panic!("not an object: {v}"))
+        .keys()
+        .cloned()
+        .collect()
+}
+
+/// `curl` in `host`: (HTTP status, body as JSON or `Null`).
+fn call(host: &Host, method: &str, path: &str, token: Option<&str>, body: &str) -> (u16, Value) {
+    let url = format!("{API}{path}");
+    let header = token.map(|t| format!("X-ZT1-Auth: {t}"));
+    let mut args = vec!["-s", "-m", "5", "-w", "\n%{http_code}", "-X", method];
+    if let Some(h) = &header {
+        args.extend(["-H", h]);
+    }
+    if !body.is_empty() {
+        args.extend(["--data-binary", body]);
+    }
+    args.push(&url);
+    let out = host.run("curl", &args).unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap();
+    (
+        code.trim().parse().unwrap(),
+        serde_json::from_str(body).unwrap_or(Value::Null),
+    )
+}
+
+/// Polls `GET path` until `done` holds (at most `limit`).
+fn wait_for(
+    host: &Host,
+    token: &str,
+    path: &str,
+    limit: Duration,
+    done: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = Instant::now() + limit;
+    loop {
+        let (code, v) = call(host, "GET", path, Some(token), "");
+        if code == 200 && done(&v) {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "GET {path} never satisfied: {code} {v}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn write_network(net_dir: &Path, nwid: NetworkId, pool: &str, members: &[&Identity]) {
+    std::fs::create_dir_all(net_dir.join(nwid.to_string()).join("member")).unwrap();
+    std::fs::write(
+        net_dir.join(format!("{nwid}.json")),
+        serde_json::json!({
+            "id": nwid.to_string(), "nwid": nwid.to_string(), "name": format!("api-{pool}"),
+            "private": true, "mtu": 2800,
+            "ipAssignmentPools": [{"ipRangeStart": format!("{pool}.10"), "ipRangeEnd": format!("{pool}.99")}],
+            "routes": [{"target": format!("{pool}.0/24"), "via": null}],
+            "v4AssignMode": {"zt": true}
+        })
+        .to_string(),
+    )
+    .unwrap();
+    for id in members {
+        let a = id.address().to_string();
+        std::fs::write(
+            net_dir.join(nwid.to_string()).join("member").join(format!("{a}.json")),
+            serde_json::json!({"id": a, "address": a, "nwid": nwid.to_string(), "authorized": true})
+                .to_string(),
+        )
+        .unwrap();
+    }
+}
+
+#[test]
+fn zerotier_shaped_api_on_loopback() {
+    assert!(
+        nix::unistd::Uid::effective().is_root(),
+        "this test needs root to create network namespaces and TAP devices"
+    );
+    let mut topo = Topology::new().unwrap();
+    let mut lan = topo.switch("lan").unwrap();
+    let ctl_host = topo.host("ctl").unwrap();
+    let m1_host = topo.host("m1").unwrap();
+    topo.plug(&mut lan, &ctl_host, "198.18.0.1/24").unwrap();
+    topo.plug(&mut lan, &m1_host, "198.18.0.2/24").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let home = |n: &str| -> PathBuf { dir.path().join(n) };
+    let root_id = new_identity(&home("ctl"));
+    let m1_id = new_identity(&home("m1"));
+    let key = flatwire_vl1::identity::generate_key_pair().unwrap();
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let planet = World::create(
+        WorldType::Planet,
+        0x00f1_a7f3,
+        now,
+        key.0,
+        vec![Root {
+            identity: root_id.clone(),
+            stable_endpoints: vec!["198.18.0.1:9993".parse().unwrap()],
+        }],
+        &key.1,
+    )
+    .unwrap();
+    let planet_file = dir.path().join("planet");
+    std::fs::write(&planet_file, planet.serialize(false)).unwrap();
+    let planet_arg = planet_file.to_str().unwrap();
+    let nwid = NetworkId::new(root_id.address(), 0x00_0001);
+    let nwid2 = NetworkId::new(root_id.address(), 0x00_0002);
+    let net_dir = home("ctl").join("controller.d").join("network");
+    write_network(&net_dir, nwid, "10.77.0", &[&m1_id]);
+    write_network(&net_dir, nwid2, "10.78.0", &[&m1_id]);
+
+    let mut ctl = start(
+        &ctl_host,
+        &home("ctl"),
+        &["--planet", planet_arg, "--root", "--controller"],
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !home("ctl").join("agent.sock").exists() {
+        assert!(ctl.try_status().is_none(), "controller agent exited");
+        assert!(Instant::now() < deadline, "controller agent never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut m1 = start(
+        &m1_host,
+        &home("m1"),
+        &["--planet", planet_arg, "--join", &nwid.to_string()],
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !home("m1").join("agent.sock").exists() {
+        assert!(m1.try_status().is_none(), "member agent exited");
+        assert!(Instant::now() < deadline, "member agent never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    // The token file: 24 alphanumerics, owner-only.
+    let token_path = home("m1").join("authtoken.secret");
+    let token = std::fs::read_to_string(&token_path).unwrap();
+    assert_eq!(token.len(), 24, "{token:?}");
+    assert!(token.bytes().all(|b| b.is_ascii_alphanumeric()));
+    use std::os::unix::fs::PermissionsExt as _;
+    assert_eq!(
+        std::fs::metadata(&token_path).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let ctl_token = std::fs::read_to_string(home("ctl").join("authtoken.secret")).unwrap();
+
+    // Auth: none or wrong is 401; the header and ?auth= both work.
+    assert_eq!(call(&m1_host, "GET", "/status", None, "").0, 401);
+    assert_eq!(
+        call(
+            &m1_host,
+            "GET",
+            "/status",
+            Some("wrongwrongwrongwrongwron"),
+            ""
+        )
+        .0,
+        401
+    );
+    assert_eq!(
+        call(&m1_host, "GET", &format!("/status?auth={token}"), None, "").0,
+        200
+    );
+
+    // /status: ZeroTier One's key set, top level and config.settings.
+    let status = wait_for(&m1_host, &token, "/status", Duration::from_secs(20), |v| {
+        v["online"] == true
+    });
+    let zt = vector("zta-status.json");
+    assert_eq!(keys(&status), keys(&zt), "{status}");
+    assert_eq!(
+        keys(&status["config"]["settings"]),
+        keys(&zt["config"]["settings"])
+    );
+    assert_eq!(status["address"], m1_id.address().to_string());
+    assert_eq!(status["publicIdentity"], m1_id.to_public().to_string());
+    assert_eq!(status["planetWorldId"], 0x00f1_a7f3u64);
+    assert_eq!(status["planetWorldTimestamp"], now);
+    assert_eq!(status["config"]["settings"]["primaryPort"], 9993);
+    assert_eq!(status["tcpFallbackActive"], false);
+
+    // /network/{id}: the joined network with its assigned address, on its TAP.
+    let path = format!("/network/{nwid}");
+    let net = wait_for(&m1_host, &token, &path, Duration::from_secs(30), |v| {
+        v["assignedAddresses"]
+            .as_array()
+            .is_some_and(|a| !a.is_empty())
+    });
+    assert_eq!(
+        keys(&net),
+        keys(&vector("zta-network-e6acfe87fc3adaf6.json")),
+        "{net}"
+    );
+    assert_eq!(net["status"], "OK");
+    assert_eq!(net["type"], "PRIVATE");
+    assert_eq!(net["id"], nwid.to_string());
+    assert_eq!(net["nwid"], nwid.to_string());
+    assert_eq!(net["mtu"], 2800);
+    assert_eq!(net["name"], "api-10.77.0");
+    assert_eq!(net["portDeviceName"], tap_name(nwid));
+    assert_eq!(
+        net["mac"],
+        flatwire_vl2::Mac::from_address(m1_id.address(), nwid).to_string()
+    );
+    assert_eq!(net["routes"][0]["target"], "10.77.0.0/24");
+    assert_eq!(net["routes"][0]["via"], Value::Null);
+    let addr = net["assignedAddresses"][0].as_str().unwrap().to_string();
+    assert!(
+        addr.starts_with("10.77.0.") && addr.ends_with("/24"),
+        "{addr}"
+    );
+    let link = m1_host
+        .run("ip", &["-4", "-o", "addr", "show", "dev", &tap_name(nwid)])
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&link.stdout).contains(&addr),
+        "{addr} not on the TAP"
+    );
+    let (code, list) = call(&m1_host, "GET", "/network", Some(&token), "");
+    assert_eq!(code, 200);
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    assert_eq!(list[0]["nwid"], nwid.to_string());
+
+    // /peer: the root as PLANET, with a path; key sets as ZeroTier One's.
+    let root = root_id.address().to_string();
+    let peers = wait_for(&m1_host, &token, "/peer", Duration::from_secs(10), |v| {
+        v.as_array()
+            .is_some_and(|a| a.iter().any(|p| p["address"] == root.as_str()))
+    });
+    let zt_peer = &vector("zta-peer.json")[0];
+    let p = peers
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["address"] == root.as_str())
+        .unwrap();
+    assert_eq!(keys(p), keys(zt_peer), "{p}");
+    assert_eq!(p["role"], "PLANET");
+    assert_eq!(p["paths"][0]["address"], "198.18.0.1/9993");
+    assert_eq!(keys(&p["paths"][0]), keys(&zt_peer["paths"][0]));
+    let (code, one) = call(&m1_host, "GET", &format!("/peer/{root}"), Some(&token), "");
+    assert_eq!(code, 200);
+    assert_eq!(one["role"], "PLANET");
+    assert_eq!(
+        call(&m1_host, "GET", "/peer/0000000001", Some(&token), "").0,
+        404
+    );
+
+    // Bad requests.
+    let (code, e) = call(&m1_host, "GET", "/nope", Some(&token), "");
+    assert_eq!(code, 404);
+    assert!(e["error"].is_string(), "{e}");
+    assert_eq!(
+        call(
+            &m1_host,
+            "GET",
+            "/network/ffffffffffffffff",
+            Some(&token),
+            ""
+        )
+        .0,
+        404
+    );
+    assert_eq!(call(&m1_host, "PUT", &path, Some(&token), "").0, 405);
+    assert_eq!(call(&m1_host, "DELETE", "/status", Some(&token), "").0, 405);
+    assert_eq!(
+        call(&m1_host, "POST", &path, Some(&token), "{not json").0,
+        400
+    );
+    assert_eq!(
+        call(&m1_host, "GET", "/controller", Some(&token), "").0,
+        404
+    );
+    assert!(
+        m1.try_status().is_none(),
+        "the member exited on bad requests"
+    );
+
+    // Runtime join and leave.
+    let path2 = format!("/network/{nwid2}");
+    let (code, joined) = call(&m1_host, "POST", &path2, Some(&token), "{}");
+    assert_eq!(code, 200, "{joined}");
+    assert_eq!(joined["nwid"], nwid2.to_string());
+    assert!(
+        home("m1")
+            .join("networks.d")
+            .join(format!("{nwid2}.json"))
+            .exists()
+    );
+    let net2 = wait_for(&m1_host, &token, &path2, Duration::from_secs(30), |v| {
+        v["assignedAddresses"]
+            .as_array()
+            .is_some_and(|a| !a.is_empty())
+    });
+    assert!(
+        net2["assignedAddresses"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("10.78.0."),
+        "{net2}"
+    );
+    let (code, left) = call(&m1_host, "DELETE", &path2, Some(&token), "");
+    assert_eq!(code, 200);
+    assert_eq!(left["result"], true);
+    assert!(
+        !home("m1")
+            .join("networks.d")
+            .join(format!("{nwid2}.json"))
+            .exists()
+    );
+    assert_eq!(call(&m1_host, "GET", &path2, Some(&token), "").0, 404);
+    assert_eq!(call(&m1_host, "DELETE", &path2, Some(&token), "").0, 404);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while m1_host
+        .run("ip", &["link", "show", "dev", &tap_name(nwid2)])
+        .is_ok()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the TAP of the left network remains"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // The controller's status, on the controller.
+    let (code, cs) = call(&ctl_host, "GET", "/controller", Some(&ctl_token), "");
+    assert_eq!(code, 200);
+    assert_eq!(keys(&cs), keys(&vector("controller-status.json")));
+    assert_eq!(cs["controller"], true);
+    let (code, ps) = call(&ctl_host, "GET", "/peer", Some(&ctl_token), "");
+    assert_eq!(code, 200);
+    assert!(
+        ps.as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["address"] == m1_id.address().to_string() && p["role"] == "LEAF"),
+        "{ps}"
+    );
+
+    // The controller's networks and members, in ZeroTier One's controller JSON.
+    let c = |m: &str, p: &str, b: &str| {
+        call(
+            &ctl_host,
+            m,
+            &format!("/controller{p}"),
+            Some(&ctl_token),
+            b,
+        )
+    };
+    let (code, list) = c("GET", "/network", "");
+    assert_eq!(code, 200);
+    let list: BTreeSet<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        list,
+        BTreeSet::from([nwid.to_string().as_str(), nwid2.to_string().as_str()])
+    );
+    let (code, n) = c("GET", &format!("/network/{nwid}"), "");
+    assert_eq!(code, 200, "{n}");
+    assert_eq!(
+        keys(&n),
+        keys(&vector("controller-network-e6acfe87fc3adaf6.json")),
+        "{n}"
+    );
+    assert_eq!(n["name"], "api-10.77.0");
+    let (code, members) = c("GET", &format!("/network/{nwid}/member"), "");
+    assert_eq!(code, 200);
+    assert!(members[m1_id.address().to_string()].is_u64(), "{members}");
+    let (code, m) = c(
+        "GET",
+        &format!("/network/{nwid}/member/{}", m1_id.address()),
+        "",
+    );
+    assert_eq!(code, 200, "{m}");
+    assert_eq!(
+        keys(&m),
+        keys(&vector(
+            "controller-network-e6acfe87fc3adaf6-member-e28e6b73a1.json"
+        )),
+        "{m}"
+    );
+    assert_eq!(m["authorized"], true);
+    assert!(
+        m["ipAssignments"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("10.77.0."),
+        "{m}"
+    );
+    let nwid3 = NetworkId::new(root_id.address(), 0x00_0003);
+    let (code, n3) = c(
+        "POST",
+        &format!("/network/{nwid3}"),
+        r#"{"name": "made-by-api"}"#,
+    );
+    assert_eq!(code, 200, "{n3}");
+    assert_eq!(n3["name"], "made-by-api");
+    assert_eq!(
+        c("GET", &format!("/network/{nwid3}"), "").1["name"],
+        "made-by-api"
+    );
+    assert_eq!(c("POST", &format!("/network/{nwid3}"), "{bad").0, 400);
+    assert_eq!(
+        c("POST", &format!("/network/{nwid3}"), r#"{"mtu": "big"}"#).0,
+        400
+    );
+    assert_eq!(c("GET", "/network/ffffffffffffffff", "").0, 404);
+    assert_eq!(
+        c("POST", "/network/ffffffffffffffff/member/0000000001", "{}").0,
+        404
+    );
+    assert_eq!(c("PUT", &format!("/network/{nwid3}"), "").0, 405);
+    let (code, _) = c("DELETE", &format!("/network/{nwid3}"), "");
+    assert_eq!(code, 200);
+    assert_eq!(c("GET", &format!("/network/{nwid3}"), "").0, 404);
+    assert!(
+        ctl.try_status().is_none(),
+        "the controller exited on bad requests"
+    );
+
+    for p in [&mut ctl, &mut m1] {
+        p.stop();
+    }
+    drop(topo);
+}
