@@ -5,39 +5,19 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use flatwire_agent::host;
 use flatwire_agent::networks::tap_name;
-use flatwire_agent::state::StateDir;
 use flatwire_tests::netns::{Host, Topology};
-use flatwire_tests::process::Proc;
 use flatwire_vl1::{Identity, Root, World, WorldType};
 use flatwire_vl2::NetworkId;
 use serde_json::Value;
 
-const AGENT: &str = env!("CARGO_BIN_EXE_flatwire-agent");
+mod common;
+
+use common::{assert_root, new_identity, start_agent};
+
 const API: &str = "http://127.0.0.1:9993";
-
-fn start(host: &Host, home: &Path, extra: &[&str]) -> Proc {
-    let mut cmd = host.command(AGENT);
-    cmd.arg("--home")
-        .arg(home)
-        .arg("--socket")
-        .arg(home.join("agent.sock"))
-        .args(["--metrics-listen", "127.0.0.1:9994"])
-        .args(extra)
-        .env("RUST_LOG", "info")
-        .stdin(std::process::Stdio::null());
-    Proc::spawn(&format!("agent in {}", host.name()), &mut cmd).unwrap()
-}
-
-fn new_identity(home: &Path) -> Identity {
-    let id = Identity::generate(&AtomicBool::new(false)).unwrap();
-    host::store_identity(&StateDir::open(home).unwrap(), &id).unwrap();
-    id
-}
 
 fn vector(name: &str) -> Value {
     let p = concat!(
@@ -125,10 +105,7 @@ fn write_network(net_dir: &Path, nwid: NetworkId, pool: &str, members: &[&Identi
 
 #[test]
 fn zerotier_shaped_api_on_loopback() {
-    assert!(
-        nix::unistd::Uid::effective().is_root(),
-        "this test needs root to create network namespaces and TAP devices"
-    );
+    assert_root();
     let mut topo = Topology::new().unwrap();
     let mut lan = topo.switch("lan").unwrap();
     let ctl_host = topo.host("ctl").unwrap();
@@ -165,9 +142,10 @@ fn zerotier_shaped_api_on_loopback() {
     write_network(&net_dir, nwid, "10.77.0", &[&m1_id]);
     write_network(&net_dir, nwid2, "10.78.0", &[&m1_id]);
 
-    let mut ctl = start(
+    let mut ctl = start_agent(
         &ctl_host,
         &home("ctl"),
+        &home("ctl").join("agent.sock"),
         &["--planet", planet_arg, "--root", "--controller"],
     );
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -176,9 +154,10 @@ fn zerotier_shaped_api_on_loopback() {
         assert!(Instant::now() < deadline, "controller agent never started");
         std::thread::sleep(Duration::from_millis(20));
     }
-    let mut m1 = start(
+    let mut m1 = start_agent(
         &m1_host,
         &home("m1"),
+        &home("m1").join("agent.sock"),
         &["--planet", planet_arg, "--join", &nwid.to_string()],
     );
     let deadline = Instant::now() + Duration::from_secs(10);

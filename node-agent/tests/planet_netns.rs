@@ -3,35 +3,17 @@
 //! metrics port inside its namespace.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use flatwire_agent::host;
-use flatwire_agent::state::StateDir;
 use flatwire_api::{ClientOptions, connect_checked, v1};
 use flatwire_tests::netns::{Host, Topology};
 use flatwire_tests::process::Proc;
 use flatwire_vl1::{Identity, Root, World, WorldType};
 
-const AGENT: &str = env!("CARGO_BIN_EXE_flatwire-agent");
+mod common;
 
-fn is_root() -> bool {
-    nix::unistd::Uid::effective().is_root()
-}
-
-/// Starts an agent inside `host`; ended by PID when the returned guard drops.
-fn start(host: &Host, home: &Path, socket: &Path, extra: &[&str]) -> Proc {
-    let mut cmd = host.command(AGENT);
-    cmd.arg("--home")
-        .arg(home)
-        .arg("--socket")
-        .arg(socket)
-        .args(["--metrics-listen", "127.0.0.1:9994"])
-        .args(extra)
-        .env("RUST_LOG", "info")
-        .stdin(std::process::Stdio::null());
-    Proc::spawn(&format!("agent in {}", host.name()), &mut cmd).unwrap()
-}
+use common::{assert_root, new_identity, start_agent};
 
 /// Polls `Status` until ready (at most `limit`); returns the last answer.
 async fn wait_ready(socket: &Path, proc: &mut Proc, limit: Duration) -> v1::StatusResponse {
@@ -123,10 +105,7 @@ fn planet(
 
 #[tokio::test]
 async fn root_and_two_members_in_namespaces() {
-    assert!(
-        is_root(),
-        "this test needs root to create network namespaces"
-    );
+    assert_root();
     let mut topo = Topology::new().unwrap();
     let mut lan = topo.switch("lan").unwrap();
     let names = ["root", "m1", "m2", "junk"];
@@ -140,8 +119,7 @@ async fn root_and_two_members_in_namespaces() {
     let sock = |n: &str| dir.path().join(n).join("agent.sock");
 
     // The root's identity is made before its agent starts, so the planet can name it.
-    let root_id = Identity::generate(&AtomicBool::new(false)).unwrap();
-    host::store_identity(&StateDir::open(home("root")).unwrap(), &root_id).unwrap();
+    let root_id = new_identity(&home("root"));
     // Members start with one revision of the planet; the root serves a newer one signed with
     // the same key, which it pushes in OK(HELLO) and which the members must persist.
     let key = flatwire_vl1::identity::generate_key_pair().unwrap();
@@ -158,19 +136,19 @@ async fn root_and_two_members_in_namespaces() {
     std::fs::write(&newer_file, new_planet.serialize(false)).unwrap();
 
     let started = Instant::now();
-    let mut root = start(
+    let mut root = start_agent(
         &hosts[0],
         &home("root"),
         &sock("root"),
         &["--planet", newer_file.to_str().unwrap(), "--root"],
     );
-    let mut m1 = start(
+    let mut m1 = start_agent(
         &hosts[1],
         &home("m1"),
         &sock("m1"),
         &["--planet", planet_arg],
     );
-    let mut m2 = start(
+    let mut m2 = start_agent(
         &hosts[2],
         &home("m2"),
         &sock("m2"),
@@ -249,7 +227,7 @@ async fn root_and_two_members_in_namespaces() {
 
     // A restarted member keeps its identity (and its planet: no --planet this time).
     m2.stop();
-    let mut m2 = start(&hosts[2], &home("m2"), &sock("m2"), &[]);
+    let mut m2 = start_agent(&hosts[2], &home("m2"), &sock("m2"), &[]);
     let restarted = Instant::now();
     let s2b = wait_ready(&sock("m2"), &mut m2, limit).await;
     eprintln!("m2 ready again {:?} after restart", restarted.elapsed());

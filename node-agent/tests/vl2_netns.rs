@@ -4,43 +4,18 @@
 //! the overlay; a restarted member rejoins from `networks.d` with the same address.
 
 use std::net::Ipv4Addr;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
+use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use flatwire_agent::host;
 use flatwire_agent::networks::tap_name;
-use flatwire_agent::state::StateDir;
 use flatwire_tests::netns::{Host, Topology};
 use flatwire_tests::process::Proc;
-use flatwire_vl1::{Identity, Root, World, WorldType};
+use flatwire_vl1::{Root, World, WorldType};
 use flatwire_vl2::NetworkId;
 
-const AGENT: &str = env!("CARGO_BIN_EXE_flatwire-agent");
+mod common;
 
-fn is_root() -> bool {
-    nix::unistd::Uid::effective().is_root()
-}
-
-/// Starts an agent inside `host`; ended by PID when the returned guard drops.
-fn start(host: &Host, home: &Path, extra: &[&str]) -> Proc {
-    let mut cmd = host.command(AGENT);
-    cmd.arg("--home")
-        .arg(home)
-        .arg("--socket")
-        .arg(home.join("agent.sock"))
-        .args(["--metrics-listen", "127.0.0.1:9994"])
-        .args(extra)
-        .env("RUST_LOG", "info,flatwire_agent=debug")
-        .stdin(std::process::Stdio::null());
-    Proc::spawn(&format!("agent in {}", host.name()), &mut cmd).unwrap()
-}
-
-fn new_identity(home: &Path) -> Identity {
-    let id = Identity::generate(&AtomicBool::new(false)).unwrap();
-    host::store_identity(&StateDir::open(home).unwrap(), &id).unwrap();
-    id
-}
+use common::{assert_root, new_identity, start_agent};
 
 /// The IPv4 address on `dev` in `host`'s namespace, if any.
 fn ipv4_of(host: &Host, dev: &str) -> Option<Ipv4Addr> {
@@ -104,10 +79,7 @@ fn rtt_avg(ping_out: &str) -> Option<f64> {
 
 #[test]
 fn controller_and_two_members_ping_over_the_overlay() {
-    assert!(
-        is_root(),
-        "this test needs root to create network namespaces and TAP devices"
-    );
+    assert_root();
     let mut topo = Topology::new().unwrap();
     let mut lan = topo.switch("lan").unwrap();
     let hosts: Vec<Host> = ["ctl", "m1", "m2", "m3"]
@@ -183,9 +155,10 @@ fn controller_and_two_members_ping_over_the_overlay() {
     let tap = tap_name(nwid);
     let nwid_arg = nwid.to_string();
     let started = Instant::now();
-    let mut ctl = start(
+    let mut ctl = start_agent(
         &hosts[0],
         &home("ctl"),
+        &home("ctl").join("agent.sock"),
         &["--planet", planet_arg, "--root", "--controller"],
     );
     // The root listens before the members say HELLO (else they retry only after 5 s).
@@ -195,20 +168,23 @@ fn controller_and_two_members_ping_over_the_overlay() {
         assert!(Instant::now() < deadline, "controller agent never started");
         std::thread::sleep(Duration::from_millis(20));
     }
-    let mut m1 = start(
+    let mut m1 = start_agent(
         &hosts[1],
         &home("m1"),
+        &home("m1").join("agent.sock"),
         &["--planet", planet_arg, "--join", &nwid_arg],
     );
-    let mut m2 = start(
+    let mut m2 = start_agent(
         &hosts[2],
         &home("m2"),
+        &home("m2").join("agent.sock"),
         &["--planet", planet_arg, "--join", &nwid_arg],
     );
     // Not authorized: the private network refuses it.
-    let mut m3 = start(
+    let mut m3 = start_agent(
         &hosts[3],
         &home("m3"),
+        &home("m3").join("agent.sock"),
         &["--planet", planet_arg, "--join", &nwid_arg],
     );
     let limit = Duration::from_secs(30);
@@ -263,7 +239,7 @@ fn controller_and_two_members_ping_over_the_overlay() {
     // traffic flows again within 5 s.
     m2.stop();
     let restarted = Instant::now();
-    let mut m2 = start(&hosts[2], &home("m2"), &[]);
+    let mut m2 = start_agent(&hosts[2], &home("m2"), &home("m2").join("agent.sock"), &[]);
     let ip2b = wait_ipv4(&hosts[2], &tap, &mut m2, Duration::from_secs(5));
     let to_ip = restarted.elapsed();
     assert_eq!(ip2b, ip2, "the restarted member got another address");
