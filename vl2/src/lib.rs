@@ -22,6 +22,7 @@ pub mod netconf;
 mod network_id;
 pub mod rules;
 pub mod verbs;
+pub mod vouch;
 
 pub use group::MulticastGroup;
 pub use mac::{Mac, MacError};

@@ -166,6 +166,8 @@ pub struct MemberOptions {
     pub semantics: Semantics,
     /// Seed for the internal PRNG (shuffles, `random` rule matches).
     pub seed: u64,
+    /// A node vouch sent with every config request (flatwire pods), `None` for none.
+    pub vouch: Option<crate::vouch::Vouch>,
 }
 
 impl Default for MemberOptions {
@@ -179,6 +181,7 @@ impl Default for MemberOptions {
             platform: Some("linux/x86_64".into()),
             semantics: Semantics::V1_14,
             seed: 0x9e37_79b9_7f4a_7c15,
+            vouch: None,
         }
     }
 }
@@ -434,7 +437,11 @@ impl Network {
     /// Joins `nwid` as `own` at `now`: the first config request goes out immediately (an
     /// ad-hoc network is configured at once instead).
     pub fn join(own: Address, nwid: NetworkId, opts: MemberOptions, now: i64) -> Self {
-        let metadata = request_metadata(opts.version, opts.platform.as_deref()).encode();
+        let mut metadata = request_metadata(opts.version, opts.platform.as_deref());
+        if let Some(v) = &opts.vouch {
+            metadata.add(crate::vouch::METADATA_KEY, &v.encode());
+        }
+        let metadata = metadata.encode();
         let rng = opts.seed | 1;
         let mut n = Self {
             own,

@@ -223,3 +223,131 @@ fn public_networks_vouchers_tags_capabilities_and_v6_modes() {
     let rev = ctl.revoke(nwid, someone.address(), 5, 200).unwrap();
     assert!(rev.verify(&zta));
 }
+
+/// Host `ztb` is an authorized member; `pod` asks with a vouch `ztb` signed for it.
+fn vouch_metadata(v: &flatwire_vl2::vouch::Vouch) -> Dictionary {
+    let mut md = metadata();
+    md.add(flatwire_vl2::vouch::METADATA_KEY, &v.encode());
+    // Through the wire form, as the member sends it.
+    Dictionary::parse(&md.encode())
+}
+
+#[test]
+fn node_vouch_authorizes_pods_of_authorized_hosts_only() {
+    use flatwire_vl2::vouch::{MAX_SKEW_MS, Vouch, VouchError};
+    let (mut ctl, _, _, nwid) = lab();
+    let host = ident("capture/node-identities/ztb-e28e6b73a1.secret");
+    let pod = ident("identities/identity-1.secret");
+    let intruder = ident("identities/identity-2.secret");
+    let mut rnd = || 5u64;
+    let t0 = 1_000_000;
+    let v = Vouch::sign(&host, pod.address(), nwid, "default/web/uid-1", t0).unwrap();
+
+    // The host is not an authorized member yet: its vouch counts for nothing.
+    assert_eq!(
+        ctl.handle_request(nwid, &pod, &vouch_metadata(&v), 1, t0, &mut rnd)
+            .unwrap(),
+        RequestOutcome::Refuse(RequestRefusal::AccessDenied)
+    );
+    assert_eq!(
+        ctl.last_vouch_error(),
+        Some(&VouchError::UntrustedHost(host.address()))
+    );
+    // The host asks (pinning its identity) and is authorized by the operator.
+    ctl.handle_request(nwid, &host, &metadata(), 2, t0, &mut rnd)
+        .unwrap();
+    let mut h = ctl
+        .store()
+        .get_member(nwid, host.address())
+        .unwrap()
+        .unwrap();
+    h.authorized = true;
+    ctl.store_mut().put_member(&mut h).unwrap();
+
+    // A vouch signed by someone else in the host's name is refused.
+    let forged = Vouch::sign(&intruder, pod.address(), nwid, "default/web/uid-1", t0).unwrap();
+    let mut bytes = forged.encode();
+    bytes[1..6].copy_from_slice(&host.address().to_bytes());
+    let mut md = metadata();
+    md.add(flatwire_vl2::vouch::METADATA_KEY, &bytes);
+    assert_eq!(
+        ctl.handle_request(nwid, &pod, &md, 3, t0 + 2000, &mut rnd)
+            .unwrap(),
+        RequestOutcome::Refuse(RequestRefusal::AccessDenied)
+    );
+    assert_eq!(
+        ctl.last_vouch_error(),
+        Some(&VouchError::BadSignature(host.address()))
+    );
+    // The pod's vouch presented by another identity is refused.
+    assert_eq!(
+        ctl.handle_request(nwid, &intruder, &vouch_metadata(&v), 4, t0 + 2000, &mut rnd)
+            .unwrap(),
+        RequestOutcome::Refuse(RequestRefusal::AccessDenied)
+    );
+    assert!(matches!(
+        ctl.last_vouch_error(),
+        Some(VouchError::WrongMember { .. })
+    ));
+    // A stale vouch is refused.
+    let stale = Vouch::sign(
+        &host,
+        pod.address(),
+        nwid,
+        "default/web/uid-1",
+        t0 - MAX_SKEW_MS - 10,
+    )
+    .unwrap();
+    assert_eq!(
+        ctl.handle_request(nwid, &pod, &vouch_metadata(&stale), 5, t0 + 4000, &mut rnd)
+            .unwrap(),
+        RequestOutcome::Refuse(RequestRefusal::AccessDenied)
+    );
+    assert!(matches!(ctl.last_vouch_error(), Some(VouchError::Stale(_))));
+
+    // The genuine vouch authorizes the pod, named after it.
+    let cfg = config(
+        ctl.handle_request(nwid, &pod, &vouch_metadata(&v), 6, t0 + 8000, &mut rnd)
+            .unwrap(),
+    );
+    assert!(cfg.com.is_some());
+    let m = ctl
+        .store()
+        .get_member(nwid, pod.address())
+        .unwrap()
+        .unwrap();
+    assert!(m.authorized);
+    assert_eq!(m.last_authorized_credential_type.as_deref(), Some("vouch"));
+    assert_eq!(m.name.as_deref(), Some("default/web/uid-1"));
+
+    // An older vouch of the same host for the same pod, now for another identity, is a replay.
+    let old = Vouch::sign(&host, intruder.address(), nwid, "default/web/uid-1", t0 - 1).unwrap();
+    assert_eq!(
+        ctl.handle_request(
+            nwid,
+            &intruder,
+            &vouch_metadata(&old),
+            7,
+            t0 + 9000,
+            &mut rnd
+        )
+        .unwrap(),
+        RequestOutcome::Refuse(RequestRefusal::AccessDenied)
+    );
+    assert!(matches!(
+        ctl.last_vouch_error(),
+        Some(VouchError::Replayed { .. })
+    ));
+    // Garbage in the vouch key is refused, not a crash.
+    let mut md = metadata();
+    md.add(flatwire_vl2::vouch::METADATA_KEY, b"\x01garbage");
+    assert_eq!(
+        ctl.handle_request(nwid, &intruder, &md, 8, t0 + 11_000, &mut rnd)
+            .unwrap(),
+        RequestOutcome::Refuse(RequestRefusal::AccessDenied)
+    );
+    assert!(matches!(
+        ctl.last_vouch_error(),
+        Some(VouchError::Malformed(_))
+    ));
+}

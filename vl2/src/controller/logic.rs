@@ -21,9 +21,12 @@ use crate::netconf::{
     Dns, FLAG_ENABLE_BROADCAST, FLAG_NDP_EMULATION, NetworkConfig, Route, SPECIALIST_ACTIVE_BRIDGE,
 };
 use crate::rules::{MAX_CAPABILITY_RULES, MAX_RULES, Rule, RuleKind, rules_from_json};
+use crate::vouch::{self, Vouch, VouchError};
 
 /// Default credential time max delta.
 pub const DEFAULT_CTMD: i64 = 1_800_000;
+/// Accepted vouches remembered before those older than the skew window are forgotten.
+const VOUCH_MEMORY: usize = 4096;
 
 /// Why the controller refuses a request (the VL2 ERROR code to send).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -90,6 +93,9 @@ pub struct Controller<S: ControllerStore> {
     store: S,
     authorizers: Vec<Box<dyn MemberAuthorizer>>,
     last_request: HashMap<(NetworkId, Address), i64>,
+    /// (host, pod) -> (member, vouch timestamp) of accepted vouches, to refuse replays.
+    vouches: HashMap<(Address, String), (Address, i64)>,
+    last_vouch_error: Option<VouchError>,
 }
 
 pub(super) fn parse_cidr(s: &str) -> Option<(IpAddr, u16)> {
@@ -129,6 +135,8 @@ impl<S: ControllerStore> Controller<S> {
             store,
             authorizers: Vec::new(),
             last_request: HashMap::new(),
+            vouches: HashMap::new(),
+            last_vouch_error: None,
         }
     }
 
@@ -150,6 +158,77 @@ impl<S: ControllerStore> Controller<S> {
     /// The controller's identity.
     pub fn identity(&self) -> &Identity {
         &self.identity
+    }
+
+    /// Why the last vouch presented to this controller was refused, if it was.
+    pub fn last_vouch_error(&self) -> Option<&VouchError> {
+        self.last_vouch_error.as_ref()
+    }
+
+    /// The vouch in `metadata` if it lets `who` onto `nwid` (see [`crate::vouch`]); a vouch
+    /// that does not is remembered in [`Controller::last_vouch_error`].
+    fn vouched(
+        &mut self,
+        nwid: NetworkId,
+        who: Address,
+        metadata: &Dictionary,
+        now: i64,
+    ) -> Result<Option<Vouch>, ControllerError> {
+        let Some(bytes) = metadata.get(vouch::METADATA_KEY) else {
+            return Ok(None);
+        };
+        let checked = match Vouch::decode(bytes) {
+            Ok(v) => self.check_vouch(v, nwid, who, now)?,
+            Err(e) => Err(e),
+        };
+        Ok(match checked {
+            Ok(v) => {
+                self.last_vouch_error = None;
+                Some(v)
+            }
+            Err(e) => {
+                self.last_vouch_error = Some(e);
+                None
+            }
+        })
+    }
+
+    fn check_vouch(
+        &mut self,
+        v: Vouch,
+        nwid: NetworkId,
+        who: Address,
+        now: i64,
+    ) -> Result<Result<Vouch, VouchError>, ControllerError> {
+        let host = self
+            .store
+            .get_member(nwid, v.host)?
+            .filter(|h| h.authorized)
+            .and_then(|h| h.identity)
+            .and_then(|id| id.parse::<Identity>().ok());
+        let Some(host) = host else {
+            return Ok(Err(VouchError::UntrustedHost(v.host)));
+        };
+        if let Err(e) = v.verify(&host, who, nwid, now) {
+            return Ok(Err(e));
+        }
+        let key = (v.host, v.pod.clone());
+        if let Some(&(member, t)) = self.vouches.get(&key)
+            && member != who
+            && t >= v.timestamp
+        {
+            return Ok(Err(VouchError::Replayed {
+                host: v.host,
+                pod: v.pod,
+                member,
+            }));
+        }
+        if self.vouches.len() >= VOUCH_MEMORY {
+            self.vouches
+                .retain(|_, (_, t)| *t >= now.saturating_sub(vouch::MAX_SKEW_MS));
+        }
+        self.vouches.insert(key, (who, v.timestamp));
+        Ok(Ok(v))
     }
 
     /// Handles NETWORK_CONFIG_REQUEST from `requester` (call when one arrives, or with
@@ -208,6 +287,9 @@ impl<S: ControllerStore> Controller<S> {
                 })
             {
                 Some(("token".to_owned(), Some(token)))
+            } else if let Some(v) = self.vouched(nwid, who, metadata, now)? {
+                member.name.get_or_insert_with(|| v.pod.clone());
+                Some(("vouch".to_owned(), Some(format!("{}/{}", v.host, v.pod))))
             } else {
                 self.authorizers
                     .iter()
