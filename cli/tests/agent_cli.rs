@@ -10,42 +10,20 @@ use std::io::ErrorKind;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use flatwire_tests::netns::{Host, Switch, Topology};
+use flatwire_tests::planet::{Profile, agent_binary};
 use flatwire_tests::process::Proc;
 use flatwire_vl1::Identity;
 use serde_json::Value;
 
 const FLATWIRE: &str = env!("CARGO_BIN_EXE_flatwire");
 
-/// The `flatwire-agent` binary of this workspace, built (or found up to date) in the target
-/// directory `flatwire` was built in: cargo offers `CARGO_BIN_EXE_*` only for the package's
-/// own binaries.
-fn agent_bin() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let profile_dir = Path::new(FLATWIRE).parent().expect("target profile dir");
-        let target_dir = profile_dir.parent().expect("target dir");
-        let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .parent()
-            .expect("workspace root");
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut cmd = Command::new(cargo);
-        cmd.current_dir(workspace)
-            .args(["build", "-p", "flatwire-agent", "--bin", "flatwire-agent"])
-            .arg("--target-dir")
-            .arg(target_dir);
-        if profile_dir.file_name().is_some_and(|n| n == "release") {
-            cmd.arg("--release");
-        }
-        let status = cmd.status().expect("run cargo build -p flatwire-agent");
-        assert!(status.success(), "cargo build -p flatwire-agent failed");
-        let bin = profile_dir.join("flatwire-agent");
-        assert!(bin.exists(), "{} missing after the build", bin.display());
-        bin
-    })
+/// The `flatwire-agent` binary of this workspace (cargo offers `CARGO_BIN_EXE_*` only for the
+/// package's own binaries).
+fn agent_bin() -> PathBuf {
+    agent_binary(Profile::Debug).expect("build flatwire-agent")
 }
 
 /// What a `flatwire` run printed and returned.

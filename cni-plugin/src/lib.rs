@@ -1,13 +1,31 @@
 //! flatwire-cni: the CNI 1.1 plugin. A thin binary: it validates the CNI environment and
-//! network configuration ([`spec`]), asks the node agent over its Unix socket, and prints the
-//! result or a CNI error object.
+//! network configuration ([`spec`]), asks the node agent over its Unix socket ([`agent`]), and
+//! prints the result or a CNI error object. [`install`] puts the binary and the network
+//! configuration list where a container runtime finds them.
 
+pub mod agent;
+pub mod install;
 pub mod spec;
 
 use std::io::Read;
 
 use serde_json::Value;
 use spec::{CniError, Command, ErrorCode, Invocation, LATEST_VERSION, NetConf};
+
+/// What `flatwire-cni` prints when run by hand (no `CNI_COMMAND`), like the reference plugins.
+pub fn about() -> String {
+    format!(
+        "flatwire-cni {}: the flatwire CNI plugin (pods on a ZeroTier-compatible flat network)\n\
+         CNI protocol versions supported: {}\n\
+         A container runtime runs it with CNI_COMMAND=ADD|DEL|CHECK|STATUS|GC|VERSION; it asks\n\
+         flatwire-agent on its Unix socket (`agentSocket`, default {}).\n\
+         Install it: flatwire-cni install --bin-dir DIR --conf-dir DIR [--network NWID] \
+         [--agent-socket PATH] (see `flatwire-cni install --help`).",
+        env!("CARGO_PKG_VERSION"),
+        spec::SUPPORTED_VERSIONS.join(", "),
+        flatwire_api::DEFAULT_AGENT_SOCKET,
+    )
+}
 
 /// What one invocation prints: the JSON document and whether it is an error.
 #[derive(Debug, Clone, PartialEq)]
@@ -26,27 +44,26 @@ pub fn run(get: impl Fn(&str) -> Option<String>, stdin: &mut dyn Read) -> Outcom
             .ok()
             .and_then(|v| v.get("cniVersion")?.as_str().map(str::to_owned))
     };
-    let result = Invocation::from_env(get).and_then(|inv| {
-        stdin
-            .take(spec::MAX_CONFIG_BYTES as u64 + 1)
-            .read_to_end(&mut input)
-            .map_err(|e| CniError::new(ErrorCode::Io, "could not read stdin", e.to_string()))?;
-        if inv.command == Command::Version {
-            return Ok(Some(spec::version_result(
-                version_of_input(&input).as_deref(),
-            )));
-        }
-        let conf = NetConf::parse(&input, inv.command)?;
-        Err(CniError::new(
-            ErrorCode::TryAgainLater,
-            format!(
-                "the flatwire agent at {} cannot serve {:?} yet",
-                conf.agent_socket.display(),
-                inv.command
-            ),
-            "pod attachment through the agent arrives with the CNI plugin issue",
-        ))
-    });
+    // stdin first, so that even an environment error answers in the caller's version.
+    let read = stdin
+        .take(spec::MAX_CONFIG_BYTES as u64 + 1)
+        .read_to_end(&mut input)
+        .map_err(|e| CniError::new(ErrorCode::Io, "could not read stdin", e.to_string()));
+    let result = read
+        .and_then(|_| Invocation::from_env(get))
+        .and_then(|inv| {
+            let conf = || NetConf::parse(&input, inv.command);
+            match inv.command {
+                Command::Version => Ok(Some(spec::version_result(
+                    version_of_input(&input).as_deref(),
+                ))),
+                Command::Add => agent::add(&inv, &conf()?).map(Some),
+                Command::Del => agent::del(&inv, &conf()?).map(|()| None),
+                Command::Check => agent::check(&inv, &conf()?).map(|()| None),
+                Command::Status => agent::status(&conf()?).map(|()| None),
+                Command::Gc => agent::gc(&conf()?).map(|()| None),
+            }
+        });
     match result {
         Ok(output) => Outcome {
             output,

@@ -45,6 +45,16 @@ pub enum ErrorCode {
     NotAvailable = 50,
     /// The plugin is not available and existing containers may have limited connectivity.
     LimitedConnectivity = 51,
+    /// flatwire: no address (or no member identity) is left in the network's pool.
+    PoolExhausted = 100,
+    /// flatwire: the network's controller refused the pod as a member.
+    AccessDenied = 101,
+    /// flatwire: the agent knows no such network or attachment.
+    NotFound = 102,
+    /// flatwire: CHECK found the attachment different from `prevResult`.
+    CheckMismatch = 103,
+    /// flatwire: the agent failed (its log has the details) or speaks another API version.
+    AgentFailed = 104,
 }
 
 /// A CNI error object: printed on stdout with a non-zero exit.
@@ -166,6 +176,13 @@ impl Invocation {
             }
         }
         let args = parse_cni_args(&get("CNI_ARGS").unwrap_or_default())?;
+        if let Some(ns) = netns.as_ref().filter(|p| !p.is_absolute()) {
+            return Err(CniError::new(
+                ErrorCode::InvalidEnvironment,
+                format!("CNI_NETNS {} is not an absolute path", ns.display()),
+                "the runtime passes the full path of the network namespace, e.g. /var/run/netns/cni-1234",
+            ));
+        }
         Ok(Self {
             command,
             container_id,
@@ -173,6 +190,17 @@ impl Invocation {
             ifname,
             args,
         })
+    }
+
+    /// The Kubernetes pod from `CNI_ARGS` (`K8S_POD_NAMESPACE`, `K8S_POD_NAME`,
+    /// `K8S_POD_UID`): namespace, name and UID, each empty when not given.
+    pub fn pod(&self) -> (&str, &str, &str) {
+        let arg = |k: &str| self.args.get(k).map_or("", String::as_str);
+        (
+            arg("K8S_POD_NAMESPACE"),
+            arg("K8S_POD_NAME"),
+            arg("K8S_POD_UID"),
+        )
     }
 }
 
@@ -257,8 +285,9 @@ pub struct NetConf {
     pub agent_socket: PathBuf,
     /// The previous plugin's result, when chained.
     pub prev_result: Option<Value>,
-    /// `cni.dev/valid-attachments` (GC only).
-    pub valid_attachments: Option<Vec<Attachment>>,
+    /// `cni.dev/valid-attachments` (GC only; also read from the `cni.dev/attachments` alias
+    /// libcni sends). Absent means none is valid, which is what `cnitool gc` asks for.
+    pub valid_attachments: Vec<Attachment>,
     /// `runtimeConfig` capabilities, passed through.
     pub runtime_config: Value,
 }
@@ -357,21 +386,25 @@ impl NetConf {
             }
         };
         let agent_socket = flatwire_api::agent_socket(string("agentSocket")?.as_deref());
-        let valid_attachments = match obj.get("cni.dev/valid-attachments") {
-            None | Some(Value::Null) => None,
-            Some(v) => Some(serde_json::from_value(v.clone()).map_err(|e| {
+        let valid_attachments = match ["cni.dev/valid-attachments", "cni.dev/attachments"]
+            .iter()
+            .find_map(|k| obj.get(*k).filter(|v| !v.is_null()))
+        {
+            None => Vec::new(),
+            Some(v) => serde_json::from_value(v.clone()).map_err(|e| {
                 CniError::new(
                     ErrorCode::InvalidConfig,
                     "`cni.dev/valid-attachments` is malformed",
                     format!("expected a list of {{\"containerID\", \"ifname\"}}: {e}"),
                 )
-            })?),
+            })?,
         };
-        if command == Command::Gc && valid_attachments.is_none() {
+        if command == Command::Add && network.is_none() {
             return Err(CniError::new(
                 ErrorCode::InvalidConfig,
-                "GC needs `cni.dev/valid-attachments`",
-                "the runtime lists the attachments that must be kept",
+                "the network configuration has no `network`",
+                "set \"network\" to the flatwire network ID (16 hex digits), e.g. with \
+                 `flatwire-cni install --network NWID`",
             ));
         }
         let prev_result = obj.get("prevResult").filter(|v| !v.is_null()).cloned();
@@ -566,6 +599,197 @@ impl CniResult {
     }
 }
 
+impl CniResult {
+    /// Renders this result in spec `version` after `prev`, the `prevResult` of a chained ADD:
+    /// the previous interfaces, addresses and routes come first, ours are appended (our
+    /// addresses' interface indexes shifted past the previous interfaces), and the previous
+    /// DNS settings win when they say anything.
+    pub fn chained_json(&self, version: &str, prev: Option<&Value>) -> Result<Value, CniError> {
+        let Some(prev) = prev else {
+            return Ok(self.to_json(version));
+        };
+        let prev_obj = prev.as_object().ok_or_else(|| {
+            CniError::new(
+                ErrorCode::InvalidConfig,
+                "`prevResult` must be a JSON object",
+                format!("got {}", json_kind(prev)),
+            )
+        })?;
+        let list = |key: &str| -> Result<Vec<Value>, CniError> {
+            match prev_obj.get(key) {
+                None | Some(Value::Null) => Ok(Vec::new()),
+                Some(Value::Array(a)) => Ok(a.clone()),
+                Some(other) => Err(CniError::new(
+                    ErrorCode::InvalidConfig,
+                    format!("`prevResult.{key}` must be a list"),
+                    format!("got {}", json_kind(other)),
+                )),
+            }
+        };
+        let mut interfaces = list("interfaces")?;
+        let mut ips = list("ips")?;
+        let mut routes = list("routes")?;
+        let mut shifted = self.clone();
+        for ip in &mut shifted.ips {
+            ip.interface = ip.interface.map(|i| i + interfaces.len());
+        }
+        let ours = shifted.to_json(version);
+        let take = |key: &str| ours[key].as_array().cloned().unwrap_or_default();
+        interfaces.extend(take("interfaces"));
+        ips.extend(take("ips"));
+        routes.extend(take("routes"));
+        let dns = match prev_obj.get("dns") {
+            Some(Value::Object(d)) if !d.is_empty() => Value::Object(d.clone()),
+            _ => ours["dns"].clone(),
+        };
+        let mut out = prev_obj.clone();
+        out.insert("cniVersion".into(), version.into());
+        out.insert("interfaces".into(), interfaces.into());
+        out.insert("ips".into(), ips.into());
+        out.insert("routes".into(), routes.into());
+        out.insert("dns".into(), dns);
+        Ok(Value::Object(out))
+    }
+
+    /// This plugin's part of `prev` (the `prevResult` given to CHECK): the sandbox interface
+    /// named `ifname`, the addresses on it, and the routes that are on-link or go through a
+    /// gateway inside one of its subnets. Fails with code 7 when `prev` has no such interface.
+    pub fn from_prev(prev: &Value, ifname: &str) -> Result<Self, CniError> {
+        let bad = |what: String| {
+            CniError::new(ErrorCode::InvalidConfig, "`prevResult` is malformed", what)
+        };
+        let items = |key: &str| {
+            prev.get(key)
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default()
+        };
+        let str_of = |v: &Value, key: &str| v.get(key).and_then(Value::as_str).map(str::to_owned);
+        let (index, iface) = items("interfaces")
+            .into_iter()
+            .enumerate()
+            .find(|(_, i)| {
+                str_of(i, "name").as_deref() == Some(ifname) && i.get("sandbox").is_some()
+            })
+            .ok_or_else(|| {
+                CniError::new(
+                    ErrorCode::InvalidConfig,
+                    format!("`prevResult` has no sandbox interface {ifname:?}"),
+                    "CHECK compares the attachment with the result of its ADD; pass that result",
+                )
+            })?;
+        let interface = Interface {
+            name: ifname.to_owned(),
+            mac: str_of(&iface, "mac").unwrap_or_default(),
+            mtu: iface
+                .get("mtu")
+                .and_then(Value::as_u64)
+                .and_then(|m| u32::try_from(m).ok()),
+            sandbox: str_of(&iface, "sandbox"),
+        };
+        let mut ips = Vec::new();
+        for ip in items("ips") {
+            if ip.get("interface").and_then(Value::as_u64) != Some(index as u64) {
+                continue;
+            }
+            let text = str_of(&ip, "address").unwrap_or_default();
+            let (address, prefix) =
+                parse_cidr(&text).ok_or_else(|| bad(format!("address {text:?} is not a CIDR")))?;
+            let gateway = match str_of(&ip, "gateway") {
+                None => None,
+                Some(g) => Some(
+                    g.parse()
+                        .map_err(|_| bad(format!("gateway {g:?} is not an IP address")))?,
+                ),
+            };
+            ips.push(IpConfig {
+                address,
+                prefix,
+                gateway,
+                interface: Some(0),
+            });
+        }
+        let mut routes = Vec::new();
+        for r in items("routes") {
+            let dst = str_of(&r, "dst").unwrap_or_default();
+            if parse_cidr(&dst).is_none() {
+                return Err(bad(format!("route destination {dst:?} is not a CIDR")));
+            }
+            let gw: Option<IpAddr> = match str_of(&r, "gw") {
+                None => None,
+                Some(g) => Some(
+                    g.parse()
+                        .map_err(|_| bad(format!("route gateway {g:?} is not an IP address")))?,
+                ),
+            };
+            let ours =
+                gw.is_none_or(|gw| ips.iter().any(|ip| same_subnet(ip.address, gw, ip.prefix)));
+            if ours {
+                routes.push(Route { dst, gw });
+            }
+        }
+        let dns = prev
+            .get("dns")
+            .map(|d| {
+                let strings = |key: &str| {
+                    d.get(key)
+                        .and_then(Value::as_array)
+                        .map(|a| {
+                            a.iter()
+                                .filter_map(|v| v.as_str().map(str::to_owned))
+                                .collect()
+                        })
+                        .unwrap_or_default()
+                };
+                Dns {
+                    nameservers: strings("nameservers"),
+                    domain: str_of(d, "domain"),
+                    search: strings("search"),
+                    options: strings("options"),
+                }
+            })
+            .unwrap_or_default();
+        Ok(Self {
+            interfaces: vec![interface],
+            ips,
+            routes,
+            dns,
+        })
+    }
+}
+
+/// Parses `address/prefix` (e.g. `10.147.17.5/24`, `fd80::5/88`), checking the prefix length
+/// against the address family.
+pub fn parse_cidr(s: &str) -> Option<(IpAddr, u8)> {
+    let (addr, prefix) = s.split_once('/')?;
+    let addr: IpAddr = addr.parse().ok()?;
+    let prefix: u8 = prefix.parse().ok()?;
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    (prefix <= max).then_some((addr, prefix))
+}
+
+/// Whether `a` and `b` are in the same `prefix`-long subnet (false across families).
+fn same_subnet(a: IpAddr, b: IpAddr, prefix: u8) -> bool {
+    let mask = |bits: u32, width: u32| -> u128 {
+        if bits == 0 {
+            0
+        } else {
+            (!0u128 << (width - bits.min(width))) & (!0u128 >> (128 - width))
+        }
+    };
+    match (a, b) {
+        (IpAddr::V4(a), IpAddr::V4(b)) => {
+            let m = mask(u32::from(prefix), 32);
+            u128::from(u32::from(a)) & m == u128::from(u32::from(b)) & m
+        }
+        (IpAddr::V6(a), IpAddr::V6(b)) => {
+            let m = mask(u32::from(prefix), 128);
+            u128::from(a) & m == u128::from(b) & m
+        }
+        _ => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -592,6 +816,21 @@ mod tests {
         assert_eq!(inv.command, Command::Add);
         assert_eq!(inv.netns, Some(PathBuf::from("/run/netns/pod")));
         assert_eq!(inv.args["K8S_POD_NAME"], "web-0");
+        assert_eq!(inv.pod(), ("default", "web-0", ""));
+    }
+
+    #[test]
+    fn gc_without_a_list_keeps_nothing_and_reads_the_libcni_alias() {
+        let base = r#"{"cniVersion":"1.1.0","name":"flat","type":"flatwire-cni""#;
+        let none = NetConf::parse(format!("{base}}}").as_bytes(), Command::Gc).unwrap();
+        assert!(none.valid_attachments.is_empty());
+        let alias = NetConf::parse(
+            format!(r#"{base},"cni.dev/attachments":[{{"containerID":"c9","ifname":"net1"}}]}}"#)
+                .as_bytes(),
+            Command::Gc,
+        )
+        .unwrap();
+        assert_eq!(alias.valid_attachments[0].container_id, "c9");
     }
 
     #[test]
@@ -633,6 +872,17 @@ mod tests {
             let err = Invocation::from_env(env(vars)).unwrap_err();
             assert_eq!(err.code, ErrorCode::InvalidEnvironment, "{vars:?}: {err}");
         }
+        // A relative netns path is refused.
+        let relative = [
+            ("CNI_COMMAND", "ADD"),
+            ("CNI_CONTAINERID", "c1"),
+            ("CNI_IFNAME", "eth0"),
+            ("CNI_NETNS", "run/netns/x"),
+        ];
+        assert_eq!(
+            Invocation::from_env(env(&relative)).unwrap_err().code,
+            ErrorCode::InvalidEnvironment
+        );
         // DEL without a netns is allowed (the namespace may be gone already).
         let del = [
             ("CNI_COMMAND", "DEL"),
@@ -679,7 +929,7 @@ mod tests {
             ),
             (
                 r#"{"cniVersion":"1.1.0","name":"n","type":"flatwire-cni"}"#,
-                Command::Gc,
+                Command::Add,
                 ErrorCode::InvalidConfig,
             ),
             (
@@ -717,7 +967,7 @@ mod tests {
         assert_eq!(conf.mode, Mode::Primary);
         assert_eq!(conf.agent_socket, PathBuf::from("/run/flatwire/agent.sock"));
         assert_eq!(
-            conf.valid_attachments.unwrap(),
+            conf.valid_attachments,
             vec![Attachment {
                 container_id: "c1".into(),
                 ifname: "eth0".into()
@@ -769,5 +1019,116 @@ mod tests {
         assert_eq!(v04["ips"][0]["version"], "4");
         assert_eq!(v04["routes"][0]["gw"], "10.42.0.1");
         assert_eq!(v04["dns"]["nameservers"][0], "10.96.0.10");
+    }
+
+    fn sample() -> CniResult {
+        CniResult {
+            interfaces: vec![Interface {
+                name: "eth0".into(),
+                mac: "32:aa:bb:cc:dd:ee".into(),
+                mtu: Some(2800),
+                sandbox: Some("/run/netns/pod".into()),
+            }],
+            ips: vec![
+                IpConfig {
+                    address: "10.77.0.12".parse().unwrap(),
+                    prefix: 24,
+                    gateway: Some("10.77.0.1".parse().unwrap()),
+                    interface: Some(0),
+                },
+                IpConfig {
+                    address: "fd00:77::12".parse().unwrap(),
+                    prefix: 64,
+                    gateway: None,
+                    interface: Some(0),
+                },
+            ],
+            routes: vec![
+                Route {
+                    dst: "0.0.0.0/0".into(),
+                    gw: Some("10.77.0.1".parse().unwrap()),
+                },
+                Route {
+                    dst: "fd00:77::/64".into(),
+                    gw: None,
+                },
+            ],
+            dns: Dns::default(),
+        }
+    }
+
+    #[test]
+    fn a_chained_add_appends_to_the_previous_result() {
+        let prev = serde_json::json!({
+            "cniVersion": "1.0.0",
+            "interfaces": [{"name": "lo", "sandbox": "/run/netns/pod"}, {"name": "veth1"}],
+            "ips": [{"address": "192.0.2.5/24", "interface": 0}],
+            "routes": [{"dst": "192.0.2.0/24"}],
+            "dns": {"nameservers": ["192.0.2.53"]},
+        });
+        let out = sample().chained_json("1.0.0", Some(&prev)).unwrap();
+        assert_eq!(out["interfaces"].as_array().unwrap().len(), 3);
+        assert_eq!(out["interfaces"][2]["name"], "eth0");
+        assert_eq!(out["ips"][0]["address"], "192.0.2.5/24");
+        assert_eq!(out["ips"][1]["address"], "10.77.0.12/24");
+        assert_eq!(out["ips"][1]["interface"], 2);
+        assert_eq!(out["ips"][2]["interface"], 2);
+        assert_eq!(out["routes"].as_array().unwrap().len(), 3);
+        assert_eq!(out["dns"]["nameservers"][0], "192.0.2.53");
+        assert_eq!(
+            sample().chained_json("1.1.0", None).unwrap(),
+            sample().to_json("1.1.0")
+        );
+        let bad = serde_json::json!({"interfaces": 3});
+        assert_eq!(
+            sample().chained_json("1.1.0", Some(&bad)).unwrap_err().code,
+            ErrorCode::InvalidConfig
+        );
+    }
+
+    #[test]
+    fn check_reads_our_part_back_from_the_final_result() {
+        // The final result of a chain: ours first, then an interface a later plugin added,
+        // and a route of another plugin through a foreign gateway.
+        let mut prev = sample().to_json("1.1.0");
+        prev["interfaces"]
+            .as_array_mut()
+            .unwrap()
+            .push(serde_json::json!({"name": "bwp1234", "mac": "aa:aa:aa:aa:aa:aa"}));
+        prev["routes"]
+            .as_array_mut()
+            .unwrap()
+            .push(serde_json::json!({"dst": "198.51.100.0/24", "gw": "192.0.2.1"}));
+        let ours = CniResult::from_prev(&prev, "eth0").unwrap();
+        assert_eq!(ours, sample());
+        let err = CniResult::from_prev(&prev, "net1").unwrap_err();
+        assert_eq!(err.code, ErrorCode::InvalidConfig);
+        prev["ips"][0]["address"] = "10.77.0.12".into();
+        assert!(CniResult::from_prev(&prev, "eth0").is_err());
+    }
+
+    #[test]
+    fn cidrs_and_subnets() {
+        assert_eq!(
+            parse_cidr("10.1.2.3/8"),
+            Some(("10.1.2.3".parse().unwrap(), 8))
+        );
+        assert_eq!(parse_cidr("fd00::1/128").map(|c| c.1), Some(128));
+        for bad in [
+            "10.1.2.3",
+            "10.1.2.3/33",
+            "fd00::1/129",
+            "x/1",
+            "10.0.0.1/-1",
+        ] {
+            assert_eq!(parse_cidr(bad), None, "{bad}");
+        }
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert!(same_subnet(ip("10.77.0.12"), ip("10.77.0.1"), 24));
+        assert!(!same_subnet(ip("10.77.0.12"), ip("10.77.1.1"), 24));
+        assert!(same_subnet(ip("10.77.0.12"), ip("192.0.2.1"), 0));
+        assert!(same_subnet(ip("fd00:77::12"), ip("fd00:77::1"), 64));
+        assert!(!same_subnet(ip("fd00:77::12"), ip("fd00:78::1"), 64));
+        assert!(!same_subnet(ip("10.77.0.12"), ip("fd00:77::1"), 0));
     }
 }

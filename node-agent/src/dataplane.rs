@@ -1,5 +1,13 @@
 //! The data plane: one dedicated OS thread that owns the host's [`UdpPort`] and the sans-I/O
-//! VL1 [`Node`], and the [`NodeHandle`] the tokio control plane uses to talk to it.
+//! VL1 [`Node`]s of every local identity, and the [`NodeHandle`] the tokio control plane uses
+//! to talk to it.
+//!
+//! Local identities: the host's (with its joined networks, the controller and the root role)
+//! and one per attached pod, each with its own [`Node`] and its own VL2 member on the pod's
+//! TAP ([`NodeHandle::add_member`], [`NodeHandle::remove_member`]). They share the one UDP
+//! port: a received datagram goes to the node whose address is its destination (bytes 8..13
+//! of a packet or a fragment); any other goes to the host's node, which relays it when it is a
+//! root and counts a drop otherwise. Every node sends through the shared port.
 //!
 //! The thread waits in `poll(2)` on the UDP socket and a wake-up socket, with the node's next
 //! timer as the timeout (no busy loop). Readable datagrams are taken in batches (`recvmmsg`,
@@ -22,11 +30,13 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use flatwire_vl1::node::{MAX_DATAGRAM_LEN, NodeStats};
 use flatwire_vl1::{Address, DropReason, Event, Identity, LocalSocket, Node, NodeConfig, World};
 use flatwire_vl2::NetworkId;
+use flatwire_vl2::vouch::Vouch;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use prometheus_client::metrics::gauge::Gauge;
 
 use crate::metrics::{DropLabels, Metrics, PathKind, PathLabels};
-use crate::networks::{NetworkSnapshot, Vl2};
+use crate::networks::{MemberView, NetworkSnapshot, TapBufs, Vl2};
+use crate::tap::Tap;
 use crate::udp::{self, RecvMeta, UdpPort};
 
 /// Receive slots per `recvmmsg`.
@@ -127,7 +137,7 @@ pub struct NodeSnapshot {
     pub events_lost: u64,
     /// The bound UDP address.
     pub local_addr: SocketAddr,
-    /// Joined networks.
+    /// Joined networks (of the host identity).
     pub networks: Vec<NetworkSnapshot>,
 }
 
@@ -155,8 +165,47 @@ struct ControllerCall {
     reply: tokio::sync::oneshot::Sender<Option<(u16, serde_json::Value)>>,
 }
 
+/// A pod member to add to the data plane (see [`NodeHandle::add_member`]).
+#[derive(Debug)]
+pub struct NewMember {
+    /// Its identity (with the secret).
+    pub identity: Identity,
+    /// The network it joins.
+    pub nwid: NetworkId,
+    /// Its TAP, already in the pod's namespace.
+    pub tap: Tap,
+    /// A name for logs (e.g. the TAP's host-side name).
+    pub name: String,
+    /// The host's vouch for it, sent with its config requests.
+    pub vouch: Option<Vouch>,
+}
+
+/// Why [`NodeHandle::add_member`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AddMemberError {
+    /// The data plane stopped or did not answer.
+    #[error("the data plane is not running")]
+    Stopped,
+    /// The member's node could not be created.
+    #[error("cannot create the member's VL1 node: {0}")]
+    Node(#[from] flatwire_vl1::NodeError),
+    /// The address is already a local identity.
+    #[error("member {0} is already attached")]
+    Duplicate(Address),
+}
+
 enum Command {
     Snapshot(tokio::sync::oneshot::Sender<NodeSnapshot>),
+    AddMember(
+        Box<NewMember>,
+        tokio::sync::oneshot::Sender<Result<(), AddMemberError>>,
+    ),
+    RemoveMember(Address, tokio::sync::oneshot::Sender<bool>),
+    Member(
+        Address,
+        NetworkId,
+        tokio::sync::oneshot::Sender<Option<MemberView>>,
+    ),
     Join(NetworkId, tokio::sync::oneshot::Sender<bool>),
     Leave(NetworkId, tokio::sync::oneshot::Sender<bool>),
     Controller(ControllerCall),
@@ -177,6 +226,9 @@ impl std::fmt::Debug for Command {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Command::Snapshot(_) => "Snapshot",
+            Command::AddMember(..) => "AddMember",
+            Command::RemoveMember(..) => "RemoveMember",
+            Command::Member(..) => "Member",
             Command::Join(..) => "Join",
             Command::Leave(..) => "Leave",
             Command::Controller(_) => "Controller",
@@ -270,6 +322,52 @@ impl NodeHandle {
             .ok()
     }
 
+    /// Sends `c` (made around a reply sender) and waits up to `limit` for the reply; `None`
+    /// if the data plane stopped or did not answer in time.
+    async fn ask<T>(
+        &self,
+        c: impl FnOnce(tokio::sync::oneshot::Sender<T>) -> Command,
+        limit: Duration,
+    ) -> Option<T> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if !self.command(c(tx)) {
+            return None;
+        }
+        tokio::time::timeout(limit, rx).await.ok()?.ok()
+    }
+
+    /// Adds a pod member: its own VL1 node on the shared port and its VL2 member on its TAP,
+    /// which starts asking the controller for its config at once ([`NodeHandle::member`]).
+    pub async fn add_member(&self, m: NewMember) -> Result<(), AddMemberError> {
+        self.ask(
+            |tx| Command::AddMember(Box::new(m), tx),
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap_or(Err(AddMemberError::Stopped))
+    }
+
+    /// Removes pod member `member` (its network is left, its TAP closed, which destroys the
+    /// device wherever it lives); `Some(false)` if it was not there, `None` if the data plane
+    /// stopped or did not answer in 5 s.
+    pub async fn remove_member(&self, member: Address) -> Option<bool> {
+        self.ask(
+            |tx| Command::RemoveMember(member, tx),
+            Duration::from_secs(5),
+        )
+        .await
+    }
+
+    /// The status and config of pod member `member` on `nwid`: `Some(None)` if there is no
+    /// such member, `None` if the data plane stopped or did not answer in 2 s.
+    pub async fn member(&self, member: Address, nwid: NetworkId) -> Option<Option<MemberView>> {
+        self.ask(
+            |tx| Command::Member(member, nwid, tx),
+            Duration::from_secs(2),
+        )
+        .await
+    }
+
     /// Tells the thread to stop; [`NodeHandle::join`] waits for it.
     pub fn stop(&self) {
         self.command(Command::Stop);
@@ -292,11 +390,11 @@ impl NodeHandle {
     }
 }
 
-/// Binds the UDP port, creates the node, opens the controller store, creates the TAPs of the
-/// joined networks and starts the data-plane thread (`flatwire-dp`). Blocks briefly (file and
-/// device I/O): from async code call it via `spawn_blocking`. Returns the handle and the
-/// receiver of the node's events (all but `Packet`, which VL2 consumes on the thread; with no
-/// VL2 role it is counted as an `UnhandledPacket` drop).
+/// Binds the UDP port, creates the host's node, opens the controller store, creates the TAPs
+/// of the joined networks and starts the data-plane thread (`flatwire-dp`). Blocks briefly
+/// (file and device I/O): from async code call it via `spawn_blocking`. Returns the handle and
+/// the receiver of the host node's events (all but `Packet`, which VL2 consumes on the thread;
+/// with no VL2 role it is counted as an `UnhandledPacket` drop).
 pub fn start(
     cfg: DataPlaneConfig,
     metrics: Arc<Metrics>,
@@ -310,8 +408,6 @@ pub fn start(
         .iter()
         .map(|r| r.identity.address())
         .collect();
-    let planet_id = cfg.planet.id;
-    let planet_timestamp = cfg.planet.timestamp;
     let clock = Clock::new();
     let is_root = cfg
         .planet
@@ -319,6 +415,7 @@ pub fn start(
         .iter()
         .any(|r| r.identity.address() == address);
     let vl2_identity = cfg.identity.clone();
+    let planet = cfg.planet.clone();
     let node = Node::new(NodeConfig::new(cfg.planet), vec![cfg.identity])?;
     let (wake_tx, wake_rx) = UnixDatagram::pair()?;
     wake_tx.set_nonblocking(true)?;
@@ -350,11 +447,10 @@ pub fn start(
                     let _ = started_tx.send(Ok(()));
                     let dp = DataPlane {
                         port,
-                        node,
-                        address,
+                        locals: vec![Local { address, node, vl2 }],
+                        index: HashMap::from([(address, 0)]),
                         roots,
-                        planet_id,
-                        planet_timestamp,
+                        planet,
                         local_addr,
                         commands: cmd_rx,
                         wake: wake_rx,
@@ -367,7 +463,7 @@ pub fn start(
                         names: HashMap::new(),
                         clock,
                         next_publish: 0,
-                        vl2,
+                        tap_bufs: TapBufs::new(),
                         ready_taps: Vec::new(),
                     };
                     dp.run();
@@ -398,6 +494,12 @@ pub fn start(
         },
         ev_rx,
     ))
+}
+
+/// The ZeroTier address a datagram is for: bytes 8..13 of a packet and of a fragment alike.
+fn destination(datagram: &[u8]) -> Option<Address> {
+    let b: [u8; 5] = datagram.get(8..13)?.try_into().ok()?;
+    Some(Address::from_bytes(b))
 }
 
 /// Milliseconds on a monotonic clock that starts at the wall-clock time of launch.
@@ -450,13 +552,22 @@ impl ShellDrop {
     }
 }
 
+/// One local identity on the shared port: its VL1 node and its VL2 networks.
+struct Local {
+    address: Address,
+    node: Node,
+    vl2: Vl2,
+}
+
 struct DataPlane {
     port: UdpPort,
-    node: Node,
-    address: Address,
+    /// The host's identity first (never removed), then one per pod member.
+    locals: Vec<Local>,
+    /// Address -> index in `locals`, for demultiplexing.
+    index: HashMap<Address, usize>,
     roots: Vec<Address>,
-    planet_id: u64,
-    planet_timestamp: u64,
+    /// The current planet (new members' nodes start with it).
+    planet: World,
     local_addr: SocketAddr,
     commands: mpsc::Receiver<Command>,
     wake: UnixDatagram,
@@ -471,27 +582,34 @@ struct DataPlane {
     names: HashMap<DropReason, &'static str>,
     clock: Clock,
     next_publish: u64,
-    vl2: Vl2,
-    /// Indices of the networks whose TAP polled readable (reused).
-    ready_taps: Vec<usize>,
+    /// Receive buffers shared by all TAPs.
+    tap_bufs: TapBufs,
+    /// (local, network) indices of the TAPs that polled readable (reused).
+    ready_taps: Vec<(usize, usize)>,
 }
 
 impl DataPlane {
+    fn address(&self) -> Address {
+        self.locals[0].address
+    }
+
     fn run(mut self) {
         let mut rx = vec![0u8; RECV_SLOT * RECV_BATCH];
         let mut metas = [RecvMeta::default(); RECV_BATCH];
         let mut tx = vec![0u8; MAX_DATAGRAM_LEN * udp::SEND_BATCH];
-        tracing::info!(address = %self.address, udp = %self.local_addr, "data plane running");
+        tracing::info!(address = %self.address(), udp = %self.local_addr, "data plane running");
         loop {
             let now = self.clock.now();
-            if now >= self.node.poll_timeout() {
-                self.node.handle_timeout(now);
-            }
-            if now >= self.vl2.poll_timeout() {
-                self.vl2.handle_timeout(now);
-            }
-            if self.vl2.awaits_config() && self.node.is_online(now, self.address) {
-                self.vl2.nudge(now);
+            for l in &mut self.locals {
+                if now >= l.node.poll_timeout() {
+                    l.node.handle_timeout(now);
+                }
+                if now >= l.vl2.poll_timeout() {
+                    l.vl2.handle_timeout(now);
+                }
+                if l.vl2.awaits_config() && l.node.is_online(now, l.address) {
+                    l.vl2.nudge(now);
+                }
             }
             self.drain_events();
             if let Err(e) = self.flush(&mut tx) {
@@ -508,10 +626,10 @@ impl DataPlane {
             }
             let now = self.clock.now();
             let wake_at = self
-                .node
-                .poll_timeout()
-                .min(self.next_publish)
-                .min(self.vl2.poll_timeout());
+                .locals
+                .iter()
+                .map(|l| l.node.poll_timeout().min(l.vl2.poll_timeout()))
+                .fold(self.next_publish, u64::min);
             let timeout = Duration::from_millis(wake_at.saturating_sub(now));
             let (udp_ready, _) = match self.wait(timeout) {
                 Ok(r) => r,
@@ -527,8 +645,9 @@ impl DataPlane {
             if !self.ready_taps.is_empty() {
                 let now = self.clock.now();
                 let ready = std::mem::take(&mut self.ready_taps);
-                for &i in &ready {
-                    self.vl2.tap_readable(i, &mut self.node, now);
+                for &(li, ni) in &ready {
+                    let l = &mut self.locals[li];
+                    l.vl2.tap_readable(ni, &mut l.node, now, &mut self.tap_bufs);
                 }
                 self.ready_taps = ready;
                 self.account_tap_rejects();
@@ -541,18 +660,20 @@ impl DataPlane {
     }
 
     /// Waits for the UDP socket, the wake-up socket or a TAP; returns whether the first two
-    /// are readable and leaves the indices of readable TAPs in `ready_taps`.
+    /// are readable and leaves the (local, network) indices of readable TAPs in `ready_taps`.
     fn wait(&mut self, timeout: Duration) -> io::Result<(bool, bool)> {
         let t = PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX);
-        let mut taps: Vec<usize> = Vec::new();
+        let mut taps: Vec<(usize, usize)> = Vec::new();
         let mut fds = vec![
             PollFd::new(self.port.as_fd(), PollFlags::POLLIN),
             PollFd::new(self.wake.as_fd(), PollFlags::POLLIN),
         ];
-        for (i, fd) in self.vl2.tap_fds().enumerate() {
-            if let Some(fd) = fd {
-                taps.push(i);
-                fds.push(PollFd::new(fd, PollFlags::POLLIN));
+        for (li, l) in self.locals.iter().enumerate() {
+            for (ni, fd) in l.vl2.tap_fds().enumerate() {
+                if let Some(fd) = fd {
+                    taps.push((li, ni));
+                    fds.push(PollFd::new(fd, PollFlags::POLLIN));
+                }
             }
         }
         loop {
@@ -614,7 +735,13 @@ impl DataPlane {
             let now = self.clock.now();
             for (slice, meta) in slices.iter().zip(metas.iter()).take(n) {
                 for datagram in udp::segments(slice, meta) {
-                    self.node
+                    // Not for a local identity (or too short to say): the host's node relays
+                    // it as a root, or counts it.
+                    let li = destination(datagram)
+                        .and_then(|a| self.index.get(&a).copied())
+                        .unwrap_or(0);
+                    self.locals[li]
+                        .node
                         .handle_datagram(now, LocalSocket(0), meta.addr, datagram);
                 }
             }
@@ -624,14 +751,14 @@ impl DataPlane {
         Ok(())
     }
 
-    /// Sends everything the node has queued, [`udp::SEND_BATCH`] datagrams per batch.
+    /// Sends everything the nodes have queued, [`udp::SEND_BATCH`] datagrams per batch.
     fn flush(&mut self, tx: &mut [u8]) -> io::Result<()> {
-        let mut lens = [(0usize, None::<SocketAddr>); udp::SEND_BATCH];
-        loop {
-            let mut n = 0;
-            while n < udp::SEND_BATCH {
+        let mut lens = [(0usize, SocketAddr::from(([0, 0, 0, 0], 0))); udp::SEND_BATCH];
+        let mut n = 0;
+        for li in 0..self.locals.len() {
+            loop {
                 let slot = &mut tx[n * MAX_DATAGRAM_LEN..(n + 1) * MAX_DATAGRAM_LEN];
-                let Some(t) = self.node.poll_transmit(slot) else {
+                let Some(t) = self.locals[li].node.poll_transmit(slot) else {
                     break;
                 };
                 if let Some(ttl) = t.ttl {
@@ -639,34 +766,38 @@ impl DataPlane {
                     self.send_with_ttl(&slot[..t.len], t.to, ttl)?;
                     continue;
                 }
-                lens[n] = (t.len, Some(t.to));
+                lens[n] = (t.len, t.to);
                 n += 1;
-            }
-            if n == 0 {
-                return Ok(());
-            }
-            let transmits: Vec<udp::Transmit<'_>> = lens[..n]
-                .iter()
-                .enumerate()
-                .filter_map(|(k, (len, to))| {
-                    Some(udp::Transmit {
-                        destination: (*to)?,
-                        ecn: None,
-                        contents: &tx[k * MAX_DATAGRAM_LEN..k * MAX_DATAGRAM_LEN + len],
-                        segment_size: None,
-                        src_ip: None,
-                    })
-                })
-                .collect();
-            let out = self.port.send_batch(&transmits)?;
-            if out.rejected > 0 {
-                *self.local_drops.entry(ShellDrop::SendRejected).or_default() +=
-                    out.rejected as u64;
-            }
-            if n < udp::SEND_BATCH {
-                return Ok(());
+                if n == udp::SEND_BATCH {
+                    self.send_slots(tx, &lens)?;
+                    n = 0;
+                }
             }
         }
+        if n > 0 {
+            self.send_slots(tx, &lens[..n])?;
+        }
+        Ok(())
+    }
+
+    /// Sends slot `k` of `tx` (`lens[k]`: its length and destination) for every `k`.
+    fn send_slots(&mut self, tx: &[u8], lens: &[(usize, SocketAddr)]) -> io::Result<()> {
+        let transmits: Vec<udp::Transmit<'_>> = lens
+            .iter()
+            .enumerate()
+            .map(|(k, (len, to))| udp::Transmit {
+                destination: *to,
+                ecn: None,
+                contents: &tx[k * MAX_DATAGRAM_LEN..k * MAX_DATAGRAM_LEN + len],
+                segment_size: None,
+                src_ip: None,
+            })
+            .collect();
+        let out = self.port.send_batch(&transmits)?;
+        if out.rejected > 0 {
+            *self.local_drops.entry(ShellDrop::SendRejected).or_default() += out.rejected as u64;
+        }
+        Ok(())
     }
 
     fn send_with_ttl(&mut self, data: &[u8], to: SocketAddr, ttl: u8) -> io::Result<()> {
@@ -693,7 +824,7 @@ impl DataPlane {
     }
 
     fn track(&mut self, peer: Address) -> Option<&mut PeerTrack> {
-        if peer == self.address {
+        if peer == self.address() {
             return None;
         }
         if self.peers.len() >= PEER_TABLE_LIMIT && !self.peers.contains_key(&peer) {
@@ -703,14 +834,27 @@ impl DataPlane {
     }
 
     fn drain_events(&mut self) {
-        while let Some(ev) = self.node.poll_event() {
+        for li in 0..self.locals.len() {
+            self.drain_local(li);
+        }
+        self.account_tap_rejects();
+    }
+
+    /// Handles the events of local `li`'s node (VL2 packets to its networks; for the host,
+    /// peer tracking and the control plane's events) and runs its VL2 output.
+    fn drain_local(&mut self, li: usize) {
+        let host = li == 0;
+        while let Some(ev) = self.locals[li].node.poll_event() {
+            let l = &mut self.locals[li];
             match &ev {
-                Event::PlanetUpdated { planet } => self.planet_timestamp = planet.timestamp,
+                Event::PlanetUpdated { planet } if host => self.planet = planet.clone(),
                 Event::PeerLearned { peer, .. } | Event::PathLearned { peer, .. } => {
-                    if self.vl2.awaits_config_from(*peer) {
-                        self.vl2.nudge(self.clock.now());
+                    if l.vl2.awaits_config_from(*peer) {
+                        l.vl2.nudge(self.clock.now());
                     }
-                    self.track(*peer);
+                    if host {
+                        self.track(*peer);
+                    }
                 }
                 Event::HelloReceived {
                     peer,
@@ -719,17 +863,17 @@ impl DataPlane {
                     ..
                 } => {
                     let (pv, sw) = (*protocol_version, *software);
-                    if let Some(t) = self.track(*peer) {
+                    if host && let Some(t) = self.track(*peer) {
                         t.protocol_version = Some(pv);
                         t.version = Some(sw);
                     }
                 }
                 Event::Latency { peer, ms, .. } => {
-                    if self.vl2.awaits_config_from(*peer) {
-                        self.vl2.nudge(self.clock.now());
+                    if l.vl2.awaits_config_from(*peer) {
+                        l.vl2.nudge(self.clock.now());
                     }
                     let ms = *ms;
-                    if let Some(t) = self.track(*peer) {
+                    if host && let Some(t) = self.track(*peer) {
                         t.latency_ms = Some(ms);
                     }
                 }
@@ -741,9 +885,9 @@ impl DataPlane {
                     ..
                 } => {
                     let now = self.clock.now();
-                    let handled = self
+                    let handled = l
                         .vl2
-                        .handle_packet(&self.node, now, *from, *verb, *packet_id, payload);
+                        .handle_packet(&l.node, now, *from, *verb, *packet_id, payload);
                     if !handled {
                         *self
                             .local_drops
@@ -754,19 +898,57 @@ impl DataPlane {
                 }
                 _ => {}
             }
-            if self.events.try_send(ev).is_err() {
+            // A pod member's other events concern nobody outside the data plane.
+            if host && self.events.try_send(ev).is_err() {
                 self.events_lost += 1;
             }
         }
         let now = self.clock.now();
-        self.vl2.drain(&mut self.node, now);
-        self.account_tap_rejects();
+        let l = &mut self.locals[li];
+        l.vl2.drain(&mut l.node, now);
     }
 
     fn account_tap_rejects(&mut self) {
-        let n = std::mem::take(&mut self.vl2.tap_rejected);
+        let n: u64 = self
+            .locals
+            .iter_mut()
+            .map(|l| std::mem::take(&mut l.vl2.tap_rejected))
+            .sum();
         if n > 0 {
             *self.local_drops.entry(ShellDrop::TapRejected).or_default() += n;
+        }
+    }
+
+    /// Adds pod member `m` as a new local identity.
+    fn add_member(&mut self, m: NewMember) -> Result<(), AddMemberError> {
+        let address = m.identity.address();
+        if self.index.contains_key(&address) {
+            return Err(AddMemberError::Duplicate(address));
+        }
+        let now = self.clock.now();
+        let node = Node::new(NodeConfig::new(self.planet.clone()), vec![m.identity])?;
+        let mut vl2 = Vl2::for_member(address, &self.roots);
+        vl2.attach_tap(m.nwid, m.tap, m.name, m.vouch, now);
+        self.index.insert(address, self.locals.len());
+        self.locals.push(Local { address, node, vl2 });
+        Ok(())
+    }
+
+    /// Removes pod member `member`; false if it is not one.
+    fn remove_member(&mut self, member: Address) -> bool {
+        match self.index.get(&member) {
+            Some(&i) if i > 0 => {
+                let mut l = self.locals.swap_remove(i);
+                for n in l.vl2.snapshot() {
+                    l.vl2.leave(n.nwid);
+                }
+                self.index.remove(&member);
+                if let Some(moved) = self.locals.get(i) {
+                    self.index.insert(moved.address, i);
+                }
+                true
+            }
+            _ => false,
         }
     }
 
@@ -778,16 +960,31 @@ impl DataPlane {
                     let s = self.snapshot(self.clock.now());
                     let _ = reply.send(s);
                 }
+                Ok(Command::AddMember(m, reply)) => {
+                    let _ = reply.send(self.add_member(*m));
+                }
+                Ok(Command::RemoveMember(a, reply)) => {
+                    let _ = reply.send(self.remove_member(a));
+                }
+                Ok(Command::Member(a, nwid, reply)) => {
+                    let view = self
+                        .index
+                        .get(&a)
+                        .and_then(|&i| self.locals[i].vl2.member_view(nwid));
+                    let _ = reply.send(view);
+                }
                 Ok(Command::Join(nwid, reply)) => {
-                    let joined = self.vl2.join(nwid, self.clock.now());
+                    let joined = self.locals[0].vl2.join(nwid, self.clock.now());
                     let _ = reply.send(joined);
                 }
                 Ok(Command::Leave(nwid, reply)) => {
-                    let _ = reply.send(self.vl2.leave(nwid));
+                    let _ = reply.send(self.locals[0].vl2.leave(nwid));
                 }
                 Ok(Command::Controller(c)) => {
                     let now = self.clock.now();
-                    let r = self.vl2.controller_api(&c.method, &c.path, &c.body, now);
+                    let r = self.locals[0]
+                        .vl2
+                        .controller_api(&c.method, &c.path, &c.body, now);
                     let _ = c.reply.send(r);
                 }
                 Ok(Command::Stop) | Err(mpsc::TryRecvError::Disconnected) => return false,
@@ -805,22 +1002,35 @@ impl DataPlane {
         n
     }
 
+    /// Drops by reason, summed over every local identity's node and networks.
     fn drops(&mut self) -> Vec<(&'static str, u64)> {
-        let node: Vec<(DropReason, u64)> =
-            self.node.drops().iter().map(|(r, n)| (*r, *n)).collect();
-        let mut out: Vec<(&'static str, u64)> = node
-            .into_iter()
-            .map(|(r, n)| (self.drop_name(r), n))
-            .collect();
-        out.extend(self.local_drops.iter().map(|(r, n)| (r.name(), *n)));
-        out.extend(self.vl2.drops().filter(|(_, n)| *n > 0));
+        let mut node: HashMap<DropReason, u64> = HashMap::new();
+        for l in &self.locals {
+            for (r, n) in l.node.drops() {
+                *node.entry(*r).or_default() += n;
+            }
+        }
+        let mut totals: HashMap<&'static str, u64> = HashMap::new();
+        for (r, n) in node {
+            *totals.entry(self.drop_name(r)).or_default() += n;
+        }
+        for (r, n) in &self.local_drops {
+            *totals.entry(r.name()).or_default() += n;
+        }
+        for l in &self.locals {
+            for (r, n) in l.vl2.drops() {
+                *totals.entry(r).or_default() += n;
+            }
+        }
+        let mut out: Vec<(&'static str, u64)> =
+            totals.into_iter().filter(|(_, n)| *n > 0).collect();
         out.sort_unstable();
         out
     }
 
     fn snapshot(&mut self, now: u64) -> NodeSnapshot {
-        let me = self.address;
-        let node = &self.node;
+        let me = self.address();
+        let node = &self.locals[0].node;
         self.peers
             .retain(|a, _| *a != me && (node.knows_peer(me, *a) || self.roots.contains(a)));
         let mut peers: Vec<PeerSnapshot> = self
@@ -845,19 +1055,20 @@ impl DataPlane {
             })
             .collect();
         peers.sort_by_key(|p| (p.role == PeerRole::Leaf, p.address));
+        let (is_root, online, stats) = (node.is_root(), node.is_online(now, me), *node.stats());
         NodeSnapshot {
             address: me,
-            is_root: node.is_root(),
-            online: node.is_online(now, me),
-            planet_id: self.planet_id,
-            planet_timestamp: self.planet_timestamp,
+            is_root,
+            online,
+            planet_id: self.planet.id,
+            planet_timestamp: self.planet.timestamp,
             roots: self.roots.clone(),
             peers,
-            stats: *node.stats(),
+            stats,
             drops: self.drops(),
             events_lost: self.events_lost,
             local_addr: self.local_addr,
-            networks: self.vl2.snapshot(),
+            networks: self.locals[0].vl2.snapshot(),
         }
     }
 
@@ -894,4 +1105,41 @@ impl DataPlane {
 
 fn set(g: &Gauge, v: usize) {
     g.set(i64::try_from(v).unwrap_or(i64::MAX));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flatwire_vl1::{Verb, wire};
+
+    #[test]
+    fn datagrams_are_demultiplexed_by_their_destination() {
+        let (dest, src): (Address, Address) =
+            ("a1b2c3d4e5".parse().unwrap(), "0102030405".parse().unwrap());
+        let mut packet = Vec::new();
+        wire::write_header(&mut packet, [7; 8], dest, src, Verb::FRAME);
+        packet.resize(3000, 0x5a);
+        let mut pieces = Vec::new();
+        let n =
+            wire::fragment(&packet, 1400, &mut Vec::new(), |p| pieces.push(p.to_vec())).unwrap();
+        assert_eq!(n, 3);
+        assert_eq!(
+            wire::Packet::new_checked(&pieces[0][..])
+                .unwrap()
+                .destination(),
+            dest
+        );
+        for p in &pieces {
+            assert_eq!(destination(p), Some(dest), "head and fragments alike");
+        }
+        assert_eq!(
+            wire::Fragment::new_checked(&pieces[1][..])
+                .unwrap()
+                .destination(),
+            dest
+        );
+        // Too short to name one: the host node gets it (and counts it as malformed).
+        assert_eq!(destination(&packet[..12]), None);
+        assert_eq!(destination(&[]), None);
+    }
 }

@@ -52,7 +52,7 @@ pub enum HostError {
     },
 }
 
-fn parse_secret_identity(bytes: &[u8]) -> Result<Identity, String> {
+pub(crate) fn parse_secret_identity(bytes: &[u8]) -> Result<Identity, String> {
     let text = std::str::from_utf8(bytes).map_err(|_| "not UTF-8 text".to_string())?;
     let id = Identity::from_str(text.trim()).map_err(|e| e.to_string())?;
     if !id.has_secret() {

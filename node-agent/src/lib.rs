@@ -2,17 +2,21 @@
 //!
 //! Modules: [`tap`] (member TAP devices moved into pod network namespaces, batched frame I/O),
 //! [`udp`] (the host's UDP port with batched, GSO/GRO-aware I/O), [`state`] (the atomically
-//! written state directory), [`metrics`] (Prometheus text over a tiny HTTP endpoint), [`http_api`] (the
-//! ZeroTier-style local JSON API) and
-//! [`service`] (the gRPC service of `flatwire-api` as served today), [`host`] (the host identity
-//! and planet in the state directory) and [`dataplane`] (the thread that runs the VL1 node on
-//! the UDP port) and [`networks`] (VL2 on that thread: joined networks on TAPs, the controller).
+//! written state directory), [`metrics`] (Prometheus text over a tiny HTTP endpoint),
+//! [`http_api`] (the ZeroTier-style local JSON API), [`service`] (the gRPC service of
+//! `flatwire-api`), [`host`] (the host identity and planet in the state directory),
+//! [`dataplane`] (the thread that runs every local identity's VL1 node on the one UDP port),
+//! [`networks`] (VL2 on that thread: joined networks on TAPs, the controller), [`pool`] (the
+//! pre-generated member identities) and [`attach`] (pods as members with their own identity,
+//! persisted and restored).
 
+pub mod attach;
 pub mod dataplane;
 pub mod host;
 pub mod http_api;
 pub mod metrics;
 pub mod networks;
+pub mod pool;
 pub mod service;
 pub mod state;
 pub mod tap;

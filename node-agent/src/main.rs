@@ -17,7 +17,7 @@ use anyhow::Context as _;
 use clap::Parser;
 use flatwire_agent::dataplane::{self, DataPlaneConfig, NodeHandle};
 use flatwire_agent::state::{Sensitivity, StateDir};
-use flatwire_agent::{host, http_api, metrics, networks, service, udp};
+use flatwire_agent::{attach, host, http_api, metrics, networks, pool, service, udp};
 use flatwire_vl1::Event;
 use flatwire_vl2::NetworkId;
 use tokio::signal::unix::{SignalKind, signal};
@@ -60,6 +60,13 @@ struct Args {
     /// restart rejoins it without the flag.
     #[arg(long = "join", value_name = "NWID")]
     join: Vec<NetworkId>,
+    /// Pre-generated member identities to keep in `HOME/pool` (refilled at the lowest CPU
+    /// priority) so attaching a pod does not wait for one.
+    #[arg(long, value_name = "N", default_value_t = 16)]
+    identity_pool: usize,
+    /// How long Attach waits for the network controller's config, in seconds.
+    #[arg(long, value_name = "SECS", default_value_t = attach::DEFAULT_CONFIG_TIMEOUT.as_secs())]
+    attach_timeout: u64,
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -130,6 +137,7 @@ async fn main() -> anyhow::Result<()> {
                     .await
                     .context("network persistence panicked")??
             };
+            let host_identity = identity.clone();
             let cfg = DataPlaneConfig {
                 identity,
                 planet,
@@ -151,7 +159,41 @@ async fn main() -> anyhow::Result<()> {
                 controller = args.controller,
                 "VL1 node running"
             );
-            (service::AgentService::with_node(node.clone()), Some(node))
+            let attachments = {
+                let (state, node, m) = (state.clone(), node.clone(), metrics.clone());
+                let (target, timeout) = (
+                    args.identity_pool,
+                    std::time::Duration::from_secs(args.attach_timeout),
+                );
+                tokio::task::spawn_blocking(move || {
+                    let pool =
+                        pool::IdentityPool::start(&state, target, m.identity_pool_depth.clone())?;
+                    anyhow::Ok(attach::Attachments::new(
+                        node,
+                        host_identity,
+                        Arc::new(pool),
+                        &state,
+                        timeout,
+                    )?)
+                })
+                .await
+                .context("identity pool start panicked")?
+                .context("cannot set up pod attachments")?
+            };
+            let attachments = Arc::new(attachments);
+            let started = std::time::Instant::now();
+            let restored = attachments.restore().await;
+            if restored > 0 {
+                tracing::info!(
+                    restored,
+                    took_ms = started.elapsed().as_millis() as u64,
+                    "pod attachments restored"
+                );
+            }
+            (
+                service::AgentService::with_node(node.clone(), attachments),
+                Some(node),
+            )
         }
         None => {
             let reason = format!(

@@ -8,6 +8,11 @@
 //! (MTU, addresses, routes) takes netlink round trips, so it runs on a separate `fw-link`
 //! thread fed over a channel, in order.
 //!
+//! There is one `Vl2` per local identity: the host's (its `--join` networks, the controller,
+//! the root's multicast directory) and one per attached pod (one member network on the pod's
+//! TAP, with the host's vouch in its config requests; its link is configured by
+//! [`crate::attach`] in the pod's namespace, not here). All share one set of TAP buffers.
+//!
 //! # Administering the controller
 //!
 //! Through the HTTP API (`/controller/network/...`, see [`crate::http_api`]) or by hand:
@@ -45,6 +50,7 @@ use flatwire_vl2::controller::{
 use flatwire_vl2::member::{self, MemberOptions, Network, NetworkEvent, Output, Status, Upstream};
 use flatwire_vl2::netconf::{DEFAULT_MTU, Dns, FLAG_ENABLE_BROADCAST, NetworkConfig, Route};
 use flatwire_vl2::verbs::ConfigRequest;
+use flatwire_vl2::vouch::Vouch;
 
 use crate::tap::{self, IpPrefix, LinkRoute, LinkState, Tap, TapConfig};
 
@@ -108,6 +114,11 @@ struct Joined {
     tap: Option<Tap>,
     name: String,
     applied: Option<LinkState>,
+    /// True for the host's own TAPs (configured here on the `fw-link` thread); false for a
+    /// pod's TAP in its namespace, which the attach code configures.
+    host_link: bool,
+    /// The node vouch of a pod member, sent with every config request.
+    vouch: Option<Vouch>,
     /// When the config request was last restarted by [`Vl2::nudge`] (ms).
     nudged: u64,
     /// How many times (at most [`MAX_NUDGES`]; then the member's own 5 s retry remains).
@@ -135,7 +146,32 @@ struct LinkJob {
     state: LinkState,
 }
 
-/// VL2 on the data-plane thread.
+/// The TAP receive buffers, shared by every TAP of the data-plane thread.
+pub(crate) struct TapBufs {
+    bufs: Vec<Vec<u8>>,
+    lens: Vec<usize>,
+}
+
+impl TapBufs {
+    /// [`TAP_BATCH`] buffers of [`TAP_FRAME`] bytes.
+    pub(crate) fn new() -> Self {
+        Self {
+            bufs: (0..TAP_BATCH).map(|_| vec![0u8; TAP_FRAME]).collect(),
+            lens: vec![0; TAP_BATCH],
+        }
+    }
+}
+
+/// A member's network as the attach code sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberView {
+    /// Its status (refusals show up here).
+    pub status: Status,
+    /// The config, once one arrived.
+    pub config: Option<NetworkConfig>,
+}
+
+/// VL2 on the data-plane thread (one per local identity: the host's, and one per pod).
 pub(crate) struct Vl2 {
     me: Address,
     ctl: Option<Ctl>,
@@ -146,8 +182,6 @@ pub(crate) struct Vl2 {
     rng: u64,
     /// Controller replies waiting for `Node::send`.
     sends: Vec<(Address, Verb, Vec<u8>)>,
-    bufs: Vec<Vec<u8>>,
-    lens: Vec<usize>,
     link_jobs: Option<mpsc::Sender<LinkJob>>,
     /// Frames the TAP refused or could not take.
     pub(crate) tap_rejected: u64,
@@ -252,8 +286,6 @@ impl Vl2 {
             upstreams: roots.iter().copied().filter(|r| *r != me).collect(),
             rng: seed(),
             sends: Vec::new(),
-            bufs: (0..TAP_BATCH).map(|_| vec![0u8; TAP_FRAME]).collect(),
-            lens: vec![0; TAP_BATCH],
             link_jobs: None,
             tap_rejected: 0,
         };
@@ -263,17 +295,69 @@ impl Vl2 {
         Ok(v)
     }
 
+    /// VL2 of a pod member `me`: no controller, no networks until [`Vl2::attach_tap`].
+    pub(crate) fn for_member(me: Address, roots: &[Address]) -> Self {
+        Self {
+            me,
+            ctl: None,
+            upstream: None,
+            nets: Vec::new(),
+            upstreams: roots.iter().copied().filter(|r| *r != me).collect(),
+            rng: seed(),
+            sends: Vec::new(),
+            link_jobs: None,
+            tap_rejected: 0,
+        }
+    }
+
+    /// Joins `nwid` as this (pod) member on `tap`, a TAP already moved into the pod's
+    /// namespace (`name` for logs), presenting `vouch` in its config requests. The link is
+    /// not configured here: read the config with [`Vl2::member_view`].
+    pub(crate) fn attach_tap(
+        &mut self,
+        nwid: NetworkId,
+        tap: Tap,
+        name: String,
+        vouch: Option<Vouch>,
+        now: u64,
+    ) {
+        let net = self.member(nwid, vouch.clone(), now);
+        tracing::info!(%nwid, member = %self.me, tap = %name, mac = %net.mac(), "pod member joined");
+        self.nets.push(Joined {
+            net,
+            tap: Some(tap),
+            name,
+            applied: None,
+            host_link: false,
+            vouch,
+            nudged: 0,
+            nudges: 0,
+        });
+    }
+
+    /// The status and config of joined network `nwid`, `None` if it is not joined.
+    pub(crate) fn member_view(&self, nwid: NetworkId) -> Option<MemberView> {
+        self.nets
+            .iter()
+            .find(|j| j.net.id() == nwid)
+            .map(|j| MemberView {
+                status: j.net.status(),
+                config: j.net.config().cloned(),
+            })
+    }
+
     /// Whether anything consumes VL2 packets.
     pub(crate) fn is_active(&self) -> bool {
         self.ctl.is_some() || self.upstream.is_some() || !self.nets.is_empty()
     }
 
-    fn member(&mut self, nwid: NetworkId, now: u64) -> Network {
+    fn member(&mut self, nwid: NetworkId, vouch: Option<Vouch>, now: u64) -> Network {
         let mut net = Network::join(
             self.me,
             nwid,
             MemberOptions {
                 seed: xorshift(&mut self.rng),
+                vouch,
                 ..MemberOptions::default()
             },
             now as i64,
@@ -306,8 +390,8 @@ impl Vl2 {
                 continue;
             }
             // A member without a config holds nothing worth keeping: a fresh one asks at once.
-            let nwid = j.net.id();
-            let net = self.member(nwid, now);
+            let (nwid, vouch) = (j.net.id(), j.vouch.clone());
+            let net = self.member(nwid, vouch, now);
             let j = &mut self.nets[i];
             j.net = net;
             j.nudged = now;
@@ -347,7 +431,7 @@ impl Vl2 {
         if self.nets.iter().any(|j| j.net.id() == nwid) {
             return false;
         }
-        let mut net = self.member(nwid, now);
+        let mut net = self.member(nwid, None, now);
         let name = tap_name(nwid);
         let tap = match Tap::create(&TapConfig {
             name: name.clone(),
@@ -368,6 +452,8 @@ impl Vl2 {
             tap,
             name,
             applied: None,
+            host_link: true,
+            vouch: None,
             nudged: 0,
             nudges: 0,
         });
@@ -528,7 +614,13 @@ impl Vl2 {
 
     /// Reads ready frames from the TAP of network `idx` into its member runtime; returns how
     /// many. Call [`Vl2::drain`] afterwards.
-    pub(crate) fn tap_readable(&mut self, idx: usize, node: &mut Node, now: u64) -> usize {
+    pub(crate) fn tap_readable(
+        &mut self,
+        idx: usize,
+        node: &mut Node,
+        now: u64,
+        bufs: &mut TapBufs,
+    ) -> usize {
         let mut total = 0;
         for _ in 0..TAP_ROUNDS {
             let Some(j) = self.nets.get_mut(idx) else {
@@ -537,14 +629,14 @@ impl Vl2 {
             let Some(tap) = j.tap.as_ref() else {
                 return total;
             };
-            let n = match tap.queues()[0].recv_batch(&mut self.bufs, &mut self.lens) {
+            let n = match tap.queues()[0].recv_batch(&mut bufs.bufs, &mut bufs.lens) {
                 Ok(n) => n,
                 Err(e) => {
                     tracing::debug!(tap = %j.name, error = %e, "TAP receive");
                     0
                 }
             };
-            for (b, len) in self.bufs.iter().zip(&self.lens).take(n) {
+            for (b, len) in bufs.bufs.iter().zip(&bufs.lens).take(n) {
                 j.net.handle_tap_frame(now as i64, &b[..*len]);
             }
             total += n;
@@ -595,6 +687,18 @@ impl Vl2 {
                             "network config"
                         );
                         if j.applied.as_ref() == Some(&state) {
+                            continue;
+                        }
+                        if !j.host_link {
+                            // A pod's TAP lives in its namespace; attaching configured it.
+                            if j.applied.is_some() {
+                                tracing::warn!(
+                                    nwid = %j.net.id(),
+                                    member = %me,
+                                    "pod member config changed; its link keeps the attached state until it is attached again"
+                                );
+                            }
+                            j.applied = Some(state);
                             continue;
                         }
                         if let Some(tap) = &j.tap {

@@ -1,10 +1,10 @@
-//! The agent's gRPC service (`flatwire.agent.v1.Agent`) as it stands today, and serving it on
-//! a Unix socket.
+//! The agent's gRPC service (`flatwire.agent.v1.Agent`), and serving it on a Unix socket.
 //!
-//! [`AgentService`] answers truthfully: `Status` is ready once the VL1 node has a root online
-//! (and says why not otherwise), `Attach` is `UNAVAILABLE` (members are not attached yet), and
-//! the calls about existing attachments answer for the empty set (nothing is attached), after
-//! validating their requests.
+//! [`AgentService`] validates every request (`INVALID_ARGUMENT` naming the field), then hands
+//! attachments to [`Attachments`]. `Status` is ready once the VL1 node has a root online and
+//! the identity pool works (and says why not otherwise); `Attach` is `UNAVAILABLE` while it is
+//! not ready. Without a running node (no planet) nothing can be attached: `Detach` and
+//! `GarbageCollect` succeed with nothing removed, `Check` is `NOT_FOUND`.
 
 use std::io;
 use std::os::unix::fs::FileTypeExt;
@@ -17,18 +17,17 @@ use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 use tonic::{Request, Response, Status};
 
+use crate::attach::{AttachError, AttachSpec, Attachments};
 use crate::dataplane::NodeHandle;
 
 /// The reason the agent gives while its VL1 node is not running.
 pub const NODE_NOT_RUNNING: &str = "the VL1 node is not running yet";
 
-/// Why attaching is refused even when the node is up.
-pub const ATTACH_NOT_IMPLEMENTED: &str = "attaching members is not implemented yet";
-
 /// The gRPC service.
 #[derive(Debug, Clone)]
 pub struct AgentService {
     node: Option<Arc<NodeHandle>>,
+    attachments: Option<Arc<Attachments>>,
     node_address: String,
     not_ready_reasons: Vec<String>,
 }
@@ -45,16 +44,18 @@ impl AgentService {
     pub fn not_running(node_address: String, reason: String) -> Self {
         Self {
             node: None,
+            attachments: None,
             node_address,
             not_ready_reasons: vec![reason],
         }
     }
 
-    /// A service reporting on the running node `node`.
-    pub fn with_node(node: Arc<NodeHandle>) -> Self {
+    /// A service reporting on the running node `node` and attaching through `attachments`.
+    pub fn with_node(node: Arc<NodeHandle>, attachments: Arc<Attachments>) -> Self {
         Self {
             node_address: node.address().to_string(),
             node: Some(node),
+            attachments: Some(attachments),
             not_ready_reasons: Vec::new(),
         }
     }
@@ -65,7 +66,7 @@ impl AgentService {
             return (self.node_address.clone(), self.not_ready_reasons.clone());
         };
         let address = self.node_address.clone();
-        let reasons = match node.snapshot().await {
+        let mut reasons = match node.snapshot().await {
             Some(s) if s.online => Vec::new(),
             Some(s) => vec![format!(
                 "no root of planet {} has answered yet (roots: {})",
@@ -78,6 +79,9 @@ impl AgentService {
             )],
             None => vec!["the VL1 data plane is not answering".to_string()],
         };
+        if let Some(f) = self.attachments.as_ref().and_then(|a| a.pool().failure()) {
+            reasons.push(format!("the identity pool cannot refill: {f}"));
+        }
         (address, reasons)
     }
 }
@@ -114,6 +118,16 @@ fn check_netns(path: &str, required: bool) -> Result<(), Status> {
     Ok(())
 }
 
+/// Runs `work` as its own task, so it completes even when the gRPC call is cancelled.
+async fn run_detached<T: Send + 'static>(
+    work: impl std::future::Future<Output = Result<T, AttachError>> + Send + 'static,
+) -> Result<T, Status> {
+    match tokio::spawn(work).await {
+        Ok(r) => r.map_err(Status::from),
+        Err(e) => Err(Status::internal(format!("the attachment task failed: {e}"))),
+    }
+}
+
 #[tonic::async_trait]
 impl flatwire_api::Agent for AgentService {
     async fn status(
@@ -135,22 +149,50 @@ impl flatwire_api::Agent for AgentService {
         req: Request<v1::AttachRequest>,
     ) -> Result<Response<v1::AttachResponse>, Status> {
         let req = req.into_inner();
-        check_key(req.key.as_ref())?;
+        let key = check_key(req.key.as_ref())?.clone();
         check_netns(&req.netns_path, true)?;
-        if parse_network_id(&req.network_id).is_none() {
-            return Err(Status::invalid_argument(format!(
-                "network_id {:?} is not 16 hex digits",
-                req.network_id
-            )));
-        }
-        let (_, mut reasons) = self.readiness().await;
-        if reasons.is_empty() {
-            reasons.push(ATTACH_NOT_IMPLEMENTED.to_string());
-        }
-        Err(Status::unavailable(format!(
-            "cannot attach: {}",
-            reasons.join("; ")
-        )))
+        let nwid = parse_network_id(&req.network_id)
+            .map(flatwire_vl2::NetworkId::from)
+            .ok_or_else(|| {
+                Status::invalid_argument(format!(
+                    "network_id {:?} is not 16 hex digits",
+                    req.network_id
+                ))
+            })?;
+        let mode = match v1::Mode::try_from(req.mode) {
+            Ok(v1::Mode::Secondary) => v1::Mode::Secondary,
+            Ok(_) => v1::Mode::Primary,
+            Err(_) => {
+                return Err(Status::invalid_argument(format!(
+                    "mode {} is not a known mode",
+                    req.mode
+                )));
+            }
+        };
+        let (_, reasons) = self.readiness().await;
+        let attachments = match &self.attachments {
+            Some(a) if reasons.is_empty() => a,
+            _ => {
+                return Err(Status::unavailable(format!(
+                    "cannot attach: {}",
+                    reasons.join("; ")
+                )));
+            }
+        };
+        let spec = AttachSpec {
+            key,
+            netns_path: req.netns_path,
+            nwid,
+            mode,
+            pod: req.pod,
+        };
+        // Run to the end even if the caller goes away: a half-done attach is never left
+        // behind, and the caller's retry gets the finished result.
+        let a = attachments.clone();
+        let result = run_detached(async move { a.attach(spec).await }).await?;
+        Ok(Response::new(v1::AttachResponse {
+            result: Some(result),
+        }))
     }
 
     async fn detach(
@@ -158,10 +200,16 @@ impl flatwire_api::Agent for AgentService {
         req: Request<v1::DetachRequest>,
     ) -> Result<Response<v1::DetachResponse>, Status> {
         let req = req.into_inner();
-        check_key(req.key.as_ref())?;
+        let key = check_key(req.key.as_ref())?;
         check_netns(&req.netns_path, false)?;
-        // Nothing is ever attached yet, so there is nothing to remove: success per CNI DEL.
-        Ok(Response::new(v1::DetachResponse { removed: false }))
+        let removed = match &self.attachments {
+            Some(a) => {
+                let (a, key) = (a.clone(), key.clone());
+                run_detached(async move { a.detach(&key).await }).await?
+            }
+            None => false,
+        };
+        Ok(Response::new(v1::DetachResponse { removed }))
     }
 
     async fn check(
@@ -171,27 +219,47 @@ impl flatwire_api::Agent for AgentService {
         let req = req.into_inner();
         let key = check_key(req.key.as_ref())?;
         check_netns(&req.netns_path, true)?;
-        Err(Status::not_found(format!(
-            "no attachment {}/{}/{}",
-            key.network_name, key.container_id, key.ifname
-        )))
+        match &self.attachments {
+            Some(a) => {
+                a.check(key, &req.netns_path, req.prev_result.as_ref())
+                    .await?;
+                Ok(Response::new(v1::CheckResponse {}))
+            }
+            None => Err(Status::not_found(format!(
+                "no attachment {}/{}/{}",
+                key.network_name, key.container_id, key.ifname
+            ))),
+        }
     }
 
     async fn list_attachments(
         &self,
-        _: Request<v1::ListAttachmentsRequest>,
+        req: Request<v1::ListAttachmentsRequest>,
     ) -> Result<Response<v1::ListAttachmentsResponse>, Status> {
-        Ok(Response::new(v1::ListAttachmentsResponse::default()))
+        let attachments = match &self.attachments {
+            Some(a) => a.list(&req.get_ref().network_name).await,
+            None => Vec::new(),
+        };
+        Ok(Response::new(v1::ListAttachmentsResponse { attachments }))
     }
 
     async fn garbage_collect(
         &self,
         req: Request<v1::GarbageCollectRequest>,
     ) -> Result<Response<v1::GarbageCollectResponse>, Status> {
-        if req.get_ref().network_name.trim().is_empty() {
+        let req = req.into_inner();
+        if req.network_name.trim().is_empty() {
             return Err(Status::invalid_argument("network_name is required"));
         }
-        Ok(Response::new(v1::GarbageCollectResponse::default()))
+        let removed = match &self.attachments {
+            Some(a) => {
+                let a = a.clone();
+                run_detached(async move { a.garbage_collect(&req.network_name, &req.keep).await })
+                    .await?
+            }
+            None => Vec::new(),
+        };
+        Ok(Response::new(v1::GarbageCollectResponse { removed }))
     }
 }
 

@@ -337,12 +337,13 @@ fn configure_in_netns(
                     source: io::Error::new(io::ErrorKind::InvalidInput, e.to_string()),
                 })?;
             }
-            handle
-                .route()
-                .add(b.build())
-                .execute()
-                .await
-                .map_err(nl(&format!("add route {} via {:?}", r.dst, r.gateway)))?;
+            // The kernel adds the connected route of an address itself: an equal one exists.
+            match handle.route().add(b.build()).execute().await {
+                Err(e) if !exists(&e) => {
+                    return Err(nl(&format!("add route {} via {:?}", r.dst, r.gateway))(e));
+                }
+                _ => {}
+            }
         }
         Ok(index)
     })
@@ -457,6 +458,118 @@ pub fn configure_link(ifindex: u32, state: &LinkState) -> Result<(), TapError> {
             }
         }
         Ok(())
+    })
+}
+
+/// Runs `f` on a dedicated OS thread inside the network namespace at `netns` (the thread ends
+/// afterwards, so the namespace never leaks to other work). Blocks the calling thread: from
+/// async code call it via `spawn_blocking`.
+pub fn in_netns<T: Send + 'static>(
+    netns: &Path,
+    f: impl FnOnce() -> Result<T, TapError> + Send + 'static,
+) -> Result<T, TapError> {
+    let ns_path = netns.to_path_buf();
+    let ns = File::open(netns).map_err(|source| TapError::Netns {
+        path: ns_path.clone(),
+        source,
+    })?;
+    let worker = std::thread::Builder::new()
+        .name("fw-netns".into())
+        .spawn(move || {
+            setns(ns.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|e| TapError::Netns {
+                path: ns_path,
+                source: e.into(),
+            })?;
+            f()
+        })
+        .map_err(|source| TapError::Io {
+            what: "spawn netns thread",
+            source,
+        })?;
+    worker.join().map_err(|_| TapError::ThreadPanicked)?
+}
+
+/// A link as found in a namespace (see [`inspect_link`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkInfo {
+    /// Its interface index.
+    pub ifindex: u32,
+    /// Its MAC address.
+    pub mac: [u8; 6],
+    /// Its MTU.
+    pub mtu: u32,
+    /// Its addresses (IPv6 link-local ones left out).
+    pub addresses: Vec<IpPrefix>,
+}
+
+/// The link named `ifname` in the current network namespace, `None` if there is none.
+/// Blocks on its own single-threaded runtime: call it from a plain OS thread (e.g. inside
+/// [`in_netns`]), never from a tokio worker.
+pub fn inspect_link(ifname: &str) -> Result<Option<LinkInfo>, TapError> {
+    use rtnetlink::packet_route::address::AddressAttribute;
+    use rtnetlink::packet_route::link::LinkAttribute;
+    let nl = |what: String| move |source| TapError::Netlink { what, source };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .map_err(|source| TapError::Io {
+            what: "build netlink runtime",
+            source,
+        })?;
+    rt.block_on(async {
+        let (conn, handle, _) = rtnetlink::new_connection().map_err(|source| TapError::Io {
+            what: "open rtnetlink socket",
+            source,
+        })?;
+        tokio::spawn(conn);
+        let mut links = handle.link().get().match_name(ifname.to_string()).execute();
+        let msg = match links.next().await {
+            Some(Ok(msg)) => msg,
+            Some(Err(rtnetlink::Error::NetlinkError(e))) if e.raw_code() == -libc::ENODEV => {
+                return Ok(None);
+            }
+            Some(Err(e)) => return Err(nl(format!("look up {ifname}"))(e)),
+            None => return Ok(None),
+        };
+        let ifindex = msg.header.index;
+        let mut info = LinkInfo {
+            ifindex,
+            mac: [0; 6],
+            mtu: 0,
+            addresses: Vec::new(),
+        };
+        for a in &msg.attributes {
+            match a {
+                LinkAttribute::Address(m) => {
+                    if let Ok(m) = <[u8; 6]>::try_from(m.as_slice()) {
+                        info.mac = m;
+                    }
+                }
+                LinkAttribute::Mtu(m) => info.mtu = *m,
+                _ => {}
+            }
+        }
+        let mut addrs = handle
+            .address()
+            .get()
+            .set_link_index_filter(ifindex)
+            .execute();
+        while let Some(msg) = addrs.next().await {
+            let msg = msg.map_err(nl(format!("list addresses of {ifname}")))?;
+            let addr = msg.attributes.iter().find_map(|a| match a {
+                AddressAttribute::Address(ip) => Some(*ip),
+                _ => None,
+            });
+            match addr {
+                Some(IpAddr::V6(a)) if a.is_unicast_link_local() => {}
+                Some(addr) => info.addresses.push(IpPrefix {
+                    addr,
+                    len: msg.header.prefix_len,
+                }),
+                None => {}
+            }
+        }
+        Ok(Some(info))
     })
 }
 

@@ -115,9 +115,16 @@ async fn network_reconciler_against_a_real_apiserver() {
         .expect("client from the harness kubeconfig");
     let address: ControllerAddress = ADDRESS.parse().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let ctl = tokio::spawn(controller::run(client.clone(), address, async move {
-        let _ = stopped.await;
-    }));
+    let metrics = std::sync::Arc::new(flatwire_operator::metrics::Metrics::new());
+    let ctl = tokio::spawn(controller::run_controllers(
+        client.clone(),
+        address,
+        None,
+        metrics.clone(),
+        async move {
+            let _ = stopped.await;
+        },
+    ));
     let api: Api<Network> = Api::all(client);
 
     // Valid rules: compiled, ready, an ID under the controller address, revision 1.
@@ -238,6 +245,12 @@ async fn network_reconciler_against_a_real_apiserver() {
         "{id}"
     );
     assert!(!ctl.is_finished(), "the controller is still running");
+    let text = metrics.encode();
+    assert!(
+        text.contains(r#"flatwire_operator_reconciles_total{resource="network",result="ok"}"#)
+            && text.contains("flatwire_operator_networks 1"),
+        "{text}"
+    );
 
     // Graceful shutdown ends the controller.
     stop.send(()).unwrap();

@@ -1,12 +1,13 @@
 //! flatwire's test harness: the real tools at pinned versions ([`tools`]), topologies of
 //! network namespaces ([`netns`]), a real etcd + kube-apiserver ([`controlplane`]) and
 //! process guards that end what a test started by PID ([`process`]), and a lab for interop
-//! with a real ZeroTier One ([`ztlab`]).
+//! with a real ZeroTier One ([`ztlab`]), and a planet of real agents ([`planet`]).
 //!
 //! Every end-to-end test and the demo build on this crate.
 
 pub mod controlplane;
 pub mod netns;
+pub mod planet;
 pub mod process;
 pub mod tools;
 pub mod ztlab;

@@ -110,6 +110,36 @@ pub fn alive(pid: u32) -> bool {
         .unwrap_or(false)
 }
 
+/// Builds one artifact of this workspace with cargo (`args` after `cargo build`, e.g.
+/// `["-p", "flatwire-agent", "--bin", "flatwire-agent"]`) and returns the path of the
+/// executable named `name` that cargo reports. Cargo's progress goes to stderr; a no-op when
+/// it is up to date. Honours `CARGO` and `CARGO_TARGET_DIR` like the cargo running the test.
+pub fn cargo_build(args: &[&str], name: &str) -> Result<std::path::PathBuf, String> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let out = Command::new(cargo)
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+        .arg("build")
+        .args(args)
+        .arg("--message-format=json-render-diagnostics")
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .map_err(|e| format!("cannot run cargo: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "cargo build {} failed ({})",
+            args.join(" "),
+            out.status
+        ));
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["reason"] == "compiler-artifact" && v["target"]["name"] == name)
+        .find_map(|v| v["executable"].as_str().map(std::path::PathBuf::from))
+        .ok_or_else(|| format!("cargo build {} made no executable {name}", args.join(" ")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

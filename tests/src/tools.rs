@@ -90,6 +90,12 @@ pub const TOOLS: &[Tool] = &[
         source: Source::Debian { package: "tcpdump" },
     },
     Tool {
+        name: "curl",
+        version: "debian-12",
+        binaries: &["curl"],
+        source: Source::Debian { package: "curl" },
+    },
+    Tool {
         name: "openssl",
         version: "debian-12",
         binaries: &["openssl"],

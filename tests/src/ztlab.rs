@@ -74,28 +74,8 @@ pub fn zt_version(bin: &Path) -> String {
 
 /// Builds example `example` of workspace package `package` and returns its path.
 pub fn build_example(package: &str, example: &str) -> PathBuf {
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let workspace = manifest.parent().expect("workspace root");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(cargo)
-        .current_dir(workspace)
-        .args(["build", "-p", package, "--example", example])
-        .status()
-        .expect("run cargo build");
-    assert!(status.success(), "cargo build --example {example} failed");
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .map(|p| {
-            if p.is_relative() {
-                workspace.join(p)
-            } else {
-                p
-            }
-        })
-        .unwrap_or_else(|| workspace.join("target"));
-    let bin = target.join("debug/examples").join(example);
-    assert!(bin.exists(), "{} missing after build", bin.display());
-    bin
+    crate::process::cargo_build(&["-p", package, "--example", example], example)
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Wall-clock milliseconds.
@@ -371,26 +351,10 @@ impl ZtNode {
         path: &str,
         body: Option<&serde_json::Value>,
     ) -> Result<serde_json::Value, String> {
-        let token = read(&self.home.join("authtoken.secret")).trim().to_owned();
         let port = read(&self.home.join("zerotier-one.port")).trim().to_owned();
-        let port = if port.is_empty() { "9993".into() } else { port };
-        let mut cmd = self.host.command("curl");
-        cmd.args(["-sS", "--max-time", "10", "-H"])
-            .arg(format!("X-ZT1-Auth: {token}"));
-        if let Some(b) = body {
-            cmd.args(["-X", "POST", "-H", "Content-Type: application/json", "-d"])
-                .arg(b.to_string());
-        }
-        cmd.arg(format!("http://127.0.0.1:{port}{path}"));
-        let out = cmd.output().map_err(|e| e.to_string())?;
-        if !out.status.success() {
-            return Err(format!(
-                "curl {path}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            ));
-        }
-        serde_json::from_slice(&out.stdout)
-            .map_err(|e| format!("{path}: {e}: {}", String::from_utf8_lossy(&out.stdout)))
+        let port = port.parse().unwrap_or(9993);
+        let method = if body.is_some() { "POST" } else { "GET" };
+        local_api(&self.host, &self.home, port, method, path, body)
     }
 
     /// `listpeers`.
@@ -444,4 +408,45 @@ impl ZtNode {
             },
         )
     }
+}
+
+/// Calls a ZeroTier-style local JSON API (ZeroTier One's or `flatwire-agent`'s) on
+/// `127.0.0.1:port` inside `host` with `method`, authenticated with the token in
+/// `home/authtoken.secret`; the JSON answer of a 2xx reply, else an error with the status and
+/// body.
+pub fn local_api(
+    host: &Host,
+    home: &Path,
+    port: u16,
+    method: &str,
+    path: &str,
+    body: Option<&serde_json::Value>,
+) -> Result<serde_json::Value, String> {
+    let token = read(&home.join("authtoken.secret")).trim().to_owned();
+    let mut cmd = host.command("curl");
+    cmd.args([
+        "-sS",
+        "--fail-with-body",
+        "--max-time",
+        "10",
+        "-X",
+        method,
+        "-H",
+    ])
+    .arg(format!("X-ZT1-Auth: {token}"));
+    if let Some(b) = body {
+        cmd.args(["-H", "Content-Type: application/json", "-d"])
+            .arg(b.to_string());
+    }
+    cmd.arg(format!("http://127.0.0.1:{port}{path}"));
+    let out = cmd.output().map_err(|e| e.to_string())?;
+    if !out.status.success() {
+        return Err(format!(
+            "curl {method} {path}: {}{}",
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        ));
+    }
+    serde_json::from_slice(&out.stdout)
+        .map_err(|e| format!("{path}: {e}: {}", String::from_utf8_lossy(&out.stdout)))
 }

@@ -191,7 +191,7 @@ fn reported_version(tool: &Tool, binary: &str, path: &Path) -> Result<String> {
     };
     let text = match binary {
         "ip" => run(&["-V"], &[]),
-        "iptables" | "ip6tables" | "iperf3" | "tcpdump" => run(&["--version"], &[]),
+        "iptables" | "ip6tables" | "iperf3" | "tcpdump" | "curl" => run(&["--version"], &[]),
         "ping" => run(&["-V"], &[]),
         "openssl" => run(&["version"], &[]),
         "helm" => run(&["version", "--short"], &[]),

@@ -8,15 +8,16 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
-use k8s_openapi::jiff::{Timestamp, TimestampRound, Unit};
+use flatwire_vl2::rules::compiler::OJson;
+use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::{Event, EventType, Recorder};
 use kube::{Api, Client, Resource, ResourceExt};
+use serde_json::{Value, json};
 
-use super::{ControllerAddress, Error, FIELD_MANAGER};
-use crate::crd::{Network, NetworkSpec, NetworkStatus};
+use super::{ControllerAddress, Error, FIELD_MANAGER, condition, lock, recorder};
+use crate::crd::{Network, NetworkSpec, NetworkStatus, V4AssignMode, V6AssignMode};
 
 /// Condition type: the rules source and every capability compiled.
 pub const RULES_COMPILED: &str = "RulesCompiled";
@@ -41,12 +42,8 @@ pub struct Context {
 impl Context {
     /// A context whose Events are reported by `flatwire-operator` (instance: the hostname).
     pub fn new(client: Client, address: ControllerAddress) -> Self {
-        let reporter = Reporter {
-            controller: FIELD_MANAGER.into(),
-            instance: None,
-        };
         Self {
-            recorder: Recorder::new(client.clone(), reporter),
+            recorder: recorder(&client),
             client,
             address,
             failures: Mutex::new(HashMap::new()),
@@ -99,19 +96,59 @@ pub fn network_id(address: ControllerAddress, net: &Network) -> Result<u64, Stri
     Ok(prefix | n.max(1))
 }
 
-/// Compiles the rules source and every capability's rules; the error is the compiler's
-/// `line L column C: ...`, prefixed with `capability NAME: ` for a capability.
-pub fn compile(spec: &NetworkSpec) -> Result<String, String> {
+/// The compiled rules in the controller's JSON form: the base rules and each capability's
+/// `{id, default, rules}`. The error is the compiler's `line L column C: ...`, prefixed with
+/// `capability NAME: ` for a capability (compiled on its own).
+pub fn compiled_rules(spec: &NetworkSpec) -> Result<(Vec<Value>, Vec<Value>), String> {
+    let to_values = |r: &[OJson]| r.iter().map(OJson::to_value).collect::<Vec<_>>();
     let base = spec.compile_rules().map_err(|e| e.to_string())?;
+    let mut caps = Vec::with_capacity(spec.capabilities.len());
     for cap in &spec.capabilities {
-        flatwire_vl2::rules::compiler::compile(&cap.rules)
+        let c = flatwire_vl2::rules::compiler::compile(&cap.rules)
             .map_err(|e| format!("capability {}: {e}", cap.name))?;
+        caps.push(json!({"id": cap.id, "default": false, "rules": to_values(&c.rules)}));
     }
-    Ok(format!(
-        "{} rules, {} capabilities",
-        base.rules.len(),
-        spec.capabilities.len()
-    ))
+    Ok((to_values(&base.rules), caps))
+}
+
+/// Compiles the rules source and every capability's rules ([`compiled_rules`]); `Ok` is a
+/// summary for the `RulesCompiled` condition.
+pub fn compile(spec: &NetworkSpec) -> Result<String, String> {
+    let (base, caps) = compiled_rules(spec)?;
+    Ok(format!("{} rules, {} capabilities", base.len(), caps.len()))
+}
+
+/// The controller network object (a partial one: the fields the operator owns) for `net`,
+/// or the rules compiler's error.
+pub fn desired_network(net: &Network) -> Result<Value, String> {
+    let spec = &net.spec;
+    let (rules, capabilities) = compiled_rules(spec)?;
+    let tags: Vec<Value> = spec
+        .tags
+        .iter()
+        .map(|t| json!({"id": t.id, "default": t.default}))
+        .collect();
+    let v6 = |m| spec.v6_assign_mode.contains(&m);
+    Ok(json!({
+        "name": spec.name.clone().unwrap_or_else(|| net.name_any()),
+        "private": spec.private,
+        "enableBroadcast": spec.enable_broadcast,
+        "mtu": spec.mtu,
+        "multicastLimit": spec.multicast_limit,
+        "ipAssignmentPools": spec.ip_assignment_pools,
+        "routes": spec.routes,
+        "v4AssignMode": {"zt": spec.v4_assign_mode.contains(&V4AssignMode::Pool)},
+        "v6AssignMode": {
+            "zt": v6(V6AssignMode::Pool),
+            "rfc4193": v6(V6AssignMode::Rfc4193),
+            "6plane": v6(V6AssignMode::SixPlane),
+        },
+        "dns": spec.dns.as_ref().map_or_else(|| json!([]), |d| json!({"domain": d.domain, "servers": d.servers})),
+        "rules": rules,
+        "rulesSource": spec.rules.clone().unwrap_or_default(),
+        "capabilities": capabilities,
+        "tags": tags,
+    }))
 }
 
 /// The status the operator wants for `net` at `now`: the pure, idempotent core of the
@@ -130,25 +167,8 @@ pub fn desired_status(address: ControllerAddress, net: &Network, now: Timestamp)
         Some(r) => r.saturating_add(1),
         None => 1,
     };
-    let now = Time(
-        now.round(TimestampRound::new().smallest(Unit::Second))
-            .unwrap_or(now),
-    );
-    let cond = |type_: &str, ok: bool, reason: &str, message: String| {
-        let status = if ok { "True" } else { "False" };
-        let last_transition_time = prev
-            .conditions
-            .iter()
-            .find(|c| c.type_ == type_ && c.status == status)
-            .map_or_else(|| now.clone(), |c| c.last_transition_time.clone());
-        Condition {
-            type_: type_.into(),
-            status: status.into(),
-            reason: reason.into(),
-            message,
-            observed_generation: generation,
-            last_transition_time,
-        }
+    let cond = |t: &str, ok: bool, reason: &str, message: String| {
+        condition(&prev.conditions, t, ok, reason, message, generation, now)
     };
     let compiled = compile(&net.spec);
     let rules = match &compiled {
@@ -241,10 +261,6 @@ pub fn backoff(n: u32) -> Duration {
         .min(MAX_BACKOFF)
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -260,7 +276,10 @@ mod tests {
         n
     }
 
-    fn cond<'a>(s: &'a NetworkStatus, t: &str) -> &'a Condition {
+    fn cond<'a>(
+        s: &'a NetworkStatus,
+        t: &str,
+    ) -> &'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
         s.conditions.iter().find(|c| c.type_ == t).unwrap()
     }
 
@@ -322,6 +341,44 @@ mod tests {
         let s = desired_status(addr(), &n, Timestamp::now());
         let m = &cond(&s, RULES_COMPILED).message;
         assert!(m.starts_with("capability su: line 1 column "), "{m}");
+    }
+
+    #[test]
+    fn controller_network_json() {
+        let n = net(serde_json::json!({
+            "number": 2, "name": "lab net", "private": false,
+            "ipAssignmentPools": [{"ipRangeStart": "198.19.0.1", "ipRangeEnd": "198.19.0.254"}],
+            "routes": [{"target": "198.19.0.0/24"}],
+            "v4AssignMode": ["pool"], "v6AssignMode": ["rfc4193"],
+            "tags": [{"name": "dept", "id": 1000, "default": 5}],
+            "capabilities": [{"name": "su", "id": 1, "rules": "accept;"}],
+            "rules": "drop not ethertype ipv4;\naccept;",
+        }));
+        let v = desired_network(&n).unwrap();
+        assert_eq!(v["name"], "lab net");
+        assert_eq!(v["private"], false);
+        assert_eq!(v["v4AssignMode"], serde_json::json!({"zt": true}));
+        assert_eq!(v["v6AssignMode"]["rfc4193"], true);
+        assert_eq!(v["tags"], serde_json::json!([{"id": 1000, "default": 5}]));
+        assert_eq!(v["capabilities"][0]["id"], 1);
+        // match ethertype (negated), drop, accept.
+        assert_eq!(v["rules"].as_array().unwrap().len(), 3);
+        assert_eq!(v["dns"], serde_json::json!([]));
+        // It is a valid vl2 controller network object.
+        let mut full = v.clone();
+        full["id"] = "89e92ceee5000002".into();
+        full["nwid"] = "89e92ceee5000002".into();
+        let cn: flatwire_vl2::controller::Network = serde_json::from_value(full).unwrap();
+        assert_eq!(cn.ip_assignment_pools[0].ip_range_start, "198.19.0.1");
+        assert_eq!(cn.routes[0].via, None);
+        assert!(cn.extra.is_empty(), "{:?}", cn.extra);
+        let mut bad = n.clone();
+        bad.spec.rules = Some("drop bogus;".into());
+        assert!(
+            desired_network(&bad)
+                .unwrap_err()
+                .starts_with("line 1 column")
+        );
     }
 
     #[test]

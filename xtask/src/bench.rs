@@ -1,0 +1,355 @@
+//! `cargo xtask bench`: throughput, round trips, CPU and memory of flatwire against the raw
+//! underlay and kernel VXLAN, measured in one run between the same two namespaces.
+//!
+//! A planet of real agents (a root, a controller and hosts `a` and `b`, release build) runs
+//! in network namespaces on one bridged underlay. Between `a` and `b` the bench measures, over
+//! (1) the underlay veths, (2) a kernel VXLAN on them and (3) the flatwire network the hosts
+//! join: `iperf3` TCP with one and four streams, and `ping` round trips (p50, p99). Around the
+//! flatwire runs it reads the agents' CPU time (`/proc/<pid>/stat`, also of the data-plane
+//! thread), their drop counters and the kernel's UDP and TAP drop counters; after them, their
+//! resident memory. Missed targets are printed as MISSED; only a failure to measure makes the
+//! command fail.
+
+mod measure;
+mod members;
+mod report;
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use flatwire_tests::netns::Host;
+use flatwire_tests::planet::{self, NetworkSpec, PathKind, Planet, PlanetSpec, Profile};
+
+use measure::{Counters, Cpu};
+use report::{CpuPerGb, FLATWIRE, Figures, LINKS, Losses, UNDERLAY, VXLAN};
+
+/// Options of `cargo xtask bench`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Seconds of each `iperf3` run (six runs in all).
+    #[arg(long, default_value_t = 6, value_parser = clap::value_parser!(u32).range(1..=60))]
+    seconds: u32,
+    /// Echo requests of each `ping` run (10 ms apart).
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(10..=5000))]
+    pings: u32,
+    /// Pods to attach to host `b` through gRPC `Attach` for the memory figure (0: skip).
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u16).range(0..=200))]
+    members: u16,
+    /// Also write the figures, targets and failures as JSON to this file.
+    #[arg(long, value_name = "PATH")]
+    json: Option<PathBuf>,
+}
+
+/// The `iperf3` port (in the hosts' own namespaces).
+const IPERF_PORT: u16 = 5201;
+/// The VXLAN device made in both hosts.
+const VXLAN_DEV: &str = "vxbench";
+/// The VXLAN's addresses (test range; the flatwire network uses 198.19.0.0/24).
+const VXLAN_ADDRS: [&str; 2] = ["198.19.250.1/24", "198.19.250.2/24"];
+/// VXLAN's usual MTU over a 1500-byte underlay (50 bytes of encapsulation).
+const VXLAN_MTU: &str = "1450";
+
+/// Runs the bench and prints the figures and targets; see the module docs.
+pub fn run(args: &Args) -> Result<()> {
+    planet::check_root()?;
+    for tool in ["ip", "iperf3", "ping", "curl"] {
+        flatwire_tests::tools::bin(tool)?;
+    }
+    println!("==> build flatwire-agent (release)");
+    let agent = planet::agent_binary(Profile::Release)?;
+    println!(
+        "==> start a planet: root0, ctl0, hosts a and b ({})",
+        agent.display()
+    );
+    let mut planet = Planet::start(&PlanetSpec::new(agent).host("a", None).host("b", None))?;
+    let mut fig = Figures::default();
+    let (a, b) = (
+        planet.agent("a").host().clone(),
+        planet.agent("b").host().clone(),
+    );
+    let (a_ip, b_ip) = (planet.agent("a").underlay(), planet.agent("b").underlay());
+    let all_pids = planet
+        .agents()
+        .iter()
+        .map(|a| measure::agent_pid(a.host()))
+        .collect::<Result<Vec<u32>>>()?;
+    settle(&all_pids);
+
+    println!("==> underlay: {a_ip} -> {b_ip} (veth, bridge, veth)");
+    let hosts = Pair {
+        client: &a,
+        server: &b,
+    };
+    measure_link(&planet, &mut fig, UNDERLAY, hosts, b_ip.into(), args, None);
+
+    println!("==> kernel VXLAN (no encryption, MTU {VXLAN_MTU}) over the same veths");
+    match vxlan(&mut planet, hosts, [a_ip.into(), b_ip.into()]) {
+        Ok(to) => measure_link(&planet, &mut fig, VXLAN, hosts, to, args, None),
+        Err(e) => fig.failures.push(format!("vxlan setup: {e:#}")),
+    }
+
+    println!("==> flatwire: network on ctl0, a and b join it");
+    settle(&all_pids);
+    let overlay = match flatwire(&mut planet, &mut fig, hosts, args) {
+        Ok(o) => Some(o),
+        Err(e) => {
+            fig.failures.push(format!("flatwire: {e:#}"));
+            None
+        }
+    };
+
+    let members = usize::from(args.members);
+    fig.rss_members = match (members, overlay) {
+        (0, _) => Err("skipped (--members 0)".into()),
+        (_, None) => Err("no flatwire network to attach to".into()),
+        (n, Some((nwid, gateway, pid))) => {
+            println!("==> attach {n} members to b through gRPC Attach");
+            members::attach_many(&mut planet, "b", pid, &nwid, gateway, n).map_err(|e| {
+                let why = format!("{e:#}");
+                fig.failures.push(format!("attaching members: {why}"));
+                why
+            })
+        }
+    };
+    println!("==> stop the planet");
+    drop(planet);
+
+    println!();
+    fig.figures_table().print();
+    println!();
+    fig.targets_table().print();
+    let missed: Vec<&str> = fig
+        .outcomes()
+        .iter()
+        .filter(|o| o.met == Some(false))
+        .map(|o| o.name)
+        .collect();
+    if !missed.is_empty() {
+        println!("MISSED: {}", missed.join("; "));
+    }
+    if let Some(path) = &args.json {
+        let text = serde_json::to_string_pretty(&fig.to_json())?;
+        std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
+        println!("wrote {}", path.display());
+    }
+    if !fig.failures.is_empty() {
+        for f in &fig.failures {
+            eprintln!("not measured: {f}");
+        }
+        bail!("{} measurements failed", fig.failures.len());
+    }
+    Ok(())
+}
+
+/// The two hosts: `iperf3`'s client (the sender) and server (the receiver).
+#[derive(Debug, Clone, Copy)]
+struct Pair<'a> {
+    client: &'a Host,
+    server: &'a Host,
+}
+
+/// CPU time the agents used and bytes they moved over the flatwire TCP runs.
+#[derive(Debug, Default)]
+struct CpuTally {
+    sender: Cpu,
+    receiver: Cpu,
+    bytes: u64,
+}
+
+impl CpuTally {
+    fn per_gb(c: Cpu, bytes: u64) -> Option<CpuPerGb> {
+        let gb = bytes as f64 / 1e9;
+        (gb > 0.0).then(|| CpuPerGb {
+            process: c.process / gb,
+            dataplane: c.dataplane / gb,
+        })
+    }
+}
+
+/// One and four TCP streams, then ping, from `hosts.client` to `to`; with `agents`
+/// (sender and receiver agent PIDs) also their CPU time around each TCP run.
+fn measure_link(
+    planet: &Planet,
+    fig: &mut Figures,
+    link: usize,
+    hosts: Pair<'_>,
+    to: IpAddr,
+    args: &Args,
+    mut agents: Option<([u32; 2], &mut CpuTally)>,
+) {
+    let name = LINKS[link];
+    fig.links[link].load = measure::load_average();
+    if let Some(l) = fig.links[link].load {
+        println!("    machine load average: {l:.1}");
+    }
+    for streams in [1, 4] {
+        let before = agents
+            .as_ref()
+            .map(|(p, _)| (measure::cpu(p[0]), measure::cpu(p[1])));
+        let r = measure::iperf(
+            planet,
+            hosts.server,
+            hosts.client,
+            to,
+            streams,
+            args.seconds,
+            IPERF_PORT,
+        );
+        let after = agents
+            .as_ref()
+            .map(|(p, _)| (measure::cpu(p[0]), measure::cpu(p[1])));
+        match r {
+            Ok(t) => {
+                println!(
+                    "    {name} TCP x{streams}: {:.2} Gbit/s, {} retransmits",
+                    t.gbps, t.retransmits
+                );
+                if let (Some((_, tally)), Some((Ok(s0), Ok(r0))), Some((Ok(s1), Ok(r1)))) =
+                    (agents.as_mut(), before, after)
+                {
+                    let (s, r) = (s1 - s0, r1 - r0);
+                    println!(
+                        "    agent CPU: sender {:.2} s (dp {:.2} s), receiver {:.2} s (dp {:.2} s)",
+                        s.process, s.dataplane, r.process, r.dataplane
+                    );
+                    tally.sender = tally.sender + s;
+                    tally.receiver = tally.receiver + r;
+                    tally.bytes += t.bytes;
+                }
+                if streams == 1 {
+                    fig.links[link].tcp1 = Some(t);
+                } else {
+                    fig.links[link].tcp4 = Some(t);
+                }
+            }
+            Err(e) => fig.failures.push(format!("{name} TCP x{streams}: {e:#}")),
+        }
+    }
+    match measure::ping(hosts.client, to, args.pings) {
+        Ok(r) => {
+            println!(
+                "    {name} RTT: p50 {:.0} us, p99 {:.0} us ({} of {} replies)",
+                r.p50_us, r.p99_us, r.samples, r.sent
+            );
+            fig.links[link].rtt = Some(r);
+        }
+        Err(e) => fig.failures.push(format!("{name} ping: {e:#}")),
+    }
+}
+
+/// Makes a VXLAN between the hosts (`underlay`: their addresses); returns the server's
+/// VXLAN address.
+fn vxlan(planet: &mut Planet, hosts: Pair<'_>, underlay: [IpAddr; 2]) -> Result<IpAddr> {
+    let ends = [(hosts.client, 0, 1), (hosts.server, 1, 0)];
+    for (host, local, remote) in ends {
+        let (local, remote) = (underlay[local].to_string(), underlay[remote].to_string());
+        host.run(
+            "ip",
+            &[
+                "link", "add", VXLAN_DEV, "mtu", VXLAN_MTU, "type", "vxlan", "id", "4242", "local",
+                &local, "remote", &remote, "dstport", "4789",
+            ],
+        )?;
+        host.run("ip", &["link", "set", VXLAN_DEV, "up"])?;
+    }
+    for ((host, _, _), addr) in ends.iter().zip(VXLAN_ADDRS) {
+        planet.topology().address(host, VXLAN_DEV, addr)?;
+    }
+    let to = VXLAN_ADDRS[1].split('/').next().unwrap_or_default();
+    Ok(to.parse()?)
+}
+
+/// Creates the network, joins both hosts, waits for a direct path, then measures and
+/// collects the agents' CPU, drops and memory. Returns the network ID, `b`'s overlay address
+/// and its agent's PID.
+fn flatwire(
+    planet: &mut Planet,
+    fig: &mut Figures,
+    hosts: Pair<'_>,
+    args: &Args,
+) -> Result<(String, IpAddr, u32)> {
+    let net = planet.create_network(&NetworkSpec::new("bench"))?;
+    let ma = planet.join("a", &net, &[])?;
+    let mb = planet.join("b", &net, &[])?;
+    let to = IpAddr::V4(mb.ipv4.context("b got no IPv4 address")?);
+    let b_address = planet.agent("b").address().to_owned();
+    // Peers learn each other from the first frames; then a direct path must come up.
+    planet.wait_ping(&ma, to, Duration::from_secs(10))?;
+    planet.wait_path("a", &b_address, PathKind::Direct, Duration::from_secs(15))?;
+    let link = ma.ns.run("ip", &["-j", "link", "show", "dev", &ma.dev])?;
+    let link: serde_json::Value = serde_json::from_slice(&link.stdout)?;
+    fig.flatwire_mtu = link[0]["mtu"].as_u64().and_then(|m| u32::try_from(m).ok());
+    println!(
+        "    {} {} -> {} {} over {} (MTU {}), direct path",
+        ma.name,
+        ma.ipv4.map_or("-".into(), |a| a.to_string()),
+        mb.name,
+        to,
+        ma.dev,
+        fig.flatwire_mtu.map_or("?".into(), |m| m.to_string())
+    );
+
+    let pids = [
+        measure::agent_pid(hosts.client)?,
+        measure::agent_pid(hosts.server)?,
+    ];
+    let metrics = |name: &str| -> Result<_> { Ok(measure::drops(&planet.agent(name).metrics()?)) };
+    let drops_before = [metrics("a")?, metrics("b")?];
+    let counters_before = [
+        Counters::read(hosts.client, &ma.dev)?,
+        Counters::read(hosts.server, &mb.dev)?,
+    ];
+    let mut tally = CpuTally::default();
+    measure_link(
+        planet,
+        fig,
+        FLATWIRE,
+        hosts,
+        to,
+        args,
+        Some((pids, &mut tally)),
+    );
+    fig.sender_cpu = CpuTally::per_gb(tally.sender, tally.bytes);
+    fig.receiver_cpu = CpuTally::per_gb(tally.receiver, tally.bytes);
+    // The agents publish their drop counters once a second.
+    std::thread::sleep(Duration::from_millis(1100));
+    let drops_after = [metrics("a")?, metrics("b")?];
+    let losses = Losses {
+        agent_drops: ["sender", "receiver"]
+            .iter()
+            .zip(drops_before.iter().zip(&drops_after))
+            .map(|(who, (b, a))| ((*who).to_owned(), measure::drops_since(b, a)))
+            .collect(),
+        sender: Counters::read(hosts.client, &ma.dev)?.since(&counters_before[0]),
+        receiver: Counters::read(hosts.server, &mb.dev)?.since(&counters_before[1]),
+    };
+    println!(
+        "    losses: agent drops {:?}; sender {:?}; receiver {:?}",
+        losses.agent_drops, losses.sender, losses.receiver
+    );
+    fig.losses = Some(losses);
+    for (name, pid) in ["a", "b"].iter().zip(pids) {
+        let rss = measure::rss(pid)?;
+        println!(
+            "    agent {name} RSS: {:.1} MiB",
+            rss as f64 / (1024.0 * 1024.0)
+        );
+        fig.rss_one.push(((*name).to_owned(), rss));
+    }
+    Ok((net.nwid, to, pids[1]))
+}
+
+/// Waits for the agents to go idle (they fill identity pools after start), printing how it
+/// went; measuring while they are busy would skew every figure, so it says so when they stay
+/// busy.
+fn settle(pids: &[u32]) {
+    println!("    waiting for the agents to go idle (identity pools filled)");
+    match measure::settle(pids, Duration::from_secs(300)) {
+        Ok(t) => println!("    agents idle after {:.0} s", t.as_secs_f64()),
+        Err(busy) => {
+            println!("    agents still use {busy:.0}% of a core after 300 s; measuring anyway")
+        }
+    }
+}
