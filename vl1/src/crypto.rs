@@ -419,6 +419,52 @@ pub fn crypt_field(key: &SymmetricKey, packet: &mut [u8], start: usize) {
     s.apply_keystream(&mut packet[start..]);
 }
 
+/// Unpredictable bytes for packet IDs and the like without a system call each: the
+/// Salsa20/20 keystream under a key and nonce drawn once from the OS generator. The stream
+/// never repeats within 2^70 bytes, and knowing earlier output does not reveal later output
+/// without the key.
+pub(crate) struct Csprng {
+    cipher: Salsa20,
+    block: [u8; 64],
+    used: usize,
+}
+
+impl std::fmt::Debug for Csprng {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Csprng(..)")
+    }
+}
+
+impl Csprng {
+    /// Seeds a generator from the OS; `None` if the OS generator failed.
+    pub(crate) fn from_os() -> Option<Self> {
+        let mut key = [0u8; 32];
+        let mut nonce = [0u8; 8];
+        let ok = getrandom::fill(&mut key).is_ok() && getrandom::fill(&mut nonce).is_ok();
+        let cipher = Salsa20::new(&key.into(), &nonce.into());
+        key.zeroize();
+        ok.then_some(Self {
+            cipher,
+            block: [0; 64],
+            used: 64,
+        })
+    }
+
+    /// The next 8 bytes of the stream.
+    pub(crate) fn next8(&mut self) -> [u8; 8] {
+        if self.used == self.block.len() {
+            self.block = [0; 64];
+            self.cipher.apply_keystream(&mut self.block);
+            self.used = 0;
+        }
+        let mut out = [0u8; 8];
+        out.copy_from_slice(&self.block[self.used..self.used + 8]);
+        self.block[self.used..self.used + 8].zeroize();
+        self.used += 8;
+        out
+    }
+}
+
 /// XORs `data` with the Salsa20/12 keystream for (`key`, `nonce`) from block 0.
 pub fn salsa2012_xor(key: &[u8; 32], nonce: &[u8; 8], data: &mut [u8]) {
     Salsa12::new(key.into(), nonce.into()).apply_keystream(data);

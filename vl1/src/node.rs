@@ -2,7 +2,8 @@
 //!
 //! Feed it datagrams with [`Node::handle_datagram`] and the clock with
 //! [`Node::handle_timeout`]; drain [`Node::poll_transmit`] and [`Node::poll_event`]; sleep
-//! until [`Node::poll_timeout`]. Randomness (packet IDs) comes from the OS RNG.
+//! until [`Node::poll_timeout`]. Randomness (packet IDs) comes from a Salsa20 keystream
+//! seeded once from the OS RNG.
 
 #![allow(clippy::collapsible_if, clippy::too_many_arguments)]
 
@@ -313,6 +314,9 @@ pub enum NodeError {
     /// Two local identities share an address.
     #[error("two local identities share an address")]
     DuplicateLocal,
+    /// The OS random number generator failed (seeding the packet ID generator).
+    #[error("OS random number generator failed")]
+    Random,
 }
 
 /// Node configuration.
@@ -365,6 +369,47 @@ struct Peer {
     is_root: bool,
     stable_endpoints: Vec<SocketAddr>,
     recent: ReplayWindow,
+    compression: CompressionGate,
+}
+
+/// Data frames in a row that LZ4 did not shrink before [`CompressionGate`] stops trying.
+const COMPRESS_MISSES: u8 = 4;
+/// Data frames sent uncompressed without trying between two tries once LZ4 keeps failing.
+const COMPRESS_SKIP: u16 = 63;
+
+/// Whether to try LZ4 on the next data frame to a peer. Traffic inside the tunnel is mostly
+/// encrypted or already compressed, where every try costs CPU and never wins; a flow that
+/// did not compress a few times in a row is unlikely to start (the adaptive skipping of
+/// IPComp, RFC 3173 section 2.2). So after [`COMPRESS_MISSES`] misses in a row only one
+/// frame in [`COMPRESS_SKIP`] + 1 is tried, and one that compresses resumes trying every frame.
+/// Sending uncompressed is always valid: 1.x does the same when LZ4 does not help.
+#[derive(Debug, Default)]
+struct CompressionGate {
+    misses: u8,
+    skip: u16,
+}
+
+impl CompressionGate {
+    /// Whether to try compressing this frame.
+    fn should_try(&mut self) -> bool {
+        if self.skip > 0 {
+            self.skip -= 1;
+            return false;
+        }
+        true
+    }
+
+    /// Records the outcome of a try.
+    fn record(&mut self, compressed: bool) {
+        if compressed {
+            self.misses = 0;
+        } else {
+            self.misses = self.misses.saturating_add(1);
+            if self.misses >= COMPRESS_MISSES {
+                self.skip = COMPRESS_SKIP;
+            }
+        }
+    }
 }
 
 impl Peer {
@@ -382,6 +427,7 @@ impl Peer {
             confirm_sent: HashMap::new(),
             echo_answered: HashMap::new(),
             recent: ReplayWindow::new(),
+            compression: CompressionGate::default(),
             is_root: false,
             stable_endpoints: Vec::new(),
         }
@@ -416,6 +462,9 @@ struct Local {
     whois_sent: HashMap<Address, u64>,
     parked: VecDeque<(u64, LocalSocket, SocketAddr, Vec<u8>)>,
     queued: VecDeque<(u64, Address, Verb, Vec<u8>)>,
+    /// Introductions (RENDEZVOUS) to peers whose identity is still being asked for:
+    /// (received at, peer, socket, address to contact).
+    introductions: VecDeque<(u64, Address, LocalSocket, SocketAddr)>,
 }
 
 /// The VL1 node state machine hosting one or more local identities.
@@ -436,6 +485,8 @@ pub struct Node {
     next_ping: u64,
     scratch: Vec<u8>,
     scratch2: Vec<u8>,
+    /// Packet IDs and NAT-opening bytes, seeded once from the OS.
+    rng: crypto::Csprng,
 }
 
 /// How a packet is protected on the wire.
@@ -445,15 +496,6 @@ enum Seal {
     Armor(CipherSuite),
     /// Sent in the clear over a trusted path with this ID (suite 2).
     Trusted(u64),
-}
-
-fn random_id() -> [u8; 8] {
-    let mut b = [0u8; 8];
-    if getrandom::fill(&mut b).is_err() {
-        // Extremely unlikely; a predictable ID is still unique enough for matching.
-        b = 0x5a5a_5a5a_5a5a_5a5au64.to_be_bytes();
-    }
-    b
 }
 
 fn prefix_hash(ip: IpAddr) -> u64 {
@@ -502,6 +544,7 @@ impl Node {
                 whois_sent: HashMap::new(),
                 parked: VecDeque::new(),
                 queued: VecDeque::new(),
+                introductions: VecDeque::new(),
             });
         }
         let is_root = cfg
@@ -525,6 +568,7 @@ impl Node {
             next_ping: 0,
             scratch: Vec::new(),
             scratch2: Vec::new(),
+            rng: crypto::Csprng::from_os().ok_or(NodeError::Random)?,
         };
         node.install_roots();
         Ok(node)
@@ -708,7 +752,7 @@ impl Node {
         let pending = self
             .locals
             .iter()
-            .any(|l| !l.parked.is_empty() || !l.queued.is_empty());
+            .any(|l| !l.parked.is_empty() || !l.queued.is_empty() || !l.introductions.is_empty());
         if pending {
             self.next_ping.min(
                 self.locals
@@ -747,6 +791,8 @@ impl Node {
         l.queued
             .retain(|p| now.saturating_sub(p.0) < timers::QUEUE_TIMEOUT);
         let gone = before - l.parked.len() - l.queued.len();
+        l.introductions
+            .retain(|i| now.saturating_sub(i.0) < timers::QUEUE_TIMEOUT);
         for _ in 0..gone {
             self.drop(DropReason::QueueOverflow);
         }
@@ -759,6 +805,7 @@ impl Node {
             .iter()
             .filter_map(|p| Packet::new_checked(&p.3[..]).ok().map(|v| v.source()))
             .chain(l.queued.iter().map(|q| q.1))
+            .chain(l.introductions.iter().map(|i| i.1))
             .filter(|a| !l.peers.contains_key(a))
             .collect();
         wanted.sort();
@@ -858,7 +905,7 @@ impl Node {
         };
         let suite = suite.unwrap_or_else(|| p.suite());
         let mut pkt = self.take_buf();
-        wire::write_header(&mut pkt, random_id(), peer, me, verb);
+        wire::write_header(&mut pkt, self.rng.next8(), peer, me, verb);
         pkt.extend_from_slice(payload);
         self.finish_and_send(li, peer, socket, to, pkt, Seal::Armor(suite), expect);
     }
@@ -966,7 +1013,7 @@ impl Node {
         };
         let key = p.key.clone();
         let mut pkt = self.take_buf();
-        wire::write_header(&mut pkt, random_id(), peer, me.address(), Verb::HELLO);
+        wire::write_header(&mut pkt, self.rng.next8(), peer, me.address(), Verb::HELLO);
         let off = hello.write(&mut pkt);
         crypto::crypt_field(&key, &mut pkt, wire::HEADER_LEN + off);
         self.finish_and_send(
@@ -1067,13 +1114,24 @@ impl Node {
             None => Seal::Armor(suite),
         };
         let mut pkt = self.take_buf();
-        wire::write_header(&mut pkt, random_id(), to, me, verb);
+        wire::write_header(&mut pkt, self.rng.next8(), to, me, verb);
         pkt.extend_from_slice(payload);
-        let mut scratch = std::mem::take(&mut self.scratch2);
         if matches!(verb, Verb::USER_MESSAGE | Verb::PUSH_DIRECT_PATHS) || verb.is_vl2() {
-            wire::compress_packet(&mut pkt, &mut scratch);
+            // Bulk data goes through the peer's gate; control messages are rare and
+            // compress well, so they are always tried.
+            let bulk = matches!(verb, Verb::FRAME | Verb::EXT_FRAME);
+            match self.locals[li].peers.get_mut(&to).filter(|_| bulk) {
+                Some(p) => {
+                    if p.compression.should_try() {
+                        let compressed = wire::compress_packet(&mut pkt, &mut self.scratch2);
+                        p.compression.record(compressed);
+                    }
+                }
+                None => {
+                    wire::compress_packet(&mut pkt, &mut self.scratch2);
+                }
+            }
         }
-        self.scratch2 = scratch;
         self.finish_and_send(li, to, socket, addr, pkt, seal, true);
         if let Some(x) = self.locals[li]
             .peers
@@ -1288,6 +1346,9 @@ impl Node {
         if self.unites.len() > 4096 {
             self.unites.retain(|_, t| now.saturating_sub(*t) < 240_000);
         }
+        // The destination hears first (1.x picks the order at random): it is the side that
+        // may not know the source yet and whose NAT the source's attempt will hit, so its
+        // own NAT should open before that attempt arrives.
         let mut m = Vec::new();
         Rendezvous {
             flags: 0,
@@ -1609,7 +1670,7 @@ impl Node {
                 }
                 let me = self.locals[li].identity.address();
                 let mut e = self.take_buf();
-                wire::write_header(&mut e, random_id(), src, me, Verb::ERROR);
+                wire::write_header(&mut e, self.rng.next8(), src, me, Verb::ERROR);
                 InReplyTo {
                     verb: Verb::HELLO,
                     packet_id,
@@ -1831,6 +1892,14 @@ impl Node {
     }
 
     fn retry_waiting(&mut self, now: u64, li: usize) {
+        let introductions: Vec<_> = self.locals[li].introductions.drain(..).collect();
+        for (t, peer, s, addr) in introductions {
+            if self.locals[li].peers.contains_key(&peer) {
+                self.contact(now, li, peer, s, addr);
+            } else {
+                self.locals[li].introductions.push_back((t, peer, s, addr));
+            }
+        }
         let parked: Vec<_> = self.locals[li].parked.drain(..).collect();
         for (t, s, r, pkt) in parked {
             let src = Packet::new_checked(&pkt[..]).map(|v| v.source());
@@ -1911,18 +1980,29 @@ impl Node {
         let Ok(r) = Rendezvous::parse(payload) else {
             return self.drop(DropReason::BadPayload);
         };
-        if r.addr.port() == 0
-            || !path_permitted(&r.addr)
-            || !self.locals[li].peers.contains_key(&r.peer)
-        {
+        if r.addr.port() == 0 || !path_permitted(&r.addr) || self.local_index(r.peer).is_some() {
             return;
         }
         // 1.x first sends 4 random bytes with IP TTL 2 to open local NAT/firewall state
         // without reaching the far side, then contacts the peer there.
         let mut junk = self.take_buf();
-        junk.extend_from_slice(&random_id()[..4]);
+        junk.extend_from_slice(&self.rng.next8()[..4]);
         self.push_buf(socket, r.addr, junk, Some(2));
-        self.contact(now, li, r.peer, socket, r.addr);
+        if self.locals[li].peers.contains_key(&r.peer) {
+            return self.contact(now, li, r.peer, socket, r.addr);
+        }
+        // A root introduces a pair while relaying the first packets between them, so the
+        // receiver of those packets usually gets the introduction before it knows the
+        // sender. 1.x drops it then, leaving the sender to punch alone (which fails between
+        // two NATs and, on a Linux NAT, leaves an entry that takes the port the receiver's
+        // own attempt needs) until the next introduction 30 s later. We have opened our NAT
+        // above at once; we ask for the identity and contact the peer as soon as it is known.
+        let l = &mut self.locals[li];
+        if l.introductions.len() >= QUEUE_LIMIT {
+            l.introductions.pop_front();
+        }
+        l.introductions.push_back((now, r.peer, socket, r.addr));
+        self.whois(now, li, r.peer);
     }
 
     fn contact(

@@ -146,8 +146,7 @@ fn rendezvous_opens_the_nat_with_a_ttl2_datagram_before_contact() {
         .unwrap();
     net.step(2000);
     assert_eq!(net.nodes[0].0.stats().rendezvous_sent, 2);
-    // A knows B when the RENDEZVOUS arrives, so it opens its NAT towards B first. (B learns
-    // A only through WHOIS, after its RENDEZVOUS was ignored, and answers A's probe instead.)
+    // A knows B when the RENDEZVOUS arrives, so it opens its NAT towards B first.
     let a_to_b: Vec<&Sent> = net
         .sent
         .iter()
@@ -386,6 +385,135 @@ fn transmit_buffers_are_reused_and_a_short_caller_buffer_is_a_counted_drop() {
     assert!(n.poll_transmit(&mut tiny).is_none());
     assert_eq!(n.drop_count(DropReason::BufferTooSmall), 1);
     assert!(n.pool.len() <= POOL_LIMIT);
+}
+
+#[test]
+fn an_introduction_to_an_unknown_peer_opens_the_nat_at_once_and_contacts_it_once_known() {
+    let (r, a, b) = (new_id(), new_id(), new_id());
+    let p = planet(&[(&r, "10.0.0.1:9993")]);
+    let mut net = Net::new(vec![
+        leaf(&p, &r, "10.0.0.1:9993"),
+        leaf(&p, &a, "10.0.2.2:9993"),
+        leaf(&p, &b, "10.0.3.3:9993"),
+    ]);
+    net.step(2000);
+    net.nodes[1]
+        .0
+        .send(
+            net.now,
+            a.address(),
+            b.address(),
+            Verb::USER_MESSAGE,
+            &[0; 9],
+        )
+        .unwrap();
+    let b_to_a = |net: &Net| -> Vec<Option<u8>> {
+        net.sent
+            .iter()
+            .filter(|s| s.from == 2 && s.to == sa("10.0.2.2:9993"))
+            .map(|s| s.ttl)
+            .collect()
+    };
+    // The root's RENDEZVOUS reaches B together with A's relayed packet: B does not know A
+    // yet, and opens its NAT towards A right away.
+    while b_to_a(&net).is_empty() && net.now < 14_000 {
+        net.step(1);
+    }
+    assert_eq!(
+        b_to_a(&net),
+        vec![Some(2)],
+        "B's first datagram to A opens its NAT"
+    );
+    assert!(!net.nodes[2].0.knows_peer(b.address(), a.address()));
+    // Once OK(WHOIS) told B who A is, B contacts A there itself.
+    net.step(100);
+    assert!(net.nodes[2].0.knows_peer(b.address(), a.address()));
+    let sent = b_to_a(&net);
+    assert!(
+        sent.len() > 1 && sent[1..].iter().all(|t| t.is_none()),
+        "B contacted A: {sent:?}"
+    );
+    assert_eq!(
+        net.nodes[2]
+            .0
+            .direct_path(net.now, b.address(), a.address()),
+        Some(sa("10.0.2.2:9993"))
+    );
+}
+
+/// Incompressible data frames soon stop costing an LZ4 try on every frame; frames that
+/// compress again are compressed again after the next try.
+#[test]
+fn compression_is_skipped_for_a_peer_whose_frames_do_not_compress() {
+    let (r, a) = (new_id(), new_id());
+    let p = planet(&[(&r, "10.0.0.1:9993")]);
+    let mut net = Net::new(vec![
+        leaf(&p, &r, "10.0.0.1:9993"),
+        leaf(&p, &a, "10.0.2.2:9993"),
+    ]);
+    net.step(2000);
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let noise: Vec<u8> = (0..1000)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    let text = [b'z'; 1000];
+    // Length on the wire of a FRAME sent from A to the root right now.
+    let frame = |net: &mut Net, payload: &[u8]| -> usize {
+        let mark = net.sent.len();
+        net.nodes[1]
+            .0
+            .send(net.now, a.address(), r.address(), Verb::FRAME, payload)
+            .unwrap();
+        net.collect();
+        let sent: Vec<&Sent> = net.sent[mark..].iter().filter(|s| s.from == 1).collect();
+        assert_eq!(sent.len(), 1);
+        sent[0].data.len()
+    };
+    assert!(
+        frame(&mut net, &text) < 200,
+        "compressible frames are compressed"
+    );
+    for _ in 0..COMPRESS_MISSES {
+        assert!(frame(&mut net, &noise) > 1000);
+    }
+    // Now the next frames are not even tried, so a compressible one goes out as it is ...
+    for _ in 0..COMPRESS_SKIP {
+        assert!(frame(&mut net, &text) > 1000);
+    }
+    // ... until the next try, which compresses and makes every frame tried again.
+    assert!(frame(&mut net, &text) < 200);
+    assert!(frame(&mut net, &text) < 200);
+    // Control messages are always compressed.
+    for _ in 0..COMPRESS_MISSES {
+        frame(&mut net, &noise);
+    }
+    let mark = net.sent.len();
+    net.nodes[1]
+        .0
+        .send(net.now, a.address(), r.address(), Verb::USER_MESSAGE, &text)
+        .unwrap();
+    net.collect();
+    assert!(net.sent[mark..].iter().all(|s| s.data.len() < 200));
+}
+
+/// Packet IDs come from a generator seeded once per node: distinct within a node and
+/// between nodes.
+#[test]
+fn packet_ids_are_distinct_within_and_across_nodes() {
+    let r = new_id();
+    let p = planet(&[(&r, "10.0.0.1:9993")]);
+    let mut ids = std::collections::HashSet::new();
+    for _ in 0..2 {
+        let (mut n, _) = leaf(&p, &new_id(), "10.0.2.2:9993");
+        for _ in 0..500 {
+            assert!(ids.insert(n.rng.next8()));
+        }
+    }
 }
 
 #[test]

@@ -830,17 +830,28 @@ impl<'a> UserMessage<'a> {
     }
 }
 
+/// Grows `scratch` to at least `len` bytes; never shrinks or clears it, so a reused buffer
+/// is not zero-filled again for every packet.
+fn work_space(scratch: &mut Vec<u8>, len: usize) -> &mut [u8] {
+    if scratch.len() < len {
+        scratch.resize(len, 0);
+    }
+    &mut scratch[..len]
+}
+
 /// LZ4-compresses the payload of a plaintext packet in `packet` if that makes it shorter
-/// (only tried above 92 bytes, as 1.x). Uses `scratch` as work space. Returns whether it
-/// compressed.
+/// (only tried above 92 bytes, as 1.x; like 1.x, the packet stays uncompressed when LZ4
+/// does not shrink it). Uses `scratch` as work space. Returns whether it compressed.
 pub fn compress_packet(packet: &mut Vec<u8>, scratch: &mut Vec<u8>) -> bool {
     if packet.len() <= HEADER_LEN + 64 {
         return false;
     }
     let payload = &packet[HEADER_LEN..];
-    scratch.clear();
-    scratch.resize(lz4_flex::block::get_maximum_output_size(payload.len()), 0);
-    let Ok(n) = lz4_flex::block::compress_into(payload, scratch) else {
+    let out = work_space(
+        scratch,
+        lz4_flex::block::get_maximum_output_size(payload.len()),
+    );
+    let Ok(n) = lz4_flex::block::compress_into(payload, out) else {
         return false;
     };
     if n >= payload.len() {
@@ -858,9 +869,8 @@ pub fn decompress_packet(packet: &mut Vec<u8>, scratch: &mut Vec<u8>) -> Result<
         return Ok(());
     }
     if packet.len() > HEADER_LEN {
-        scratch.clear();
-        scratch.resize(MAX_PACKET_LEN - HEADER_LEN, 0);
-        let n = lz4_flex::block::decompress_into(&packet[HEADER_LEN..], scratch)
+        let out = work_space(scratch, MAX_PACKET_LEN - HEADER_LEN);
+        let n = lz4_flex::block::decompress_into(&packet[HEADER_LEN..], out)
             .map_err(|_| WireError::Invalid("lz4"))?;
         packet.truncate(HEADER_LEN);
         packet.extend_from_slice(&scratch[..n]);
@@ -895,5 +905,25 @@ mod tests {
         assert!(p.len() < orig.len());
         decompress_packet(&mut p, &mut s).unwrap();
         assert_eq!(p, orig);
+    }
+
+    #[test]
+    fn a_reused_dirty_scratch_buffer_is_fine_and_not_refilled() {
+        let mut s = vec![0xa5u8; 20_000];
+        let ptr = s.as_ptr();
+        for n in [100usize, 1400, 300] {
+            let mut p = vec![0u8; 28];
+            p[27] = 0x06;
+            p.extend((0..n).map(|i| (i % 7) as u8));
+            let orig = p.clone();
+            assert!(compress_packet(&mut p, &mut s));
+            decompress_packet(&mut p, &mut s).unwrap();
+            assert_eq!(p, orig);
+        }
+        assert_eq!(
+            (s.len(), s.as_ptr()),
+            (20_000, ptr),
+            "grown only when too small"
+        );
     }
 }
