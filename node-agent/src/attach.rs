@@ -35,6 +35,7 @@ use prost::Message as _;
 use serde::{Deserialize, Serialize};
 
 use crate::dataplane::{NewMember, NodeHandle};
+use crate::mcast::Memberships;
 use crate::networks::link_state;
 use crate::pool::IdentityPool;
 use crate::state::{Sensitivity, StateDir};
@@ -300,7 +301,7 @@ impl Attachments {
             addresses: Vec::new(),
             routes: Vec::new(),
         };
-        let tap = create_tap(&name, mac, DEFAULT_MTU, &netns, link).await?;
+        let (tap, groups) = create_tap(&name, mac, DEFAULT_MTU, &netns, link).await?;
         let ifindex = tap.ifindex();
         let pod = vouch_pod(spec.pod.as_ref(), &spec.key.container_id);
         let vouch = Vouch::sign(&self.host, member, nwid, &pod, now_ms())
@@ -312,6 +313,7 @@ impl Attachments {
                 tap,
                 name: name.clone(),
                 vouch: Some(vouch),
+                groups,
             })
             .await
             .map_err(|e| AttachError::Unavailable(format!("cannot add the member: {e}")))?;
@@ -703,7 +705,8 @@ impl Attachments {
             addresses,
             routes,
         };
-        let tap = create_tap(&name, mac, result.mtu, &attachment.netns_path, link).await?;
+        let (tap, groups) =
+            create_tap(&name, mac, result.mtu, &attachment.netns_path, link).await?;
         let pod = vouch_pod(attachment.pod.as_ref(), &key.container_id);
         let vouch = Vouch::sign(&self.host, member, nwid, &pod, now_ms())
             .map_err(|e| internal("cannot sign the vouch")(e.to_string()))?;
@@ -714,6 +717,7 @@ impl Attachments {
                 tap,
                 name,
                 vouch: Some(vouch),
+                groups,
             })
             .await
             .map_err(|e| AttachError::Unavailable(e.to_string()))?;
@@ -762,14 +766,15 @@ async fn configure_in(netns: &str, ifindex: u32, state: LinkState) -> Result<(),
 }
 
 /// Creates the TAP `name` with `mac` and `mtu` and moves it into `netns` as `link` says
-/// (renamed, up, addresses, routes).
+/// (renamed, up, addresses, routes); opens its multicast memberships there (`None`, logged,
+/// if that fails: the member then only has the groups VL2 derives itself).
 async fn create_tap(
     name: &str,
     mac: Mac,
     mtu: u32,
     netns: &str,
     link: NetnsLink,
-) -> Result<Tap, AttachError> {
+) -> Result<(Tap, Option<Memberships>), AttachError> {
     let (name, netns) = (name.to_string(), netns.to_string());
     blocking("tap", move || {
         let mut tap = Tap::create(&TapConfig {
@@ -786,7 +791,17 @@ async fn create_tap(
                 link.ifname
             ))
         })?;
-        Ok(tap)
+        let ifname = link.ifname.clone();
+        let groups = tap::in_netns(Path::new(&netns), move || {
+            Memberships::open(&ifname).map_err(|source| tap::TapError::Io {
+                what: "open the multicast memberships",
+                source,
+            })
+        });
+        let groups = groups
+            .inspect_err(|e| tracing::warn!(%netns, error = %e, "no multicast subscriptions"))
+            .ok();
+        Ok((tap, groups))
     })
     .await
 }

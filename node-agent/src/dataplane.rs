@@ -34,7 +34,11 @@ use flatwire_vl2::vouch::Vouch;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use prometheus_client::metrics::gauge::Gauge;
 
-use crate::metrics::{DropLabels, Metrics, PathKind, PathLabels};
+use crate::mcast::Memberships;
+use crate::metrics::{
+    ControllerLabels, Direction, DropLabels, Metrics, PathKind, PathLabels, RuleLabels,
+    TrafficLabels,
+};
 use crate::networks::{MemberView, NetworkSnapshot, TapBufs, Vl2};
 use crate::tap::Tap;
 use crate::udp::{self, RecvMeta, UdpPort};
@@ -178,6 +182,8 @@ pub struct NewMember {
     pub name: String,
     /// The host's vouch for it, sent with its config requests.
     pub vouch: Option<Vouch>,
+    /// The multicast memberships of its TAP, opened in the pod's namespace.
+    pub groups: Option<Memberships>,
 }
 
 /// Why [`NodeHandle::add_member`] failed.
@@ -459,6 +465,7 @@ pub fn start(
                         peers,
                         metrics,
                         published_drops: HashMap::new(),
+                        published_relay: (0, 0),
                         local_drops: HashMap::new(),
                         names: HashMap::new(),
                         clock,
@@ -577,6 +584,8 @@ struct DataPlane {
     metrics: Arc<Metrics>,
     /// Drop totals already added to the metrics counters, by label.
     published_drops: HashMap<&'static str, u64>,
+    /// The host node's relayed packets and rendezvous already added to the metrics.
+    published_relay: (u64, u64),
     local_drops: HashMap<ShellDrop, u64>,
     /// `DropReason` label strings, made once per reason (a handful of small strings).
     names: HashMap<DropReason, &'static str>,
@@ -611,6 +620,11 @@ impl DataPlane {
                     l.vl2.nudge(now);
                 }
             }
+            // Commands first: what they queue (the controller's pushes) goes out just below.
+            if !self.serve_commands() {
+                tracing::info!("data plane stopped");
+                return;
+            }
             self.drain_events();
             if let Err(e) = self.flush(&mut tx) {
                 tracing::error!(error = %e, "UDP socket failed; data plane stops");
@@ -619,10 +633,6 @@ impl DataPlane {
             if now >= self.next_publish {
                 self.publish(now);
                 self.next_publish = now + PUBLISH_INTERVAL;
-            }
-            if !self.serve_commands() {
-                tracing::info!("data plane stopped");
-                return;
             }
             let now = self.clock.now();
             let wake_at = self
@@ -928,7 +938,7 @@ impl DataPlane {
         let now = self.clock.now();
         let node = Node::new(NodeConfig::new(self.planet.clone()), vec![m.identity])?;
         let mut vl2 = Vl2::for_member(address, &self.roots);
-        vl2.attach_tap(m.nwid, m.tap, m.name, m.vouch, now);
+        vl2.attach_tap(m.nwid, m.tap, m.name, m.vouch, m.groups, now);
         self.index.insert(address, self.locals.len());
         self.locals.push(Local { address, node, vl2 });
         Ok(())
@@ -1072,7 +1082,8 @@ impl DataPlane {
         }
     }
 
-    /// Refreshes the metrics: peers, paths by kind, drops by reason.
+    /// Refreshes the metrics: peers, paths by kind, drops by reason, relaying, traffic and
+    /// rule drops per network, controller requests.
     fn publish(&mut self, now: u64) {
         let s = self.snapshot(now);
         let m = &self.metrics;
@@ -1098,6 +1109,42 @@ impl DataPlane {
                     .get_or_create(&DropLabels { reason })
                     .inc_by(total - *seen);
                 *seen = total;
+            }
+        }
+        let (relayed, rendezvous) = self.published_relay;
+        m.relayed_packets
+            .inc_by(s.stats.relayed.saturating_sub(relayed));
+        m.rendezvous_sent
+            .inc_by(s.stats.rendezvous_sent.saturating_sub(rendezvous));
+        self.published_relay = (s.stats.relayed, s.stats.rendezvous_sent);
+        for l in &mut self.locals {
+            for (nwid, c) in l.vl2.take_counters() {
+                let network = nwid.to_string();
+                for (direction, frames, bytes) in [
+                    (Direction::Rx, c.rx_frames, c.rx_bytes),
+                    (Direction::Tx, c.tx_frames, c.tx_bytes),
+                ] {
+                    let labels = TrafficLabels {
+                        network: network.clone(),
+                        direction,
+                    };
+                    m.packets.get_or_create(&labels).inc_by(frames);
+                    m.bytes.get_or_create(&labels).inc_by(bytes);
+                }
+                m.rule_hits
+                    .get_or_create(&RuleLabels {
+                        network,
+                        action: "drop",
+                    })
+                    .inc_by(c.rule_drops);
+            }
+            for (result, n) in l.vl2.take_requests() {
+                m.controller_requests
+                    .get_or_create(&ControllerLabels {
+                        kind: "network_config",
+                        result,
+                    })
+                    .inc_by(n);
             }
         }
     }

@@ -7,13 +7,14 @@
 //! `flatwire-api`), [`host`] (the host identity and planet in the state directory),
 //! [`dataplane`] (the thread that runs every local identity's VL1 node on the one UDP port),
 //! [`networks`] (VL2 on that thread: joined networks on TAPs, the controller), [`pool`] (the
-//! pre-generated member identities) and [`attach`] (pods as members with their own identity,
-//! persisted and restored).
+//! pre-generated member identities), [`attach`] (pods as members with their own identity,
+//! persisted and restored) and [`mcast`] (the multicast groups TAP interfaces joined).
 
 pub mod attach;
 pub mod dataplane;
 pub mod host;
 pub mod http_api;
+pub mod mcast;
 pub mod metrics;
 pub mod networks;
 pub mod pool;

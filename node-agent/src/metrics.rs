@@ -114,6 +114,10 @@ pub struct Metrics {
     pub identity_pool_depth: Gauge,
     /// Requests handled by (or sent to) the network controller.
     pub controller_requests: Family<ControllerLabels, Counter>,
+    /// VL1 packets and fragments this node forwarded for others (as a root: relayed traffic).
+    pub relayed_packets: Counter,
+    /// RENDEZVOUS introductions this node sent (as a root).
+    pub rendezvous_sent: Counter,
 }
 
 impl Default for Metrics {
@@ -135,6 +139,8 @@ impl Metrics {
             rule_hits: Family::default(),
             identity_pool_depth: Gauge::default(),
             controller_requests: Family::default(),
+            relayed_packets: Counter::default(),
+            rendezvous_sent: Counter::default(),
             registry: Registry::default(),
         };
         registry.register("peers", "Known VL1 peers", m.peers.clone());
@@ -164,6 +170,16 @@ impl Metrics {
             "controller_requests",
             "Network controller requests by kind and result",
             m.controller_requests.clone(),
+        );
+        registry.register(
+            "relayed_packets",
+            "VL1 packets and fragments forwarded for other nodes",
+            m.relayed_packets.clone(),
+        );
+        registry.register(
+            "rendezvous_sent",
+            "RENDEZVOUS introductions sent to peers",
+            m.rendezvous_sent.clone(),
         );
         Self { registry, ..m }
     }

@@ -29,29 +29,42 @@
 //!   `capabilities`, `activeBridge`).
 //!
 //! Files are read on every config request, so a dropped-in or edited file counts from the next
-//! request of that member (members re-ask every 60 s; nothing is pushed). The controller writes
+//! request of that member (members re-ask every 60 s). Changes made through the HTTP API are
+//! pushed at once, as ZeroTier One does: the controller remembers, per network and member, the
+//! requester's identity, its request metadata and when it last asked; a de-authorization (or
+//! the deletion of an authorized member) sends a signed revocation of the member's certificate
+//! to every member of the network seen in the last [`PUSH_WINDOW`] ms (they pass it on), any
+//! other member or network change sends a fresh config to the member(s) concerned seen in that
+//! window. The agent may join a network it controls: its member's requests and the answers are
+//! handed over inside the agent (VL1 sends nothing to itself), and what the multicast directory
+//! next to it learns is passed to it the same way. The controller writes
 //! back what it decides (assigned IPs, the pinned identity, revisions) atomically. Its index of
 //! assigned IPs is built when the agent starts: addresses written into member files by hand
 //! while it runs are not guarded against re-assignment until the next start.
 //!
 //! [`vl2::member::Network`]: flatwire_vl2::member::Network
 
+use std::collections::HashMap;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::path::Path;
 use std::sync::mpsc;
 
-use flatwire_vl1::{Address, Node, Verb};
+use flatwire_vl1::{Address, Identity, Node, Verb};
 use flatwire_vl2::Mac;
+use flatwire_vl2::MulticastGroup;
 use flatwire_vl2::NetworkId;
 use flatwire_vl2::controller::{
     ApiError, Controller, ControllerStore, FileStore, RequestOutcome, StoreError, config_payloads,
     refusal_payload,
 };
+use flatwire_vl2::dictionary::Dictionary;
 use flatwire_vl2::member::{self, MemberOptions, Network, NetworkEvent, Output, Status, Upstream};
+use flatwire_vl2::multicast::{GatherResult, decode_likes};
 use flatwire_vl2::netconf::{DEFAULT_MTU, Dns, FLAG_ENABLE_BROADCAST, NetworkConfig, Route};
-use flatwire_vl2::verbs::ConfigRequest;
+use flatwire_vl2::verbs::{ConfigRequest, CredentialsPayload, in_re, request_metadata};
 use flatwire_vl2::vouch::Vouch;
 
+use crate::mcast::{self, Memberships};
 use crate::tap::{self, IpPrefix, LinkRoute, LinkState, Tap, TapConfig};
 
 /// Frames read from one TAP per `recv_batch`.
@@ -65,6 +78,15 @@ const TAP_ROUNDS: usize = 8;
 pub const NUDGE_INTERVAL: u64 = 1100;
 /// Most nudges per network.
 const MAX_NUDGES: u8 = 8;
+/// Members that asked for a config within this long (ms) get the controller's pushes.
+pub const PUSH_WINDOW: u64 = 5 * 60 * 1000;
+/// Most (network, member) pairs the controller remembers for pushes.
+const SEEN_LIMIT: usize = 65_536;
+/// Rounds of local delivery per drain (a member asking its own controller takes two).
+const LOOPBACK_ROUNDS: usize = 4;
+/// How often the member of a network this agent controls asks for its config (ms): as a
+/// member asks a remote controller, retried sooner while it has none.
+const OWN_REQUEST_INTERVAL: u64 = 60_000;
 
 /// The host-side TAP name of a network: `fw` and the last 8 hex digits of its ID.
 pub fn tap_name(nwid: NetworkId) -> String {
@@ -123,11 +145,79 @@ struct Joined {
     nudged: u64,
     /// How many times (at most [`MAX_NUDGES`]; then the member's own 5 s retry remains).
     nudges: u8,
+    /// True when this agent is the network's controller: the member runtime sends no config
+    /// requests to its own address, so [`Vl2::ask_own_controller`] asks for it.
+    own_controller: bool,
+    /// When it last asked our own controller (ms).
+    own_asked: u64,
+    /// Traffic and rule drops since [`Vl2::take_counters`] last ran.
+    counters: NetCounters,
+    /// Rule drops (inbound and outbound) the member had counted at that time.
+    rule_drops_seen: u64,
+    /// The multicast groups its TAP's interface joined (`None`: none known).
+    groups: Option<Memberships>,
+    /// The groups the member is subscribed to from there (sorted).
+    subscribed: Vec<MulticastGroup>,
+    /// When the memberships are read next (ms).
+    groups_due: u64,
+}
+
+/// Counts of one network over an interval.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct NetCounters {
+    /// Frames delivered to the TAP (from the overlay).
+    pub(crate) rx_frames: u64,
+    /// Their bytes (Ethernet header included).
+    pub(crate) rx_bytes: u64,
+    /// Frames read from the TAP (handed to the network, before its rules).
+    pub(crate) tx_frames: u64,
+    /// Their bytes.
+    pub(crate) tx_bytes: u64,
+    /// Frames the network's rules dropped, either way.
+    pub(crate) rule_drops: u64,
 }
 
 impl Joined {
+    /// Subscribes the member to the groups its interface joined since the last call and
+    /// unsubscribes it from those it left (`scratch`: a reused buffer).
+    fn sync_groups(&mut self, now: u64, scratch: &mut Vec<MulticastGroup>) {
+        let Some(m) = self.groups.as_mut() else {
+            return;
+        };
+        if let Err(e) = m.read(scratch) {
+            tracing::warn!(tap = %self.name, error = %e, "cannot read multicast memberships");
+            self.groups = None;
+            return;
+        }
+        if *scratch == self.subscribed {
+            return;
+        }
+        let (join, leave) = mcast::difference(&self.subscribed, scratch);
+        for g in join {
+            tracing::debug!(tap = %self.name, group = %g.mac, "multicast group joined");
+            self.net.subscribe(now as i64, g);
+        }
+        for g in leave {
+            tracing::debug!(tap = %self.name, group = %g.mac, "multicast group left");
+            self.net.unsubscribe(now as i64, g);
+        }
+        std::mem::swap(&mut self.subscribed, scratch);
+    }
+
+    /// When the member of a network we control should ask our controller next (ms).
+    fn own_request_due(&self) -> Option<u64> {
+        self.own_controller.then(|| {
+            if self.net.config().is_some() {
+                self.own_asked + OWN_REQUEST_INTERVAL
+            } else {
+                self.own_asked + NUDGE_INTERVAL
+            }
+        })
+    }
+
     fn wants_nudge(&self) -> bool {
-        self.net.config().is_none()
+        !self.own_controller
+            && self.net.config().is_none()
             && self.net.status() == Status::RequestingConfiguration
             && self.nudges < MAX_NUDGES
     }
@@ -137,6 +227,32 @@ impl Joined {
 struct Ctl {
     ctl: Controller<FileStore>,
     upstream: Upstream,
+    /// What the last config request of each (network, member) said, for pushes.
+    seen: HashMap<(NetworkId, Address), Seen>,
+    /// Our public identity: the requester when a local member asks us, and the controller
+    /// identity our own members verify configs and certificates with.
+    public: Identity,
+    /// Config requests answered, by outcome (see [`REQUEST_OUTCOMES`]).
+    pub(crate) requests: [u64; 4],
+}
+
+/// A member's last config request.
+struct Seen {
+    identity: Identity,
+    metadata: Dictionary,
+    /// When it asked (ms).
+    at: u64,
+}
+
+/// Config request outcomes, in the order of `Ctl::requests`, with their metric labels.
+pub(crate) const REQUEST_OUTCOMES: [&str; 4] = ["ok", "refused", "ignored", "error"];
+
+/// What an API write changed, and so what to push.
+enum Change {
+    /// A member lost its authorization: revoke its certificate.
+    Revoked(NetworkId, Address),
+    /// Member(s) (all of the network for `None`) need a fresh config.
+    Config(NetworkId, Option<Address>),
 }
 
 /// A link configuration job for the `fw-link` thread.
@@ -182,7 +298,12 @@ pub(crate) struct Vl2 {
     rng: u64,
     /// Controller replies waiting for `Node::send`.
     sends: Vec<(Address, Verb, Vec<u8>)>,
+    /// VL2 packets from one of our parts to another (a member asking our own controller, its
+    /// answers), delivered without the network by [`Vl2::drain`].
+    loopback: Vec<(Verb, Vec<u8>)>,
     link_jobs: Option<mpsc::Sender<LinkJob>>,
+    /// Scratch list for reading multicast memberships.
+    groups: Vec<MulticastGroup>,
     /// Frames the TAP refused or could not take.
     pub(crate) tap_rejected: u64,
 }
@@ -275,6 +396,9 @@ impl Vl2 {
             Some(dir) => Some(Ctl {
                 ctl: Controller::new(identity.clone(), FileStore::open(dir)?),
                 upstream: Upstream::new(seed()),
+                seen: HashMap::new(),
+                public: identity.to_public(),
+                requests: [0; 4],
             }),
             None => None,
         };
@@ -286,7 +410,9 @@ impl Vl2 {
             upstreams: roots.iter().copied().filter(|r| *r != me).collect(),
             rng: seed(),
             sends: Vec::new(),
+            loopback: Vec::new(),
             link_jobs: None,
+            groups: Vec::new(),
             tap_rejected: 0,
         };
         for nwid in networks {
@@ -305,7 +431,9 @@ impl Vl2 {
             upstreams: roots.iter().copied().filter(|r| *r != me).collect(),
             rng: seed(),
             sends: Vec::new(),
+            loopback: Vec::new(),
             link_jobs: None,
+            groups: Vec::new(),
             tap_rejected: 0,
         }
     }
@@ -319,6 +447,7 @@ impl Vl2 {
         tap: Tap,
         name: String,
         vouch: Option<Vouch>,
+        groups: Option<Memberships>,
         now: u64,
     ) {
         let net = self.member(nwid, vouch.clone(), now);
@@ -332,6 +461,13 @@ impl Vl2 {
             vouch,
             nudged: 0,
             nudges: 0,
+            own_controller: false,
+            own_asked: 0,
+            counters: NetCounters::default(),
+            rule_drops_seen: 0,
+            groups,
+            subscribed: Vec::new(),
+            groups_due: 0,
         });
     }
 
@@ -423,7 +559,74 @@ impl Vl2 {
         now: u64,
     ) -> Option<(u16, serde_json::Value)> {
         let ctl = &mut self.ctl.as_mut()?.ctl;
-        Some(controller_api(ctl, method, path, body, now as i64))
+        let before = member_authorized(ctl, path);
+        let (status, v) = controller_api(ctl, method, path, body, now as i64);
+        if status == 200 {
+            match change(method, path, before, member_authorized(ctl, path)) {
+                Some(Change::Revoked(nwid, a)) => self.push_revocation(nwid, a, now),
+                Some(Change::Config(nwid, a)) => self.push_config(nwid, a, now),
+                None => {}
+            }
+        }
+        Some((status, v))
+    }
+
+    /// Sends a revocation of `member`'s certificate to every member of `nwid` seen lately.
+    fn push_revocation(&mut self, nwid: NetworkId, member: Address, now: u64) {
+        let Some(c) = self.ctl.as_mut() else { return };
+        let id = xorshift(&mut self.rng) as u32;
+        let rev = match c.ctl.revoke(nwid, member, id, now as i64) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(%nwid, %member, error = %e, "controller: cannot sign a revocation");
+                return;
+            }
+        };
+        let mut p = Vec::new();
+        CredentialsPayload::revocation(rev).encode(&mut p);
+        let mut told = 0;
+        for ((n, a), seen) in &c.seen {
+            if *n == nwid && now.saturating_sub(seen.at) < PUSH_WINDOW {
+                self.sends.push((*a, Verb::NETWORK_CREDENTIALS, p.clone()));
+                told += 1;
+            }
+        }
+        tracing::info!(%nwid, %member, told, "controller: member revoked");
+    }
+
+    /// Sends a fresh config to `member` of `nwid` (every member of it for `None`) that asked
+    /// within [`PUSH_WINDOW`], built from its last request.
+    fn push_config(&mut self, nwid: NetworkId, member: Option<Address>, now: u64) {
+        let Some(c) = self.ctl.as_mut() else { return };
+        let mut rng = self.rng;
+        for ((n, a), seen) in &c.seen {
+            if *n != nwid
+                || member.is_some_and(|m| m != *a)
+                || now.saturating_sub(seen.at) >= PUSH_WINDOW
+            {
+                continue;
+            }
+            let out = c.ctl.handle_request(
+                nwid,
+                &seen.identity,
+                &seen.metadata,
+                0,
+                now as i64,
+                &mut || xorshift(&mut rng),
+            );
+            let Ok(RequestOutcome::Config(cfg)) = out else {
+                continue;
+            };
+            let update_id = xorshift(&mut rng) | 1;
+            match config_payloads(c.ctl.identity(), &cfg, None, update_id) {
+                Ok(p) => {
+                    tracing::info!(%nwid, member = %a, revision = cfg.revision, "controller: config pushed");
+                    self.sends.extend(p.into_iter().map(|(v, p)| (*a, v, p)));
+                }
+                Err(e) => tracing::error!(%nwid, error = %e, "controller: cannot sign config"),
+            }
+        }
+        self.rng = rng;
     }
 
     /// Joins `nwid` (a TAP and a member); false if it was already joined.
@@ -447,6 +650,14 @@ impl Vl2 {
             }
         };
         tracing::info!(%nwid, tap = %name, mac = %net.mac(), "joined network");
+        // The data-plane thread is in the host's namespace, where this TAP stays.
+        let groups = tap.as_ref().and_then(|_| {
+            Memberships::open(&name)
+                .inspect_err(
+                    |e| tracing::warn!(tap = %name, error = %e, "no multicast subscriptions"),
+                )
+                .ok()
+        });
         self.nets.push(Joined {
             net,
             tap,
@@ -456,7 +667,15 @@ impl Vl2 {
             vouch: None,
             nudged: 0,
             nudges: 0,
+            own_controller: self.ctl.is_some() && nwid.controller() == self.me,
+            own_asked: 0,
+            counters: NetCounters::default(),
+            rule_drops_seen: 0,
+            groups,
+            subscribed: Vec::new(),
+            groups_due: 0,
         });
+        self.ask_own_controller(now);
         true
     }
 
@@ -473,6 +692,12 @@ impl Vl2 {
             .iter()
             .map(|j| {
                 let t = j.net.poll_timeout().max(0) as u64;
+                let t = j.own_request_due().map_or(t, |d| t.min(d));
+                let t = if j.groups.is_some() {
+                    t.min(j.groups_due)
+                } else {
+                    t
+                };
                 if j.wants_nudge() {
                     t.min(j.nudged + NUDGE_INTERVAL)
                 } else {
@@ -489,12 +714,42 @@ impl Vl2 {
             if now as i64 >= j.net.poll_timeout() {
                 j.net.handle_timeout(now as i64);
             }
+            if now >= j.groups_due {
+                j.groups_due = now + mcast::POLL_INTERVAL;
+                j.sync_groups(now, &mut self.groups);
+            }
         }
         if let Some(u) = self.upstream.as_mut() {
             u.expire(now as i64);
         }
         if let Some(c) = self.ctl.as_mut() {
             c.upstream.expire(now as i64);
+        }
+        self.ask_own_controller(now);
+    }
+
+    /// Queues, for [`Vl2::drain`] to hand to our controller, the config request of every
+    /// network we control and joined whose request is due.
+    fn ask_own_controller(&mut self, now: u64) {
+        for j in &mut self.nets {
+            if j.own_request_due().is_none_or(|d| now < d) {
+                continue;
+            }
+            j.own_asked = now;
+            let opts = MemberOptions::default();
+            let (revision, timestamp) = j
+                .net
+                .config()
+                .map_or((0, 0), |c| (c.revision, c.timestamp as u64));
+            let req = ConfigRequest {
+                nwid: j.net.id(),
+                metadata: request_metadata(opts.version, opts.platform.as_deref()).encode(),
+                revision,
+                timestamp,
+            };
+            let mut p = Vec::new();
+            req.encode(&mut p);
+            self.loopback.push((Verb::NETWORK_CONFIG_REQUEST, p));
         }
     }
 
@@ -513,7 +768,6 @@ impl Vl2 {
             return false;
         }
         let me = self.me;
-        let lookup = |a: Address| node.peer_identity(me, a).cloned();
         if verb == Verb::NETWORK_CONFIG_REQUEST && self.ctl.is_some() {
             match ConfigRequest::decode(payload) {
                 Ok(req) if req.nwid.controller() == me => {
@@ -527,12 +781,17 @@ impl Vl2 {
                 }
             }
         }
+        let own = self.ctl.as_ref().map(|c| &c.public);
+        let lookup = |a: Address| identity_of(node, me, own, a);
         for j in &mut self.nets {
             j.net
                 .handle_packet(now as i64, from, verb, packet_id, payload, &lookup);
         }
         if matches!(verb, Verb::MULTICAST_LIKE | Verb::MULTICAST_GATHER) {
-            let reply = if let Some(Ctl { ctl, upstream }) = self.ctl.as_mut() {
+            // Our own members cannot ask the directory next to them (the member runtime sends
+            // nothing to its own address): tell them of what it learns.
+            let mut liked = Vec::new();
+            let reply = if let Some(Ctl { ctl, upstream, .. }) = self.ctl.as_mut() {
                 let store = ctl.store();
                 let authorized = |n: NetworkId, a: Address| {
                     if n.controller() != me {
@@ -544,14 +803,32 @@ impl Vl2 {
                         .flatten()
                         .is_some_and(|m| m.authorized)
                 };
+                if verb == Verb::MULTICAST_LIKE {
+                    liked = local_likes(&self.nets, from, payload, &authorized);
+                }
                 upstream.handle_packet(now as i64, from, verb, packet_id, payload, &authorized)
             } else if let Some(u) = self.upstream.as_mut() {
+                if verb == Verb::MULTICAST_LIKE {
+                    liked = local_likes(&self.nets, from, payload, &|_, _| true);
+                }
                 u.handle_packet(now as i64, from, verb, packet_id, payload, &|_, _| true)
             } else {
                 None
             };
             if let Some(p) = reply {
                 self.sends.push((from, Verb::OK, p));
+            }
+            for (nwid, group) in liked {
+                let mut p = Vec::new();
+                in_re(Verb::MULTICAST_GATHER.0, 0, &mut p);
+                let r = GatherResult {
+                    nwid,
+                    group,
+                    total_known: 1,
+                    members: vec![from],
+                };
+                p.extend_from_slice(&r.encode());
+                self.loopback.push((Verb::OK, p));
             }
         }
         true
@@ -567,11 +844,24 @@ impl Vl2 {
     ) {
         let Some(c) = self.ctl.as_mut() else { return };
         tracing::debug!(nwid = %req.nwid, member = %from, packet_id, "controller: config request");
-        let Some(who) = node.peer_identity(self.me, from).cloned() else {
+        let Some(who) = identity_of(node, self.me, Some(&c.public), from) else {
             tracing::debug!(%from, "config request from a peer of unknown identity");
             return;
         };
         let nwid = req.nwid;
+        if c.seen.len() >= SEEN_LIMIT {
+            c.seen.retain(|_, s| now.saturating_sub(s.at) < PUSH_WINDOW);
+        }
+        if c.seen.len() < SEEN_LIMIT || c.seen.contains_key(&(nwid, from)) {
+            c.seen.insert(
+                (nwid, from),
+                Seen {
+                    identity: who.clone(),
+                    metadata: req.metadata_dictionary(),
+                    at: now,
+                },
+            );
+        }
         let mut rng = self.rng;
         let out = c.ctl.handle_request(
             nwid,
@@ -583,6 +873,13 @@ impl Vl2 {
         );
         let update_id = xorshift(&mut rng) | 1;
         self.rng = rng;
+        let outcome = match &out {
+            Ok(RequestOutcome::Config(_)) => 0,
+            Ok(RequestOutcome::Refuse(_)) => 1,
+            Ok(RequestOutcome::Ignore) => 2,
+            Err(_) => 3,
+        };
+        c.requests[outcome] += 1;
         match out {
             Ok(RequestOutcome::Config(cfg)) => {
                 match config_payloads(c.ctl.identity(), &cfg, Some(packet_id), update_id) {
@@ -637,8 +934,15 @@ impl Vl2 {
                 }
             };
             for (b, len) in bufs.bufs.iter().zip(&bufs.lens).take(n) {
-                j.net.handle_tap_frame(now as i64, &b[..*len]);
+                let frame = &b[..*len];
+                if mcast::is_membership_report(frame) {
+                    // The interface joined or left a group: read its memberships now.
+                    j.groups_due = 0;
+                }
+                j.net.handle_tap_frame(now as i64, frame);
+                j.counters.tx_bytes += *len as u64;
             }
+            j.counters.tx_frames += n as u64;
             total += n;
             self.drain(node, now);
             if n < TAP_BATCH {
@@ -651,9 +955,31 @@ impl Vl2 {
     /// Sends what the members and the controller want sent, writes delivered frames to the
     /// TAPs and acts on member events (a new config reconfigures the link).
     pub(crate) fn drain(&mut self, node: &mut Node, now: u64) {
+        for _ in 0..LOOPBACK_ROUNDS {
+            self.drain_once(node, now);
+            if self.loopback.is_empty() {
+                return;
+            }
+            // VL1 cannot send to ourselves: hand our packets to ourselves (the controller, our
+            // members), as if they came from the network.
+            let mut pending = std::mem::take(&mut self.loopback);
+            for (verb, p) in pending.drain(..) {
+                let packet_id = xorshift(&mut self.rng) | 1;
+                self.handle_packet(node, now, self.me, verb, packet_id, &p);
+            }
+            if self.loopback.is_empty() {
+                self.loopback = pending;
+            }
+        }
+        self.drain_once(node, now);
+    }
+
+    fn drain_once(&mut self, node: &mut Node, now: u64) {
         let me = self.me;
         for (to, verb, p) in self.sends.drain(..) {
-            if let Err(e) = node.send(now, me, to, verb, &p) {
+            if to == me {
+                self.loopback.push((verb, p));
+            } else if let Err(e) = node.send(now, me, to, verb, &p) {
                 tracing::debug!(%to, error = %e, "VL2 send");
             }
         }
@@ -668,7 +994,10 @@ impl Vl2 {
                     }
                     Output::Deliver(frame) => {
                         match j.tap.as_ref().map(|t| t.queues()[0].send_batch(&[&frame])) {
-                            Some(Ok(o)) if o.sent == 1 => {}
+                            Some(Ok(o)) if o.sent == 1 => {
+                                j.counters.rx_frames += 1;
+                                j.counters.rx_bytes += frame.len() as u64;
+                            }
                             _ => self.tap_rejected += 1,
                         }
                         j.net.recycle(frame);
@@ -731,6 +1060,26 @@ impl Vl2 {
         })
     }
 
+    /// Each network's counts since the previous call (for the metrics).
+    pub(crate) fn take_counters(&mut self) -> impl Iterator<Item = (NetworkId, NetCounters)> + '_ {
+        self.nets.iter_mut().map(|j| {
+            let rules = j.net.drop_count(member::DropReason::RulesInbound)
+                + j.net.drop_count(member::DropReason::RulesOutbound);
+            j.counters.rule_drops = rules.saturating_sub(j.rule_drops_seen);
+            j.rule_drops_seen = rules;
+            (j.net.id(), std::mem::take(&mut j.counters))
+        })
+    }
+
+    /// Config requests the controller answered since the previous call, by outcome label
+    /// (empty without the controller role).
+    pub(crate) fn take_requests(&mut self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        self.ctl.iter_mut().flat_map(|c| {
+            let n = std::mem::take(&mut c.requests);
+            REQUEST_OUTCOMES.into_iter().zip(n)
+        })
+    }
+
     /// The joined networks.
     pub(crate) fn snapshot(&self) -> Vec<NetworkSnapshot> {
         self.nets
@@ -756,6 +1105,73 @@ impl Vl2 {
                 dns: j.net.config().map(|c| c.dns.clone()).unwrap_or_default(),
             })
             .collect()
+    }
+}
+
+/// The identity of `a` as local identity `me` knows it; `own` is ours (when we are a
+/// controller: our members ask us and verify what we sign).
+fn identity_of(node: &Node, me: Address, own: Option<&Identity>, a: Address) -> Option<Identity> {
+    match own {
+        Some(i) if a == me => Some(i.clone()),
+        _ => node.peer_identity(me, a).cloned(),
+    }
+}
+
+/// The (network, group) pairs of `from`'s MULTICAST_LIKE payload that the directory accepts
+/// and one of `nets` joined.
+fn local_likes(
+    nets: &[Joined],
+    from: Address,
+    payload: &[u8],
+    authorized: &dyn Fn(NetworkId, Address) -> bool,
+) -> Vec<(NetworkId, MulticastGroup)> {
+    if nets.is_empty() {
+        return Vec::new();
+    }
+    decode_likes(payload)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|(n, _)| nets.iter().any(|j| j.net.id() == *n) && authorized(*n, from))
+        .collect()
+}
+
+/// Whether the member an API path names (`network/<nwid>/member/<address>`) is authorized
+/// now; `None` for other paths or a member that does not exist.
+fn member_authorized(ctl: &Controller<FileStore>, path: &[String]) -> Option<bool> {
+    let [n, id, m, a] = path else { return None };
+    if n != "network" || m != "member" {
+        return None;
+    }
+    let (id, a) = (id.parse::<NetworkId>().ok()?, a.parse::<Address>().ok()?);
+    ctl.store()
+        .get_member(id, a)
+        .ok()
+        .flatten()
+        .map(|m| m.authorized)
+}
+
+/// What a successful API write (`method` on `path`) changed, given the member's authorization
+/// before and after it.
+fn change(
+    method: &str,
+    path: &[String],
+    before: Option<bool>,
+    after: Option<bool>,
+) -> Option<Change> {
+    let parts: Vec<&str> = path.iter().map(String::as_str).collect();
+    match (method, parts.as_slice()) {
+        ("POST", ["network", id]) => Some(Change::Config(id.parse().ok()?, None)),
+        (m @ ("POST" | "DELETE"), ["network", id, "member", a]) => {
+            let (id, a) = (id.parse().ok()?, a.parse().ok()?);
+            if before == Some(true) && after != Some(true) {
+                Some(Change::Revoked(id, a))
+            } else if m == "POST" {
+                Some(Change::Config(id, Some(a)))
+            } else {
+                None
+            }
+        }
+        _ => None,
     }
 }
 

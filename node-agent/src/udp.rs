@@ -10,13 +10,17 @@ use std::time::Duration;
 
 use nix::poll::PollFlags;
 use nix::sys::socket::{
-    AddressFamily, SockFlag, SockType, SockaddrIn6, bind, setsockopt, socket, sockopt,
+    AddressFamily, SockFlag, SockType, SockaddrIn6, bind, getsockopt, setsockopt, socket, sockopt,
 };
 pub use quinn_udp::{RecvMeta, Transmit};
 use quinn_udp::{UdpSockRef, UdpSocketState};
 
 /// At most this many datagrams go into one `sendmmsg` call.
 pub const SEND_BATCH: usize = 64;
+
+/// Kernel receive and send buffer asked for at bind (bytes, each way): the default (about
+/// 200 KiB) overflows under a burst of a few thousand datagrams, e.g. one iperf3 stream.
+pub const SOCKET_BUFFER: usize = 8 << 20;
 
 /// Errors of binding the port.
 #[derive(Debug, thiserror::Error)]
@@ -95,6 +99,7 @@ impl UdpPort {
             UdpSocket::bind(addr).map_err(err)?
         };
         let state = UdpSocketState::new(UdpSockRef::from(&socket)).map_err(err)?;
+        size_buffers(&socket, SOCKET_BUFFER);
         Ok(Self {
             v6: addr.is_ipv6(),
             dual_stack: dual,
@@ -123,6 +128,15 @@ impl UdpPort {
     pub fn set_recv_buffer_size(&self, bytes: usize) -> io::Result<()> {
         self.state
             .set_recv_buffer_size(UdpSockRef::from(&self.socket), bytes)
+    }
+
+    /// The kernel's (receive, send) buffer sizes in bytes, as `getsockopt` reports them (the
+    /// kernel doubles the asked size for its bookkeeping).
+    pub fn buffer_sizes(&self) -> io::Result<(usize, usize)> {
+        Ok((
+            getsockopt(&self.socket, sockopt::RcvBuf)?,
+            getsockopt(&self.socket, sockopt::SndBuf)?,
+        ))
     }
 
     /// Waits up to `timeout` (`None`: forever) for a datagram; false on timeout.
@@ -301,6 +315,30 @@ impl UdpPort {
 impl AsFd for UdpPort {
     fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
         self.socket.as_fd()
+    }
+}
+
+/// Asks for `bytes` of receive and send buffer: beyond `net.core.[rw]mem_max` with
+/// `SO_*BUFFORCE` when we may (CAP_NET_ADMIN), else the plain option, which the kernel caps at
+/// that limit. Logs the sizes obtained; a refusal only costs throughput, so it is not an error.
+fn size_buffers(socket: &UdpSocket, bytes: usize) {
+    if setsockopt(socket, sockopt::RcvBufForce, &bytes).is_err() {
+        let _ = setsockopt(socket, sockopt::RcvBuf, &bytes);
+    }
+    if setsockopt(socket, sockopt::SndBufForce, &bytes).is_err() {
+        let _ = setsockopt(socket, sockopt::SndBuf, &bytes);
+    }
+    let rcv = getsockopt(socket, sockopt::RcvBuf).unwrap_or(0);
+    let snd = getsockopt(socket, sockopt::SndBuf).unwrap_or(0);
+    if rcv < bytes || snd < bytes {
+        tracing::warn!(
+            asked = bytes,
+            receive = rcv,
+            send = snd,
+            "UDP socket buffers capped (no CAP_NET_ADMIN: raise net.core.rmem_max/wmem_max)"
+        );
+    } else {
+        tracing::info!(receive = rcv, send = snd, "UDP socket buffers");
     }
 }
 

@@ -462,3 +462,276 @@ fn zerotier_shaped_api_on_loopback() {
     }
     drop(topo);
 }
+
+/// The agent's metrics text in `host` (its endpoint is on the namespace's loopback).
+fn scrape(host: &Host) -> String {
+    let out = host
+        .run("curl", &["-s", "-m", "5", "http://127.0.0.1:9994/metrics"])
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The value of the sample `series` (name and labels) in a scrape; fails if it is absent.
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no sample {series} in:\n{text}"))
+}
+
+/// Pings `to` once from `host` (1 s wait); true when it answered.
+fn ping_once(host: &Host, to: &str) -> bool {
+    host.run("ping", &["-c", "1", "-W", "1", to])
+        .is_ok_and(|o| o.status.success())
+}
+
+/// Pings until `reachable` is what `ping_once` says, at most `limit`; returns how long it took.
+fn until_ping(host: &Host, to: &str, reachable: bool, limit: Duration, what: &str) -> Duration {
+    let t = Instant::now();
+    loop {
+        if ping_once(host, to) == reachable {
+            return t.elapsed();
+        }
+        assert!(t.elapsed() < limit, "{what}: not within {limit:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The controller joins its own network (its member asks the controller next to it, not the
+/// network) and pushes changes made through its HTTP API at once: a rules change and a
+/// de-authorization take effect within 2 s, not at the members' next 60 s config request.
+#[test]
+fn controller_pushes_api_changes_and_serves_its_own_member() {
+    assert_root();
+    let mut topo = Topology::new().unwrap();
+    let mut lan = topo.switch("lan").unwrap();
+    let hosts: Vec<Host> = ["ctl", "m1", "m2"]
+        .iter()
+        .map(|n| topo.host(n).unwrap())
+        .collect();
+    for (i, h) in hosts.iter().enumerate() {
+        topo.plug(&mut lan, h, &format!("198.18.0.{}/24", i + 1))
+            .unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let home = |n: &str| -> PathBuf { dir.path().join(n) };
+    let ids: Vec<Identity> = ["ctl", "m1", "m2"]
+        .iter()
+        .map(|n| new_identity(&home(n)))
+        .collect();
+    let key = flatwire_vl1::identity::generate_key_pair().unwrap();
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let planet = World::create(
+        WorldType::Planet,
+        0x00f1_a7f4,
+        now,
+        key.0,
+        vec![Root {
+            identity: ids[0].clone(),
+            stable_endpoints: vec!["198.18.0.1:9993".parse().unwrap()],
+        }],
+        &key.1,
+    )
+    .unwrap();
+    let planet_file = dir.path().join("planet");
+    std::fs::write(&planet_file, planet.serialize(false)).unwrap();
+    let planet_arg = planet_file.to_str().unwrap();
+    let nwid = NetworkId::new(ids[0].address(), 0x00_0007);
+    let net_dir = home("ctl").join("controller.d").join("network");
+    write_network(&net_dir, nwid, "10.79.0", &[&ids[0], &ids[1], &ids[2]]);
+    let join = nwid.to_string();
+
+    let mut agents = Vec::new();
+    for (i, h) in hosts.iter().enumerate() {
+        let name = h.name().to_string();
+        let mut args = vec!["--planet", planet_arg, "--join", &join];
+        if i == 0 {
+            args.extend(["--root", "--controller"]);
+        }
+        agents.push(start_agent(
+            h,
+            &home(&name),
+            &home(&name).join("agent.sock"),
+            &args,
+        ));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !home(&name).join("authtoken.secret").exists() {
+            assert!(agents[i].try_status().is_none(), "agent in {name} exited");
+            assert!(Instant::now() < deadline, "agent in {name} never started");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let tokens: Vec<String> = ["ctl", "m1", "m2"]
+        .iter()
+        .map(|n| std::fs::read_to_string(home(n).join("authtoken.secret")).unwrap())
+        .collect();
+    // Every member gets its address, the controller's own member included.
+    let ips: Vec<String> = hosts
+        .iter()
+        .zip(&tokens)
+        .map(|(h, t)| {
+            let v = wait_for(
+                h,
+                t,
+                &format!("/network/{nwid}"),
+                Duration::from_secs(30),
+                |v| v["status"] == "OK" && v["assignedAddresses"][0].is_string(),
+            );
+            let a = v["assignedAddresses"][0].as_str().unwrap();
+            a.split('/').next().unwrap().to_string()
+        })
+        .collect();
+    eprintln!("addresses: {ips:?}");
+    let limit = Duration::from_secs(10);
+    until_ping(&hosts[1], &ips[2], true, limit, "m1 -> m2");
+    until_ping(
+        &hosts[1],
+        &ips[0],
+        true,
+        limit,
+        "m1 -> the controller's member",
+    );
+    until_ping(
+        &hosts[0],
+        &ips[2],
+        true,
+        limit,
+        "the controller's member -> m2",
+    );
+
+    // m2 joins an IPv4 multicast group on its TAP: the agent subscribes its member, and a
+    // ping from m1 to the group gets m2's answer.
+    let tap = tap_name(nwid);
+    let group = "239.77.0.9";
+    hosts[2]
+        .run(
+            "ip",
+            &[
+                "addr",
+                "add",
+                &format!("{group}/32"),
+                "dev",
+                &tap,
+                "autojoin",
+            ],
+        )
+        .unwrap();
+    hosts[2]
+        .run("sysctl", &["-qw", "net.ipv4.icmp_echo_ignore_broadcasts=0"])
+        .unwrap();
+    let t = Instant::now();
+    loop {
+        let out = hosts[1]
+            .run(
+                "ping",
+                &["-n", "-c", "1", "-W", "1", "-t", "4", "-I", &tap, group],
+            )
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        if out.contains(&format!("from {}:", ips[2])) {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "no answer from m2 to a ping to {group}: {out}"
+        );
+    }
+    eprintln!("multicast group answered after {:?}", t.elapsed());
+
+    let api = |m: &str, p: &str, b: &serde_json::Value| {
+        let (code, v) = call(
+            &hosts[0],
+            m,
+            &format!("/controller{p}"),
+            Some(&tokens[0]),
+            &b.to_string(),
+        );
+        assert_eq!(code, 200, "{m} {p}: {v}");
+    };
+    // Rules: drop ICMP. Pushed: enforced within 2 s.
+    let bound = Duration::from_secs(2);
+    let t = Instant::now();
+    api(
+        "POST",
+        &format!("/network/{nwid}"),
+        &serde_json::json!({"rules": [
+            {"type": "MATCH_IP_PROTOCOL", "ipProtocol": 1},
+            {"type": "ACTION_DROP"},
+            {"type": "ACTION_ACCEPT"}
+        ]}),
+    );
+    until_ping(
+        &hosts[1],
+        &ips[2],
+        false,
+        bound,
+        "ICMP still passes after the drop rule",
+    );
+    eprintln!("drop rule enforced after {:?}", t.elapsed());
+    // The metrics count what went through (published once a second).
+    std::thread::sleep(Duration::from_millis(1100));
+    let m1_metrics = scrape(&hosts[1]);
+    for series in ["packets", "bytes"] {
+        for dir in ["rx", "tx"] {
+            let s = format!("flatwire_{series}_total{{network=\"{nwid}\",direction=\"{dir}\"}}");
+            assert!(
+                metric(&m1_metrics, &s) > 0.0,
+                "{s} not counted:\n{m1_metrics}"
+            );
+        }
+    }
+    let s = format!("flatwire_rule_hits_total{{network=\"{nwid}\",action=\"drop\"}}");
+    assert!(
+        metric(&m1_metrics, &s) > 0.0,
+        "{s} not counted:\n{m1_metrics}"
+    );
+    let ctl_metrics = scrape(&hosts[0]);
+    let s = r#"flatwire_controller_requests_total{kind="network_config",result="ok"}"#;
+    assert!(metric(&ctl_metrics, s) >= 3.0, "{s}:\n{ctl_metrics}");
+    assert!(
+        ctl_metrics.contains("flatwire_relayed_packets_total "),
+        "no relay counter:\n{ctl_metrics}"
+    );
+    let t = Instant::now();
+    api(
+        "POST",
+        &format!("/network/{nwid}"),
+        &serde_json::json!({"rules": [{"type": "ACTION_ACCEPT"}]}),
+    );
+    until_ping(
+        &hosts[1],
+        &ips[2],
+        true,
+        bound,
+        "ICMP still dropped after accept-all",
+    );
+    eprintln!("accept-all enforced after {:?}", t.elapsed());
+
+    // De-authorize m2: the revocation cuts it off from both peers within 2 s.
+    let t = Instant::now();
+    api(
+        "POST",
+        &format!("/network/{nwid}/member/{}", ids[2].address()),
+        &serde_json::json!({"authorized": false}),
+    );
+    until_ping(&hosts[1], &ips[2], false, bound, "m1 still reaches m2");
+    until_ping(
+        &hosts[2],
+        &ips[0],
+        false,
+        bound,
+        "m2 still reaches the controller's member",
+    );
+    eprintln!("m2 cut off after {:?}", t.elapsed());
+    assert!(
+        ping_once(&hosts[1], &ips[0]),
+        "m1 lost the controller's member"
+    );
+    for a in &mut agents {
+        assert!(a.try_status().is_none(), "{} exited", a.name());
+        a.stop();
+    }
+    drop(topo);
+}

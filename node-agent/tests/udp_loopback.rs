@@ -175,3 +175,39 @@ fn refused_destination_is_counted_not_fatal() {
     assert!(out.last_error.is_some());
     assert_eq!(recv_n(&rx, 1)[0].1, p);
 }
+
+/// Reads a `net.core` sysctl (bytes).
+fn core_sysctl(name: &str) -> usize {
+    let path = format!("/proc/sys/net/core/{name}");
+    std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("cannot read {path}: {e}"))
+        .trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+#[test]
+fn socket_buffers_are_sized_at_bind() {
+    use flatwire_agent::udp::SOCKET_BUFFER;
+    let port = UdpPort::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0))).unwrap();
+    let (rcv, snd) = port.buffer_sizes().unwrap();
+    // With CAP_NET_ADMIN (root) the forced size holds; without, the kernel caps the plain
+    // option at the sysctl limit (and reports twice what it keeps).
+    let root = nix::unistd::geteuid().is_root();
+    let want = |limit: &str| {
+        if root {
+            SOCKET_BUFFER
+        } else {
+            SOCKET_BUFFER.min(core_sysctl(limit))
+        }
+    };
+    assert!(rcv >= want("rmem_max"), "receive buffer {rcv} bytes");
+    assert!(snd >= want("wmem_max"), "send buffer {snd} bytes");
+    // Far above the kernel default (212992 bytes reported) on a root run.
+    if root {
+        assert!(
+            rcv >= 2 * SOCKET_BUFFER,
+            "forced receive buffer {rcv} bytes"
+        );
+    }
+}

@@ -939,11 +939,42 @@ impl Planet {
             "capabilities": cli["config"]["capabilities"],
             "tags": cli["config"]["tags"],
         });
-        self.controller(net.spec.controller)?.api_ok(
+        let stored = self.controller(net.spec.controller)?.api_ok(
             "POST",
             &format!("/controller/network/{}", net.nwid),
             Some(&body),
         )?;
+        let revision = stored["revision"].as_u64().unwrap_or(0);
+        self.wait_revision(net, revision)
+    }
+
+    /// Waits until every host agent that has joined `net` holds a config of at least
+    /// `revision` (the controller pushes changes to members it heard from recently).
+    pub fn wait_revision(&self, net: &Network, revision: u64) -> Result<(), PlanetError> {
+        let path = format!("/network/{}", net.nwid);
+        for agent in self.agents.iter().filter(|a| a.role() == Role::Host) {
+            let start = Instant::now();
+            loop {
+                self.check_cancel()?;
+                let (code, v) = agent.api("GET", &path, None);
+                if code != 200 || v["netconfRevision"].as_u64().unwrap_or(0) >= revision {
+                    break;
+                }
+                let limit = Duration::from_secs(5);
+                if start.elapsed() > limit {
+                    return Err(PlanetError::Timeout {
+                        what: format!(
+                            "config revision {revision} of {} on {}",
+                            net.nwid,
+                            agent.name()
+                        ),
+                        waited: limit,
+                        detail: format!("; it holds revision {}", v["netconfRevision"]),
+                    });
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
         Ok(())
     }
 
@@ -979,17 +1010,6 @@ impl Planet {
         let agent = self.agent(name);
         self.authorize(net, &agent.address, true, tags)?;
         agent.api_ok("POST", &format!("/network/{}", net.nwid), Some(&json!({})))?;
-        self.wait_member(name, net)
-    }
-
-    /// Leaves `net` on host agent `name` and joins it again, so the member fetches the
-    /// network's current config now (the controller pushes nothing after a change; members
-    /// otherwise ask again only every 60 s). Waits for its addresses.
-    pub fn rejoin(&self, name: &str, net: &Network) -> Result<Member, PlanetError> {
-        let agent = self.agent(name);
-        let path = format!("/network/{}", net.nwid);
-        agent.api_ok("DELETE", &path, None)?;
-        agent.api_ok("POST", &path, Some(&json!({})))?;
         self.wait_member(name, net)
     }
 

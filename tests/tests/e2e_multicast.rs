@@ -59,8 +59,9 @@ fn ipv6_neighbour_discovery_crosses_the_overlay() {
 }
 
 #[test]
-#[ignore = "fails: agent gap — node-agent never subscribes its members to the multicast \
-            groups joined on their TAP, so a group's frames reach nobody; see tests/README.md"]
+#[ignore = "flaky (about 1 run in 3): a receiver's join can reach the directory after the \
+            sender's first gather, and a sender that knows one member gathers again only after \
+            60 s, as ZeroTier One 1.x does; see tests/README.md"]
 fn an_ipv4_multicast_group_reaches_its_members() {
     let (_planet, m) = planet_with_members();
     let (s, receivers) = (&m[0], &m[1..]);

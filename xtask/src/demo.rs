@@ -265,10 +265,9 @@ impl Demo {
             },
         )?;
         let blocked = self.step(
-            "rules: drop TCP 5201 between alpha and beta (members rejoin to fetch it)",
+            "rules: drop TCP 5201 between alpha and beta (pushed by the controller)",
             || {
                 p.set_rules(&net, BLOCK_RULES)?;
-                refresh(p, &net)?;
                 let r = p.iperf(
                     p.agent("h1").host(),
                     p.agent("h2").host(),
@@ -291,7 +290,6 @@ impl Demo {
         )?;
         let restored = self.step("rules: lift the block", || {
             p.set_rules(&net, OPEN_RULES)?;
-            refresh(p, &net)?;
             let r = p.iperf(
                 p.agent("h1").host(),
                 p.agent("h2").host(),
@@ -321,14 +319,6 @@ fn attach_pods(p: &mut Planet, net: &Network) -> Result<Vec<Member>, PlanetError
         .iter()
         .map(|h| p.attach_pod(h, net, "pod1"))
         .collect()
-}
-
-/// Makes every host member fetch the network's current config.
-fn refresh(p: &Planet, net: &Network) -> Result<(), PlanetError> {
-    for h in p.host_names() {
-        p.rejoin(&h, net)?;
-    }
-    Ok(())
 }
 
 fn host_member<'a>(members: &'a [Member], name: &str) -> anyhow::Result<&'a Member> {
