@@ -16,8 +16,7 @@
 //! "none": path `lastSend`/`lastReceive`/`localSocket`/`localPort` are 0, `latency` and the
 //! peer `version*` fields are -1 (`"-1.-1.-1"`) until measured or announced, `linkQuality`
 //! is absent (1.14 omits it too), status `config.settings.surfaceAddresses` is empty and
-//! `tcpFallbackRelay` is `""` (no TCP relay), network `multicastSubscriptions` is empty,
-//! `allowManaged` is true and `allowGlobal`/`allowDefault`/`allowDNS` false (the fixed local
+//! `tcpFallbackRelay` is `""` (no TCP relay), `allowManaged` is true and `allowGlobal`/`allowDefault`/`allowDNS` false (the fixed local
 //! settings), `bridge`/`dhcp` false and `portError` 0 (-1 when the TAP failed). `version`
 //! is the ZeroTier version flatwire speaks on the wire (1.14.1), not the crate version.
 
@@ -586,7 +585,11 @@ pub fn network_json(n: &NetworkSnapshot) -> Value {
         "id": n.nwid.to_string(),
         "mac": n.mac.to_string(),
         "mtu": n.mtu,
-        "multicastSubscriptions": [],
+        "multicastSubscriptions": n
+            .multicast
+            .iter()
+            .map(|g| json!({"adi": g.adi, "mac": g.mac.to_string()}))
+            .collect::<Vec<_>>(),
         "name": n.name,
         "netconfRevision": n.revision,
         "nwid": n.nwid.to_string(),

@@ -378,6 +378,8 @@ pub struct NetworkSnapshot {
     pub routes: Vec<Route>,
     /// DNS settings of the config.
     pub dns: Dns,
+    /// The multicast groups the member announces.
+    pub multicast: Vec<flatwire_vl2::MulticastGroup>,
 }
 
 impl Vl2 {
@@ -1103,6 +1105,7 @@ impl Vl2 {
                     .is_some_and(|c| c.flags & FLAG_ENABLE_BROADCAST != 0),
                 routes: j.net.config().map(|c| c.routes.clone()).unwrap_or_default(),
                 dns: j.net.config().map(|c| c.dns.clone()).unwrap_or_default(),
+                multicast: j.net.subscriptions().collect(),
             })
             .collect()
     }

@@ -7,13 +7,13 @@
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use flatwire_api::v1;
 use flatwire_api::{AgentClient, ClientOptions};
 use flatwire_tests::netns::{Host, Topology};
 use flatwire_tests::process::Proc;
-use flatwire_vl1::{Address, Root, World, WorldType};
+use flatwire_vl1::Address;
 use flatwire_vl2::{Mac, NetworkId};
 use tonic::Code;
 use tonic::transport::Channel;
@@ -144,25 +144,9 @@ impl Lab {
         let dir = tempfile::tempdir().unwrap();
         let root_id = new_identity(&dir.path().join("ctl"));
         let host_id = new_identity(&dir.path().join("node"));
-        let key = flatwire_vl1::identity::generate_key_pair().unwrap();
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_millis() as u64;
-        let planet = World::create(
-            WorldType::Planet,
-            0x00f1_a7a7,
-            now,
-            key.0,
-            vec![Root {
-                identity: root_id.clone(),
-                stable_endpoints: vec!["198.18.0.1:9993".parse().unwrap()],
-            }],
-            &key.1,
-        )
-        .unwrap();
         let planet_file = dir.path().join("planet");
-        std::fs::write(&planet_file, planet.serialize(false)).unwrap();
+        let endpoint: std::net::SocketAddr = "198.18.0.1:9993".parse().unwrap();
+        std::fs::write(&planet_file, flatwire_tests::zt_planet!(root_id, endpoint)).unwrap();
 
         let net = NetworkId::new(root_id.address(), 0x00_0001);
         let closed = NetworkId::new(root_id.address(), 0x00_0002);

@@ -5,11 +5,11 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use flatwire_agent::networks::tap_name;
 use flatwire_tests::netns::{Host, Topology};
-use flatwire_vl1::{Identity, Root, World, WorldType};
+use flatwire_vl1::Identity;
 use flatwire_vl2::NetworkId;
 use serde_json::Value;
 
@@ -116,25 +116,9 @@ fn zerotier_shaped_api_on_loopback() {
     let home = |n: &str| -> PathBuf { dir.path().join(n) };
     let root_id = new_identity(&home("ctl"));
     let m1_id = new_identity(&home("m1"));
-    let key = flatwire_vl1::identity::generate_key_pair().unwrap();
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64;
-    let planet = World::create(
-        WorldType::Planet,
-        0x00f1_a7f3,
-        now,
-        key.0,
-        vec![Root {
-            identity: root_id.clone(),
-            stable_endpoints: vec!["198.18.0.1:9993".parse().unwrap()],
-        }],
-        &key.1,
-    )
-    .unwrap();
     let planet_file = dir.path().join("planet");
-    std::fs::write(&planet_file, planet.serialize(false)).unwrap();
+    let endpoint: std::net::SocketAddr = "198.18.0.1:9993".parse().unwrap();
+    std::fs::write(&planet_file, flatwire_tests::zt_planet!(root_id, endpoint)).unwrap();
     let planet_arg = planet_file.to_str().unwrap();
     let nwid = NetworkId::new(root_id.address(), 0x00_0001);
     let nwid2 = NetworkId::new(root_id.address(), 0x00_0002);
@@ -209,8 +193,9 @@ fn zerotier_shaped_api_on_loopback() {
     );
     assert_eq!(status["address"], m1_id.address().to_string());
     assert_eq!(status["publicIdentity"], m1_id.to_public().to_string());
-    assert_eq!(status["planetWorldId"], 0x00f1_a7f3u64);
-    assert_eq!(status["planetWorldTimestamp"], now);
+    let (planet, _) = flatwire_vl1::World::parse(&std::fs::read(&planet_file).unwrap()).unwrap();
+    assert_eq!(status["planetWorldId"], planet.id);
+    assert_eq!(status["planetWorldTimestamp"], planet.timestamp);
     assert_eq!(status["config"]["settings"]["primaryPort"], 9993);
     assert_eq!(status["tcpFallbackActive"], false);
 
@@ -518,25 +503,9 @@ fn controller_pushes_api_changes_and_serves_its_own_member() {
         .iter()
         .map(|n| new_identity(&home(n)))
         .collect();
-    let key = flatwire_vl1::identity::generate_key_pair().unwrap();
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64;
-    let planet = World::create(
-        WorldType::Planet,
-        0x00f1_a7f4,
-        now,
-        key.0,
-        vec![Root {
-            identity: ids[0].clone(),
-            stable_endpoints: vec!["198.18.0.1:9993".parse().unwrap()],
-        }],
-        &key.1,
-    )
-    .unwrap();
     let planet_file = dir.path().join("planet");
-    std::fs::write(&planet_file, planet.serialize(false)).unwrap();
+    let endpoint: std::net::SocketAddr = "198.18.0.1:9993".parse().unwrap();
+    std::fs::write(&planet_file, flatwire_tests::zt_planet!(ids[0], endpoint)).unwrap();
     let planet_arg = planet_file.to_str().unwrap();
     let nwid = NetworkId::new(ids[0].address(), 0x00_0007);
     let net_dir = home("ctl").join("controller.d").join("network");

@@ -5,12 +5,12 @@
 
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use flatwire_agent::networks::tap_name;
 use flatwire_tests::netns::{Host, Topology};
 use flatwire_tests::process::Proc;
-use flatwire_vl1::{Root, World, WorldType};
+
 use flatwire_vl2::NetworkId;
 
 mod common;
@@ -99,25 +99,9 @@ fn controller_and_two_members_ping_over_the_overlay() {
     let m1_id = new_identity(&home("m1"));
     let m2_id = new_identity(&home("m2"));
     let m3_id = new_identity(&home("m3"));
-    let key = flatwire_vl1::identity::generate_key_pair().unwrap();
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64;
-    let planet = World::create(
-        WorldType::Planet,
-        0x00f1_a7f2,
-        now,
-        key.0,
-        vec![Root {
-            identity: root_id.clone(),
-            stable_endpoints: vec!["198.18.0.1:9993".parse().unwrap()],
-        }],
-        &key.1,
-    )
-    .unwrap();
     let planet_file = dir.path().join("planet");
-    std::fs::write(&planet_file, planet.serialize(false)).unwrap();
+    let endpoint: std::net::SocketAddr = "198.18.0.1:9993".parse().unwrap();
+    std::fs::write(&planet_file, flatwire_tests::zt_planet!(root_id, endpoint)).unwrap();
     let planet_arg = planet_file.to_str().unwrap();
 
     // The network, as ZeroTier controller JSON in controller.d: private, a 10.77.0.0/24 pool

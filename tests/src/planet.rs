@@ -10,9 +10,16 @@
 //! ```text
 //!   switch "wan" 198.18.0.0/24: root0 .1, root1 .2, ctl0 .5, ctl1 .6, public host n .(10+n),
 //!                               access router of NATed host n .(100+n)
-//!   access router n .1 --- 198.18.(128+n).0/24 --- .2 NAT router n (its public address)
+//!   access router n .129 --- 198.18.(128+n).128/25 --- .130 edge router n
+//!   edge router n .1 --- 198.18.(128+n).0/25 --- .2 NAT router n (its public address)
 //!   NAT router n .1 --- 198.18.(n+1).0/24 --- .2 host n
 //! ```
+//!
+//! Two routers (access and edge) stand between every NAT and the wan, so a datagram sent with
+//! TTL 2 (NAT traversal's port-opening datagram) dies before it reaches a NAT it was not sent
+//! through, whether it comes from behind another NAT or from a host on the wan, as on the
+//! internet. With one router in between, a wan host's datagram would arrive (TTL 1) and leave
+//! an unreplied conntrack entry that steals the NAT's preserved port.
 //!
 //! Dropping the [`Planet`] (also while panicking) stops every agent and `iperf3` by PID, then
 //! the [`Topology`] deletes the namespaces. Waits give up after their deadline with an error
@@ -645,22 +652,37 @@ impl Planet {
                     add(&h.name, Role::Host, host, ip, ifname)?
                 }
                 Some(nat) => {
-                    // host --- NAT router --- access router --- wan. The access router is a
-                    // hop between the NAT and the far side, as on the internet: NAT traversal
+                    // host --- NAT router --- edge router --- access router --- wan. Two
+                    // hops between the NAT and anyone else, as on the internet: NAT traversal
                     // sends its port-opening datagram with TTL 2, which must die before it
-                    // reaches the other NAT.
+                    // reaches a NAT, also when a host on the wan sends it (see the module
+                    // documentation).
                     let access = topo.host(&format!("isp-{}", h.name))?;
                     let access_ip = format!("198.18.0.{}", 100 + n);
                     topo.plug(&mut wan, &access, &format!("{access_ip}/24"))?;
                     forwarding(&access)?;
                     access_routers.push((access.clone(), access_ip.clone()));
+                    let edge = topo.host(&format!("edge-{}", h.name))?;
+                    topo.link(
+                        &access,
+                        &format!("198.18.{}.129/25", 128 + n),
+                        &edge,
+                        &format!("198.18.{}.130/25", 128 + n),
+                    )?;
+                    forwarding(&edge)?;
+                    topo.route(&edge, "default", &format!("198.18.{}.129", 128 + n))?;
+                    topo.route(
+                        &access,
+                        &format!("198.18.{}.0/25", 128 + n),
+                        &format!("198.18.{}.130", 128 + n),
+                    )?;
                     let router = topo.host(&format!("nat-{}", h.name))?;
                     let public = format!("198.18.{}.0/24", 128 + n);
                     let (_, wan_if) = topo.link(
-                        &access,
-                        &format!("198.18.{}.1/24", 128 + n),
+                        &edge,
+                        &format!("198.18.{}.1/25", 128 + n),
                         &router,
-                        &format!("198.18.{}.2/24", 128 + n),
+                        &format!("198.18.{}.2/25", 128 + n),
                     )?;
                     topo.route(&router, "default", &format!("198.18.{}.1", 128 + n))?;
                     public_nets.push((public, access_ip));
@@ -1247,6 +1269,24 @@ impl Planet {
         port: u16,
         seconds: u32,
     ) -> Result<Option<f64>, PlanetError> {
+        Ok(self
+            .iperf_report(server, client, to, port, 1, seconds)?
+            .ok()
+            .map(|t| t.gbps))
+    }
+
+    /// Runs `iperf3` with `streams` parallel TCP streams for `seconds` (server in `server` on
+    /// `port`, client in `client` sending to `to`); the client's report, or why it has none
+    /// (it could not connect within 2 s, or iperf3 reported an error).
+    pub fn iperf_report(
+        &self,
+        server: &Host,
+        client: &Host,
+        to: IpAddr,
+        port: u16,
+        streams: u32,
+        seconds: u32,
+    ) -> Result<Result<Tcp, String>, PlanetError> {
         let port_s = port.to_string();
         let mut cmd = server.command("iperf3");
         cmd.args(["-s", "-1", "-p", &port_s])
@@ -1268,7 +1308,8 @@ impl Planet {
         let out = client
             .command("iperf3")
             .args(["-c", &to.to_string(), "-p", &port_s, "-J"])
-            .args(["-t", &seconds.to_string(), "--connect-timeout", "2000"])
+            .args(["-t", &seconds.to_string(), "-P", &streams.to_string()])
+            .args(["--connect-timeout", "2000"])
             .stdin(Stdio::null())
             .output()
             .map_err(|source| HarnessError::Spawn {
@@ -1276,15 +1317,47 @@ impl Planet {
                 source,
             })?;
         srv.stop();
-        if !out.status.success() {
-            return Ok(None);
-        }
-        let v: Value = serde_json::from_slice(&out.stdout)
-            .map_err(|e| PlanetError::Invalid(format!("iperf3 -J printed no JSON: {e}")))?;
-        Ok(v["end"]["sum_received"]["bits_per_second"]
-            .as_f64()
-            .map(|b| b / 1e9))
+        let report = serde_json::from_slice::<Value>(&out.stdout)
+            .map_err(|e| {
+                format!(
+                    "iperf3 -c {to} printed no JSON ({e}, {}): {}",
+                    out.status,
+                    String::from_utf8_lossy(&out.stderr).trim()
+                )
+            })
+            .and_then(|v| parse_iperf(&v));
+        Ok(report)
     }
+}
+
+/// One `iperf3` run: what the receiver got and what the sender had to resend.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Tcp {
+    /// Goodput at the receiver, Gbit/s.
+    pub gbps: f64,
+    /// Bytes the receiver got.
+    pub bytes: u64,
+    /// TCP retransmissions at the sender.
+    pub retransmits: u64,
+}
+
+/// The figures of an `iperf3 -J` client report, or its error.
+pub fn parse_iperf(v: &Value) -> Result<Tcp, String> {
+    if let Some(e) = v["error"].as_str() {
+        return Err(format!("iperf3: {e}"));
+    }
+    let end = &v["end"];
+    let (Some(bps), Some(bytes)) = (
+        end["sum_received"]["bits_per_second"].as_f64(),
+        end["sum_received"]["bytes"].as_u64(),
+    ) else {
+        return Err("no end.sum_received in the iperf3 report".into());
+    };
+    Ok(Tcp {
+        gbps: bps / 1e9,
+        bytes,
+        retransmits: end["sum_sent"]["retransmits"].as_u64().unwrap_or(0),
+    })
 }
 
 /// Turns on IPv4 forwarding in `host` (a plain router).

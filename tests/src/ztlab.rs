@@ -228,6 +228,81 @@ impl FwNode {
     }
 }
 
+/// A one-bridge topology for interop tests: hosts at `198.18.<net>.1..` and a planet of our
+/// own whose one root is at the first host, port 9993. No host has a route out.
+pub struct Lab {
+    /// The namespaces and the processes started in them.
+    pub t: Topology,
+    /// The hosts, in the order they were named.
+    pub hosts: Vec<Host>,
+    /// Homes, logs and the planet file.
+    pub dir: tempfile::TempDir,
+    /// The serialized planet.
+    pub planet: Vec<u8>,
+    /// The planet, as a file.
+    pub planet_file: PathBuf,
+    net: u8,
+}
+
+impl Lab {
+    /// Hosts `names` on subnet `198.18.<net>.0/24` and a planet whose root is `root_id`.
+    pub fn new(net: u8, names: &[&str], root_id: &flatwire_vl1::Identity) -> Lab {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let mut t = Topology::new().expect("topology");
+        let mut sw = t.switch("sw").expect("switch");
+        let mut hosts = Vec::new();
+        for (i, n) in names.iter().enumerate() {
+            let h = t.host(n).expect("host");
+            t.plug(&mut sw, &h, &format!("198.18.{net}.{}/24", i + 1))
+                .expect("plug");
+            hosts.push(h);
+        }
+        let endpoint: std::net::SocketAddr =
+            format!("198.18.{net}.1:9993").parse().expect("endpoint");
+        let planet = crate::zt_planet!(root_id, endpoint);
+        let planet_file = dir.path().join("planet");
+        std::fs::write(&planet_file, &planet).expect("write the planet");
+        Lab {
+            t,
+            hosts,
+            dir,
+            planet,
+            planet_file,
+            net,
+        }
+    }
+
+    /// The underlay address of host `i`.
+    pub fn ip(&self, i: usize) -> String {
+        format!("198.18.{}.{}", self.net, i + 1)
+    }
+
+    /// Starts `zerotier-one` on host `i` with identity `id` (home `dir/name`).
+    pub fn zt(&mut self, i: usize, name: &str, bin: &Path, id: &flatwire_vl1::Identity) -> ZtNode {
+        let home = self.dir.path().join(name);
+        let host = self.hosts[i].clone();
+        let ip = self.ip(i);
+        let planet = self.planet.clone();
+        let z = ZtNode::start(
+            &mut self.t,
+            &host,
+            bin,
+            &home,
+            &ip,
+            &planet,
+            ZtOptions {
+                identity: Some((
+                    id.to_secret_string().expect("an identity with its secret"),
+                    id.to_string(),
+                )),
+                ..ZtOptions::default()
+            },
+        );
+        assert_eq!(z.address, id.address().to_string());
+        z
+    }
+}
+
 /// How to start a [`ZtNode`].
 #[derive(Default)]
 pub struct ZtOptions {

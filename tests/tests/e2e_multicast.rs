@@ -8,6 +8,8 @@ use std::time::Duration;
 use flatwire_tests::planet::{self, Member, NetworkSpec, Planet, PlanetSpec, Profile, V6Mode};
 
 const GROUP: &str = "239.77.0.1";
+/// Its Ethernet multicast MAC (01:00:5e and the low 23 bits of the address).
+const GROUP_MAC: &str = "01:00:5e:4d:00:01";
 
 fn planet_with_members() -> (Planet, Vec<Member>) {
     planet::check_root().unwrap();
@@ -59,11 +61,8 @@ fn ipv6_neighbour_discovery_crosses_the_overlay() {
 }
 
 #[test]
-#[ignore = "flaky (about 1 run in 3): a receiver's join can reach the directory after the \
-            sender's first gather, and a sender that knows one member gathers again only after \
-            60 s, as ZeroTier One 1.x does; see tests/README.md"]
 fn an_ipv4_multicast_group_reaches_its_members() {
-    let (_planet, m) = planet_with_members();
+    let (p, m) = planet_with_members();
     let (s, receivers) = (&m[0], &m[1..]);
     // The receivers join the group on their TAP and answer echoes sent to it.
     for r in receivers {
@@ -82,7 +81,26 @@ fn an_ipv4_multicast_group_reaches_its_members() {
         r.ns.run("sysctl", &["-qw", "net.ipv4.icmp_echo_ignore_broadcasts=0"])
             .unwrap();
     }
-    // Members announce their groups to the network: allow a few rounds.
+    // Each receiver's agent sees the join on its TAP and announces the group (LIKE) to the
+    // directory; once both list it, the sender's first gather finds both. (A sender that
+    // already knows one member gathers again only after 60 s, as ZeroTier One does.)
+    for r in receivers {
+        p.wait(
+            &format!("{} to subscribe to {GROUP}", r.name),
+            Duration::from_secs(10),
+            || {
+                let (_, v) = p
+                    .agent(&r.agent)
+                    .api("GET", &format!("/network/{}", r.nwid), None);
+                let subscribed = v["multicastSubscriptions"]
+                    .as_array()
+                    .is_some_and(|a| a.iter().any(|g| g["mac"] == GROUP_MAC));
+                Ok(subscribed.then_some(()))
+            },
+        )
+        .unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(300));
     let mut answered = Vec::new();
     for _ in 0..5 {
         let out =

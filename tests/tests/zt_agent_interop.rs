@@ -17,16 +17,12 @@
 //! directions, and never carry a TCP connection to port 5201 in either direction, while the
 //! same iperf3 servers answer on the underlay.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 
 use flatwire_tests::netns::{Host, Topology};
 use flatwire_tests::planet::{Profile, agent_binary};
-use flatwire_tests::zt_planet;
-use flatwire_tests::ztlab::{
-    ZtNode, ZtOptions, local_api, tail, wait_for, zt_bin_or_skip, zt_version,
-};
+use flatwire_tests::ztlab::{Lab, ZtNode, local_api, tail, wait_for, zt_bin_or_skip, zt_version};
 use flatwire_vl1::Identity;
 use flatwire_vl2::rules::compiler::compile;
 use serde_json::{Value, json};
@@ -53,15 +49,6 @@ const PORT: u16 = 9993;
 
 fn generate() -> Identity {
     Identity::generate(&AtomicBool::new(false)).expect("generate identity")
-}
-
-/// One bridge, hosts at 198.18.<net>.1.., and our planet with one root at the first host.
-struct Lab {
-    t: Topology,
-    hosts: Vec<Host>,
-    dir: tempfile::TempDir,
-    planet: Vec<u8>,
-    net: u8,
 }
 
 /// A `flatwire-agent` process's namespace and home.
@@ -106,90 +93,38 @@ impl Agent {
     }
 }
 
-impl Lab {
-    fn new(net: u8, names: &[&str], root_id: &Identity) -> Lab {
-        let dir = tempfile::tempdir().unwrap();
-        let mut t = Topology::new().unwrap();
-        let mut sw = t.switch("sw").unwrap();
-        let mut hosts = Vec::new();
-        for (i, n) in names.iter().enumerate() {
-            let h = t.host(n).unwrap();
-            t.plug(&mut sw, &h, &format!("198.18.{net}.{}/24", i + 1))
-                .unwrap();
-            hosts.push(h);
-        }
-        let endpoint: SocketAddr = format!("198.18.{net}.1:{PORT}").parse().unwrap();
-        let planet = zt_planet!(root_id, endpoint);
-        Lab {
-            t,
-            hosts,
-            dir,
-            planet,
-            net,
-        }
+/// Starts `flatwire-agent` on host `i` of `lab` with identity `id` and `extra` flags; waits
+/// until its HTTP API answers.
+fn agent(lab: &mut Lab, i: usize, name: &str, bin: &Path, id: &Identity, extra: &[&str]) -> Agent {
+    let home = lab.dir.path().join(name);
+    std::fs::create_dir_all(&home).unwrap();
+    std::fs::write(
+        home.join("identity.secret"),
+        format!("{}\n", id.to_secret_string().unwrap()),
+    )
+    .unwrap();
+    std::fs::write(home.join("identity.public"), format!("{id}\n")).unwrap();
+    let mut cmd = format!(
+        "RUST_LOG=info exec {} --home {h} --port {PORT} --planet {p} --socket {h}/agent.sock --metrics-listen 127.0.0.1:9994 --identity-pool 0",
+        bin.display(),
+        h = home.display(),
+        p = lab.planet_file.display(),
+    );
+    for e in extra {
+        cmd.push(' ');
+        cmd.push_str(e);
     }
-
-    fn ip(&self, i: usize) -> String {
-        format!("198.18.{}.{}", self.net, i + 1)
-    }
-
-    /// Starts `flatwire-agent` on host `i` with identity `id` and `extra` flags; waits until
-    /// its HTTP API answers.
-    fn agent(&mut self, i: usize, name: &str, bin: &Path, id: &Identity, extra: &[&str]) -> Agent {
-        let home = self.dir.path().join(name);
-        std::fs::create_dir_all(&home).unwrap();
-        std::fs::write(
-            home.join("identity.secret"),
-            format!("{}\n", id.to_secret_string().unwrap()),
-        )
-        .unwrap();
-        std::fs::write(home.join("identity.public"), format!("{id}\n")).unwrap();
-        let planet = home.join("planet.in");
-        std::fs::write(&planet, &self.planet).unwrap();
-        let mut cmd = format!(
-            "RUST_LOG=info exec {} --home {h} --port {PORT} --planet {p} --socket {h}/agent.sock --metrics-listen 127.0.0.1:9994",
-            bin.display(),
-            h = home.display(),
-            p = planet.display(),
-        );
-        for e in extra {
-            cmd.push(' ');
-            cmd.push_str(e);
-        }
-        cmd.push_str(&format!(" >{}/out.log 2>&1", home.display()));
-        let host = self.hosts[i].clone();
-        self.t.spawn(&host, "sh", &["-c", &cmd]).unwrap();
-        let a = Agent { host, home };
-        wait_for(
-            &format!("agent {name} answers its HTTP API"),
-            30,
-            || a.log(),
-            || a.api("GET", "/status", None).ok(),
-        );
-        a
-    }
-
-    /// Starts `zerotier-one` on host `i` with identity `id`.
-    fn zt(&mut self, i: usize, name: &str, bin: &Path, id: &Identity) -> ZtNode {
-        let home = self.dir.path().join(name);
-        let host = self.hosts[i].clone();
-        let ip = self.ip(i);
-        let planet = self.planet.clone();
-        let z = ZtNode::start(
-            &mut self.t,
-            &host,
-            bin,
-            &home,
-            &ip,
-            &planet,
-            ZtOptions {
-                identity: Some((id.to_secret_string().unwrap(), id.to_string())),
-                ..ZtOptions::default()
-            },
-        );
-        assert_eq!(z.address, id.address().to_string());
-        z
-    }
+    cmd.push_str(&format!(" >{}/out.log 2>&1", home.display()));
+    let host = lab.hosts[i].clone();
+    lab.t.spawn(&host, "sh", &["-c", &cmd]).unwrap();
+    let a = Agent { host, home };
+    wait_for(
+        &format!("agent {name} answers its HTTP API"),
+        30,
+        || a.log(),
+        || a.api("GET", "/status", None).ok(),
+    );
+    a
 }
 
 /// The network body for a ZeroTier-style controller API: private, an IPv4 pool, its route
@@ -208,9 +143,28 @@ fn network_body(name: &str, prefix: &str) -> Value {
     })
 }
 
-/// A member body: authorized with role `role` (1 blue, 2 green).
-fn member_body(role: u64) -> Value {
-    json!({"authorized": true, "tags": [[1, role]]})
+/// Creates network `nwid` (pool `<prefix>.10-50`, [`RULES`]) through a ZeroTier-style
+/// controller API (`post(path, body)`) and authorizes `members` with their roles.
+fn create_network(
+    post: impl Fn(&str, &Value) -> Result<Value, String>,
+    nwid: &str,
+    name: &str,
+    prefix: &str,
+    members: &[(flatwire_vl1::Address, u64)],
+) {
+    let created = post(
+        &format!("/controller/network/{nwid}"),
+        &network_body(name, prefix),
+    )
+    .expect("create the network");
+    assert_eq!(created["id"].as_str(), Some(nwid), "{created}");
+    for (who, role) in members {
+        post(
+            &format!("/controller/network/{nwid}/member/{who}"),
+            &json!({"authorized": true, "tags": [[1, role]]}),
+        )
+        .expect("authorize a member");
+    }
 }
 
 /// Waits until ZeroTier One reports `nwid` OK with an IPv4 address; that address.
@@ -356,27 +310,18 @@ fn zt_one_joins_our_agent_controller() {
     let bin = agent_binary(Profile::Debug).expect("build flatwire-agent");
     let (root_id, ctl_id, fw_id, zt_id) = (generate(), generate(), generate(), generate());
     let mut lab = Lab::new(24, &["root", "ctl", "fw", "zt"], &root_id);
-    let _root = lab.agent(0, "root", &bin, &root_id, &["--root"]);
-    let ctl = lab.agent(1, "ctl", &bin, &ctl_id, &["--controller"]);
-    let fw = lab.agent(2, "fw", &bin, &fw_id, &[]);
+    let _root = agent(&mut lab, 0, "root", &bin, &root_id, &["--root"]);
+    let ctl = agent(&mut lab, 1, "ctl", &bin, &ctl_id, &["--controller"]);
+    let fw = agent(&mut lab, 2, "fw", &bin, &fw_id, &[]);
 
     let nwid = format!("{}c0ffee", ctl_id.address());
-    let created = ctl
-        .api(
-            "POST",
-            &format!("/controller/network/{nwid}"),
-            Some(&network_body("agent-interop", "10.79.0")),
-        )
-        .expect("create the network on our agent's controller");
-    assert_eq!(created["id"].as_str(), Some(nwid.as_str()), "{created}");
-    for (who, role) in [(fw_id.address(), 1), (zt_id.address(), 2)] {
-        ctl.api(
-            "POST",
-            &format!("/controller/network/{nwid}/member/{who}"),
-            Some(&member_body(role)),
-        )
-        .expect("authorize a member");
-    }
+    create_network(
+        |path, body| ctl.api("POST", path, Some(body)),
+        &nwid,
+        "agent-interop",
+        "10.79.0",
+        &[(fw_id.address(), 1), (zt_id.address(), 2)],
+    );
     println!(
         "PASS {tag} network with compiled tag rules created through our agent's controller API"
     );
@@ -421,25 +366,18 @@ fn our_agent_joins_zt_one_controller() {
         90,
     );
     let nwid = format!("{}c0ffee", ctl_id.address());
-    let created = c
-        .api(
-            &format!("/controller/network/{nwid}"),
-            Some(&network_body("zt-agent-interop", "10.80.0")),
-        )
-        .expect("create the network on ZeroTier One's controller");
-    assert_eq!(created["id"].as_str(), Some(nwid.as_str()), "{created}");
-    for (who, role) in [(fw_id.address(), 1), (ctl_id.address(), 2)] {
-        c.api(
-            &format!("/controller/network/{nwid}/member/{who}"),
-            Some(&member_body(role)),
-        )
-        .expect("authorize a member");
-    }
+    create_network(
+        |path, body| c.api(path, Some(body)),
+        &nwid,
+        "zt-agent-interop",
+        "10.80.0",
+        &[(fw_id.address(), 1), (ctl_id.address(), 2)],
+    );
     println!(
         "PASS {tag} network with our compiled tag rules created through ZeroTier One's controller API"
     );
 
-    let fw = lab.agent(2, "fw", &bin, &fw_id, &[]);
+    let fw = agent(&mut lab, 2, "fw", &bin, &fw_id, &[]);
     fw.api("POST", &format!("/network/{nwid}"), Some(&json!({})))
         .expect("join through our agent's API");
     c.cli(&["join", &nwid]).expect("zerotier-cli join");

@@ -18,14 +18,11 @@
 //!   assigned, and exactly the rules, tags and capabilities the controller holds; and
 //!   ACCESS_DENIED on a second network it is not authorized on.
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
 
-use flatwire_tests::netns::Topology;
-use flatwire_tests::zt_planet;
 use flatwire_tests::ztlab::{
-    FwNode, ZtNode, ZtOptions, build_example, hex, read, tail, wait_for, zt_bin_or_skip, zt_version,
+    FwNode, Lab, ZtNode, build_example, hex, read, tail, wait_for, zt_bin_or_skip, zt_version,
 };
 use flatwire_vl1::Identity;
 use flatwire_vl2::netconf::NetworkConfig;
@@ -81,84 +78,20 @@ fn rules_hex(rules: &[Rule]) -> String {
     hex(&b)
 }
 
-/// A topology with one switch and hosts `names` at 198.18.<net>.1.., and our planet whose
-/// one root is `root_id` at the first host.
-struct Lab {
-    t: Topology,
-    hosts: Vec<flatwire_tests::netns::Host>,
-    dir: tempfile::TempDir,
-    planet: Vec<u8>,
-    planet_file: std::path::PathBuf,
-    net: u8,
-}
-
-impl Lab {
-    fn new(net: u8, names: &[&str], root_id: &Identity) -> Lab {
-        let dir = tempfile::tempdir().unwrap();
-        let mut t = Topology::new().unwrap();
-        let mut sw = t.switch("sw").unwrap();
-        let mut hosts = Vec::new();
-        for (i, n) in names.iter().enumerate() {
-            let h = t.host(n).unwrap();
-            t.plug(&mut sw, &h, &format!("198.18.{net}.{}/24", i + 1))
-                .unwrap();
-            hosts.push(h);
-        }
-        let endpoint: SocketAddr = format!("198.18.{net}.1:9993").parse().unwrap();
-        let planet = zt_planet!(root_id, endpoint);
-        let planet_file = dir.path().join("planet");
-        std::fs::write(&planet_file, &planet).unwrap();
-        Lab {
-            t,
-            hosts,
-            dir,
-            planet,
-            planet_file,
-            net,
-        }
-    }
-
-    fn ip(&self, i: usize) -> String {
-        format!("198.18.{}.{}", self.net, i + 1)
-    }
-
-    /// Starts `vl2-node` on host `i` with identity `id` and `args`.
-    fn fw(&mut self, i: usize, name: &str, bin: &Path, id: &Identity, args: &[String]) -> FwNode {
-        let d = self.dir.path().join(name);
-        std::fs::create_dir_all(&d).unwrap();
-        std::fs::write(d.join("identity.secret"), id.to_secret_string().unwrap()).unwrap();
-        let mut all = vec![
-            "--bind".to_owned(),
-            format!("{}:9993", self.ip(i)),
-            "--planet".to_owned(),
-            self.planet_file.display().to_string(),
-        ];
-        all.extend_from_slice(args);
-        let host = self.hosts[i].clone();
-        FwNode::start(&mut self.t, &host, bin, &d, &all)
-    }
-
-    /// Starts `zerotier-one` on host `i` with identity `id`.
-    fn zt(&mut self, i: usize, name: &str, bin: &Path, id: &Identity) -> ZtNode {
-        let home = self.dir.path().join(name);
-        let host = self.hosts[i].clone();
-        let ip = self.ip(i);
-        let planet = self.planet.clone();
-        let z = ZtNode::start(
-            &mut self.t,
-            &host,
-            bin,
-            &home,
-            &ip,
-            &planet,
-            ZtOptions {
-                identity: Some((id.to_secret_string().unwrap(), id.to_string())),
-                ..ZtOptions::default()
-            },
-        );
-        assert_eq!(z.address, id.address().to_string());
-        z
-    }
+/// Starts `vl2-node` on host `i` of `lab` with identity `id` and `args`.
+fn fw(lab: &mut Lab, i: usize, name: &str, bin: &Path, id: &Identity, args: &[String]) -> FwNode {
+    let d = lab.dir.path().join(name);
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::write(d.join("identity.secret"), id.to_secret_string().unwrap()).unwrap();
+    let mut all = vec![
+        "--bind".to_owned(),
+        format!("{}:9993", lab.ip(i)),
+        "--planet".to_owned(),
+        lab.planet_file.display().to_string(),
+    ];
+    all.extend_from_slice(args);
+    let host = lab.hosts[i].clone();
+    FwNode::start(&mut lab.t, &host, bin, &d, &all)
 }
 
 /// Waits until ZeroTier One reports `nwid` with `status`.
@@ -221,7 +154,7 @@ fn our_controller_real_member() {
 
     let (root_id, ctl_id, zt_id, our_id) = (generate(), generate(), generate(), generate());
     let mut lab = Lab::new(22, &["root", "ctl", "zt", "fw"], &root_id);
-    let root = lab.fw(0, "root", &bin, &root_id, &["--root".to_owned()]);
+    let root = fw(&mut lab, 0, "root", &bin, &root_id, &["--root".to_owned()]);
     root.wait_line("root role", 10, "role root", &[]);
 
     // The controller's networks: one where ZeroTier One is authorized with tags and a
@@ -252,7 +185,8 @@ fn our_controller_real_member() {
     let specs_file = lab.dir.path().join("networks.json");
     std::fs::write(&specs_file, specs.to_string()).unwrap();
     let store = lab.dir.path().join("controller.d");
-    let ctl = lab.fw(
+    let ctl = fw(
+        &mut lab,
         1,
         "ctl",
         &bin,
@@ -407,7 +341,8 @@ fn our_controller_real_member() {
     pass("authorizing at our controller pushed a NETWORK_CONFIG: ZeroTier One went OK at once");
 
     // (5) Frames between ZeroTier One and our member on the network.
-    let m = lab.fw(
+    let m = fw(
+        &mut lab,
         3,
         "member",
         &bin,
@@ -562,7 +497,8 @@ fn real_controller_our_member() {
         lab.t.spawn(&h, "sh", &["-c", &cmd]).unwrap();
         std::thread::sleep(std::time::Duration::from_millis(500));
     }
-    let m = lab.fw(
+    let m = fw(
+        &mut lab,
         2,
         "member",
         &bin,

@@ -41,6 +41,14 @@ pub mod timers {
     pub const QUEUE_TIMEOUT: u64 = 5000;
     /// Gap between introductions of one pair.
     pub const MIN_UNITE_INTERVAL: u64 = 30000;
+    /// Wait between the NAT-opening datagram sent on a RENDEZVOUS and the contact
+    /// (HELLO/ECHO) that follows it. The far side gets its copy of the introduction at about
+    /// the same time and opens its own NAT then; a contact that reached that NAT first would
+    /// leave an unsolicited entry there, and a Linux NAT then maps the far side's own flow
+    /// to us to another port than the one the root announced, so hole punching fails for
+    /// good. The wait covers the far side being a little late (busy, or farther from the
+    /// root).
+    pub const RENDEZVOUS_CONTACT_DELAY: u64 = 200;
     /// Peer activity window.
     pub const PEER_ACTIVITY: u64 = 500000;
     /// Identity verification gate per source prefix.
@@ -462,7 +470,8 @@ struct Local {
     whois_sent: HashMap<Address, u64>,
     parked: VecDeque<(u64, LocalSocket, SocketAddr, Vec<u8>)>,
     queued: VecDeque<(u64, Address, Verb, Vec<u8>)>,
-    /// Introductions (RENDEZVOUS) to peers whose identity is still being asked for:
+    /// Introductions (RENDEZVOUS) whose contact is still due: waiting for
+    /// [`timers::RENDEZVOUS_CONTACT_DELAY`] or for the peer's identity (WHOIS):
     /// (received at, peer, socket, address to contact).
     introductions: VecDeque<(u64, Address, LocalSocket, SocketAddr)>,
 }
@@ -754,14 +763,20 @@ impl Node {
             .iter()
             .any(|l| !l.parked.is_empty() || !l.queued.is_empty() || !l.introductions.is_empty());
         if pending {
-            self.next_ping.min(
-                self.locals
+            let whois = self
+                .locals
+                .iter()
+                .flat_map(|l| l.whois_sent.values())
+                .map(|t| t + timers::WHOIS_RETRY);
+            // Introductions of unknown peers wait on their WHOIS instead.
+            let contacts = self.locals.iter().flat_map(|l| {
+                l.introductions
                     .iter()
-                    .flat_map(|l| l.whois_sent.values())
-                    .map(|t| t + timers::WHOIS_RETRY)
-                    .min()
-                    .unwrap_or(self.next_ping),
-            )
+                    .filter(|i| l.peers.contains_key(&i.1))
+                    .map(|i| i.0 + timers::RENDEZVOUS_CONTACT_DELAY)
+            });
+            self.next_ping
+                .min(whois.chain(contacts).min().unwrap_or(self.next_ping))
         } else {
             self.next_ping
         }
@@ -774,6 +789,7 @@ impl Node {
         for li in 0..self.locals.len() {
             self.expire_queues(now, li);
             self.retry_whois(now, li);
+            self.contact_introduced(now, li);
         }
         if now >= self.next_ping {
             self.next_ping = now + timers::PING_CHECK;
@@ -1891,15 +1907,22 @@ impl Node {
         true
     }
 
-    fn retry_waiting(&mut self, now: u64, li: usize) {
+    /// Contacts the peers of introductions whose wait is over and whose identity is known.
+    fn contact_introduced(&mut self, now: u64, li: usize) {
         let introductions: Vec<_> = self.locals[li].introductions.drain(..).collect();
         for (t, peer, s, addr) in introductions {
-            if self.locals[li].peers.contains_key(&peer) {
+            if self.locals[li].peers.contains_key(&peer)
+                && now.saturating_sub(t) >= timers::RENDEZVOUS_CONTACT_DELAY
+            {
                 self.contact(now, li, peer, s, addr);
             } else {
                 self.locals[li].introductions.push_back((t, peer, s, addr));
             }
         }
+    }
+
+    fn retry_waiting(&mut self, now: u64, li: usize) {
+        self.contact_introduced(now, li);
         let parked: Vec<_> = self.locals[li].parked.drain(..).collect();
         for (t, s, r, pkt) in parked {
             let src = Packet::new_checked(&pkt[..]).map(|v| v.source());
@@ -1984,25 +2007,26 @@ impl Node {
             return;
         }
         // 1.x first sends 4 random bytes with IP TTL 2 to open local NAT/firewall state
-        // without reaching the far side, then contacts the peer there.
+        // without reaching the far side, then contacts the peer there at once. We contact it
+        // a little later (see timers::RENDEZVOUS_CONTACT_DELAY): both sides' NATs are open
+        // by then, so neither contact arrives at a NAT before its own side's opening.
         let mut junk = self.take_buf();
         junk.extend_from_slice(&self.rng.next8()[..4]);
         self.push_buf(socket, r.addr, junk, Some(2));
-        if self.locals[li].peers.contains_key(&r.peer) {
-            return self.contact(now, li, r.peer, socket, r.addr);
-        }
-        // A root introduces a pair while relaying the first packets between them, so the
-        // receiver of those packets usually gets the introduction before it knows the
-        // sender. 1.x drops it then, leaving the sender to punch alone (which fails between
-        // two NATs and, on a Linux NAT, leaves an entry that takes the port the receiver's
-        // own attempt needs) until the next introduction 30 s later. We have opened our NAT
-        // above at once; we ask for the identity and contact the peer as soon as it is known.
         let l = &mut self.locals[li];
         if l.introductions.len() >= QUEUE_LIMIT {
             l.introductions.pop_front();
         }
         l.introductions.push_back((now, r.peer, socket, r.addr));
-        self.whois(now, li, r.peer);
+        // A root introduces a pair while relaying the first packets between them, so the
+        // receiver of those packets usually gets the introduction before it knows the
+        // sender. 1.x drops it then, leaving the sender to punch alone (which fails between
+        // two NATs and, on a Linux NAT, leaves an entry that takes the port the receiver's
+        // own attempt needs) until the next introduction 30 s later. We have opened our NAT
+        // above at once; we ask for the identity and contact the peer once it is known.
+        if !l.peers.contains_key(&r.peer) {
+            self.whois(now, li, r.peer);
+        }
     }
 
     fn contact(

@@ -425,9 +425,11 @@ fn an_introduction_to_an_unknown_peer_opens_the_nat_at_once_and_contacts_it_once
         "B's first datagram to A opens its NAT"
     );
     assert!(!net.nodes[2].0.knows_peer(b.address(), a.address()));
-    // Once OK(WHOIS) told B who A is, B contacts A there itself.
+    // Once OK(WHOIS) told B who A is and A's NAT had time to open, B contacts A there itself.
     net.step(100);
     assert!(net.nodes[2].0.knows_peer(b.address(), a.address()));
+    assert_eq!(b_to_a(&net), vec![Some(2)], "B waits before contacting A");
+    net.step(timers::RENDEZVOUS_CONTACT_DELAY);
     let sent = b_to_a(&net);
     assert!(
         sent.len() > 1 && sent[1..].iter().all(|t| t.is_none()),

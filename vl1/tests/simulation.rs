@@ -73,6 +73,10 @@ struct Host {
     received: Vec<(Address, Vec<u8>)>,
     /// One-way delay of the host's access link (ms), added to the 1 ms of every datagram.
     delay: u64,
+    /// How long the node takes to get to a datagram that passed its NAT (ms): a busy agent.
+    lag: u64,
+    /// Datagrams that passed the NAT, waiting for the node: (due time, from, datagram).
+    inbox: VecDeque<(u64, SocketAddr, Vec<u8>)>,
 }
 
 impl Host {
@@ -141,12 +145,24 @@ impl Sim {
                 {
                     continue;
                 }
-                let before = h.node.drops().values().sum::<u64>();
-                let is_for_me = data.len() >= 18 && data[8..13] == h.addr.to_bytes();
-                h.node.handle_datagram(now, LocalSocket(0), from, &data);
-                if !is_for_me && h.node.is_root() && h.node.drops().values().sum::<u64>() == before
-                {
-                    *self.relayed_by.entry(i).or_default() += 1;
+                h.inbox.push_back((now + h.lag, from, data));
+            }
+            // The nodes handle the datagrams that passed their NATs once their lag is over.
+            for (i, h) in self.hosts.iter_mut().enumerate() {
+                while h.inbox.front().is_some_and(|d| d.0 <= now) {
+                    let (_, from, data) = h.inbox.pop_front().unwrap();
+                    if !h.alive {
+                        continue;
+                    }
+                    let before = h.node.drops().values().sum::<u64>();
+                    let is_for_me = data.len() >= 18 && data[8..13] == h.addr.to_bytes();
+                    h.node.handle_datagram(now, LocalSocket(0), from, &data);
+                    if !is_for_me
+                        && h.node.is_root()
+                        && h.node.drops().values().sum::<u64>() == before
+                    {
+                        *self.relayed_by.entry(i).or_default() += 1;
+                    }
                 }
             }
             // Collect output.
@@ -234,6 +250,8 @@ fn sim(spec: &[(&str, Option<&str>)], roots: usize) -> Sim {
             alive: true,
             received: Vec::new(),
             delay: 0,
+            lag: 0,
+            inbox: VecDeque::new(),
         })
         .collect();
     Sim {
@@ -456,6 +474,37 @@ fn the_first_introduction_succeeds_although_the_far_side_does_not_know_the_peer_
         sim.relayed_by.values().sum::<u64>(),
         relayed,
         "nothing relayed"
+    );
+}
+
+/// The RENDEZVOUS of a pair that already knows each other reaches both at about the same
+/// time, but B's agent is busy and gets to it (and so opens its NAT) 3 ms late, while A could
+/// contact B at once: seen between two agents in network namespaces. A contact that reaches
+/// B's NAT before B's own opening datagram leaves an entry there that takes B's port toward
+/// A, so both sides wait a moment after opening their NATs before contacting.
+#[test]
+fn an_introduction_succeeds_although_one_side_is_slow_to_open_its_nat() {
+    let mut sim = two_nats();
+    sim.hosts[1].delay = 0;
+    let (root, a, b) = (0, 1, 2);
+    let (na, nb) = (sim.hosts[a].public().ip(), sim.hosts[b].public().ip());
+    // The first introduction fails (datagrams between the NATs are lost), so that both know
+    // each other when the root introduces them again, 30 s later.
+    sim.blackhole = Some((sim.now + 10_000, na, nb));
+    let first = sim.talk(root, a, b, 25);
+    assert!(first.len() == 1 && !sim.direct_both_ways(a, b), "{first:?}");
+    let (aa, ba) = (sim.hosts[a].addr, sim.hosts[b].addr);
+    assert!(sim.hosts[a].node.knows_peer(aa, ba) && sim.hosts[b].node.knows_peer(ba, aa));
+    sim.hosts[b].lag = 3;
+    let second = sim.talk(root, a, b, 10);
+    assert_eq!(
+        second.len(),
+        1,
+        "introduced again: {first:?} then {second:?}"
+    );
+    assert!(
+        sim.direct_both_ways(a, b),
+        "direct after the second introduction ({first:?} then {second:?})"
     );
 }
 

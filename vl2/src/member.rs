@@ -533,6 +533,12 @@ impl Network {
         self.refresh_subscriptions(now);
     }
 
+    /// The groups this member announces: the ARP and NDP groups of its own addresses and the
+    /// groups its host port subscribed to, in order.
+    pub fn subscriptions(&self) -> impl Iterator<Item = MulticastGroup> + '_ {
+        self.subscriptions.iter().copied()
+    }
+
     /// Marks the port failed (status PORT_ERROR) or recovered.
     pub fn set_port_error(&mut self, failed: bool) {
         let s = if failed {

@@ -8,20 +8,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use flatwire_tests::netns::Host;
-use flatwire_tests::planet::Planet;
-use flatwire_tests::process::Proc;
+use flatwire_tests::planet::{Planet, Tcp};
 use serde_json::Value;
-
-/// One `iperf3` run: what the receiver got and what the sender had to resend.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Tcp {
-    /// Goodput at the receiver, Gbit/s.
-    pub gbps: f64,
-    /// Bytes the receiver got.
-    pub bytes: u64,
-    /// TCP retransmissions at the sender.
-    pub retransmits: u64,
-}
 
 /// Runs `iperf3` with `streams` parallel TCP streams for `seconds`: the server in `server`
 /// (port `port`), the client in `client` sending to `to`.
@@ -34,64 +22,10 @@ pub fn iperf(
     seconds: u32,
     port: u16,
 ) -> Result<Tcp> {
-    let port_s = port.to_string();
-    let mut cmd = server.command("iperf3");
-    cmd.args(["-s", "-1", "-p", &port_s])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    let mut srv = Proc::spawn(&format!("iperf3 server in {}", server.name()), &mut cmd)?;
-    planet.wait(
-        &format!("iperf3 to listen in {}", server.name()),
-        Duration::from_secs(5),
-        || {
-            let out = server.run("ss", &["-Hltn", &format!("sport = :{port}")])?;
-            Ok((!out.stdout.is_empty()).then_some(()))
-        },
-    )?;
-    let out = client
-        .command("iperf3")
-        .args([
-            "-c",
-            &to.to_string(),
-            "-p",
-            &port_s,
-            "-J",
-            "--connect-timeout",
-            "2000",
-        ])
-        .args(["-t", &seconds.to_string(), "-P", &streams.to_string()])
-        .stdin(Stdio::null())
-        .output()
-        .context("running the iperf3 client")?;
-    srv.stop();
-    let v: Value = serde_json::from_slice(&out.stdout).with_context(|| {
-        format!(
-            "iperf3 -c {to} printed no JSON ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        )
-    })?;
-    parse_iperf(&v).with_context(|| format!("iperf3 -c {to} -P {streams}"))
-}
-
-/// The figures of an `iperf3 -J` client report.
-fn parse_iperf(v: &Value) -> Result<Tcp> {
-    if let Some(e) = v["error"].as_str() {
-        bail!("iperf3: {e}");
-    }
-    let end = &v["end"];
-    let (Some(bps), Some(bytes)) = (
-        end["sum_received"]["bits_per_second"].as_f64(),
-        end["sum_received"]["bytes"].as_u64(),
-    ) else {
-        bail!("no end.sum_received in the iperf3 report");
-    };
-    Ok(Tcp {
-        gbps: bps / 1e9,
-        bytes,
-        retransmits: end["sum_sent"]["retransmits"].as_u64().unwrap_or(0),
-    })
+    planet
+        .iperf_report(server, client, to, port, streams, seconds)?
+        .map_err(|e| anyhow::anyhow!("{e}"))
+        .with_context(|| format!("iperf3 -c {to} -P {streams}"))
 }
 
 /// Round-trip times of one `ping` run, in microseconds.
@@ -391,6 +325,7 @@ pub fn drops_since(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use flatwire_tests::planet::parse_iperf;
 
     #[test]
     fn iperf_reports_parse() {
@@ -408,12 +343,7 @@ mod tests {
             }
         );
         let err: Value = serde_json::from_str(r#"{"error": "unable to connect"}"#).unwrap();
-        assert!(
-            parse_iperf(&err)
-                .unwrap_err()
-                .to_string()
-                .contains("unable")
-        );
+        assert!(parse_iperf(&err).unwrap_err().contains("unable"));
     }
 
     #[test]

@@ -2,9 +2,10 @@
 
 use std::collections::BTreeMap;
 
+use flatwire_tests::planet::Tcp;
 use serde_json::{Value, json};
 
-use super::measure::{Counters, Rtt, Tcp};
+use super::measure::{Counters, Rtt};
 use super::members::MemberRss;
 use crate::table::Table;
 
