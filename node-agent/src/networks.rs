@@ -405,17 +405,9 @@ impl Vl2 {
             None => None,
         };
         let mut v = Self {
-            me,
             ctl,
             upstream: is_root.then(|| Upstream::new(seed())),
-            nets: Vec::new(),
-            upstreams: roots.iter().copied().filter(|r| *r != me).collect(),
-            rng: seed(),
-            sends: Vec::new(),
-            loopback: Vec::new(),
-            link_jobs: None,
-            groups: Vec::new(),
-            tap_rejected: 0,
+            ..Self::for_member(me, roots)
         };
         for nwid in networks {
             let _ = v.join(*nwid, now);

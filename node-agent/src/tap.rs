@@ -244,31 +244,13 @@ fn configure_in_netns(
     ifindex: u32,
     link: &NetnsLink,
 ) -> Result<u32, TapError> {
-    let rt = || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_io()
-            .build()
-            .map_err(|source| TapError::Io {
-                what: "build netlink runtime",
-                source,
-            })
-    };
     let nl = |what: &str| {
         let what = what.to_string();
         move |source| TapError::Netlink { what, source }
     };
-    let connect = || {
-        let (conn, handle, _) = rtnetlink::new_connection().map_err(|source| TapError::Io {
-            what: "open rtnetlink socket",
-            source,
-        })?;
-        tokio::spawn(conn);
-        Ok::<_, TapError>(handle)
-    };
 
     // 1. In the host namespace: move the link.
-    rt()?.block_on(async {
-        let handle = connect()?;
+    netlink(async |handle| {
         handle
             .link()
             .set(
@@ -289,8 +271,7 @@ fn configure_in_netns(
 
     // 3. In the namespace: find it again (the index may change on a clash), rename, up,
     //    addresses, routes.
-    rt()?.block_on(async {
-        let handle = connect()?;
+    netlink(async |handle| {
         let mut links = handle
             .link()
             .get()
@@ -360,17 +341,11 @@ pub struct LinkState {
     pub routes: Vec<LinkRoute>,
 }
 
-fn exists(e: &rtnetlink::Error) -> bool {
-    matches!(e, rtnetlink::Error::NetlinkError(m) if m.raw_code() == -libc::EEXIST)
-}
-
-/// Brings the link `ifindex` of the current network namespace up with `state`'s MTU,
-/// reconciles its addresses to `state.addresses` and adds `state.routes`. Idempotent.
-/// Blocks on its own single-threaded runtime: call it from a plain OS thread, never from a
-/// tokio worker.
-pub fn configure_link(ifindex: u32, state: &LinkState) -> Result<(), TapError> {
-    use rtnetlink::packet_route::address::AddressAttribute;
-    let nl = |what: String| move |source| TapError::Netlink { what, source };
+/// Runs `f` with an rtnetlink handle on a fresh single-threaded runtime: netlink round trips
+/// block, so call it from a plain OS thread, never from a tokio worker.
+fn netlink<T>(
+    f: impl AsyncFnOnce(rtnetlink::Handle) -> Result<T, TapError>,
+) -> Result<T, TapError> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_io()
         .build()
@@ -384,6 +359,22 @@ pub fn configure_link(ifindex: u32, state: &LinkState) -> Result<(), TapError> {
             source,
         })?;
         tokio::spawn(conn);
+        f(handle).await
+    })
+}
+
+fn exists(e: &rtnetlink::Error) -> bool {
+    matches!(e, rtnetlink::Error::NetlinkError(m) if m.raw_code() == -libc::EEXIST)
+}
+
+/// Brings the link `ifindex` of the current network namespace up with `state`'s MTU,
+/// reconciles its addresses to `state.addresses` and adds `state.routes`. Idempotent.
+/// Blocks on its own single-threaded runtime: call it from a plain OS thread, never from a
+/// tokio worker.
+pub fn configure_link(ifindex: u32, state: &LinkState) -> Result<(), TapError> {
+    use rtnetlink::packet_route::address::AddressAttribute;
+    let nl = |what: String| move |source| TapError::Netlink { what, source };
+    netlink(async |handle| {
         handle
             .link()
             .set(
@@ -509,19 +500,7 @@ pub fn inspect_link(ifname: &str) -> Result<Option<LinkInfo>, TapError> {
     use rtnetlink::packet_route::address::AddressAttribute;
     use rtnetlink::packet_route::link::LinkAttribute;
     let nl = |what: String| move |source| TapError::Netlink { what, source };
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_io()
-        .build()
-        .map_err(|source| TapError::Io {
-            what: "build netlink runtime",
-            source,
-        })?;
-    rt.block_on(async {
-        let (conn, handle, _) = rtnetlink::new_connection().map_err(|source| TapError::Io {
-            what: "open rtnetlink socket",
-            source,
-        })?;
-        tokio::spawn(conn);
+    netlink(async |handle| {
         let mut links = handle.link().get().match_name(ifname.to_string()).execute();
         let msg = match links.next().await {
             Some(Ok(msg)) => msg,

@@ -49,19 +49,6 @@ fn write_json(path: &Path, v: serde_json::Value) {
     std::fs::write(path, v.to_string()).unwrap();
 }
 
-/// The IPv4 address on `dev` in `host`'s namespace, if any.
-fn ipv4_of(host: &Host, dev: &str) -> Option<Ipv4Addr> {
-    let out = host
-        .run("ip", &["-4", "-o", "addr", "show", "dev", dev])
-        .ok()?;
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let word = text
-        .split_whitespace()
-        .skip_while(|w| *w != "inet")
-        .nth(1)?;
-    word.split('/').next()?.parse().ok()
-}
-
 /// One ping; true when it was answered.
 fn ping1(host: &Host, to: &str) -> bool {
     host.run("ping", &["-c", "1", "-W", "1", to])
@@ -245,7 +232,7 @@ impl Lab {
         let deadline = Instant::now() + Duration::from_secs(30);
         lab.host_ip = loop {
             assert!(lab.agent.try_status().is_none(), "host agent exited");
-            if let Some(ip) = ipv4_of(&lab.host, &tap) {
+            if let Some(ip) = lab.host.ipv4_on(&tap) {
                 break ip;
             }
             assert!(Instant::now() < deadline, "the host member got no address");
@@ -420,7 +407,7 @@ fn pods_attach_ping_survive_a_restart_and_detach() {
         link.contains("eth0") && link.contains(&r1.mac) && link.contains("mtu 2800"),
         "{link}"
     );
-    assert_eq!(ipv4_of(&p1, "eth0").unwrap().to_string(), ip_of(&r1));
+    assert_eq!(p1.ipv4_on("eth0").unwrap().to_string(), ip_of(&r1));
     let routes = p1.run("ip", &["route", "show", "default"]).unwrap();
     let routes = String::from_utf8_lossy(&routes.stdout).into_owned();
     assert!(routes.contains(&format!("via {}", lab.host_ip)), "{routes}");

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use flatwire_agent::host;
 use flatwire_api::{ClientOptions, connect_checked, v1};
 use flatwire_tests::netns::{Host, Topology};
+use flatwire_tests::planet::sample;
 use flatwire_tests::process::Proc;
 use flatwire_vl1::{Identity, Root, World, WorldType};
 
@@ -42,17 +43,6 @@ fn scrape(host: &Host) -> String {
         .run("curl", &["-s", "-m", "5", "http://127.0.0.1:9994/metrics"])
         .unwrap();
     String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// The value of the sample whose name-and-labels part is `series`.
-fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines().find_map(|l| {
-        l.strip_prefix(series)?
-            .strip_prefix(' ')?
-            .trim()
-            .parse()
-            .ok()
-    })
 }
 
 fn total_drops(text: &str) -> f64 {

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use flatwire_agent::networks::tap_name;
 use flatwire_tests::netns::{Host, Topology};
+use flatwire_tests::planet::ping_in;
 use flatwire_tests::process::Proc;
 
 use flatwire_vl2::NetworkId;
@@ -17,25 +18,12 @@ mod common;
 
 use common::{assert_root, new_identity, start_agent};
 
-/// The IPv4 address on `dev` in `host`'s namespace, if any.
-fn ipv4_of(host: &Host, dev: &str) -> Option<Ipv4Addr> {
-    let out = host
-        .run("ip", &["-4", "-o", "addr", "show", "dev", dev])
-        .ok()?;
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let word = text
-        .split_whitespace()
-        .skip_while(|w| *w != "inet")
-        .nth(1)?;
-    word.split('/').next()?.parse().ok()
-}
-
 /// Waits (at most `limit`) for an IPv4 address on `dev`.
 fn wait_ipv4(host: &Host, dev: &str, proc: &mut Proc, limit: Duration) -> Ipv4Addr {
     let deadline = Instant::now() + limit;
     loop {
         assert!(proc.try_status().is_none(), "{} exited", proc.name());
-        if let Some(a) = ipv4_of(host, dev) {
+        if let Some(a) = host.ipv4_on(dev) {
             return a;
         }
         assert!(
@@ -45,36 +33,6 @@ fn wait_ipv4(host: &Host, dev: &str, proc: &mut Proc, limit: Duration) -> Ipv4Ad
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-}
-
-/// Runs `ping` in `host`; returns (success, stdout).
-fn ping(host: &Host, to: Ipv4Addr, count: &str) -> (bool, String) {
-    let out = host
-        .run(
-            "ping",
-            &["-c", count, "-W", "1", "-i", "0.2", &to.to_string()],
-        )
-        .map(|o| {
-            (
-                o.status.success(),
-                String::from_utf8_lossy(&o.stdout).into_owned(),
-            )
-        });
-    match out {
-        Ok(r) => r,
-        Err(e) => (false, e.to_string()),
-    }
-}
-
-fn rtt_avg(ping_out: &str) -> Option<f64> {
-    let line = ping_out.lines().find(|l| l.contains("min/avg/max"))?;
-    line.split('=')
-        .nth(1)?
-        .trim()
-        .split('/')
-        .nth(1)?
-        .parse()
-        .ok()
 }
 
 #[test]
@@ -200,12 +158,16 @@ fn controller_and_two_members_ping_over_the_overlay() {
     );
 
     let t = Instant::now();
-    let (ok, out) = ping(&hosts[1], ip2, "3");
-    assert!(ok, "ping {ip1} -> {ip2} over the overlay failed:\n{out}");
+    let r = ping_in(&hosts[1], ip2.into(), 3);
+    assert!(
+        r.ok,
+        "ping {ip1} -> {ip2} over the overlay failed:\n{}",
+        r.output
+    );
     eprintln!(
         "ping -c 3 m1 -> m2 ok in {:?}, rtt avg {:?} ms",
         t.elapsed(),
-        rtt_avg(&out)
+        r.rtt_ms
     );
     let neigh = hosts[1]
         .run("ip", &["neigh", "show", "dev", &tap, &ip2.to_string()])
@@ -216,8 +178,8 @@ fn controller_and_two_members_ping_over_the_overlay() {
         neigh.contains(&mac2),
         "no ARP entry for {ip2} ({mac2}): {neigh}"
     );
-    let (ok, out) = ping(&hosts[2], ip1, "3");
-    assert!(ok, "ping {ip2} -> {ip1} failed:\n{out}");
+    let r = ping_in(&hosts[2], ip1.into(), 3);
+    assert!(r.ok, "ping {ip2} -> {ip1} failed:\n{}", r.output);
 
     // Restart m2 without --join: it rejoins from networks.d, gets the same address, and
     // traffic flows again within 5 s.
@@ -229,13 +191,14 @@ fn controller_and_two_members_ping_over_the_overlay() {
     assert_eq!(ip2b, ip2, "the restarted member got another address");
     let deadline = restarted + Duration::from_secs(5);
     loop {
-        let (ok, out) = ping(&hosts[1], ip2, "1");
-        if ok {
+        let r = ping_in(&hosts[1], ip2.into(), 1);
+        if r.ok {
             break;
         }
         assert!(
             Instant::now() < deadline,
-            "no ping to the restarted member within 5 s:\n{out}"
+            "no ping to the restarted member within 5 s:\n{}",
+            r.output
         );
     }
     eprintln!(
@@ -248,7 +211,7 @@ fn controller_and_two_members_ping_over_the_overlay() {
     assert!(m3.try_status().is_none(), "m3 exited");
     assert!(hosts[3].run("ip", &["link", "show", "dev", &tap]).is_ok());
     assert_eq!(
-        ipv4_of(&hosts[3], &tap),
+        hosts[3].ipv4_on(&tap),
         None,
         "unauthorized member got an IP"
     );

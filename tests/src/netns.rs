@@ -57,6 +57,19 @@ impl Host {
     pub fn run(&self, program: &str, args: &[&str]) -> Result<Output, HarnessError> {
         run_checked(self.command(program).args(args))
     }
+
+    /// The first IPv4 address on interface `dev` in this namespace, if any.
+    pub fn ipv4_on(&self, dev: &str) -> Option<std::net::Ipv4Addr> {
+        let out = self
+            .run("ip", &["-4", "-o", "addr", "show", "dev", dev])
+            .ok()?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let word = text
+            .split_whitespace()
+            .skip_while(|w| *w != "inet")
+            .nth(1)?;
+        word.split('/').next()?.parse().ok()
+    }
 }
 
 /// A Linux bridge living in a namespace of its own (a switch hosts can be plugged into).

@@ -1258,6 +1258,28 @@ impl Planet {
         }
     }
 
+    /// Floods 300 pings of 1000 bytes, 5 ms apart, from `from` to `to` and counts the packets
+    /// root agent `root` received meanwhile (600 when it relays both directions); the ping
+    /// summary and that count.
+    pub fn flood(
+        &self,
+        from: &Member,
+        to: IpAddr,
+        root: &str,
+    ) -> Result<(String, u64), PlanetError> {
+        let root = self.agent(root);
+        let before = root.underlay_rx_packets()?;
+        let target = to.to_string();
+        let out = from.ns.run(
+            "ping",
+            &[
+                "-n", "-q", "-c", "300", "-i", "0.005", "-s", "1000", &target,
+            ],
+        )?;
+        let grown = root.underlay_rx_packets()?.saturating_sub(before);
+        Ok((String::from_utf8_lossy(&out.stdout).into_owned(), grown))
+    }
+
     /// Measures TCP throughput with `iperf3` for `seconds`: server in `server`'s namespace on
     /// `port`, client in `client`'s namespace connecting to `to`. `None` when the client
     /// could not connect (within 2 s) or got no result.

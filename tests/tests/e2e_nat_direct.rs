@@ -65,26 +65,7 @@ fn hosts_behind_two_masquerade_nats_go_direct() {
     );
 
     // 300 pings of 1000 bytes: relayed, the root would receive 600 packets.
-    let root = p.agent("root0");
-    let before = root.underlay_rx_packets().unwrap();
-    let flood =
-        a.ns.run(
-            "ping",
-            &[
-                "-n",
-                "-q",
-                "-c",
-                "300",
-                "-i",
-                "0.005",
-                "-s",
-                "1000",
-                &to_b.to_string(),
-            ],
-        )
-        .unwrap();
-    let summary = String::from_utf8_lossy(&flood.stdout).into_owned();
-    let grown = root.underlay_rx_packets().unwrap() - before;
+    let (summary, grown) = p.flood(&a, to_b, "root0").unwrap();
     eprintln!("root received {grown} packets during the flood: {summary}");
     assert!(summary.contains(" 0% packet loss"), "{summary}");
     assert!(

@@ -299,15 +299,22 @@ fn traffic(
     }
 }
 
-#[test]
-fn zt_one_joins_our_agent_controller() {
-    let Some(zt) = zt_bin_or_skip(SKIP) else {
-        return;
-    };
+/// The `zerotier-one` binary (or `None` after saying the test skips), its version and our
+/// agent binary.
+fn binaries(tag: &str) -> Option<(PathBuf, String, PathBuf)> {
+    let zt = zt_bin_or_skip(SKIP)?;
     let version = zt_version(&zt);
-    let tag = "[ZeroTier One member, our agent controller, our root]";
     println!("{tag} ZeroTier One version {version}");
     let bin = agent_binary(Profile::Debug).expect("build flatwire-agent");
+    Some((zt, version, bin))
+}
+
+#[test]
+fn zt_one_joins_our_agent_controller() {
+    let tag = "[ZeroTier One member, our agent controller, our root]";
+    let Some((zt, version, bin)) = binaries(tag) else {
+        return;
+    };
     let (root_id, ctl_id, fw_id, zt_id) = (generate(), generate(), generate(), generate());
     let mut lab = Lab::new(24, &["root", "ctl", "fw", "zt"], &root_id);
     let _root = agent(&mut lab, 0, "root", &bin, &root_id, &["--root"]);
@@ -348,13 +355,10 @@ fn zt_one_joins_our_agent_controller() {
 
 #[test]
 fn our_agent_joins_zt_one_controller() {
-    let Some(zt) = zt_bin_or_skip(SKIP) else {
+    let tag = "[our agent member, ZeroTier One controller, ZeroTier One root]";
+    let Some((zt, version, bin)) = binaries(tag) else {
         return;
     };
-    let version = zt_version(&zt);
-    let tag = "[our agent member, ZeroTier One controller, ZeroTier One root]";
-    println!("{tag} ZeroTier One version {version}");
-    let bin = agent_binary(Profile::Debug).expect("build flatwire-agent");
     let (root_id, ctl_id, fw_id) = (generate(), generate(), generate());
     let mut lab = Lab::new(25, &["root", "ctl", "fw"], &root_id);
     let _root = lab.zt(0, "ztroot", &zt, &root_id);
