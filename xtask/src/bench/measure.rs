@@ -87,7 +87,7 @@ fn parse_ping_times(text: &str) -> Vec<f64> {
 }
 
 /// The nearest-rank percentile `p` of sorted, non-empty `sorted`.
-fn percentile(sorted: &[f64], p: f64) -> f64 {
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
     sorted[rank.clamp(1, sorted.len()) - 1]
 }

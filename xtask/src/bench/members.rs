@@ -12,8 +12,9 @@ use flatwire_tests::netns::Host;
 use flatwire_tests::planet::{self, Planet};
 use tonic::transport::Channel;
 
-/// Resident memory of the agent after its first and after its last attached member.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Resident memory of the agent after its first and after its last attached member, and how
+/// long each gRPC `Attach` took (to the answer: TAP in the pod, config, addresses set).
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct MemberRss {
     /// With one attached member, bytes.
     pub one: u64,
@@ -21,6 +22,17 @@ pub struct MemberRss {
     pub all: u64,
     /// How many members were attached.
     pub members: usize,
+    /// Attach latency p50, ms.
+    pub attach_p50_ms: f64,
+    /// Attach latency p99, ms.
+    pub attach_p99_ms: f64,
+}
+
+impl MemberRss {
+    /// Memory per attached member beyond the first, bytes.
+    pub fn per_member(&self) -> u64 {
+        self.all.saturating_sub(self.one) / (self.members.max(2) as u64 - 1)
+    }
 }
 
 /// A gRPC client of one agent, on a runtime of its own.
@@ -102,9 +114,12 @@ pub fn attach_many(
     let started = Instant::now();
     let mut one = 0;
     let mut pods = Vec::with_capacity(count);
+    let mut took = Vec::with_capacity(count);
     for i in 0..count {
         let pod = planet.topology().host(&format!("pod{i}"))?;
+        let t = Instant::now();
         client.attach(&pod, nwid)?;
+        took.push(t.elapsed().as_secs_f64() * 1e3);
         if i == 0 {
             one = super::measure::rss(pid)?;
         }
@@ -129,9 +144,12 @@ pub fn attach_many(
     }
     // Let the members' first config exchanges and the TAP queues settle.
     std::thread::sleep(Duration::from_secs(2));
+    took.sort_by(f64::total_cmp);
     Ok(MemberRss {
         one,
         all: super::measure::rss(pid)?,
         members: count,
+        attach_p50_ms: super::measure::percentile(&took, 50.0),
+        attach_p99_ms: super::measure::percentile(&took, 99.0),
     })
 }

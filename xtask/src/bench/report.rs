@@ -327,6 +327,23 @@ impl Figures {
             "agent RSS, all attached, MiB",
             ["".into(), "".into(), all],
         );
+        let (per, attach) = match &self.rss_members {
+            Ok(m) => (
+                format!("{:.0}", m.per_member() as f64 / 1024.0),
+                format!("{:.0} / {:.0}", m.attach_p50_ms, m.attach_p99_ms),
+            ),
+            Err(why) => (format!("missing: {why}"), format!("missing: {why}")),
+        };
+        row(
+            &mut t,
+            "agent memory per attached member, KiB",
+            ["".into(), "".into(), per],
+        );
+        row(
+            &mut t,
+            "gRPC Attach p50 / p99, ms (sequential)",
+            ["".into(), "".into(), attach],
+        );
         t
     }
 
@@ -398,6 +415,8 @@ impl Figures {
                     .collect::<serde_json::Map<_, _>>(),
                 "rss_attached": self.rss_members.as_ref().map_or(Value::Null, |m| json!({
                     "members": m.members, "one_bytes": m.one, "all_bytes": m.all,
+                    "per_member_bytes": m.per_member(),
+                    "attach_ms": {"p50": m.attach_p50_ms, "p99": m.attach_p99_ms},
                 })),
                 "rss_attached_missing": self.rss_members.as_ref().err(),
             },
@@ -488,7 +507,17 @@ mod tests {
             one: 20 * 1024 * 1024,
             all: 50 * 1024 * 1024,
             members: 100,
+            attach_p50_ms: 120.0,
+            attach_p99_ms: 900.0,
         });
+        assert_eq!(
+            f.to_json()["agent"]["rss_attached"]["attach_ms"]["p99"],
+            900.0
+        );
+        assert_eq!(
+            f.to_json()["agent"]["rss_attached"]["per_member_bytes"],
+            30 * 1024 * 1024 / 99
+        );
         let o = f.outcomes();
         assert_eq!(o[3].value, Some(50.0));
         assert_eq!(o[3].met, Some(false));
