@@ -304,28 +304,7 @@ fn configure_in_netns(
                 .await
                 .map_err(nl(&format!("add address {a} to {}", link.ifname)))?;
         }
-        for r in &link.routes {
-            let mut b = RouteMessageBuilder::<IpAddr>::new()
-                .destination_prefix(r.dst.addr, r.dst.len)
-                .map_err(|e| TapError::Io {
-                    what: "route destination",
-                    source: io::Error::new(io::ErrorKind::InvalidInput, e.to_string()),
-                })?
-                .output_interface(index);
-            if let Some(gw) = r.gateway {
-                b = b.gateway(gw).map_err(|e| TapError::Io {
-                    what: "route gateway",
-                    source: io::Error::new(io::ErrorKind::InvalidInput, e.to_string()),
-                })?;
-            }
-            // The kernel adds the connected route of an address itself: an equal one exists.
-            match handle.route().add(b.build()).execute().await {
-                Err(e) if !exists(&e) => {
-                    return Err(nl(&format!("add route {} via {:?}", r.dst, r.gateway))(e));
-                }
-                _ => {}
-            }
-        }
+        add_routes(&handle, index, &link.routes).await?;
         Ok(index)
     })
 }
@@ -361,6 +340,40 @@ fn netlink<T>(
         tokio::spawn(conn);
         f(handle).await
     })
+}
+
+/// Adds `routes` through link `index`; routes that already exist (the kernel adds the
+/// connected route of an address itself) are fine.
+async fn add_routes(
+    handle: &rtnetlink::Handle,
+    index: u32,
+    routes: &[LinkRoute],
+) -> Result<(), TapError> {
+    let invalid = |what, e: String| TapError::Io {
+        what,
+        source: io::Error::new(io::ErrorKind::InvalidInput, e),
+    };
+    for r in routes {
+        let mut b = RouteMessageBuilder::<IpAddr>::new()
+            .destination_prefix(r.dst.addr, r.dst.len)
+            .map_err(|e| invalid("route destination", e.to_string()))?
+            .output_interface(index);
+        if let Some(gw) = r.gateway {
+            b = b
+                .gateway(gw)
+                .map_err(|e| invalid("route gateway", e.to_string()))?;
+        }
+        match handle.route().add(b.build()).execute().await {
+            Err(e) if !exists(&e) => {
+                return Err(TapError::Netlink {
+                    what: format!("add route {} via {:?}", r.dst, r.gateway),
+                    source: e,
+                });
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 fn exists(e: &rtnetlink::Error) -> bool {
@@ -427,27 +440,7 @@ pub fn configure_link(ifindex: u32, state: &LinkState) -> Result<(), TapError> {
                 _ => {}
             }
         }
-        for r in &state.routes {
-            let mut b = RouteMessageBuilder::<IpAddr>::new()
-                .destination_prefix(r.dst.addr, r.dst.len)
-                .map_err(|e| TapError::Io {
-                    what: "route destination",
-                    source: io::Error::new(io::ErrorKind::InvalidInput, e.to_string()),
-                })?
-                .output_interface(ifindex);
-            if let Some(gw) = r.gateway {
-                b = b.gateway(gw).map_err(|e| TapError::Io {
-                    what: "route gateway",
-                    source: io::Error::new(io::ErrorKind::InvalidInput, e.to_string()),
-                })?;
-            }
-            match handle.route().add(b.build()).execute().await {
-                Err(e) if !exists(&e) => {
-                    return Err(nl(format!("add route {} via {:?}", r.dst, r.gateway))(e));
-                }
-                _ => {}
-            }
-        }
+        add_routes(&handle, ifindex, &state.routes).await?;
         Ok(())
     })
 }

@@ -572,6 +572,24 @@ pub struct Planet {
 }
 
 impl Planet {
+    /// A planet whose hosts `a` and `b` sit behind NATs of kind `nat`, both joined to one
+    /// network; returns once `a` pings `b` (through whatever path), with both members.
+    pub fn pair_behind(agent: PathBuf, nat: Nat) -> Result<(Self, Member, Member), PlanetError> {
+        let p = Planet::start(
+            &PlanetSpec::new(agent)
+                .host("a", Some(nat))
+                .host("b", Some(nat)),
+        )?;
+        let net = p.create_network(&NetworkSpec::new("pair"))?;
+        let a = p.join("a", &net, &[])?;
+        let b = p.join("b", &net, &[])?;
+        let to_b = b
+            .ipv4
+            .ok_or_else(|| PlanetError::Invalid("b has no IPv4 address".into()))?;
+        p.wait_ping(&a, to_b.into(), Duration::from_secs(10))?;
+        Ok((p, a, b))
+    }
+
     /// Builds the topology, writes the planet file, starts the roots, then the controllers and
     /// hosts, and waits until every agent is online.
     pub fn start(spec: &PlanetSpec) -> Result<Self, PlanetError> {

@@ -6,28 +6,17 @@
 use std::time::{Duration, Instant};
 
 use flatwire_tests::netns::Nat;
-use flatwire_tests::planet::{self, NetworkSpec, PathKind, Planet, PlanetSpec, Profile};
+use flatwire_tests::planet::{self, PathKind, Planet, Profile};
 
 #[test]
 fn hosts_behind_two_masquerade_nats_go_direct() {
     planet::check_root().unwrap();
     let agent = planet::agent_binary(Profile::Debug).unwrap();
-    let p = Planet::start(
-        &PlanetSpec::new(agent)
-            .host("a", Some(Nat::Masquerade))
-            .host("b", Some(Nat::Masquerade)),
-    )
-    .unwrap();
-    let net = p.create_network(&NetworkSpec::new("nat")).unwrap();
-    let a = p.join("a", &net, &[]).unwrap();
-    let b = p.join("b", &net, &[]).unwrap();
-    let to_b = b.ipv4.unwrap().into();
     let t = Instant::now();
-    p.wait_ping(&a, to_b, Duration::from_secs(10)).unwrap();
+    let (p, a, b) = Planet::pair_behind(agent, Nat::Masquerade).unwrap();
     eprintln!("first ping a -> b after {:?}", t.elapsed());
+    let to_b = b.ipv4.unwrap().into();
     // Traffic in both directions keeps the NAT mappings and the root's introductions going.
-    // The first introduction may reach b before b knows a's identity (a's first packet is still
-    // waiting for WHOIS), so only a punches; the root introduces again 30 s later.
     let to_a = a.ipv4.unwrap().into();
     let limit = Duration::from_secs(45);
     let direct = loop {

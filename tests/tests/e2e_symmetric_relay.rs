@@ -6,25 +6,16 @@
 use std::time::{Duration, Instant};
 
 use flatwire_tests::netns::Nat;
-use flatwire_tests::planet::{self, NetworkSpec, PathKind, Planet, PlanetSpec, Profile};
+use flatwire_tests::planet::{self, PathKind, Planet, Profile};
 
 #[test]
 fn symmetric_nats_fall_back_to_the_root_relay() {
     planet::check_root().unwrap();
     let agent = planet::agent_binary(Profile::Debug).unwrap();
-    let p = Planet::start(
-        &PlanetSpec::new(agent)
-            .host("a", Some(Nat::Symmetric))
-            .host("b", Some(Nat::Symmetric)),
-    )
-    .unwrap();
-    let net = p.create_network(&NetworkSpec::new("sym")).unwrap();
-    let a = p.join("a", &net, &[]).unwrap();
-    let b = p.join("b", &net, &[]).unwrap();
-    let to_b = b.ipv4.unwrap().into();
     let t = Instant::now();
-    p.wait_ping(&a, to_b, Duration::from_secs(10)).unwrap();
+    let (p, a, b) = Planet::pair_behind(agent, Nat::Symmetric).unwrap();
     eprintln!("first ping a -> b after {:?}", t.elapsed());
+    let to_b = b.ipv4.unwrap().into();
     let back = p.ping(&b, a.ipv4.unwrap().into(), 3);
     assert!(back.ok, "b -> a failed:\n{}", back.output);
 

@@ -124,15 +124,21 @@ fn leaf(planet: &World, id: &Identity, addr: &str) -> (Node, SocketAddr) {
     )
 }
 
-#[test]
-fn rendezvous_opens_the_nat_with_a_ttl2_datagram_before_contact() {
+/// A root `r` at 10.0.0.1 and leaves `a` at 10.0.2.2 and `b` at 10.0.3.3, not yet stepped.
+fn root_and_two_leaves() -> (Net, Identity, Identity, Identity) {
     let (r, a, b) = (new_id(), new_id(), new_id());
     let p = planet(&[(&r, "10.0.0.1:9993")]);
-    let mut net = Net::new(vec![
+    let net = Net::new(vec![
         leaf(&p, &r, "10.0.0.1:9993"),
         leaf(&p, &a, "10.0.2.2:9993"),
         leaf(&p, &b, "10.0.3.3:9993"),
     ]);
+    (net, r, a, b)
+}
+
+#[test]
+fn rendezvous_opens_the_nat_with_a_ttl2_datagram_before_contact() {
+    let (mut net, _, a, b) = root_and_two_leaves();
     net.step(2000);
     net.nodes[1]
         .0
@@ -389,13 +395,7 @@ fn transmit_buffers_are_reused_and_a_short_caller_buffer_is_a_counted_drop() {
 
 #[test]
 fn an_introduction_to_an_unknown_peer_opens_the_nat_at_once_and_contacts_it_once_known() {
-    let (r, a, b) = (new_id(), new_id(), new_id());
-    let p = planet(&[(&r, "10.0.0.1:9993")]);
-    let mut net = Net::new(vec![
-        leaf(&p, &r, "10.0.0.1:9993"),
-        leaf(&p, &a, "10.0.2.2:9993"),
-        leaf(&p, &b, "10.0.3.3:9993"),
-    ]);
+    let (mut net, _, a, b) = root_and_two_leaves();
     net.step(2000);
     net.nodes[1]
         .0
@@ -520,13 +520,7 @@ fn packet_ids_are_distinct_within_and_across_nodes() {
 
 #[test]
 fn request_identity_resolves_a_peer_through_the_root_without_contacting_it() {
-    let (r, a, b) = (new_id(), new_id(), new_id());
-    let p = planet(&[(&r, "10.0.0.1:9993")]);
-    let mut net = Net::new(vec![
-        leaf(&p, &r, "10.0.0.1:9993"),
-        leaf(&p, &a, "10.0.2.2:9993"),
-        leaf(&p, &b, "10.0.3.3:9993"),
-    ]);
+    let (mut net, r, a, b) = root_and_two_leaves();
     net.step(6000);
     let mark = net.sent.len();
     net.nodes[1]
@@ -597,13 +591,7 @@ fn a_burst_of_new_nodes_in_one_prefix_all_reach_a_peer_quickly() {
 
 #[test]
 fn replayed_and_duplicated_packets_are_dropped_and_counted() {
-    let (r, a, b) = (new_id(), new_id(), new_id());
-    let p = planet(&[(&r, "10.0.0.1:9993")]);
-    let mut net = Net::new(vec![
-        leaf(&p, &r, "10.0.0.1:9993"),
-        leaf(&p, &a, "10.0.2.2:9993"),
-        leaf(&p, &b, "10.0.3.3:9993"),
-    ]);
+    let (mut net, _, a, b) = root_and_two_leaves();
     net.step(2000);
     net.nodes[1]
         .0
