@@ -7,10 +7,8 @@
 //! removes everything, twice, and the agent's refusals (unknown network, exhausted pool) come
 //! back as actionable CNI errors.
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
-use flatwire_api::v1;
 use flatwire_tests::netns::{Host, Topology};
 use flatwire_tests::process::Proc;
 use flatwire_vl2::NetworkId;
@@ -18,52 +16,13 @@ use flatwire_vl2::NetworkId;
 mod common;
 
 use common::{
-    CniEnv, Run, assert_root, netconf, new_identity, plugin, start_agent, wait_socket, write_planet,
+    CniEnv, Run, assert_root, attachments, netconf, new_identity, plugin, result_ip, start_agent,
+    wait_socket, write_planet,
 };
-
-/// The attachments the agent at `socket` holds for the network name `flatwire`.
-fn attachments(socket: &Path) -> Vec<v1::Attachment> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let mut c = flatwire_api::connect(socket, flatwire_api::ClientOptions::default())
-            .await
-            .unwrap();
-        c.list_attachments(v1::ListAttachmentsRequest {
-            network_name: "flatwire".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .attachments
-    })
-}
 
 fn ok(run: Run, what: &str) -> Run {
     assert!(run.ok, "{what}: {run:?}");
     run
-}
-
-/// The first IPv4 (`v4`) or IPv6 address of `eth0` in a CNI result, without its prefix.
-fn result_ip(result: &serde_json::Value, v4: bool) -> String {
-    let eth0 = result["interfaces"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .position(|i| i["name"] == "eth0")
-        .unwrap_or_else(|| panic!("no eth0 in {result}"));
-    result["ips"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|ip| ip["interface"] == eth0)
-        .filter_map(|ip| ip["address"].as_str())
-        .filter_map(|a| a.split('/').next())
-        .find(|a| a.contains(':') != v4)
-        .unwrap_or_else(|| panic!("no IPv{} address in {result}", if v4 { 4 } else { 6 }))
-        .to_owned()
 }
 
 fn ping(from: &Host, to: &str) -> bool {
@@ -413,6 +372,13 @@ fn cnitool_attaches_two_pods_that_ping_with_check_gc_portmap_and_del() {
         "cnitool del pod2",
     );
     assert!(attachments(&socket).is_empty());
+    // With the last primary pod gone, so is the agent's NAT chain.
+    let chain = flatwire_agent::attach::NAT_CHAIN;
+    let nat = node.run("iptables", &["-t", "nat", "-S"]).unwrap();
+    assert!(
+        !String::from_utf8_lossy(&nat.stdout).contains(chain),
+        "{chain} outlived the last pod"
+    );
 
     // The agent's refusals arrive as actionable CNI errors: an unknown network (NOT_FOUND ->
     // 102), a network that does not accept the host's vouch (PERMISSION_DENIED -> 101) and an
@@ -452,6 +418,21 @@ fn cnitool_attaches_two_pods_that_ping_with_check_gc_portmap_and_del() {
     assert!(
         pods[2].run("ip", &["link", "show", "net2"]).is_err(),
         "a failed ADD left its interface behind"
+    );
+    // Nor a TAP on the node, nor a NAT rule for the refused attachments (only tiny0's).
+    let links = node.run("ip", &["-o", "link", "show"]).unwrap();
+    let links = String::from_utf8_lossy(&links.stdout).into_owned();
+    assert!(
+        !links.lines().any(|l| l.contains(": fp")),
+        "a failed ADD left a TAP on the node:\n{links}"
+    );
+    let nat = node.run("iptables", &["-t", "nat", "-S", chain]).unwrap();
+    let nat = String::from_utf8_lossy(&nat.stdout).into_owned();
+    assert!(
+        nat.lines()
+            .filter(|l| l.starts_with("-A"))
+            .all(|l| l.contains(&tiny)),
+        "NAT rules of refused attachments:\n{nat}"
     );
     assert!(agent.try_status().is_none(), "the host agent exited");
     agent.stop();

@@ -5,11 +5,19 @@
 //! name `fp<member address>`, MAC [`Mac::from_address`]), moves it into the namespace renamed
 //! to the requested interface name, adds the member to the data plane with a [`Vouch`] signed
 //! by the host identity (pod `namespace/name/uid`, else the container id), waits (bounded) for
-//! the controller's config, then sets the MTU, addresses and routes in the namespace. Primary
-//! mode adds a default route per address family via the host's own member address on the same
-//! network (the pods' gateway) when the host has joined it; otherwise it acts as secondary and
-//! logs so. Any failure undoes everything (the member leaves the data plane, which closes the
-//! TAP and so destroys it; the identity is discarded).
+//! the controller's config, then sets the MTU, addresses and routes in the namespace.
+//!
+//! Primary mode makes the host's own member of the network the pods' gateway: a default route
+//! per address family via the host member's address. The first primary network claims the host
+//! TAP name [`PRIMARY_TAP`] (`flatwire0`; the host member is rejoined once to take it, see
+//! [`networks::claim_primary`]); while a network has primary attachments, forwarding is on and
+//! pod traffic leaving the network is masqueraded behind the host (see [`gateway`]); the NAT
+//! rules go with the network's last primary attachment. When the host has not joined the
+//! network there is no gateway: the pod is attached as secondary, and the log says so.
+//! Secondary mode installs only the network's routes.
+//!
+//! Any failure undoes everything (the member leaves the data plane, which closes the TAP and so
+//! destroys it; the identity is discarded; NAT rules installed for it alone are removed).
 //!
 //! Each attachment is a file `HOME/attachments/<member address>.json` (`0600`, written
 //! atomically): the member's secret identity and the `flatwire.agent.v1.Attachment` message
@@ -36,10 +44,14 @@ use serde::{Deserialize, Serialize};
 
 use crate::dataplane::{NewMember, NodeHandle};
 use crate::mcast::Memberships;
-use crate::networks::link_state;
+use crate::networks::{self, PRIMARY_TAP, link_state};
 use crate::pool::IdentityPool;
 use crate::state::{Sensitivity, StateDir};
 use crate::tap::{self, IpPrefix, LinkRoute, LinkState, NetnsLink, Tap, TapConfig};
+
+mod gateway;
+
+pub use gateway::CHAIN as NAT_CHAIN;
 
 /// The attachment records under the state directory.
 pub const ATTACHMENTS_DIR: &str = "attachments";
@@ -116,6 +128,21 @@ impl Entry {
     fn result(&self) -> v1::AttachResult {
         self.attachment.result.clone().unwrap_or_default()
     }
+
+    /// The network when the attachment uses the host member as its gateway (primary mode
+    /// with the host on the network): it holds a use of the network's NAT rules.
+    fn gateway_network(&self) -> Option<NetworkId> {
+        gatewayed(self.attachment.result.as_ref()?)
+    }
+}
+
+/// The network of `r` when its addresses have a gateway (primary mode via the host member).
+fn gatewayed(r: &v1::AttachResult) -> Option<NetworkId> {
+    if r.addresses.iter().any(|a| !a.gateway.is_empty()) {
+        NetworkId::from_str(&r.network_id).ok()
+    } else {
+        None
+    }
 }
 
 /// The file form of an [`Entry`].
@@ -183,6 +210,30 @@ pub struct Attachments {
     config_timeout: Duration,
     /// One slot per key; its async lock serializes the calls for that key.
     slots: Mutex<HashMap<Key, Arc<tokio::sync::Mutex<Option<Entry>>>>>,
+    /// Networks serving as the pods' gateway (see [`Attachments::take_gateway`]); the lock
+    /// serializes gateway setup and teardown.
+    gateways: tokio::sync::Mutex<HashMap<NetworkId, Gateway>>,
+}
+
+/// A network whose host member is the pods' gateway.
+#[derive(Debug)]
+struct Gateway {
+    /// How many attachments use it.
+    users: usize,
+    /// The host member's addresses when the first of them came (the gateways of the rest).
+    addresses: Vec<IpPrefix>,
+}
+
+/// The first address of each family in `pod` among `host`: the pod's gateways.
+fn gateways_for(host: &[IpPrefix], pod: &[IpPrefix]) -> Vec<IpAddr> {
+    let mut out: Vec<IpAddr> = Vec::new();
+    for a in host {
+        let family_wanted = pod.iter().any(|p| p.addr.is_ipv4() == a.addr.is_ipv4());
+        if family_wanted && !out.iter().any(|o| o.is_ipv4() == a.addr.is_ipv4()) {
+            out.push(a.addr);
+        }
+    }
+    out
 }
 
 impl std::fmt::Debug for Attachments {
@@ -211,6 +262,7 @@ impl Attachments {
             dir: StateDir::open(state.root().join(ATTACHMENTS_DIR))?,
             config_timeout,
             slots: Mutex::new(HashMap::new()),
+            gateways: tokio::sync::Mutex::new(HashMap::new()),
         })
     }
 
@@ -267,6 +319,9 @@ impl Attachments {
         let entry = self.attach_new(&spec).await?;
         if let Err(e) = self.persist(&entry).await {
             self.node.remove_member(entry.member()).await;
+            if let Some(nwid) = entry.gateway_network() {
+                self.release_gateway(nwid).await;
+            }
             return Err(e);
         }
         let result = entry.result();
@@ -363,7 +418,9 @@ impl Attachments {
                     return Err(AttachError::Denied(format!(
                         "the controller {} refused member {member} on network {nwid} \
                          (access denied: the host {} must be an authorized member of the \
-                         network to vouch for its pods)",
+                         network to vouch for its pods, and where the network requires pod \
+                         bindings (the operator's networks), the pod must be bound to this \
+                         host; a retry succeeds once the operator has written the binding)",
                         nwid.controller(),
                         self.host.address()
                     )));
@@ -393,7 +450,7 @@ impl Attachments {
             )));
         }
         let gateways = if spec.mode == v1::Mode::Primary {
-            self.host_gateways(nwid, &state.addresses).await
+            self.take_gateway(nwid, &state.addresses).await?
         } else {
             Vec::new()
         };
@@ -414,7 +471,12 @@ impl Attachments {
                 gateway: Some(*gw),
             });
         }
-        configure_in(&spec.netns_path, ifindex, state.clone()).await?;
+        if let Err(e) = configure_in(&spec.netns_path, ifindex, state.clone()).await {
+            if !gateways.is_empty() {
+                self.release_gateway(nwid).await;
+            }
+            return Err(e);
+        }
         Ok(v1::AttachResult {
             ifname: spec.key.ifname.clone(),
             mac: mac.to_string(),
@@ -455,30 +517,139 @@ impl Attachments {
         })
     }
 
-    /// The host's own member addresses on `nwid`, one per address family the pod has: the
-    /// pods' default gateways. Empty (with a log line) when the host has not joined `nwid`.
-    async fn host_gateways(&self, nwid: NetworkId, pod: &[IpPrefix]) -> Vec<IpAddr> {
-        let host = self
-            .node
-            .snapshot()
-            .await
-            .and_then(|s| s.networks.into_iter().find(|n| n.nwid == nwid));
-        let Some(host) = host.filter(|n| !n.addresses.is_empty()) else {
+    /// Makes the host's own member of `nwid` the gateway of one more attachment and returns
+    /// its addresses of the families in `pod` (the pods' default gateways). The network's first
+    /// use claims the TAP name [`PRIMARY_TAP`] (rejoining the host member to take it, then
+    /// waiting until its TAP carries its addresses), turns on forwarding and installs the NAT
+    /// rules. Later uses take the host addresses found then (no data-plane round trip, which
+    /// matters with many concurrent attaches). Empty, with a log line and no use taken, when
+    /// the host has not joined `nwid`. Pair every non-empty answer with
+    /// [`Attachments::release_gateway`].
+    async fn take_gateway(
+        &self,
+        nwid: NetworkId,
+        pod: &[IpPrefix],
+    ) -> Result<Vec<IpAddr>, AttachError> {
+        let mut users = self.gateways.lock().await;
+        if let Some(g) = users.get_mut(&nwid) {
+            let out = gateways_for(&g.addresses, pod);
+            g.users += usize::from(!out.is_empty());
+            return Ok(out);
+        }
+        let Some(host) = self.host_network(nwid).await? else {
             tracing::info!(
                 %nwid,
-                "primary mode: the host is not a member of the network (or has no address on it \
-                 yet), so there is no gateway; attaching as secondary (network routes only)"
+                "primary mode: the host is not a member of the network, so there is no \
+                 gateway; attaching as secondary (network routes only)"
             );
-            return Vec::new();
+            return Ok(Vec::new());
         };
-        let mut out: Vec<IpAddr> = Vec::new();
-        for a in &host.addresses {
-            let family_wanted = pod.iter().any(|p| p.addr.is_ipv4() == a.addr.is_ipv4());
-            if family_wanted && !out.iter().any(|o| o.is_ipv4() == a.addr.is_ipv4()) {
-                out.push(a.addr);
+        if host.tap != PRIMARY_TAP && networks::claim_primary(nwid) {
+            tracing::info!(%nwid, old = %host.tap, new = PRIMARY_TAP,
+                "primary network: rejoining the host member to rename its TAP");
+            let gone = self.node.leave_network(nwid).await;
+            let back = self.node.join_network(nwid).await;
+            if gone.is_none() || back.is_none() {
+                return Err(AttachError::Unavailable(
+                    "the data plane is not answering".into(),
+                ));
             }
         }
-        out
+        let host = self.wait_host_link(nwid).await?;
+        let out = gateways_for(&host.addresses, pod);
+        if out.is_empty() {
+            tracing::info!(%nwid, "primary mode: the host member has no address of the pod's \
+                families, so there is no gateway; attaching as secondary (network routes only)");
+            return Ok(out);
+        }
+        let (prefixes, last) = (host.addresses.clone(), users.is_empty());
+        blocking("gateway", move || {
+            gateway::enable(nwid, &prefixes).map_err(|e| {
+                // Leave nothing half-done: what this call added goes again.
+                if let Err(undo) = gateway::disable(nwid, last) {
+                    tracing::error!(%nwid, error = %undo, "cannot undo the NAT rules");
+                }
+                AttachError::Internal(format!("primary mode on network {nwid}: {e}"))
+            })
+        })
+        .await?;
+        users.insert(
+            nwid,
+            Gateway {
+                users: 1,
+                addresses: host.addresses,
+            },
+        );
+        Ok(out)
+    }
+
+    /// Gives back a use taken by [`Attachments::take_gateway`]; the network's last use removes
+    /// its NAT rules (and the agent's chain when no gateway network is left). Forwarding and
+    /// the TAP name stay.
+    async fn release_gateway(&self, nwid: NetworkId) {
+        let mut users = self.gateways.lock().await;
+        let Some(g) = users.get_mut(&nwid) else {
+            return;
+        };
+        g.users = g.users.saturating_sub(1);
+        if g.users > 0 {
+            return;
+        }
+        users.remove(&nwid);
+        let last = users.is_empty();
+        let removed = blocking("gateway", move || {
+            gateway::disable(nwid, last).map_err(|e| AttachError::Internal(e.to_string()))
+        })
+        .await;
+        if let Err(e) = removed {
+            tracing::error!(%nwid, error = %e, "cannot remove the NAT rules of the network");
+        }
+    }
+
+    /// The host member's network `nwid` as the data plane shows it, `None` if not joined.
+    async fn host_network(
+        &self,
+        nwid: NetworkId,
+    ) -> Result<Option<crate::networks::NetworkSnapshot>, AttachError> {
+        let snapshot =
+            self.node.snapshot().await.ok_or_else(|| {
+                AttachError::Unavailable("the data plane is not answering".into())
+            })?;
+        Ok(snapshot.networks.into_iter().find(|n| n.nwid == nwid))
+    }
+
+    /// Waits (at most the config timeout) until the host member of `nwid` has addresses and
+    /// its TAP in the host namespace carries them.
+    async fn wait_host_link(
+        &self,
+        nwid: NetworkId,
+    ) -> Result<crate::networks::NetworkSnapshot, AttachError> {
+        let deadline = Instant::now() + self.config_timeout;
+        loop {
+            let host = self
+                .host_network(nwid)
+                .await?
+                .ok_or_else(|| AttachError::Unavailable(format!("the host left network {nwid}")))?;
+            if !host.addresses.is_empty() {
+                let (tap, want) = (host.tap.clone(), host.addresses.clone());
+                let on_link = blocking("inspect", move || {
+                    tap::inspect_link(&tap).map_err(|e| AttachError::Internal(e.to_string()))
+                })
+                .await?
+                .is_some_and(|l| want.iter().all(|a| l.addresses.contains(a)));
+                if on_link {
+                    return Ok(host);
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(AttachError::Unavailable(format!(
+                    "the host member of network {nwid} has no address on its TAP {} within \
+                     {:?}, so it cannot be the pods' gateway yet",
+                    host.tap, self.config_timeout
+                )));
+            }
+            tokio::time::sleep(CONFIG_POLL).await;
+        }
     }
 
     /// Removes the attachment of `key`; false when there was none. `netns_path` is only
@@ -498,6 +669,9 @@ impl Attachments {
             ));
         }
         self.forget(member).await;
+        if let Some(nwid) = e.gateway_network() {
+            self.release_gateway(nwid).await;
+        }
         tracing::info!(%member, network = %k.0, container = %k.1, ifname = %k.2, "detached");
         Ok(true)
     }
@@ -700,6 +874,7 @@ impl Attachments {
             })
             .collect::<Result<Vec<_>, AttachError>>()?;
         let name = member_tap_name(member);
+        let pod_addresses = addresses.clone();
         let link = NetnsLink {
             ifname: key.ifname.clone(),
             addresses,
@@ -721,6 +896,17 @@ impl Attachments {
             })
             .await
             .map_err(|e| AttachError::Unavailable(e.to_string()))?;
+        // Its routes already point at the host member: take its use of the gateway again (the
+        // kernel kept forwarding and NAT while the agent was away; this checks them).
+        if gatewayed(result).is_some() {
+            match self.take_gateway(nwid, &pod_addresses).await {
+                Ok(g) if !g.is_empty() => {}
+                Ok(_) => tracing::warn!(%member, %nwid, "restored pod's gateway is gone"),
+                Err(e) => {
+                    tracing::error!(%member, %nwid, error = %e, "cannot restore the pod's gateway");
+                }
+            }
+        }
         tracing::info!(%member, %nwid, netns = %attachment.netns_path, "attachment restored");
         let key = key_of(key);
         Ok((

@@ -9,13 +9,21 @@
 //! of a packet or a fragment); any other goes to the host's node, which relays it when it is a
 //! root and counts a drop otherwise. Every node sends through the shared port.
 //!
+//! Identities of the identity pool are warmed ahead of use ([`NodeHandle::warm_identity`]):
+//! each gets a standby node of its own, created at most one per [`WARM_INTERVAL`], whose
+//! ordinary first HELLO makes the roots validate the identity (a memory-hard hash, rate
+//! limited per source prefix) and pin its path long before a pod uses it; the standby node's
+//! keepalives keep it known (and introduce it again after a root restart).
+//! [`NodeHandle::add_member`] then takes over the standby node, already online, so the roots
+//! answer at once.
+//!
 //! The thread waits in `poll(2)` on the UDP socket and a wake-up socket, with the node's next
 //! timer as the timeout (no busy loop). Readable datagrams are taken in batches (`recvmmsg`,
 //! GRO) and fed to [`Node::handle_datagram`]; what the node wants sent goes out in batches
 //! (`sendmmsg`, GSO). Events go to the control plane over a bounded channel; snapshots (peers,
 //! stats, drops) are answered on request; metrics are refreshed once a second.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io::{self, IoSliceMut};
 use std::net::SocketAddr;
 use std::os::fd::AsFd;
@@ -30,6 +38,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use flatwire_vl1::node::{MAX_DATAGRAM_LEN, NodeStats};
 use flatwire_vl1::{Address, DropReason, Event, Identity, LocalSocket, Node, NodeConfig, World};
 use flatwire_vl2::NetworkId;
+use flatwire_vl2::rules::eval::RuleAction;
 use flatwire_vl2::vouch::Vouch;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use prometheus_client::metrics::gauge::Gauge;
@@ -55,6 +64,9 @@ pub const EVENT_QUEUE: usize = 1024;
 const PEER_TABLE_LIMIT: usize = 16 * 1024;
 /// How often metrics are refreshed (ms).
 const PUBLISH_INTERVAL: u64 = 1000;
+/// Gap between two pool identities warmed (ms): 4 a second stays inside a root's budget of
+/// identity validations per source prefix (16 per 2 s) with room for the pods attaching.
+pub const WARM_INTERVAL: u64 = 250;
 
 /// Errors of starting the data plane.
 #[derive(Debug, thiserror::Error)]
@@ -215,6 +227,7 @@ enum Command {
     Join(NetworkId, tokio::sync::oneshot::Sender<bool>),
     Leave(NetworkId, tokio::sync::oneshot::Sender<bool>),
     Controller(ControllerCall),
+    Warm(Box<Identity>),
     Stop,
 }
 
@@ -238,6 +251,7 @@ impl std::fmt::Debug for Command {
             Command::Join(..) => "Join",
             Command::Leave(..) => "Leave",
             Command::Controller(_) => "Controller",
+            Command::Warm(_) => "Warm",
             Command::Stop => "Stop",
         })
     }
@@ -374,6 +388,13 @@ impl NodeHandle {
         .await
     }
 
+    /// Queues pool identity `identity` (with its secret) for warming: a standby node of its
+    /// own says HELLO to the roots, paced (one per [`WARM_INTERVAL`]), so that attaching it
+    /// later needs no identity validation at the roots. False when the data plane stopped.
+    pub fn warm_identity(&self, identity: Identity) -> bool {
+        self.command(Command::Warm(Box::new(identity)))
+    }
+
     /// Tells the thread to stop; [`NodeHandle::join`] waits for it.
     pub fn stop(&self) {
         self.command(Command::Stop);
@@ -453,7 +474,12 @@ pub fn start(
                     let _ = started_tx.send(Ok(()));
                     let dp = DataPlane {
                         port,
-                        locals: vec![Local { address, node, vl2 }],
+                        locals: vec![Local {
+                            address,
+                            node,
+                            vl2,
+                            standby: false,
+                        }],
                         index: HashMap::from([(address, 0)]),
                         roots,
                         planet,
@@ -465,13 +491,15 @@ pub fn start(
                         peers,
                         metrics,
                         published_drops: HashMap::new(),
-                        published_relay: (0, 0),
+                        published_relay: NodeStats::default(),
                         local_drops: HashMap::new(),
                         names: HashMap::new(),
                         clock,
                         next_publish: 0,
                         tap_bufs: TapBufs::new(),
                         ready_taps: Vec::new(),
+                        warm_queue: VecDeque::new(),
+                        next_warm: 0,
                     };
                     dp.run();
                 }
@@ -564,6 +592,8 @@ struct Local {
     address: Address,
     node: Node,
     vl2: Vl2,
+    /// A warmed pool identity no pod uses yet (no network; events are dropped).
+    standby: bool,
 }
 
 struct DataPlane {
@@ -584,8 +614,9 @@ struct DataPlane {
     metrics: Arc<Metrics>,
     /// Drop totals already added to the metrics counters, by label.
     published_drops: HashMap<&'static str, u64>,
-    /// The host node's relayed packets and rendezvous already added to the metrics.
-    published_relay: (u64, u64),
+    /// The host node's relay counters (packets, bytes, rendezvous) already added to the
+    /// metrics.
+    published_relay: NodeStats,
     local_drops: HashMap<ShellDrop, u64>,
     /// `DropReason` label strings, made once per reason (a handful of small strings).
     names: HashMap<DropReason, &'static str>,
@@ -595,6 +626,10 @@ struct DataPlane {
     tap_bufs: TapBufs,
     /// (local, network) indices of the TAPs that polled readable (reused).
     ready_taps: Vec<(usize, usize)>,
+    /// Pool identities waiting for their standby node ([`NodeHandle::warm_identity`]).
+    warm_queue: VecDeque<Identity>,
+    /// When the next one may get it.
+    next_warm: u64,
 }
 
 impl DataPlane {
@@ -625,6 +660,7 @@ impl DataPlane {
                 tracing::info!("data plane stopped");
                 return;
             }
+            self.warm_next(now);
             self.drain_events();
             if let Err(e) = self.flush(&mut tx) {
                 tracing::error!(error = %e, "UDP socket failed; data plane stops");
@@ -640,6 +676,11 @@ impl DataPlane {
                 .iter()
                 .map(|l| l.node.poll_timeout().min(l.vl2.poll_timeout()))
                 .fold(self.next_publish, u64::min);
+            let wake_at = if self.warm_queue.is_empty() {
+                wake_at
+            } else {
+                wake_at.min(self.next_warm)
+            };
             let timeout = Duration::from_millis(wake_at.saturating_sub(now));
             let (udp_ready, _) = match self.wait(timeout) {
                 Ok(r) => r,
@@ -744,6 +785,13 @@ impl DataPlane {
             }
             let now = self.clock.now();
             for (slice, meta) in slices.iter().zip(metas.iter()).take(n) {
+                if meta.len == 0 {
+                    // An empty datagram has no segments: the host's node counts it
+                    // (malformed).
+                    self.locals[0]
+                        .node
+                        .handle_datagram(now, LocalSocket(0), meta.addr, &[]);
+                }
                 for datagram in udp::segments(slice, meta) {
                     // Not for a local identity (or too short to say): the host's node relays
                     // it as a root, or counts it.
@@ -929,18 +977,61 @@ impl DataPlane {
         }
     }
 
-    /// Adds pod member `m` as a new local identity.
+    /// Gives the next queued pool identity its standby node, at most one per
+    /// [`WARM_INTERVAL`]. Its first timeout (right away) says HELLO to the roots.
+    fn warm_next(&mut self, now: u64) {
+        if now < self.next_warm {
+            return;
+        }
+        let Some(identity) = self.warm_queue.pop_front() else {
+            return;
+        };
+        self.next_warm = now + WARM_INTERVAL;
+        let address = identity.address();
+        if self.index.contains_key(&address) {
+            return;
+        }
+        match Node::new(NodeConfig::new(self.planet.clone()), vec![identity]) {
+            Ok(node) => {
+                let vl2 = Vl2::for_member(address, &self.roots);
+                self.index.insert(address, self.locals.len());
+                self.locals.push(Local {
+                    address,
+                    node,
+                    vl2,
+                    standby: true,
+                });
+            }
+            Err(e) => tracing::warn!(%address, error = %e, "cannot warm a pool identity"),
+        }
+    }
+
+    /// Adds pod member `m` as a new local identity (taking over its standby node when the
+    /// identity was warmed).
     fn add_member(&mut self, m: NewMember) -> Result<(), AddMemberError> {
         let address = m.identity.address();
-        if self.index.contains_key(&address) {
-            return Err(AddMemberError::Duplicate(address));
-        }
         let now = self.clock.now();
+        if let Some(&i) = self.index.get(&address) {
+            let l = &mut self.locals[i];
+            if !l.standby {
+                return Err(AddMemberError::Duplicate(address));
+            }
+            l.standby = false;
+            l.vl2
+                .attach_tap(m.nwid, m.tap, m.name, m.vouch, m.groups, now);
+            return Ok(());
+        }
+        self.warm_queue.retain(|id| id.address() != address);
         let node = Node::new(NodeConfig::new(self.planet.clone()), vec![m.identity])?;
         let mut vl2 = Vl2::for_member(address, &self.roots);
         vl2.attach_tap(m.nwid, m.tap, m.name, m.vouch, m.groups, now);
         self.index.insert(address, self.locals.len());
-        self.locals.push(Local { address, node, vl2 });
+        self.locals.push(Local {
+            address,
+            node,
+            vl2,
+            standby: false,
+        });
         Ok(())
     }
 
@@ -996,6 +1087,11 @@ impl DataPlane {
                         .vl2
                         .controller_api(&c.method, &c.path, &c.body, now);
                     let _ = c.reply.send(r);
+                }
+                Ok(Command::Warm(id)) => {
+                    if id.has_secret() && self.warm_queue.len() < crate::pool::MAX_DEPTH {
+                        self.warm_queue.push_back(*id);
+                    }
                 }
                 Ok(Command::Stop) | Err(mpsc::TryRecvError::Disconnected) => return false,
                 Err(mpsc::TryRecvError::Empty) => return true,
@@ -1111,12 +1207,19 @@ impl DataPlane {
                 *seen = total;
             }
         }
-        let (relayed, rendezvous) = self.published_relay;
+        let old = self.published_relay;
         m.relayed_packets
-            .inc_by(s.stats.relayed.saturating_sub(relayed));
+            .inc_by(s.stats.relayed.saturating_sub(old.relayed));
+        m.relayed_bytes
+            .inc_by(s.stats.relayed_bytes.saturating_sub(old.relayed_bytes));
         m.rendezvous_sent
-            .inc_by(s.stats.rendezvous_sent.saturating_sub(rendezvous));
-        self.published_relay = (s.stats.relayed, s.stats.rendezvous_sent);
+            .inc_by(s.stats.rendezvous_sent.saturating_sub(old.rendezvous_sent));
+        m.identity_validations.inc_by(
+            s.stats
+                .identity_validations
+                .saturating_sub(old.identity_validations),
+        );
+        self.published_relay = s.stats;
         for l in &mut self.locals {
             for (nwid, c) in l.vl2.take_counters() {
                 let network = nwid.to_string();
@@ -1131,12 +1234,20 @@ impl DataPlane {
                     m.packets.get_or_create(&labels).inc_by(frames);
                     m.bytes.get_or_create(&labels).inc_by(bytes);
                 }
-                m.rule_hits
-                    .get_or_create(&RuleLabels {
-                        network,
-                        action: "drop",
-                    })
-                    .inc_by(c.rule_drops);
+                for (inbound, direction) in [(false, Direction::Tx), (true, Direction::Rx)] {
+                    for action in RuleAction::ALL {
+                        let n = c.rule_hits.get(inbound, action);
+                        if n > 0 {
+                            m.rule_hits
+                                .get_or_create(&RuleLabels {
+                                    network: network.clone(),
+                                    action: action.as_str(),
+                                    direction,
+                                })
+                                .inc_by(n);
+                        }
+                    }
+                }
             }
             for (result, n) in l.vl2.take_requests() {
                 m.controller_requests

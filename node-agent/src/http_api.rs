@@ -7,7 +7,10 @@
 //! `GET|POST|DELETE /network/{nwid}` (POST joins and DELETE leaves at runtime, remembered in
 //! `HOME/networks.d`), and with the controller role `GET /controller` and
 //! `GET|POST|DELETE /controller/network[/{nwid}[/member[/{address}]]]` (ZeroTier's controller
-//! JSON; the store's own checks decide 400s). Errors are JSON
+//! JSON; the store's own checks decide 400s; a member POST may pin `identity`, a different
+//! one than the pinned identity gets 409), plus flatwire's pod bindings
+//! `GET /controller/network/{nwid}/pod` and `GET|POST|DELETE /controller/network/{nwid}/pod/{uid}`
+//! (see `networks::pod_api`). Errors are JSON
 //! `{"error": ".."}`: 401 without the token, 404 for unknown paths and objects, 405 for a
 //! method a path does not take, 400 for bad JSON bodies or IDs, 503 without a running node.
 //!

@@ -8,12 +8,15 @@
 //! [`dataplane`] (the thread that runs every local identity's VL1 node on the one UDP port),
 //! [`networks`] (VL2 on that thread: joined networks on TAPs, the controller), [`pool`] (the
 //! pre-generated member identities), [`attach`] (pods as members with their own identity,
-//! persisted and restored) and [`mcast`] (the multicast groups TAP interfaces joined).
+//! persisted and restored), [`mcast`] (the multicast groups TAP interfaces joined) and
+//! [`kube`] (Kubernetes mode: the planet ConfigMap, the Node's host-identity annotation, GC of
+//! attachments whose pods are gone).
 
 pub mod attach;
 pub mod dataplane;
 pub mod host;
 pub mod http_api;
+pub mod kube;
 pub mod mcast;
 pub mod metrics;
 pub mod networks;

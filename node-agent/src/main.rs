@@ -16,6 +16,7 @@ use std::sync::atomic::AtomicBool;
 use anyhow::Context as _;
 use clap::Parser;
 use flatwire_agent::dataplane::{self, DataPlaneConfig, NodeHandle};
+use flatwire_agent::kube::{self as kube_mode, ConfigMapRef};
 use flatwire_agent::state::{Sensitivity, StateDir};
 use flatwire_agent::{attach, host, http_api, metrics, networks, pool, service, udp};
 use flatwire_vl1::Event;
@@ -61,12 +62,31 @@ struct Args {
     #[arg(long = "join", value_name = "NWID")]
     join: Vec<NetworkId>,
     /// Pre-generated member identities to keep in `HOME/pool` (refilled at the lowest CPU
-    /// priority) so attaching a pod does not wait for one.
-    #[arg(long, value_name = "N", default_value_t = 16)]
+    /// priority, at most 4096) so a burst of pod starts does not wait for one.
+    #[arg(long, value_name = "N", default_value_t = 128)]
     identity_pool: usize,
     /// How long Attach waits for the network controller's config, in seconds.
     #[arg(long, value_name = "SECS", default_value_t = attach::DEFAULT_CONFIG_TIMEOUT.as_secs())]
     attach_timeout: u64,
+    /// Kubernetes mode: this host's Node (in a pod: the downward API's spec.nodeName). The
+    /// agent writes its public identity into the Node's annotation `flatwire.io/host-identity`,
+    /// reads the planet from --planet-configmap, and detaches attachments whose pods left the
+    /// API server.
+    #[arg(long, env = "NODE_NAME", value_name = "NAME")]
+    kube_node: Option<String>,
+    /// Kubeconfig for Kubernetes mode (default: $KUBECONFIG, ~/.kube/config, then the pod's
+    /// ServiceAccount).
+    #[arg(long, value_name = "PATH")]
+    kubeconfig: Option<PathBuf>,
+    /// The ConfigMap holding the planet (binaryData key `planet`); with --kube-node the
+    /// default is flatwire-system/flatwire-planet. Given without --kube-node, only the planet
+    /// is read from the API server (the operator's controller sidecar does this).
+    #[arg(long, value_name = "NAMESPACE/NAME")]
+    planet_configmap: Option<ConfigMapRef>,
+    /// Kubernetes mode: how long an attachment's pod may be gone from the API server before
+    /// the attachment is detached.
+    #[arg(long, value_name = "SECS", default_value_t = kube_mode::DEFAULT_POD_GC_GRACE.as_secs())]
+    pod_gc_grace: u64,
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -95,7 +115,24 @@ async fn main() -> anyhow::Result<()> {
     }
     let identity = identity.0;
     let public_identity = identity.to_public().to_string();
-    let planet = host::load_planet(&state, args.planet.as_deref())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut planet = host::load_planet(&state, args.planet.as_deref())?;
+    let kube_client = kube_start(&args, &state, &public_identity, &mut planet).await?;
+    if planet.is_none()
+        && let Some(k) = &kube_client
+    {
+        tracing::info!(
+            configmap = %planet_configmap(&args),
+            "no planet yet: waiting for one in the ConfigMap"
+        );
+        let mut rx = k.planet.subscribe();
+        planet = tokio::select! {
+            p = rx.wait_for(Option::is_some) => p.ok().and_then(|p| p.clone()),
+            _ = term.recv() => return Ok(()),
+            _ = int.recv() => return Ok(()),
+        };
+    }
     if args.root {
         let Some(planet) = &planet else {
             anyhow::bail!(
@@ -128,7 +165,7 @@ async fn main() -> anyhow::Result<()> {
 
     let listener = service::bind_socket(&args.socket)?;
     let address = identity.address();
-    let (agent_service, node) = match planet {
+    let (agent_service, node, attached) = match planet {
         Some(planet) => {
             let planet_id = planet.id;
             let joined = {
@@ -168,6 +205,10 @@ async fn main() -> anyhow::Result<()> {
                 tokio::task::spawn_blocking(move || {
                     let pool =
                         pool::IdentityPool::start(&state, target, m.identity_pool_depth.clone())?;
+                    let warm = node.clone();
+                    pool.watch(move |id| {
+                        warm.warm_identity(id.clone());
+                    });
                     anyhow::Ok(attach::Attachments::new(
                         node,
                         host_identity,
@@ -191,8 +232,9 @@ async fn main() -> anyhow::Result<()> {
                 );
             }
             (
-                service::AgentService::with_node(node.clone(), attachments),
+                service::AgentService::with_node(node.clone(), attachments.clone()),
                 Some(node),
+                Some(attachments),
             )
         }
         None => {
@@ -205,9 +247,16 @@ async fn main() -> anyhow::Result<()> {
             (
                 service::AgentService::not_running(address.to_string(), reason),
                 None,
+                None,
             )
         }
     };
+    if let (Some(k), Some(node), Some(attachments)) = (&kube_client, &args.kube_node, attached) {
+        let (cache, watch) = kube_mode::watch_pods(k.client.clone(), node);
+        tokio::spawn(watch);
+        let grace = std::time::Duration::from_secs(args.pod_gc_grace);
+        tokio::spawn(kube_mode::collect_pods(cache, attachments, grace));
+    }
     let api = Arc::new(http_api::ApiContext {
         token,
         node: node.clone(),
@@ -229,8 +278,6 @@ async fn main() -> anyhow::Result<()> {
         "flatwire-agent started"
     );
 
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
     let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
     let shutdown = async move {
         tokio::select! {
@@ -264,6 +311,60 @@ async fn main() -> anyhow::Result<()> {
         tracing::warn!(socket = %args.socket.display(), error = %e, "cannot remove the API socket");
     }
     served.with_context(|| format!("gRPC server on {}", args.socket.display()))
+}
+
+/// Kubernetes mode's client and the planet kept in sync with the ConfigMap.
+struct KubeMode {
+    client: kube::Client,
+    planet: tokio::sync::watch::Sender<Option<flatwire_vl1::World>>,
+}
+
+/// The planet ConfigMap of `args` (its default with --kube-node).
+fn planet_configmap(args: &Args) -> ConfigMapRef {
+    args.planet_configmap
+        .clone()
+        .unwrap_or_else(ConfigMapRef::default_planet)
+}
+
+/// Starts Kubernetes mode when asked (`--kube-node` or `--planet-configmap`): builds the
+/// client (a bad kubeconfig is fatal), checks the Node (missing, or RBAC refusing to read
+/// it, is fatal; an API server that does not answer is not), then keeps the planet in sync
+/// and registers the host identity on the Node in the background.
+async fn kube_start(
+    args: &Args,
+    state: &StateDir,
+    public_identity: &str,
+    planet: &mut Option<flatwire_vl1::World>,
+) -> anyhow::Result<Option<KubeMode>> {
+    if args.kube_node.is_none() && args.planet_configmap.is_none() {
+        return Ok(None);
+    }
+    let client = kube_mode::client(args.kubeconfig.as_deref())
+        .await
+        .context("Kubernetes mode")?;
+    if let Some(node) = &args.kube_node {
+        match kube_mode::preflight(&client, node).await {
+            Ok(()) => {}
+            Err(e) if e.is_fatal() => return Err(anyhow::Error::new(e).context("Kubernetes mode")),
+            Err(e) => tracing::warn!(
+                error = %e,
+                "the API server is not answering; running from the state directory and retrying"
+            ),
+        }
+        tokio::spawn(kube_mode::register_node(
+            client.clone(),
+            node.clone(),
+            public_identity.to_owned(),
+        ));
+    }
+    let tx = tokio::sync::watch::Sender::new(planet.clone());
+    tokio::spawn(kube_mode::sync_planet(
+        client.clone(),
+        planet_configmap(args),
+        state.clone(),
+        tx.clone(),
+    ));
+    Ok(Some(KubeMode { client, planet: tx }))
 }
 
 /// The controller's JSON-file store under the state directory.
@@ -350,6 +451,32 @@ mod tests {
         let a = Args::try_parse_from(["flatwire-agent", "--api-listen", "127.0.0.1:1234"]).unwrap();
         assert_eq!(a.api_listen, Some("127.0.0.1:1234".parse().unwrap()));
         assert!(Args::try_parse_from(["flatwire-agent", "--port", "70000"]).is_err());
+    }
+
+    #[test]
+    fn kubernetes_mode_flags() {
+        let a = Args::try_parse_from(["flatwire-agent", "--kube-node", "n1"]).unwrap();
+        assert_eq!(a.kube_node.as_deref(), Some("n1"));
+        assert_eq!(planet_configmap(&a), ConfigMapRef::default_planet());
+        assert_eq!(a.pod_gc_grace, kube_mode::DEFAULT_POD_GC_GRACE.as_secs());
+        let a = Args::try_parse_from([
+            "flatwire-agent",
+            "--planet-configmap",
+            "ns/cm",
+            "--kubeconfig",
+            "/k",
+            "--pod-gc-grace",
+            "5",
+        ])
+        .unwrap();
+        assert_eq!(planet_configmap(&a).to_string(), "ns/cm");
+        assert!(a.kube_node.is_none());
+        assert_eq!(a.kubeconfig, Some(PathBuf::from("/k")));
+        assert_eq!(a.pod_gc_grace, 5);
+        let e = Args::try_parse_from(["flatwire-agent", "--planet-configmap", "cm"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("NAMESPACE/NAME"), "{e}");
     }
 
     #[test]

@@ -81,8 +81,12 @@ pub struct DropLabels {
 pub struct RuleLabels {
     /// Network id, 16 hex digits.
     pub network: String,
-    /// The action that matched (accept, drop, tee, redirect, break, ...).
+    /// The action that decided (accept, drop, tee, redirect, watch, break, no_match: a
+    /// `RuleAction` of vl2).
     pub action: &'static str,
+    /// Tx: the sender's rules on a frame from a local member; rx: the receiver's rules on
+    /// a frame from the overlay.
+    pub direction: Direction,
 }
 
 /// Labels of the controller request counter.
@@ -108,7 +112,7 @@ pub struct Metrics {
     pub packets: Family<TrafficLabels, Counter>,
     /// Dropped packets or frames by reason.
     pub drops: Family<DropLabels, Counter>,
-    /// Rule matches per network and action.
+    /// Frames per network, deciding rule action and direction.
     pub rule_hits: Family<RuleLabels, Counter>,
     /// Pre-generated identities ready for new members.
     pub identity_pool_depth: Gauge,
@@ -116,8 +120,12 @@ pub struct Metrics {
     pub controller_requests: Family<ControllerLabels, Counter>,
     /// VL1 packets and fragments this node forwarded for others (as a root: relayed traffic).
     pub relayed_packets: Counter,
+    /// Bytes (UDP payload) of the VL1 packets and fragments this node forwarded for others.
+    pub relayed_bytes: Counter,
     /// RENDEZVOUS introductions this node sent (as a root).
     pub rendezvous_sent: Counter,
+    /// Identity validations (memory-hard hashes) this node spent on first contacts.
+    pub identity_validations: Counter,
 }
 
 impl Default for Metrics {
@@ -140,7 +148,9 @@ impl Metrics {
             identity_pool_depth: Gauge::default(),
             controller_requests: Family::default(),
             relayed_packets: Counter::default(),
+            relayed_bytes: Counter::default(),
             rendezvous_sent: Counter::default(),
+            identity_validations: Counter::default(),
             registry: Registry::default(),
         };
         registry.register("peers", "Known VL1 peers", m.peers.clone());
@@ -158,7 +168,7 @@ impl Metrics {
         registry.register("drops", "Dropped packets by reason", m.drops.clone());
         registry.register(
             "rule_hits",
-            "Rule matches per network and action",
+            "Frames per network, deciding rule action and direction",
             m.rule_hits.clone(),
         );
         registry.register(
@@ -177,9 +187,19 @@ impl Metrics {
             m.relayed_packets.clone(),
         );
         registry.register(
+            "relayed_bytes",
+            "Bytes of VL1 packets and fragments forwarded for other nodes",
+            m.relayed_bytes.clone(),
+        );
+        registry.register(
             "rendezvous_sent",
             "RENDEZVOUS introductions sent to peers",
             m.rendezvous_sent.clone(),
+        );
+        registry.register(
+            "identity_validations",
+            "Identity validations (memory-hard hashes) spent on new peers' first HELLO",
+            m.identity_validations.clone(),
         );
         Self { registry, ..m }
     }

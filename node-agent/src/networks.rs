@@ -69,8 +69,9 @@ use crate::tap::{self, IpPrefix, LinkRoute, LinkState, Tap, TapConfig};
 
 /// Frames read from one TAP per `recv_batch`.
 const TAP_BATCH: usize = 32;
-/// Bytes per TAP receive buffer: the largest ZeroTier MTU plus the Ethernet header.
-const TAP_FRAME: usize = 10_000 + 14;
+/// Bytes per TAP receive buffer: the largest ZeroTier MTU plus the Ethernet header, plus one
+/// so that a frame the kernel cut to fit reads as larger than any MTU (and is dropped).
+const TAP_FRAME: usize = 10_000 + 14 + 1;
 /// TAP batches read before the thread looks at other work again.
 const TAP_ROUNDS: usize = 8;
 /// Least time between two config requests `Vl2::nudge` sends for one network (ms): more
@@ -88,8 +89,31 @@ const LOOPBACK_ROUNDS: usize = 4;
 /// member asks a remote controller, retried sooner while it has none.
 const OWN_REQUEST_INTERVAL: u64 = 60_000;
 
-/// The host-side TAP name of a network: `fw` and the last 8 hex digits of its ID.
+/// The host-side TAP name of the primary network (see [`claim_primary`]): the pods' gateway.
+pub const PRIMARY_TAP: &str = "flatwire0";
+
+/// The ID of the network whose host TAP is [`PRIMARY_TAP`]; 0 while there is none (no network
+/// has ID 0: controller address 0 is reserved). One per process, as the name is one per host.
+static PRIMARY: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Makes `nwid` the host's primary network for the rest of the process's life: a host TAP
+/// created for it from now on is named [`PRIMARY_TAP`]. False when another network already is
+/// (it keeps the name; `nwid` keeps its `fw` name).
+pub fn claim_primary(nwid: NetworkId) -> bool {
+    use std::sync::atomic::Ordering::SeqCst;
+    let id = nwid.to_u64();
+    match PRIMARY.compare_exchange(0, id, SeqCst, SeqCst) {
+        Ok(_) => true,
+        Err(current) => current == id,
+    }
+}
+
+/// The host-side TAP name of a network: [`PRIMARY_TAP`] for the primary network (see
+/// [`claim_primary`]), else `fw` and the last 8 hex digits of its ID.
 pub fn tap_name(nwid: NetworkId) -> String {
+    if PRIMARY.load(std::sync::atomic::Ordering::SeqCst) == nwid.to_u64() {
+        return PRIMARY_TAP.to_string();
+    }
     format!("fw{:08x}", nwid.to_u64() & 0xffff_ffff)
 }
 
@@ -152,8 +176,8 @@ struct Joined {
     own_asked: u64,
     /// Traffic and rule drops since [`Vl2::take_counters`] last ran.
     counters: NetCounters,
-    /// Rule drops (inbound and outbound) the member had counted at that time.
-    rule_drops_seen: u64,
+    /// Rule hits the member had counted at that time.
+    rule_hits_seen: flatwire_vl2::rules::eval::RuleHits,
     /// The multicast groups its TAP's interface joined (`None`: none known).
     groups: Option<Memberships>,
     /// The groups the member is subscribed to from there (sorted).
@@ -173,8 +197,8 @@ pub(crate) struct NetCounters {
     pub(crate) tx_frames: u64,
     /// Their bytes.
     pub(crate) tx_bytes: u64,
-    /// Frames the network's rules dropped, either way.
-    pub(crate) rule_drops: u64,
+    /// Frames per deciding rule action and direction.
+    pub(crate) rule_hits: flatwire_vl2::rules::eval::RuleHits,
 }
 
 impl Joined {
@@ -333,7 +357,7 @@ fn xorshift(s: &mut u64) -> u64 {
 }
 
 /// The VL2 drop reasons, in counter order, with their metric names.
-pub(crate) const DROPS: [(member::DropReason, &str); 12] = [
+pub(crate) const DROPS: [(member::DropReason, &str); 13] = [
     (member::DropReason::NoConfig, "Vl2NoConfig"),
     (member::DropReason::Malformed, "Vl2Malformed"),
     (member::DropReason::NotMember, "Vl2NotMember"),
@@ -349,6 +373,7 @@ pub(crate) const DROPS: [(member::DropReason, &str); 12] = [
     (member::DropReason::RateLimited, "Vl2RateLimited"),
     (member::DropReason::BadChunk, "Vl2BadChunk"),
     (member::DropReason::BadConfig, "Vl2BadConfig"),
+    (member::DropReason::TooBig, "Vl2TooBig"),
 ];
 
 /// A joined network as the snapshot shows it.
@@ -458,7 +483,7 @@ impl Vl2 {
             own_controller: false,
             own_asked: 0,
             counters: NetCounters::default(),
-            rule_drops_seen: 0,
+            rule_hits_seen: Default::default(),
             groups,
             subscribed: Vec::new(),
             groups_due: 0,
@@ -544,7 +569,8 @@ impl Vl2 {
 
     /// Answers a `/controller/...` API request (`path`: the segments after `controller`);
     /// `None` without the controller role. GET/POST/DELETE of `network`, `network/<nwid>`,
-    /// `network/<nwid>/member` and `network/<nwid>/member/<address>`, in ZeroTier One's JSON.
+    /// `network/<nwid>/member` and `network/<nwid>/member/<address>`, in ZeroTier One's JSON,
+    /// and flatwire's pod bindings (see [`pod_api`]).
     pub(crate) fn controller_api(
         &mut self,
         method: &str,
@@ -553,16 +579,28 @@ impl Vl2 {
         now: u64,
     ) -> Option<(u16, serde_json::Value)> {
         let ctl = &mut self.ctl.as_mut()?.ctl;
+        if let Some((answer, changes)) = pod_api(ctl, method, path, body) {
+            for c in changes {
+                self.apply_change(c, now);
+            }
+            return Some(answer);
+        }
         let before = member_authorized(ctl, path);
         let (status, v) = controller_api(ctl, method, path, body, now as i64);
-        if status == 200 {
-            match change(method, path, before, member_authorized(ctl, path)) {
-                Some(Change::Revoked(nwid, a)) => self.push_revocation(nwid, a, now),
-                Some(Change::Config(nwid, a)) => self.push_config(nwid, a, now),
-                None => {}
-            }
+        if status == 200
+            && let Some(c) = change(method, path, before, member_authorized(ctl, path))
+        {
+            self.apply_change(c, now);
         }
         Some((status, v))
+    }
+
+    /// Pushes what an API write changed.
+    fn apply_change(&mut self, change: Change, now: u64) {
+        match change {
+            Change::Revoked(nwid, a) => self.push_revocation(nwid, a, now),
+            Change::Config(nwid, a) => self.push_config(nwid, a, now),
+        }
     }
 
     /// Sends a revocation of `member`'s certificate to every member of `nwid` seen lately.
@@ -664,7 +702,7 @@ impl Vl2 {
             own_controller: self.ctl.is_some() && nwid.controller() == self.me,
             own_asked: 0,
             counters: NetCounters::default(),
-            rule_drops_seen: 0,
+            rule_hits_seen: Default::default(),
             groups,
             subscribed: Vec::new(),
             groups_due: 0,
@@ -1057,10 +1095,9 @@ impl Vl2 {
     /// Each network's counts since the previous call (for the metrics).
     pub(crate) fn take_counters(&mut self) -> impl Iterator<Item = (NetworkId, NetCounters)> + '_ {
         self.nets.iter_mut().map(|j| {
-            let rules = j.net.drop_count(member::DropReason::RulesInbound)
-                + j.net.drop_count(member::DropReason::RulesOutbound);
-            j.counters.rule_drops = rules.saturating_sub(j.rule_drops_seen);
-            j.rule_drops_seen = rules;
+            let hits = *j.net.rule_hits();
+            j.counters.rule_hits = hits.since(&j.rule_hits_seen);
+            j.rule_hits_seen = hits;
             (j.net.id(), std::mem::take(&mut j.counters))
         })
     }
@@ -1184,6 +1221,7 @@ fn api_value<T: serde::Serialize>(v: &T) -> (u16, serde_json::Value) {
 fn api_write_err(e: &ApiError) -> (u16, serde_json::Value) {
     match e {
         ApiError::NoSuchNetwork(_) => api_err(404, e),
+        ApiError::IdentityPinned(_) => api_err(409, e),
         ApiError::Store(_) => api_err(500, e),
         _ => api_err(400, e),
     }
@@ -1276,6 +1314,89 @@ fn controller_api(
     }
 }
 
+/// The pod binding endpoints (a flatwire extension; `None` for other paths), with what to
+/// push after them:
+///
+/// * `GET network/<nwid>/pod`: `{"<uid>": <binding>, ...}`;
+/// * `GET network/<nwid>/pod/<uid>`: the binding `{"namespace", "name", "uid", "host",
+///   "tags": [[id, value], ...], "members": ["<address>", ...]}`;
+/// * `POST network/<nwid>/pod/<uid>`: creates or updates it from `namespace`, `name`, `host`,
+///   `tags` (members it authorized are retagged and get a fresh config). A member refused
+///   before the binding existed is not pushed a config: its attachment failed and is gone,
+///   and the runtime's retry attaches a new one;
+/// * `DELETE network/<nwid>/pod/<uid>`: deletes it and the members it authorized, and
+///   revokes their certificates.
+fn pod_api(
+    ctl: &mut Controller<FileStore>,
+    method: &str,
+    path: &[String],
+    body: &[u8],
+) -> Option<((u16, serde_json::Value), Vec<Change>)> {
+    let parts: Vec<&str> = path.iter().map(String::as_str).collect();
+    let (id, uid) = match parts.as_slice() {
+        ["network", id, "pod"] => (*id, None),
+        ["network", id, "pod", uid] => (*id, Some(*uid)),
+        _ => return None,
+    };
+    let none = Vec::new();
+    let Ok(nwid) = id.parse::<NetworkId>() else {
+        return Some((api_err(404, "no such network"), none));
+    };
+    let revoked = |removed: &[flatwire_vl2::controller::Member]| -> Vec<Change> {
+        removed
+            .iter()
+            .filter(|m| m.authorized)
+            .filter_map(|m| Some(Change::Revoked(nwid, m.address.parse().ok()?)))
+            .collect()
+    };
+    let Some(uid) = uid else {
+        if method != "GET" {
+            return Some((api_err(405, "only GET"), none));
+        }
+        let listed = (|| {
+            if ctl.store().get_network(nwid)?.is_none() {
+                return Ok(None);
+            }
+            let mut out = serde_json::Map::new();
+            for uid in ctl.store().list_pods(nwid)? {
+                if let Some(b) = ctl.store().get_pod(nwid, &uid)? {
+                    out.insert(uid, serde_json::to_value(b).unwrap_or_default());
+                }
+            }
+            Ok::<_, StoreError>(Some(out))
+        })();
+        return Some(match listed {
+            Ok(Some(m)) => ((200, serde_json::Value::Object(m)), none),
+            Ok(None) => (api_err(404, "no such network"), none),
+            Err(e) => (api_err(500, e), none),
+        });
+    };
+    if !flatwire_vl2::controller::valid_pod_uid(uid) {
+        return Some((api_err(404, "no such pod binding"), none));
+    }
+    Some(match method {
+        "GET" => match ctl.store().get_pod(nwid, uid) {
+            Ok(Some(b)) => (api_value(&b), none),
+            Ok(None) => (api_err(404, "no such pod binding"), none),
+            Err(e) => (api_err(500, e), none),
+        },
+        "POST" => match ctl.api_pod_post(nwid, uid, body) {
+            Ok(w) => {
+                let mut changes = revoked(&w.removed);
+                changes.extend(w.retagged.iter().map(|a| Change::Config(nwid, Some(*a))));
+                (api_value(&w.binding), changes)
+            }
+            Err(e) => (api_write_err(&e), none),
+        },
+        "DELETE" => match ctl.api_pod_delete(nwid, uid) {
+            Ok(Some(d)) => (api_value(&d.binding), revoked(&d.removed)),
+            Ok(None) => (api_err(404, "no such pod binding"), none),
+            Err(e) => (api_write_err(&e), none),
+        },
+        _ => (api_err(405, "only GET, POST and DELETE"), none),
+    })
+}
+
 /// Queues a link job, starting the `fw-link` thread on first use.
 fn send_link_job(tx: &mut Option<mpsc::Sender<LinkJob>>, job: LinkJob) -> bool {
     if tx.is_none() {
@@ -1347,6 +1468,19 @@ mod tests {
         let nwid: NetworkId = "8056c2e21c000001".parse().unwrap();
         assert_eq!(tap_name(nwid), "fw1c000001");
         assert!(tap_name(nwid).len() <= 15);
+    }
+
+    #[test]
+    fn the_first_primary_network_gets_flatwire0() {
+        // The only test that claims: the claim lasts for the process.
+        let first: NetworkId = "8056c2e21c0000a1".parse().unwrap();
+        let second: NetworkId = "8056c2e21c0000a2".parse().unwrap();
+        assert_eq!(tap_name(first), "fw1c0000a1");
+        assert!(claim_primary(first));
+        assert!(claim_primary(first), "claiming again is fine");
+        assert!(!claim_primary(second), "only one network is primary");
+        assert_eq!(tap_name(first), PRIMARY_TAP);
+        assert_eq!(tap_name(second), "fw1c0000a2");
     }
 
     #[test]

@@ -411,6 +411,18 @@ fn pods_attach_ping_survive_a_restart_and_detach() {
     let routes = p1.run("ip", &["route", "show", "default"]).unwrap();
     let routes = String::from_utf8_lossy(&routes.stdout).into_owned();
     assert!(routes.contains(&format!("via {}", lab.host_ip)), "{routes}");
+    // The host member, the pods' gateway, now sits on flatwire0 behind the agent's NAT chain.
+    let primary_tap = flatwire_agent::networks::PRIMARY_TAP;
+    assert_eq!(lab.host.ipv4_on(primary_tap), Some(lab.host_ip));
+    let chain = flatwire_agent::attach::NAT_CHAIN;
+    let nat = lab
+        .host
+        .run("iptables", &["-t", "nat", "-S", chain])
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&nat.stdout).contains("-s 10.78.0.0/24 ! -d 10.78.0.0/24"),
+        "{nat:?}"
+    );
 
     // The controller let the pod in on the host's vouch, under the pod's name.
     let member_file = lab
@@ -621,6 +633,13 @@ fn pods_attach_ping_survive_a_restart_and_detach() {
         .unwrap()
         .count();
     assert_eq!(records, 0, "attachment records left behind");
+    assert!(
+        lab.host
+            .run("iptables", &["-t", "nat", "-S", chain])
+            .is_err(),
+        "the NAT chain outlived the last primary pod"
+    );
+    assert_eq!(lab.host.ipv4_on(primary_tap), Some(lab.host_ip));
 
     // The pool refills to its target (2) at idle priority.
     let deadline = Instant::now() + Duration::from_secs(120);

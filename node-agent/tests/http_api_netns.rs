@@ -651,10 +651,15 @@ fn controller_pushes_api_changes_and_serves_its_own_member() {
             );
         }
     }
-    let s = format!("flatwire_rule_hits_total{{network=\"{nwid}\",action=\"drop\"}}");
+    // The drop rule acts on the sender's side (tx) or the receiver's (rx).
+    let s = format!("flatwire_rule_hits_total{{network=\"{nwid}\",action=\"drop\",direction=");
     assert!(
-        metric(&m1_metrics, &s) > 0.0,
-        "{s} not counted:\n{m1_metrics}"
+        m1_metrics
+            .lines()
+            .filter_map(|l| l.strip_prefix(&s)?.split_once(' ')?.1.parse::<f64>().ok())
+            .sum::<f64>()
+            > 0.0,
+        "{s}...}} not counted:\n{m1_metrics}"
     );
     let ctl_metrics = scrape(&hosts[0]);
     let s = r#"flatwire_controller_requests_total{kind="network_config",result="ok"}"#;

@@ -53,6 +53,7 @@ async fn scrape_over_loopback() {
         .get_or_create(&RuleLabels {
             network: "8056c2e21c000001".into(),
             action: "drop",
+            direction: Direction::Rx,
         })
         .inc_by(5);
     m.controller_requests
@@ -98,7 +99,7 @@ async fn scrape_over_loopback() {
     assert_eq!(
         value(
             body,
-            r#"flatwire_rule_hits_total{network="8056c2e21c000001",action="drop"}"#
+            r#"flatwire_rule_hits_total{network="8056c2e21c000001",action="drop",direction="rx"}"#
         ),
         Some(5.0)
     );

@@ -8,17 +8,33 @@
 //! the other gets a conflict. The holder renews every `retry_period` and considers itself
 //! deposed when no renewal succeeded for `renew_deadline`; a holder that stops cleanly
 //! releases the Lease (empty holder) so a standby takes over at its next retry.
+//!
+//! The holder identity is the pod name when the operator runs in a pod (the chart sets
+//! `POD_NAME`). The leader labels its own pod [`LEADER_LABEL`]`=`[`LEADER_VALUE`] and removes
+//! that label from every other pod of its namespace (a crashed leader's), so a Service
+//! selecting the label sends the controller/root UDP traffic to the leader only; a candidate
+//! removes the label from its own pod while it is not leading (at start, when leadership is
+//! lost, and on release). Outside a pod there is no such pod and the labels are skipped.
 
 use std::fmt;
 use std::str::FromStr;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{ObjectMeta, PostParams};
+use kube::api::{ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
+
+/// The label the leader puts on its own pod (the controller Service selects it).
+pub const LEADER_LABEL: &str = "flatwire.io/role";
+/// [`LEADER_LABEL`]'s value on the leader's pod.
+pub const LEADER_VALUE: &str = "leader";
+/// Field manager of the pod label patches.
+const LABEL_MANAGER: &str = "flatwire-operator-leader";
 
 /// A duration in Go's `time.ParseDuration` form as Kubernetes flags use it: one or more
 /// `<number><unit>` with units `ms`, `s`, `m`, `h` (e.g. `15s`, `1m30s`, `500ms`).
@@ -146,17 +162,22 @@ struct Observed {
 /// One candidate in the election.
 pub struct Elector {
     api: Api<Lease>,
+    pods: Api<Pod>,
     cfg: LeaseConfig,
     observed: Mutex<Option<Observed>>,
+    /// Whether our pod carries the leader label as far as we know.
+    labeled: AtomicBool,
 }
 
 impl Elector {
     /// A candidate for `cfg` (call [`LeaseConfig::validate`] first).
     pub fn new(client: Client, cfg: LeaseConfig) -> Self {
         Self {
-            api: Api::namespaced(client, &cfg.namespace),
+            api: Api::namespaced(client.clone(), &cfg.namespace),
+            pods: Api::namespaced(client, &cfg.namespace),
             cfg,
             observed: Mutex::new(None),
+            labeled: AtomicBool::new(false),
         }
     }
 
@@ -242,12 +263,75 @@ impl Elector {
             .is_some_and(|o| o.at.elapsed() >= self.cfg.lease_duration)
     }
 
+    /// Sets (`leader`) or removes the leader label on our pod (named like the holder). A
+    /// missing pod (not running in a pod) is not an error: `Ok(false)`.
+    async fn label_own_pod(&self, leader: bool) -> Result<bool, kube::Error> {
+        self.label_pod(&self.cfg.holder, leader).await
+    }
+
+    async fn label_pod(&self, pod: &str, leader: bool) -> Result<bool, kube::Error> {
+        let value = if leader {
+            serde_json::Value::from(LEADER_VALUE)
+        } else {
+            serde_json::Value::Null
+        };
+        let patch = serde_json::json!({ "metadata": { "labels": { LEADER_LABEL: value } } });
+        let params = PatchParams {
+            field_manager: Some(LABEL_MANAGER.to_owned()),
+            ..PatchParams::default()
+        };
+        match self.pods.patch(pod, &params, &Patch::Merge(&patch)).await {
+            Ok(_) => Ok(true),
+            Err(kube::Error::Api(s)) if s.is_not_found() => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Labels our pod as the leader's and unlabels every other pod that carries the label.
+    async fn mark_leader(&self) -> Result<(), kube::Error> {
+        let own = self.label_own_pod(true).await?;
+        self.labeled.store(true, Ordering::Relaxed);
+        if !own {
+            tracing::debug!(pod = %self.cfg.holder, "no pod named like the holder; not labeling");
+            return Ok(());
+        }
+        let others = self
+            .pods
+            .list(&ListParams::default().labels(&format!("{LEADER_LABEL}={LEADER_VALUE}")))
+            .await?;
+        for p in others.items {
+            let Some(name) = p.metadata.name.filter(|n| *n != self.cfg.holder) else {
+                continue;
+            };
+            self.label_pod(&name, false).await?;
+            tracing::info!(pod = %name, "removed the leader label of a former leader's pod");
+        }
+        tracing::info!(pod = %self.cfg.holder, label = %format!("{LEADER_LABEL}={LEADER_VALUE}"), "labeled as the leader");
+        Ok(())
+    }
+
+    /// Removes the leader label from our pod, logging a failure.
+    async fn unmark_leader(&self) {
+        self.labeled.store(false, Ordering::Relaxed);
+        if let Err(e) = self.label_own_pod(false).await {
+            tracing::warn!(pod = %self.cfg.holder, error = %e, "cannot remove the leader label");
+        }
+    }
+
     /// Retries [`Self::try_acquire_or_renew`] every `retry_period` until this candidate
-    /// holds the Lease. API errors are logged and retried.
+    /// holds the Lease, then labels its pod as the leader's. API errors are logged and
+    /// retried.
     pub async fn acquire(&self) {
+        self.unmark_leader().await;
         loop {
             match self.try_acquire_or_renew().await {
-                Ok(true) => return,
+                Ok(true) => {
+                    if let Err(e) = self.mark_leader().await {
+                        self.labeled.store(false, Ordering::Relaxed);
+                        tracing::warn!(pod = %self.cfg.holder, error = %e, "cannot label the leader's pod; retrying while leading");
+                    }
+                    return;
+                }
                 Ok(false) => {}
                 Err(e) => tracing::warn!(lease = %self.cfg.name, error = %e, "acquiring the Lease"),
             }
@@ -255,16 +339,29 @@ impl Elector {
         }
     }
 
-    /// Renews every `retry_period` while leading; returns when leadership is lost: another
-    /// holder took the Lease, or no renewal succeeded within `renew_deadline`.
+    /// Renews every `retry_period` while leading (and retries labeling the pod if that
+    /// failed); returns when leadership is lost: another holder took the Lease, or no renewal
+    /// succeeded within `renew_deadline`. Then the pod's leader label is removed.
     pub async fn hold(&self) {
+        self.renew_while_leading().await;
+        self.unmark_leader().await;
+    }
+
+    async fn renew_while_leading(&self) {
         let mut last_ok = Instant::now();
         loop {
             tokio::time::sleep(self.cfg.retry_period).await;
             let attempt =
                 tokio::time::timeout(self.cfg.renew_deadline, self.try_acquire_or_renew()).await;
             match attempt {
-                Ok(Ok(true)) => last_ok = Instant::now(),
+                Ok(Ok(true)) => {
+                    last_ok = Instant::now();
+                    if !self.labeled.load(Ordering::Relaxed)
+                        && let Err(e) = self.mark_leader().await
+                    {
+                        tracing::warn!(pod = %self.cfg.holder, error = %e, "cannot label the leader's pod");
+                    }
+                }
                 Ok(Ok(false)) => {
                     tracing::warn!(lease = %self.cfg.name, "another candidate holds the Lease");
                     return;
@@ -281,9 +378,11 @@ impl Elector {
         }
     }
 
-    /// Gives the Lease up (empty holder) if this candidate still holds it, so a standby takes
-    /// over at its next retry instead of waiting out the lease duration.
+    /// Removes our pod's leader label and gives the Lease up (empty holder) if this candidate
+    /// still holds it, so a standby takes over at its next retry instead of waiting out the
+    /// lease duration.
     pub async fn release(&self) -> Result<(), kube::Error> {
+        self.unmark_leader().await;
         let Some(mut lease) = self.api.get_opt(&self.cfg.name).await? else {
             return Ok(());
         };

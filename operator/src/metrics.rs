@@ -1,6 +1,6 @@
 //! Prometheus metrics of the operator and their HTTP endpoint (`GET /metrics`, OpenMetrics
-//! text): reconciles by resource and result, leadership, and how many Networks and
-//! NetworkMembers the controllers see.
+//! text): reconciles by resource and result, leadership, how many Networks and
+//! NetworkMembers the controllers see, and pod bindings written, deleted and failed.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -23,7 +23,7 @@ pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; cha
 /// Labels of the reconcile counter.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReconcileLabels {
-    /// `network` or `networkmember`.
+    /// `network`, `networkmember` or `pod` (a pass of the pod binding controller).
     pub resource: String,
     /// `ok` or `error`.
     pub result: String,
@@ -41,6 +41,14 @@ pub struct Metrics {
     pub networks: Gauge,
     /// NetworkMembers in the controller's cache.
     pub members: Gauge,
+    /// Pod bindings written to the controller (created or changed).
+    pub pod_bindings_written: Counter,
+    /// Pod bindings deleted from the controller (their members revoked).
+    pub pod_bindings_deleted: Counter,
+    /// Failed controller writes of pod bindings, host members and their networks.
+    pub pod_binding_errors: Counter,
+    /// Pod bindings the controller holds, as last seen.
+    pub pod_bindings: Gauge,
 }
 
 impl Default for Metrics {
@@ -73,12 +81,40 @@ impl Metrics {
             "NetworkMembers the controller sees",
             members.clone(),
         );
+        let pod_bindings_written = Counter::default();
+        registry.register(
+            "pod_bindings_written",
+            "Pod bindings written to the controller",
+            pod_bindings_written.clone(),
+        );
+        let pod_bindings_deleted = Counter::default();
+        registry.register(
+            "pod_bindings_deleted",
+            "Pod bindings deleted from the controller (their members revoked)",
+            pod_bindings_deleted.clone(),
+        );
+        let pod_binding_errors = Counter::default();
+        registry.register(
+            "pod_binding_errors",
+            "Failed controller writes of pod bindings, host members and networks",
+            pod_binding_errors.clone(),
+        );
+        let pod_bindings = Gauge::default();
+        registry.register(
+            "pod_bindings",
+            "Pod bindings in the controller",
+            pod_bindings.clone(),
+        );
         Self {
             registry,
             reconciles,
             leader,
             networks,
             members,
+            pod_bindings_written,
+            pod_bindings_deleted,
+            pod_binding_errors,
+            pod_bindings,
         }
     }
 
@@ -180,5 +216,13 @@ mod tests {
         assert!(text.contains("flatwire_operator_leader 1"));
         assert!(text.contains("flatwire_operator_networks 3"));
         assert!(text.contains("flatwire_operator_network_members 0"));
+        m.pod_bindings_written.inc();
+        let text = m.encode();
+        assert!(
+            text.contains("flatwire_operator_pod_bindings_written_total 1"),
+            "{text}"
+        );
+        assert!(text.contains("flatwire_operator_pod_bindings_deleted_total 0"));
+        assert!(text.contains("flatwire_operator_pod_binding_errors_total 0"));
     }
 }

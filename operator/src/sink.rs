@@ -1,7 +1,8 @@
 //! Where the reconcilers write controller networks and members: the [`ControllerSink`]
 //! trait, and [`HttpSink`], its implementation over a `flatwire-agent --controller`'s local
 //! HTTP API (ZeroTier One's controller API: `POST /controller/network/<nwid>` and
-//! `.../member/<address>`, token in the `X-ZT1-Auth` header).
+//! `.../member/<address>`, token in the `X-ZT1-Auth` header), plus flatwire's pod bindings
+//! (`.../pod/<uid>`).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -62,6 +63,30 @@ pub trait ControllerSink: Send + Sync {
     /// Deauthorizes member `address` of `nwid` and removes it from the store (no error when
     /// it is already gone).
     fn delete_member<'a>(&'a self, nwid: u64, address: &'a str) -> SinkFuture<'a, ()>;
+    /// Creates or updates the host member `address` of `nwid` (a node's agent): authorized,
+    /// its identity pinned to `identity` (a public identity string, so it can vouch for
+    /// pods before it ever asked for a config), named `name`.
+    fn put_host_member<'a>(
+        &'a self,
+        nwid: u64,
+        address: &'a str,
+        identity: &'a str,
+        name: &'a str,
+    ) -> SinkFuture<'a, Value> {
+        Box::pin(async move {
+            let body = serde_json::json!({"authorized": true, "identity": identity, "name": name});
+            self.put_member(nwid, address, &body).await
+        })
+    }
+    /// The pod bindings of `nwid` (a flatwire controller extension): `{"<uid>": binding}`,
+    /// empty when the network does not exist.
+    fn list_pods<'a>(&'a self, nwid: u64) -> SinkFuture<'a, Value>;
+    /// Creates or updates the binding of pod `uid` on `nwid` with the fields of `body`
+    /// (`namespace`, `name`, `host`, `tags`); returns the stored binding.
+    fn put_pod<'a>(&'a self, nwid: u64, uid: &'a str, body: &'a Value) -> SinkFuture<'a, Value>;
+    /// Deletes the binding of pod `uid` on `nwid`; the controller removes the members it
+    /// authorized and revokes them (no error when it is already gone).
+    fn delete_pod<'a>(&'a self, nwid: u64, uid: &'a str) -> SinkFuture<'a, ()>;
 }
 
 /// Why `--controller-api` was refused.
@@ -179,14 +204,25 @@ impl HttpSink {
         if status == StatusCode::OK || (missing_ok && status == StatusCode::NOT_FOUND) {
             return Ok(value);
         }
+        Err(self.status_error(&method, path, status, &value))
+    }
+
+    /// The error for an answer with an unexpected `status`.
+    fn status_error(
+        &self,
+        method: &Method,
+        path: &str,
+        status: StatusCode,
+        value: &Value,
+    ) -> SinkError {
         let mut text = value.to_string();
         text.truncate(500);
-        Err(SinkError::Status {
+        SinkError::Status {
             method: method.to_string(),
             url: format!("http://{}{}{path}", self.authority, self.prefix),
             status: status.as_u16(),
             body: text,
-        })
+        }
     }
 }
 
@@ -218,6 +254,30 @@ impl ControllerSink for HttpSink {
             let deauth = serde_json::json!({"authorized": false});
             self.expect_ok(Method::POST, &path, Some(&deauth), true)
                 .await?;
+            self.expect_ok(Method::DELETE, &path, None, true).await?;
+            Ok(())
+        })
+    }
+
+    fn list_pods<'a>(&'a self, nwid: u64) -> SinkFuture<'a, Value> {
+        let path = format!("{}/pod", network_path(nwid));
+        Box::pin(async move {
+            match self.request(Method::GET, &path, None).await? {
+                (StatusCode::OK, v) => Ok(v),
+                (StatusCode::NOT_FOUND, _) => Ok(Value::Object(Default::default())),
+                (status, v) => Err(self.status_error(&Method::GET, &path, status, &v)),
+            }
+        })
+    }
+
+    fn put_pod<'a>(&'a self, nwid: u64, uid: &'a str, body: &'a Value) -> SinkFuture<'a, Value> {
+        let path = format!("{}/pod/{uid}", network_path(nwid));
+        Box::pin(async move { self.expect_ok(Method::POST, &path, Some(body), false).await })
+    }
+
+    fn delete_pod<'a>(&'a self, nwid: u64, uid: &'a str) -> SinkFuture<'a, ()> {
+        let path = format!("{}/pod/{uid}", network_path(nwid));
+        Box::pin(async move {
             self.expect_ok(Method::DELETE, &path, None, true).await?;
             Ok(())
         })

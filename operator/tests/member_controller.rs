@@ -6,153 +6,14 @@
 //! tag gets `Ready=False` and a Warning Event without reaching the controller, and deleting
 //! the NetworkMember removes it from the controller before the object goes (finalizer).
 
-use std::net::SocketAddr;
-use std::path::Path;
-use std::process::{Command, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+mod common;
 
-use flatwire_operator::controller::{self, ControllerAddress};
+use common::{Agent, Operator, apply, control_plane_with_crds, events, kubectl, wait};
 use flatwire_operator::crd::NetworkMember;
-use flatwire_operator::metrics::Metrics;
-use flatwire_operator::sink::{ControllerSink, HttpSink};
-use flatwire_tests::controlplane::{ControlPlane, free_port};
-use flatwire_tests::planet::{Profile, agent_binary};
-use flatwire_tests::process::Proc;
-use flatwire_vl1::identity::generate_key_pair;
-use flatwire_vl1::{Identity, Root, World, WorldType};
 use kube::Api;
-use serde_json::Value;
 use tokio::task::block_in_place;
 
-const TIMEOUT: Duration = Duration::from_secs(60);
 const MEMBER: &str = "0123456789";
-
-fn kubectl(cp: &ControlPlane, args: &[&str]) -> String {
-    block_in_place(|| {
-        cp.kubectl_run(args)
-            .unwrap_or_else(|e| panic!("kubectl {args:?}: {e}"))
-    })
-}
-
-fn apply(cp: &ControlPlane, yaml: &str) {
-    block_in_place(|| {
-        let f = tempfile::NamedTempFile::new().unwrap();
-        std::fs::write(f.path(), yaml).unwrap();
-        cp.kubectl_run(&["apply", "-f", f.path().to_str().unwrap()])
-            .unwrap_or_else(|e| panic!("kubectl apply:\n{yaml}\n{e}"));
-    });
-}
-
-/// A `flatwire-agent --root --controller` on loopback ports of its own.
-struct Agent {
-    proc: Proc,
-    home: tempfile::TempDir,
-    address: String,
-    api: SocketAddr,
-}
-
-impl Agent {
-    fn start() -> Self {
-        let bin = block_in_place(|| agent_binary(Profile::Debug)).expect("flatwire-agent build");
-        let home = tempfile::tempdir().unwrap();
-        let id = Identity::generate(&AtomicBool::new(false)).unwrap();
-        std::fs::write(
-            home.path().join("identity.secret"),
-            format!("{}\n", id.to_secret_string().unwrap()),
-        )
-        .unwrap();
-        std::fs::write(home.path().join("identity.public"), format!("{id}\n")).unwrap();
-        let port = free_port().unwrap();
-        let api: SocketAddr = format!("127.0.0.1:{}", free_port().unwrap())
-            .parse()
-            .unwrap();
-        let (public, secret) = generate_key_pair().unwrap();
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_millis() as u64;
-        let roots = vec![Root {
-            identity: id.to_public(),
-            stable_endpoints: vec![format!("127.0.0.1:{port}").parse().unwrap()],
-        }];
-        let world =
-            World::create(WorldType::Planet, 0x00f1_a7e3, now, public, roots, &secret).unwrap();
-        let planet = home.path().join("planet.in");
-        std::fs::write(&planet, world.serialize(false)).unwrap();
-        let mut cmd = Command::new(bin);
-        cmd.arg("--home")
-            .arg(home.path())
-            .args(["--port", &port.to_string()])
-            .arg("--socket")
-            .arg(home.path().join("agent.sock"))
-            .args([
-                "--metrics-listen",
-                &format!("127.0.0.1:{}", free_port().unwrap()),
-            ])
-            .args(["--api-listen", &api.to_string()])
-            .arg("--planet")
-            .arg(&planet)
-            .args(["--root", "--controller"])
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(home.path().join("agent.log")).unwrap());
-        let proc = Proc::spawn("flatwire-agent --controller", &mut cmd).unwrap();
-        Self {
-            proc,
-            home,
-            address: id.address().to_string(),
-            api,
-        }
-    }
-
-    fn token(&self) -> Option<String> {
-        std::fs::read_to_string(self.home.path().join("authtoken.secret")).ok()
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.home.path().join("agent.log")).unwrap_or_default()
-    }
-
-    /// `GET path` on its API: (status, body).
-    fn get(&mut self, path: &str) -> (u16, Value) {
-        assert!(
-            self.proc.try_status().is_none(),
-            "the agent exited:\n{}",
-            self.log()
-        );
-        let token = self.token().unwrap_or_default();
-        let out = Command::new("curl")
-            .args(["-s", "-m", "5", "-w", "\n%{http_code}", "-H"])
-            .arg(format!("X-ZT1-Auth: {}", token.trim()))
-            .arg(format!("http://{}{path}", self.api))
-            .output()
-            .expect("curl");
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
-        (
-            code.trim().parse().unwrap_or(0),
-            serde_json::from_str(body).unwrap_or(Value::Null),
-        )
-    }
-}
-
-/// Polls `f` until it returns `Some`, panicking with `what` after [`TIMEOUT`].
-async fn wait<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {TIMEOUT:?}: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
 
 fn cond(m: &NetworkMember, t: &str) -> Option<(String, String, String)> {
     let c = m
@@ -195,43 +56,10 @@ spec:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn network_members_reach_a_real_agent_controller() {
-    let mut agent = Agent::start();
-    let cp = block_in_place(ControlPlane::start).expect("control plane (run `cargo xtask tools`)");
-    let crds = Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds");
-    kubectl(&cp, &["apply", "-f", crds.to_str().unwrap()]);
-    kubectl(
-        &cp,
-        &[
-            "wait",
-            "--for=condition=established",
-            "crd/networks.flatwire.io",
-            "crd/networkmembers.flatwire.io",
-            "--timeout=60s",
-        ],
-    );
-    let (code, v) = wait("the agent's controller API", async || {
-        let r = agent.get("/controller");
-        (r.0 == 200).then_some(r)
-    })
-    .await;
-    assert_eq!((code, v["controller"].clone()), (200, Value::Bool(true)));
-
-    let client = controller::client(Some(cp.kubeconfig())).await.unwrap();
-    let address: ControllerAddress = agent.address.parse().unwrap();
-    let token = agent.token().unwrap();
-    let sink: Arc<dyn ControllerSink> =
-        Arc::new(HttpSink::new(&format!("http://{}", agent.api), &token).unwrap());
-    let metrics = Arc::new(Metrics::new());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let ctl = tokio::spawn(controller::run_controllers(
-        client.clone(),
-        address,
-        Some(sink),
-        metrics.clone(),
-        async move {
-            let _ = stopped.await;
-        },
-    ));
+    let mut agent = Agent::start().await;
+    let cp = control_plane_with_crds();
+    let op = Operator::start(&cp, &agent).await;
+    let (client, metrics) = (op.client.clone(), op.metrics.clone());
     let members: Api<NetworkMember> = Api::all(client.clone());
     let nwid = format!("{}000005", agent.address);
     let member_path = format!("/controller/network/{nwid}/member/{MEMBER}");
@@ -310,10 +138,8 @@ async fn network_members_reach_a_real_agent_controller() {
     let (_, reason, msg) = cond(&m, "Ready").unwrap();
     assert_eq!(reason, "UnknownTag");
     assert!(msg.contains("\"team\""), "{msg}");
-    let events = kubectl(&cp, &["get", "events.v1.events.k8s.io", "-A", "-o", "json"]);
-    let events: Value = serde_json::from_str(&events).unwrap();
     assert!(
-        events["items"].as_array().unwrap().iter().any(|e| {
+        events(&cp).iter().any(|e| {
             e["regarding"]["name"] == "odd" && e["reason"] == "UnknownTag" && e["type"] == "Warning"
         }),
         "no UnknownTag Warning Event"
@@ -378,9 +204,5 @@ async fn network_members_reach_a_real_agent_controller() {
     })
     .await;
 
-    stop.send(()).unwrap();
-    tokio::time::timeout(TIMEOUT, ctl)
-        .await
-        .expect("controllers stop")
-        .unwrap();
+    op.stop().await;
 }

@@ -25,6 +25,7 @@ pub struct ControlPlane {
     etcd: Proc,
     etcd_url: String,
     server_url: String,
+    secure_port: u16,
     kubeconfig: PathBuf,
     dir: TempDir,
 }
@@ -34,7 +35,7 @@ impl ControlPlane {
     /// waits until `/readyz` answers `ok`.
     pub fn start() -> Result<Self, HarnessError> {
         let etcd_bin = tools::bin("etcd")?;
-        let apiserver_bin = tools::bin("kube-apiserver")?;
+        tools::bin("kube-apiserver")?;
         tools::bin("kubectl")?;
         let dir = tempfile::Builder::new()
             .prefix("flatwire-cp-")
@@ -67,53 +68,37 @@ impl ControlPlane {
         })?;
 
         let server_url = format!("https://127.0.0.1:{secure_port}");
-        let cert = |name: &str| d.join(name).to_string_lossy().into_owned();
-        let mut apiserver = Proc::spawn(
-            "kube-apiserver",
-            Command::new(apiserver_bin)
-                .arg(format!("--etcd-servers={etcd_url}"))
-                .args(["--bind-address=127.0.0.1", "--advertise-address=127.0.0.1"])
-                .arg(format!("--secure-port={secure_port}"))
-                .arg(format!("--tls-cert-file={}", cert("server.crt")))
-                .arg(format!("--tls-private-key-file={}", cert("server.key")))
-                .arg(format!("--client-ca-file={}", cert("ca.crt")))
-                .arg(format!("--service-account-key-file={}", cert("sa.pub")))
-                .arg(format!(
-                    "--service-account-signing-key-file={}",
-                    cert("sa.key")
-                ))
-                .arg("--service-account-issuer=https://kubernetes.default.svc")
-                .arg("--service-cluster-ip-range=10.96.0.0/16")
-                .arg("--authorization-mode=Node,RBAC")
-                .arg(format!("--cert-dir={}", cert("apiserver-certs")))
-                .arg("--profiling=false")
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(log_file(d, "kube-apiserver.log")?),
-        )?;
         let kubeconfig = d.join("admin.kubeconfig");
         write_kubeconfig(&kubeconfig, d, &server_url)?;
-        let cp_kubeconfig = kubeconfig.clone();
-        wait_until(
-            "kube-apiserver",
-            &mut apiserver,
-            &d.join("kube-apiserver.log"),
-            || {
-                kubectl_with(&cp_kubeconfig).is_ok_and(|mut c| {
-                    c.args(["get", "--raw", "/readyz"])
-                        .output()
-                        .is_ok_and(|o| o.status.success() && o.stdout == b"ok")
-                })
-            },
-        )?;
+        let apiserver = start_apiserver(d, &etcd_url, secure_port, &kubeconfig)?;
         Ok(Self {
             apiserver,
             etcd,
             etcd_url,
             server_url,
+            secure_port,
             kubeconfig,
             dir,
         })
+    }
+
+    /// Stops the API server (etcd keeps running and keeps the objects): clients see a
+    /// control plane that does not answer until [`Self::restart_apiserver`].
+    pub fn stop_apiserver(&mut self) {
+        self.apiserver.stop();
+    }
+
+    /// Starts the API server again (same port, certificates and etcd) after
+    /// [`Self::stop_apiserver`] and waits until `/readyz` answers `ok`.
+    pub fn restart_apiserver(&mut self) -> Result<(), HarnessError> {
+        self.apiserver.stop();
+        self.apiserver = start_apiserver(
+            self.dir.path(),
+            &self.etcd_url,
+            self.secure_port,
+            &self.kubeconfig,
+        )?;
+        Ok(())
     }
 
     /// The admin kubeconfig (client certificate in group `system:masters`).
@@ -151,6 +136,53 @@ impl ControlPlane {
         let out = run_checked(self.kubectl().args(args))?;
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
+}
+
+/// Starts kube-apiserver on `secure_port` with the certificates in `d` against etcd at
+/// `etcd_url` and waits until `/readyz` answers `ok` through `kubeconfig`.
+fn start_apiserver(
+    d: &Path,
+    etcd_url: &str,
+    secure_port: u16,
+    kubeconfig: &Path,
+) -> Result<Proc, HarnessError> {
+    let cert = |name: &str| d.join(name).to_string_lossy().into_owned();
+    let mut apiserver = Proc::spawn(
+        "kube-apiserver",
+        Command::new(tools::bin("kube-apiserver")?)
+            .arg(format!("--etcd-servers={etcd_url}"))
+            .args(["--bind-address=127.0.0.1", "--advertise-address=127.0.0.1"])
+            .arg(format!("--secure-port={secure_port}"))
+            .arg(format!("--tls-cert-file={}", cert("server.crt")))
+            .arg(format!("--tls-private-key-file={}", cert("server.key")))
+            .arg(format!("--client-ca-file={}", cert("ca.crt")))
+            .arg(format!("--service-account-key-file={}", cert("sa.pub")))
+            .arg(format!(
+                "--service-account-signing-key-file={}",
+                cert("sa.key")
+            ))
+            .arg("--service-account-issuer=https://kubernetes.default.svc")
+            .arg("--service-cluster-ip-range=10.96.0.0/16")
+            .arg("--authorization-mode=Node,RBAC")
+            .arg(format!("--cert-dir={}", cert("apiserver-certs")))
+            .arg("--profiling=false")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file(d, "kube-apiserver.log")?),
+    )?;
+    wait_until(
+        "kube-apiserver",
+        &mut apiserver,
+        &d.join("kube-apiserver.log"),
+        || {
+            kubectl_with(kubeconfig).is_ok_and(|mut c| {
+                c.args(["get", "--raw", "/readyz"])
+                    .output()
+                    .is_ok_and(|o| o.status.success() && o.stdout == b"ok")
+            })
+        },
+    )?;
+    Ok(apiserver)
 }
 
 fn kubectl_with(kubeconfig: &Path) -> Result<Command, HarnessError> {

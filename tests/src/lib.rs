@@ -1,10 +1,12 @@
 //! flatwire's test harness: the real tools at pinned versions ([`tools`]), topologies of
-//! network namespaces ([`netns`]), a real etcd + kube-apiserver ([`controlplane`]) and
-//! process guards that end what a test started by PID ([`process`]), and a lab for interop
-//! with a real ZeroTier One ([`ztlab`]), and a planet of real agents ([`planet`]).
+//! network namespaces ([`netns`]) and TCP bridges between them ([`bridge`]), a real etcd +
+//! kube-apiserver ([`controlplane`]), process guards that end what a test started by PID
+//! ([`process`]), a lab for interop with a real ZeroTier One ([`ztlab`]) and a planet of real
+//! agents ([`planet`]).
 //!
 //! Every end-to-end test and the demo build on this crate.
 
+pub mod bridge;
 pub mod controlplane;
 pub mod netns;
 pub mod planet;

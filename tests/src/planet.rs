@@ -754,11 +754,16 @@ impl Planet {
             .map_err(|e| HarnessError::Io(planet_file.display().to_string(), e))?;
         for a in &mut agents {
             a.args = vec!["--planet".into(), planet_file.display().to_string()];
-            match a.role {
-                Role::Root => a.args.push("--root".into()),
-                Role::Controller => a.args.push("--controller".into()),
-                Role::Host => {}
-            }
+            // Roots and controllers attach no pods; hosts attach a few (more are generated
+            // on demand), so the pools do not load the machine.
+            let (role, pool) = match a.role {
+                Role::Root => (Some("--root"), "0"),
+                Role::Controller => (Some("--controller"), "0"),
+                Role::Host => (None, "4"),
+            };
+            a.args.extend(role.map(str::to_owned));
+            a.args
+                .extend(["--identity-pool".to_owned(), pool.to_owned()]);
         }
         let mut planet = Self {
             agents,
@@ -943,6 +948,14 @@ impl Planet {
         let bin = self.binary.clone();
         self.agents[i].start(&bin)?;
         self.wait_api(i)
+    }
+
+    /// Adds command-line flags to agent `name`, used from its next start (e.g. after
+    /// [`Planet::stop_agent`]).
+    pub fn add_agent_args(&mut self, name: &str, args: &[&str]) {
+        self.agent_mut(name)
+            .args
+            .extend(args.iter().map(|a| (*a).to_owned()));
     }
 
     /// Creates `spec` on its controller through the HTTP API.

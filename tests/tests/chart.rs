@@ -1,9 +1,11 @@
 //! The Helm chart `charts/flatwire`, checked with the pinned helm and a real kube-apiserver.
 //!
 //! - `helm lint` (also `--strict`) passes;
-//! - `helm template` matches `tests/fixtures/chart-golden.yaml`. After an intended chart change,
-//!   regenerate it with `UPDATE_GOLDEN=1 cargo test -p flatwire-tests --test chart` and review
-//!   the diff;
+//! - `helm template` matches `tests/fixtures/chart-golden.yaml` (and, said as properties: the
+//!   operator pods' `controller` sidecar with its identity keys and token, the agents'
+//!   Kubernetes-mode flags, the controller Service selecting the leader's pod). After an
+//!   intended chart change, regenerate it with
+//!   `UPDATE_GOLDEN=1 cargo test -p flatwire-tests --test chart` and review the diff;
 //! - `values.schema.json` rejects bad values with the schema's message;
 //! - the CRD templates are the repository's generated `crds/` (plus the keep annotation);
 //! - `helm install`, `helm upgrade` and `helm uninstall` against etcd + kube-apiserver: the
@@ -132,6 +134,33 @@ fn helm_template_matches_the_golden_file() {
         deploy.contains("image: \"ghcr.io/flatwire/flatwire-operator:0.1.0\""),
         "{deploy}"
     );
+    // The controller/root sidecar: the agent image with --root --controller, the identity
+    // keys (and only those) of the identity Secret, the token shared with the operator.
+    assert!(deploy.contains("- name: controller\n"), "{deploy}");
+    assert!(
+        deploy.contains("image: \"ghcr.io/flatwire/flatwire-agent:0.1.0\""),
+        "{deploy}"
+    );
+    for arg in [
+        "- --root\n",
+        "- --controller\n",
+        "- --api-listen=127.0.0.1:9993",
+        "- --planet-configmap=flatwire-system/flatwire-planet",
+        "- --controller-api=http://127.0.0.1:9993",
+        "- --controller-token-file=/run/flatwire-controller/authtoken.secret",
+        "exec flatwire-agent \"$@\"",
+        "secretName: flatwire-controller-identity",
+        "- key: identity.secret",
+        "- key: identity.public",
+        "name: controller-token",
+    ] {
+        assert!(deploy.contains(arg), "{arg} missing: {deploy}");
+    }
+    assert!(!deploy.contains("key: world.secret"), "{deploy}");
+    // The UDP port belongs to the sidecar, the only container serving it.
+    let sidecar = &deploy[deploy.find("- name: controller\n").unwrap()..];
+    assert!(sidecar.contains("name: zerotier"), "{sidecar}");
+    assert_eq!(deploy.matches("name: zerotier").count(), 1, "{deploy}");
     let ds = doc("DaemonSet");
     assert!(ds.contains("hostNetwork: true"), "{ds}");
     assert!(ds.contains("privileged: false"), "{ds}");
@@ -147,6 +176,12 @@ fn helm_template_matches_the_golden_file() {
     assert!(ds.contains("path: /var/lib/flatwire"), "{ds}");
     assert!(ds.contains("path: /run/flatwire"), "{ds}");
     assert!(ds.contains("name: install-cni"), "{ds}");
+    assert!(ds.contains("- --kube-node=$(NODE_NAME)"), "{ds}");
+    assert!(
+        ds.contains("- --planet-configmap=flatwire-system/flatwire-planet"),
+        "{ds}"
+    );
+    assert!(ds.contains("fieldPath: spec.nodeName"), "{ds}");
     assert!(
         ds.contains("mv -f \"$tmp\" /host/cni/bin/flatwire-cni"),
         "{ds}"
@@ -154,6 +189,7 @@ fn helm_template_matches_the_golden_file() {
     let svc = doc("Service");
     assert!(svc.contains("port: 9993"), "{svc}");
     assert!(svc.contains("protocol: UDP"), "{svc}");
+    assert!(svc.contains("flatwire.io/role: leader"), "{svc}");
     let cni = doc("ConfigMap");
     assert!(cni.contains("\"type\": \"flatwire-cni\""), "{cni}");
     assert!(
@@ -196,6 +232,10 @@ fn the_schema_rejects_bad_values() {
         ),
         ("agent.stateDir=relative/dir", "at '/agent/stateDir'"),
         ("service.type=ExternalName", "at '/service/type'"),
+        (
+            "operator.controller.metricsListen=9994",
+            "at '/operator/controller/metricsListen'",
+        ),
     ] {
         let err = template(home.path(), &["--set", set]).expect_err(set);
         assert!(
@@ -400,9 +440,36 @@ fn helm_install_upgrade_and_uninstall_on_a_real_api_server() {
             "-n",
             NAMESPACE,
             "-o",
-            "jsonpath={.spec.ports[0].protocol}/{.spec.ports[0].port}"
+            r"jsonpath={.spec.ports[0].protocol}/{.spec.ports[0].port} {.spec.selector.flatwire\.io/role}"
         ]),
-        "UDP/9993"
+        "UDP/9993 leader"
+    );
+    // The operator pods carry the controller sidecar; the agents run in Kubernetes mode.
+    assert_eq!(
+        get(&[
+            "get",
+            "deployment",
+            "flatwire-operator",
+            "-n",
+            NAMESPACE,
+            "-o",
+            "jsonpath={.spec.template.spec.initContainers[*].name} {.spec.template.spec.containers[*].name}"
+        ]),
+        "controller-token operator controller"
+    );
+    let agent_args = get(&[
+        "get",
+        "daemonset",
+        "flatwire-agent",
+        "-n",
+        NAMESPACE,
+        "-o",
+        "jsonpath={.spec.template.spec.containers[0].args}",
+    ]);
+    assert!(
+        agent_args.contains("--kube-node=$(NODE_NAME)")
+            && agent_args.contains("--planet-configmap=flatwire-system/flatwire-planet"),
+        "{agent_args}"
     );
     for crd in CRDS {
         cp.kubectl_run(&[
@@ -469,7 +536,20 @@ fn helm_install_upgrade_and_uninstall_on_a_real_api_server() {
         ("flatwire-operator", "get", "secrets", false, "no"),
         ("flatwire-agent", "list", "pods", false, "yes"),
         ("flatwire-agent", "get", "nodes", false, "yes"),
-        ("flatwire-agent", "patch", "nodes", false, "no"),
+        ("flatwire-agent", "patch", "nodes", false, "yes"),
+        ("flatwire-agent", "update", "nodes", false, "no"),
+        ("flatwire-agent", "patch", "pods", false, "no"),
+        (
+            "flatwire-agent",
+            "watch",
+            "configmaps/flatwire-planet",
+            true,
+            "yes",
+        ),
+        ("flatwire-operator", "patch", "pods", true, "yes"),
+        ("flatwire-operator", "list", "pods", true, "yes"),
+        ("flatwire-operator", "watch", "nodes", false, "yes"),
+        ("flatwire-operator", "patch", "nodes", false, "no"),
         ("flatwire-agent", "get", "secrets", true, "no"),
         (
             "flatwire-agent",

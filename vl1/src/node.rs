@@ -61,6 +61,14 @@ pub mod timers {
     pub const CONFIRM_PATH: u64 = 1000;
     /// PUSH_DIRECT_PATHS inbound window.
     pub const PUSH_CUTOFF: u64 = 30000;
+    /// A root we send traffic through and have not heard from for this long gets an ECHO
+    /// (at most one per this interval): relayed traffic itself never draws an answer from the
+    /// root, and the keepalives ([`PATH_HEARTBEAT`]) alone notice a dead root only after
+    /// up to 14 s.
+    pub const ROOT_PROBE_IDLE: u64 = 2000;
+    /// A root that left a probe unanswered this long counts as unreachable: traffic and
+    /// WHOIS go to another root until it answers again.
+    pub const ROOT_PROBE_TIMEOUT: u64 = 1000;
 }
 
 const QUEUE_LIMIT: usize = 32;
@@ -70,6 +78,16 @@ const QUEUE_LIMIT: usize = 32;
 /// 5 s HELLO. A small budget keeps the CPU bound while letting such a burst in at once.
 const IDENTITY_VALIDATION_BURST: u32 = 16;
 const MAX_PATHS: usize = 64;
+/// Default of [`NodeConfig::max_peers`] for a node that is not a root.
+pub const MAX_PEERS: usize = 16_384;
+/// Default of [`NodeConfig::max_peers`] for a root (it knows every node of its planet).
+pub const ROOT_MAX_PEERS: usize = 1 << 20;
+/// How long a peer must have been silent before a new one may take its slot (ms).
+const IDLE_BEFORE_EVICTION: u64 = 30_000;
+/// Identity validations (one 2 MiB memory-hard hash each) allowed in all per
+/// [`timers::IDENTITY_VALIDATION`] window, whatever the source: the per-prefix budget alone
+/// lets a sender with many prefixes spend the CPU.
+const IDENTITY_VALIDATION_GLOBAL: u32 = 128;
 const REPLY_TABLE: usize = 1024;
 
 /// Why a datagram or packet was dropped. Counted per reason by [`Node::drops`].
@@ -193,6 +211,12 @@ pub struct NodeStats {
     pub whois_answered: u64,
     /// Packets and fragments forwarded for others.
     pub relayed: u64,
+    /// Bytes of the packets and fragments forwarded for others (UDP payload).
+    pub relayed_bytes: u64,
+    /// New peers refused because the peer table was full of active peers.
+    pub peers_refused: u64,
+    /// Peers forgotten to make room for new ones (the table was full).
+    pub peers_evicted: u64,
     /// RENDEZVOUS messages sent (introductions, two per pair).
     pub rendezvous_sent: u64,
     /// Authenticated HELLOs received.
@@ -203,6 +227,9 @@ pub struct NodeStats {
     pub trusted_sent: u64,
     /// Packets accepted from a trusted path (suite 2).
     pub trusted_received: u64,
+    /// Identity validations spent on HELLOs from unknown (or colliding) identities: each is
+    /// a memory-hard hash (about 15 ms of CPU), the cost of a peer's first contact.
+    pub identity_validations: u64,
 }
 
 /// Something the host should know about.
@@ -338,6 +365,13 @@ pub struct NodeConfig {
     pub relay_always: bool,
     /// Trusted physical networks (suite 2), at most 32 as in 1.x.
     pub trusted_paths: Vec<TrustedPath>,
+    /// Most peers one local identity keeps ([`MAX_PEERS`], or [`ROOT_MAX_PEERS`] when the
+    /// node is a root of `planet`). A full table makes room for a new peer (HELLO or WHOIS
+    /// answer) by forgetting the longest-silent non-root peer, and only one silent for
+    /// 30 s or more; otherwise the newcomer is refused (a counted drop). So a flood of
+    /// HELLOs from fresh identities can neither grow memory without bound nor push out
+    /// peers that are talking.
+    pub max_peers: Option<usize>,
 }
 
 impl NodeConfig {
@@ -348,6 +382,7 @@ impl NodeConfig {
             mtu: DEFAULT_MTU,
             relay_always: false,
             trusted_paths: Vec::new(),
+            max_peers: None,
         }
     }
 }
@@ -378,6 +413,10 @@ struct Peer {
     stable_endpoints: Vec<SocketAddr>,
     recent: ReplayWindow,
     compression: CompressionGate,
+    /// When we last sent a root a liveness probe ([`timers::ROOT_PROBE_IDLE`]).
+    probe_sent: u64,
+    /// When the oldest probe still unanswered went out (0: none).
+    probe_unanswered_since: u64,
 }
 
 /// Data frames in a row that LZ4 did not shrink before [`CompressionGate`] stops trying.
@@ -438,7 +477,16 @@ impl Peer {
             compression: CompressionGate::default(),
             is_root: false,
             stable_endpoints: Vec::new(),
+            probe_sent: 0,
+            probe_unanswered_since: 0,
         }
+    }
+
+    /// Whether this root left a liveness probe unanswered for
+    /// [`timers::ROOT_PROBE_TIMEOUT`] (it is down or unreachable).
+    fn unresponsive(&self, now: u64) -> bool {
+        self.probe_unanswered_since > self.last_receive
+            && now.saturating_sub(self.probe_unanswered_since) >= timers::ROOT_PROBE_TIMEOUT
     }
 
     fn best_path(&self, now: u64, include_expired: bool) -> Option<&PathEntry> {
@@ -490,6 +538,8 @@ pub struct Node {
     drops: HashMap<DropReason, u64>,
     expecting: VecDeque<u64>,
     validation_gate: HashMap<u64, (u64, u32)>,
+    /// Identity validations in the current window, all sources: (window start, count).
+    validation_total: (u64, u32),
     unites: HashMap<(Address, Address), u64>,
     next_ping: u64,
     scratch: Vec<u8>,
@@ -573,6 +623,7 @@ impl Node {
             drops: HashMap::new(),
             expecting: VecDeque::new(),
             validation_gate: HashMap::new(),
+            validation_total: (0, 0),
             unites: HashMap::new(),
             next_ping: 0,
             scratch: Vec::new(),
@@ -786,6 +837,9 @@ impl Node {
     /// retries, queue and reassembly expiry. Call when `now >= poll_timeout()`.
     pub fn handle_timeout(&mut self, now: u64) {
         self.reassembler.expire(now);
+        for _ in 0..self.reassembler.take_abandoned() {
+            self.drop(DropReason::Reassembly);
+        }
         for li in 0..self.locals.len() {
             self.expire_queues(now, li);
             self.retry_whois(now, li);
@@ -809,6 +863,10 @@ impl Node {
         let gone = before - l.parked.len() - l.queued.len();
         l.introductions
             .retain(|i| now.saturating_sub(i.0) < timers::QUEUE_TIMEOUT);
+        // A WHOIS entry only gates retries; unanswered ones (for addresses a sender made up)
+        // would otherwise pile up for good.
+        l.whois_sent
+            .retain(|_, t| now.saturating_sub(*t) < timers::QUEUE_TIMEOUT);
         for _ in 0..gone {
             self.drop(DropReason::QueueOverflow);
         }
@@ -996,11 +1054,35 @@ impl Node {
             .filter_map(|p| p.best_path(now, true).map(|x| (p, x)))
             .max_by_key(|(p, x)| {
                 (
+                    !p.unresponsive(now),
                     p.last_receive,
                     std::cmp::Reverse(x.latency.unwrap_or(65535)),
                 )
             })
             .map(|(p, x)| (p.identity.address(), x.socket, x.addr))
+    }
+
+    /// The best root to send through (see [`Node::best_root`]), probed with an ECHO when it
+    /// has been silent for [`timers::ROOT_PROBE_IDLE`]: a root that died is then passed
+    /// over after [`timers::ROOT_PROBE_TIMEOUT`] instead of at the next keepalive.
+    fn root_route(
+        &mut self,
+        now: u64,
+        li: usize,
+        exclude: Option<Address>,
+    ) -> Option<(Address, LocalSocket, SocketAddr)> {
+        let (root, socket, addr) = self.best_root(now, li, exclude)?;
+        let p = self.locals[li].peers.get_mut(&root)?;
+        if now.saturating_sub(p.last_receive) >= timers::ROOT_PROBE_IDLE
+            && now.saturating_sub(p.probe_sent) >= timers::ROOT_PROBE_IDLE
+        {
+            p.probe_sent = now;
+            if p.probe_unanswered_since <= p.last_receive {
+                p.probe_unanswered_since = now;
+            }
+            self.send_echo(now, li, root, socket, addr);
+        }
+        Some((root, socket, addr))
     }
 
     fn send_hello(
@@ -1060,7 +1142,7 @@ impl Node {
         {
             return;
         }
-        let Some((root, s, to)) = self.best_root(now, li, Some(addr)) else {
+        let Some((root, s, to)) = self.root_route(now, li, Some(addr)) else {
             return;
         };
         self.locals[li].whois_sent.insert(addr, now);
@@ -1113,13 +1195,17 @@ impl Node {
             return;
         };
         let suite = p.suite();
-        let route = match p.best_path(now, false) {
-            Some(x) => Some((x.socket, x.addr)),
-            None => self
-                .best_root(now, li, Some(to))
-                .map(|(_, s, a)| (s, a))
-                .or_else(|| p.best_path(now, true).map(|x| (x.socket, x.addr))),
-        };
+        let route = p
+            .best_path(now, false)
+            .map(|x| (x.socket, x.addr))
+            .or_else(|| {
+                self.root_route(now, li, Some(to))
+                    .map(|(_, s, a)| (s, a))
+                    .or_else(|| {
+                        let p = self.locals[li].peers.get(&to)?;
+                        p.best_path(now, true).map(|x| (x.socket, x.addr))
+                    })
+            });
         let Some((socket, addr)) = route else {
             // No path and no root online yet (e.g. right after start): queue it like a
             // packet waiting on WHOIS; the first confirmed path sends it.
@@ -1298,8 +1384,9 @@ impl Node {
                 .map(|x| (li, x.socket, x.addr))
         });
         if let Some((li, s, a)) = direct {
-            self.push_buf(s, a, d, None);
             self.stats.relayed += 1;
+            self.stats.relayed_bytes += d.len() as u64;
+            self.push_buf(s, a, d, None);
             if let (Some(src), false) = (src, fragment) {
                 self.introduce(now, li, src, dest);
             }
@@ -1310,8 +1397,9 @@ impl Node {
             .find_map(|li| self.best_root(now, li, src));
         if let Some((root, s, a)) = up {
             if Some(root) != src {
-                self.push_buf(s, a, d, None);
                 self.stats.relayed += 1;
+                self.stats.relayed_bytes += d.len() as u64;
+                self.push_buf(s, a, d, None);
                 return;
             }
         }
@@ -1615,8 +1703,48 @@ impl Node {
         }
     }
 
+    /// Makes room in `li`'s peer table for one more peer (see [`NodeConfig::max_peers`]): true
+    /// when it has room or the longest-silent non-root peer (silent for
+    /// [`IDLE_BEFORE_EVICTION`] at least) was forgotten; false when every peer is a root or
+    /// was heard from recently.
+    fn make_room(&mut self, now: u64, li: usize) -> bool {
+        let limit = self.cfg.max_peers.unwrap_or(if self.is_root {
+            ROOT_MAX_PEERS
+        } else {
+            MAX_PEERS
+        });
+        let peers = &mut self.locals[li].peers;
+        if peers.len() < limit {
+            return true;
+        }
+        let victim = peers
+            .iter()
+            .filter(|(_, p)| {
+                !p.is_root && now.saturating_sub(p.last_receive) >= IDLE_BEFORE_EVICTION
+            })
+            .min_by_key(|(_, p)| p.last_receive)
+            .map(|(a, _)| *a);
+        match victim {
+            Some(a) => {
+                peers.remove(&a);
+                self.stats.peers_evicted += 1;
+                true
+            }
+            None => {
+                self.stats.peers_refused += 1;
+                false
+            }
+        }
+    }
+
     /// Whether the identity-validation budget of `ip`'s prefix has room at `now`.
     fn validation_allowed(&self, now: u64, ip: IpAddr) -> bool {
+        let (start, n) = self.validation_total;
+        if now.saturating_sub(start) < timers::IDENTITY_VALIDATION
+            && n >= IDENTITY_VALIDATION_GLOBAL
+        {
+            return false;
+        }
         match self.validation_gate.get(&prefix_hash(ip)) {
             Some((start, n)) if now.saturating_sub(*start) < timers::IDENTITY_VALIDATION => {
                 *n < IDENTITY_VALIDATION_BURST
@@ -1627,6 +1755,11 @@ impl Node {
 
     /// Spends one identity validation of `ip`'s prefix at `now`.
     fn validation_spend(&mut self, now: u64, ip: IpAddr) {
+        self.stats.identity_validations += 1;
+        if now.saturating_sub(self.validation_total.0) >= timers::IDENTITY_VALIDATION {
+            self.validation_total = (now, 0);
+        }
+        self.validation_total.1 += 1;
         let e = self
             .validation_gate
             .entry(prefix_hash(ip))
@@ -1721,6 +1854,9 @@ impl Node {
                 self.validation_spend(now, remote.ip());
                 if !hello.identity.locally_validate() {
                     return self.drop(DropReason::BadIdentity);
+                }
+                if !self.make_room(now, li) {
+                    return self.drop(DropReason::RateLimited);
                 }
                 self.locals[li]
                     .peers
@@ -1869,6 +2005,10 @@ impl Node {
                     if self.locals[li].whois_sent.remove(&a).is_none()
                         || self.locals[li].peers.contains_key(&a)
                     {
+                        continue;
+                    }
+                    if !self.make_room(now, li) {
+                        self.drop(DropReason::RateLimited);
                         continue;
                     }
                     if let Ok(key) = self.locals[li].identity.agree(&id) {

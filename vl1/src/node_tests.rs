@@ -1,5 +1,6 @@
 //! Unit tests of the node: NAT-opening datagram, address collisions, trusted paths,
-//! relaying with several local identities and buffer reuse.
+//! relaying with several local identities and buffer reuse, the peer table bound and root
+//! failover.
 
 use std::collections::VecDeque;
 use std::str::FromStr;
@@ -45,6 +46,10 @@ struct Net {
     sent: Vec<Sent>,
     events: Vec<(usize, Event)>,
     buf: Vec<u8>,
+    /// Addresses whose datagrams are lost both ways (a stopped node).
+    down: Vec<SocketAddr>,
+    /// Pairs of addresses that cannot reach each other directly (symmetric NATs).
+    blocked: Vec<(SocketAddr, SocketAddr)>,
 }
 
 impl Net {
@@ -56,20 +61,37 @@ impl Net {
             sent: Vec::new(),
             events: Vec::new(),
             buf: vec![0; MAX_DATAGRAM_LEN],
+            down: Vec::new(),
+            blocked: Vec::new(),
         }
+    }
+
+    fn lost(&self, from: SocketAddr, to: SocketAddr) -> bool {
+        self.down.contains(&from)
+            || self.down.contains(&to)
+            || self
+                .blocked
+                .iter()
+                .any(|&(a, b)| (a, b) == (from, to) || (b, a) == (from, to))
     }
 
     fn step(&mut self, ms: u64) {
         for _ in 0..ms {
             self.now += 1;
             let now = self.now;
-            for (n, _) in &mut self.nodes {
+            for (n, a) in &mut self.nodes {
+                if self.down.contains(a) {
+                    continue;
+                }
                 if now >= n.poll_timeout() {
                     n.handle_timeout(now);
                 }
             }
             while self.wire.front().is_some_and(|w| w.0 <= now) {
                 let (_, from, to, data) = self.wire.pop_front().unwrap();
+                if self.lost(from, to) {
+                    continue;
+                }
                 if let Some((n, _)) = self.nodes.iter_mut().find(|(_, a)| *a == to) {
                     n.handle_datagram(now, LocalSocket(0), from, &data);
                 }
@@ -359,6 +381,10 @@ fn a_root_hosting_several_identities_relays_with_the_root_identitys_peers() {
     );
     let s = net.nodes[0].0.stats();
     assert!(s.relayed >= 1, "{s:?}");
+    assert!(
+        s.relayed_bytes >= (s.relayed * wire::HEADER_LEN as u64).max(msg.len() as u64),
+        "{s:?}"
+    );
     assert_eq!(s.rendezvous_sent, 2, "introduced by the root identity");
     assert_eq!(net.nodes[0].0.drop_count(DropReason::NoPath), 0);
 }
@@ -739,4 +765,122 @@ fn packets_sent_before_any_path_exists_go_out_once_the_root_answers() {
     net.step(500);
     assert_eq!(net.user_messages(0), vec![(a.address(), b"early".to_vec())]);
     assert_eq!(net.nodes[1].0.drop_count(DropReason::NoPath), 0);
+}
+
+#[test]
+fn a_full_peer_table_refuses_new_peers_until_one_falls_silent() {
+    let (r, t, a, b) = (new_id(), new_id(), new_id(), new_id());
+    let p = planet(&[(&r, "10.0.0.1:9993")]);
+    let mut cfg = NodeConfig::new(p.clone());
+    // The root and one more.
+    cfg.max_peers = Some(2);
+    let target = Node::new(cfg, vec![t.clone()]).unwrap();
+    let mut net = Net::new(vec![
+        leaf(&p, &r, "10.0.0.1:9993"),
+        (target, sa("10.0.1.1:9993")),
+        leaf(&p, &b, "10.0.3.3:9993"),
+        leaf(&p, &a, "10.0.2.2:9993"),
+    ]);
+    net.step(1000);
+    let send = |net: &mut Net, i: usize, from: &Identity, m: &[u8]| {
+        let now = net.now;
+        net.nodes[i]
+            .0
+            .send(now, from.address(), t.address(), Verb::USER_MESSAGE, m)
+            .unwrap();
+    };
+    send(&mut net, 3, &a, b"a");
+    net.step(2000);
+    assert_eq!(net.user_messages(1), vec![(a.address(), b"a".to_vec())]);
+    // The table is full of peers that talk: B is refused, A keeps its place.
+    send(&mut net, 2, &b, b"b1");
+    net.step(2000);
+    let target = &net.nodes[1].0;
+    assert!(!target.knows_peer(t.address(), b.address()));
+    assert!(target.knows_peer(t.address(), a.address()));
+    assert!(target.stats().peers_refused >= 1, "{:?}", target.stats());
+    assert!(target.drop_count(DropReason::RateLimited) >= 1);
+    // A stops; once silent for 30 s its slot goes to B.
+    net.down.push(sa("10.0.2.2:9993"));
+    net.step(31_000);
+    send(&mut net, 2, &b, b"b2");
+    net.step(2000);
+    let target = &net.nodes[1].0;
+    assert!(target.knows_peer(t.address(), b.address()));
+    assert!(!target.knows_peer(t.address(), a.address()));
+    assert_eq!(target.stats().peers_evicted, 1, "{:?}", target.stats());
+    assert!(
+        net.user_messages(1)
+            .contains(&(b.address(), b"b2".to_vec()))
+    );
+}
+
+#[test]
+fn traffic_relayed_by_a_root_that_dies_moves_to_the_other_root_within_seconds() {
+    let (r1, r2, a, b) = (new_id(), new_id(), new_id(), new_id());
+    let p = planet(&[(&r1, "10.0.0.1:9993"), (&r2, "10.0.0.2:9993")]);
+    let (ea, eb) = (sa("10.0.2.2:9993"), sa("10.0.3.3:9993"));
+    let mut net = Net::new(vec![
+        leaf(&p, &r1, "10.0.0.1:9993"),
+        leaf(&p, &r2, "10.0.0.2:9993"),
+        leaf(&p, &a, "10.0.2.2:9993"),
+        leaf(&p, &b, "10.0.3.3:9993"),
+    ]);
+    net.blocked.push((ea, eb));
+    net.step(3000);
+    let mut seq = 0u64;
+    let mut exchange = |net: &mut Net| -> bool {
+        seq += 1;
+        let m = seq.to_be_bytes().to_vec();
+        let now = net.now;
+        net.nodes[2]
+            .0
+            .send(now, a.address(), b.address(), Verb::USER_MESSAGE, &m)
+            .unwrap();
+        net.step(250);
+        net.user_messages(3).contains(&(a.address(), m))
+    };
+    // Traffic well past the roots' first keepalives, so both roots look alive.
+    for _ in 0..80 {
+        assert!(exchange(&mut net));
+    }
+    let relayed: Vec<u64> = (0..2).map(|i| net.nodes[i].0.stats().relayed).collect();
+    let used = usize::from(relayed[1] > relayed[0]);
+    assert!(relayed[used] > 0, "no root relayed: {relayed:?}");
+    net.down.push(net.nodes[used].1);
+    let killed = net.now;
+    while !exchange(&mut net) {
+        assert!(
+            net.now - killed < 30_000,
+            "no traffic 30 s after the relaying root died"
+        );
+    }
+    let took = net.now - killed;
+    // A probe goes out within 2 s (ROOT_PROBE_IDLE), counts as lost after 1 s
+    // (ROOT_PROBE_TIMEOUT); then the next message goes through the other root. Without
+    // probes this waits for a keepalive to make the other root look fresher (up to 14 s).
+    eprintln!("traffic back {took} ms after the relaying root died");
+    assert!(took <= 3500, "took {took} ms");
+    assert!(net.nodes[1 - used].0.stats().relayed > relayed[1 - used]);
+}
+
+#[test]
+fn a_root_validates_each_identity_once_however_often_it_says_hello() {
+    let (mut net, _r, _a, _b) = root_and_two_leaves();
+    net.step(500);
+    assert_eq!(
+        net.nodes[0].0.stats().identity_validations,
+        2,
+        "the root validated both leaves on their first HELLO"
+    );
+    let hellos = net.nodes[0].0.stats().hellos_received;
+    // Keepalive HELLOs (every 60 s) come from known peers: no validation.
+    net.step(121_000);
+    assert!(net.nodes[0].0.stats().hellos_received > hellos);
+    assert_eq!(net.nodes[0].0.stats().identity_validations, 2);
+    assert_eq!(
+        net.nodes[1].0.stats().identity_validations,
+        0,
+        "a leaf knows its root from the planet"
+    );
 }

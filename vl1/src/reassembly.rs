@@ -95,6 +95,9 @@ pub struct Reassembler<M> {
     slots: Vec<Slot<M>>,
     next: usize,
     held: usize,
+    /// Incomplete sets discarded (expired, or evicted for a newer one) since the last
+    /// [`Reassembler::take_abandoned`].
+    abandoned: u64,
 }
 
 impl<M: Clone> Reassembler<M> {
@@ -106,6 +109,7 @@ impl<M: Clone> Reassembler<M> {
             slots: (0..n).map(|_| Slot::new()).collect(),
             next: 0,
             held: 0,
+            abandoned: 0,
         }
     }
 
@@ -125,8 +129,15 @@ impl<M: Clone> Reassembler<M> {
             if s.in_use && now.saturating_sub(s.created) > self.limits.max_age_ms {
                 self.held -= s.held();
                 s.clear();
+                self.abandoned += 1;
             }
         }
+    }
+
+    /// How many incomplete sets were discarded (expired, or evicted to make room for a
+    /// newer one) since the previous call: each is a packet that never arrived whole.
+    pub fn take_abandoned(&mut self) -> u64 {
+        std::mem::take(&mut self.abandoned)
     }
 
     fn slot_for(&mut self, now: u64, id: u64) -> usize {
@@ -147,6 +158,9 @@ impl<M: Clone> Reassembler<M> {
                 i
             });
         let s = &mut self.slots[i];
+        if s.in_use {
+            self.abandoned += 1;
+        }
         self.held -= s.held();
         s.clear();
         s.in_use = true;
@@ -283,6 +297,8 @@ mod tests {
         );
         r.expire(1000);
         assert_eq!((r.pending(), r.held_bytes()), (0, 0));
+        assert_eq!(r.take_abandoned(), 1, "the expired set is counted");
+        assert_eq!(r.take_abandoned(), 0);
         let mut bad = pieces[1].clone();
         bad[14] = 0x88;
         assert_eq!(

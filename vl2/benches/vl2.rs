@@ -16,7 +16,7 @@ use flatwire_vl2::controller::{
     config_payloads,
 };
 use flatwire_vl2::dictionary::Dictionary;
-use flatwire_vl2::rules::eval::{Env, Frame, NoCredentials, Semantics, filter_outbound};
+use flatwire_vl2::rules::eval::{Env, Frame, NoCredentials, RuleHits, Semantics, filter_outbound};
 use flatwire_vl2::rules::{Rule, RuleKind, compiler};
 use flatwire_vl2::verbs::{SoftwareVersion, request_metadata};
 use flatwire_vl2::{Mac, NetworkId};
@@ -81,7 +81,14 @@ fn udp_payload() -> Vec<u8> {
     ip
 }
 
-fn eval_once(rules: &[Rule], payload: &[u8], rnd: &mut dyn FnMut() -> u32) -> u8 {
+/// Runs the outbound filter on one frame; counts the decision in `hits` when given (what a
+/// member does for every frame).
+fn eval_once(
+    rules: &[Rule],
+    payload: &[u8],
+    rnd: &mut dyn FnMut() -> u32,
+    hits: Option<&mut RuleHits>,
+) -> u8 {
     let nwid = NetworkId::from(0x8056_c2e2_1c00_0001);
     let frame = Frame {
         source_mac: Mac::from_address(Address::new(0x1122334455).unwrap_or_default(), nwid),
@@ -97,7 +104,11 @@ fn eval_once(rules: &[Rule], payload: &[u8], rnd: &mut dyn FnMut() -> u32) -> u8
         random: rnd,
         semantics: Semantics::V1_14,
     };
-    filter_outbound(rules, [], false, 0x2233445566, &frame, &mut env).accept
+    let d = filter_outbound(rules, [], false, 0x2233445566, &frame, &mut env);
+    if let Some(h) = hits {
+        h.record(false, &d);
+    }
+    d.accept
 }
 
 struct Lab {
@@ -219,9 +230,13 @@ fn benches(c: &mut Criterion) {
     for n in [10usize, 100, 1024] {
         let rules = rule_set(n);
         assert_eq!(rules.len(), n);
-        assert_eq!(eval_once(&rules, &payload, &mut rnd), 1, "frame accepted");
+        assert_eq!(
+            eval_once(&rules, &payload, &mut rnd, None),
+            1,
+            "frame accepted"
+        );
         g.bench_with_input(BenchmarkId::from_parameter(n), &rules, |b, r| {
-            b.iter(|| eval_once(black_box(r), black_box(&payload), &mut rnd))
+            b.iter(|| eval_once(black_box(r), black_box(&payload), &mut rnd, None))
         });
     }
     g.finish();
@@ -251,9 +266,21 @@ fn benches(c: &mut Criterion) {
         let rules = rule_set(n);
         let iters = (20_000_000 / n as u64).clamp(20_000, 2_000_000);
         let r = per_cpu_second(iters, |_| {
-            black_box(eval_once(&rules, &payload, &mut rnd));
+            black_box(eval_once(&rules, &payload, &mut rnd, None));
         });
         println!("| rule evaluation, {n} entries | {r:.0} frames/s per core |");
+        let mut hits = RuleHits::default();
+        let rc = per_cpu_second(iters, |_| {
+            black_box(eval_once(&rules, &payload, &mut rnd, Some(&mut hits)));
+        });
+        assert_eq!(
+            hits.get(false, flatwire_vl2::rules::eval::RuleAction::Accept),
+            iters
+        );
+        println!(
+            "| rule evaluation + hit counters, {n} entries | {rc:.0} frames/s per core ({:+.1}%) |",
+            (rc / r - 1.0) * 100.0
+        );
     }
     let mut l = lab();
     let base = Region::new(GLOBAL);

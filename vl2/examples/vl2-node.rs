@@ -297,7 +297,7 @@ impl Commands {
 }
 
 /// The member drop counters logged on `net-drops` lines.
-const NET_DROPS: [DropReason; 12] = [
+const NET_DROPS: [DropReason; 13] = [
     DropReason::NoConfig,
     DropReason::Malformed,
     DropReason::NotMember,
@@ -310,6 +310,7 @@ const NET_DROPS: [DropReason; 12] = [
     DropReason::RateLimited,
     DropReason::BadChunk,
     DropReason::BadConfig,
+    DropReason::TooBig,
 ];
 
 fn status_name(s: Status) -> &'static str {

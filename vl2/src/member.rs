@@ -25,7 +25,9 @@ use crate::multicast::{
     decode_likes, encode_likes,
 };
 use crate::netconf::{ConfigChunk, FLAG_ENABLE_BROADCAST, NetworkConfig};
-use crate::rules::eval::{self, CopyAction, Credentials, Env, FilterDecision, Frame, Semantics};
+use crate::rules::eval::{
+    self, CopyAction, Credentials, Env, FilterDecision, Frame, RuleHits, Semantics,
+};
 use crate::verbs::{
     ConfigRequest, CredentialsPayload, SoftwareVersion, Vl2Error, error_code, in_re,
     request_metadata, split_in_re,
@@ -147,9 +149,11 @@ pub enum DropReason {
     BadChunk,
     /// A config was for another member or network.
     BadConfig,
+    /// A frame from the local interface larger than the network's MTU.
+    TooBig,
 }
 
-const DROP_REASONS: usize = 12;
+const DROP_REASONS: usize = 13;
 
 fn drop_index(r: DropReason) -> usize {
     r as usize
@@ -430,6 +434,7 @@ pub struct Network {
     pool: Vec<Vec<u8>>,
     rng: u64,
     drops: [u64; DROP_REASONS],
+    rule_hits: RuleHits,
     left: bool,
 }
 
@@ -469,6 +474,7 @@ impl Network {
             pool: Vec::new(),
             rng,
             drops: [0; DROP_REASONS],
+            rule_hits: RuleHits::default(),
             left: false,
         };
         // Ad-hoc networks have no controller: their config is derived locally.
@@ -504,6 +510,11 @@ impl Network {
     /// Frames/packets dropped for `reason`.
     pub fn drop_count(&self, reason: DropReason) -> u64 {
         self.drops[drop_index(reason)]
+    }
+
+    /// Frames counted per deciding rule action and direction since the join.
+    pub fn rule_hits(&self) -> &RuleHits {
+        &self.rule_hits
     }
 
     /// Whether `peer` currently passes the membership gate (§13.3).
@@ -893,6 +904,7 @@ impl Network {
             sender,
             frame,
         );
+        self.rule_hits.record(true, &d);
         for c in [d.copy, d.redirect].into_iter().flatten() {
             self.send_copy(c, frame);
         }
@@ -1550,6 +1562,13 @@ impl Network {
         if frame.len() < 14 {
             return self.drop(DropReason::Malformed);
         }
+        if self
+            .config
+            .as_ref()
+            .is_some_and(|c| frame.len() - 14 > c.mtu as usize)
+        {
+            return self.drop(DropReason::TooBig);
+        }
         let mut d = [0u8; 6];
         let mut s = [0u8; 6];
         d.copy_from_slice(&frame[0..6]);
@@ -1642,6 +1661,7 @@ impl Network {
             no_tee,
             fr,
         );
+        self.rule_hits.record(false, &d);
         for c in [d.copy, d.redirect].into_iter().flatten() {
             self.send_copy(c, fr);
         }

@@ -5,7 +5,9 @@
 //! member address, the network, the pod and a timestamp, and the pod's member sends it in the
 //! metadata of its config requests under [`METADATA_KEY`]. The controller authorizes the member
 //! when the vouch verifies against the pinned identity of a host that is itself an authorized
-//! member of the same network (see `Controller::handle_request`).
+//! member of the same network (see `Controller::handle_request`) and, on a network with
+//! `vouchRequiresPod`, a pod binding places that pod on that host (see
+//! [`crate::controller::PodBinding`]).
 //!
 //! Wire form (all integers big-endian): version `1`, host address (5 bytes), member address (5),
 //! network ID (8), timestamp in ms (8, signed), pod length (2) and pod bytes (UTF-8, at most
@@ -62,6 +64,20 @@ pub enum VouchError {
     /// The signature does not verify against the host's identity.
     #[error("bad signature by host {0}")]
     BadSignature(Address),
+    /// The network requires a pod binding (`vouchRequiresPod`) and none exists for this pod
+    /// (`namespace/name/uid`), e.g. the API server does not know the pod or it is gone.
+    #[error("no pod binding for pod {0:?} on this network")]
+    NoPodBinding(String),
+    /// The pod's binding places it on another host than the one that vouched.
+    #[error("pod {pod:?} runs on host {bound}, not on {host}")]
+    WrongHost {
+        /// The pod.
+        pod: String,
+        /// The host that vouched.
+        host: Address,
+        /// The host of the pod's binding.
+        bound: String,
+    },
     /// The same host already vouched for this pod as another member, at the same time or later.
     #[error("replayed vouch: host {host} vouched for pod {pod} as member {member} already")]
     Replayed {

@@ -128,6 +128,36 @@ fn multi_chunk_config_reassembles_and_rejects_forgeries() {
 }
 
 #[test]
+fn frames_over_the_mtu_from_the_interface_are_dropped() {
+    let l = lab(0);
+    let pubs = [l.ctl.to_public(), l.member.to_public()];
+    let dir = |a: Address| pubs.iter().find(|i| i.address() == a).cloned();
+    let mut n = Network::join(l.member.address(), l.nwid, MemberOptions::default(), 1000);
+    for (v, p) in config_payloads(&l.ctl, &l.cfg, Some(42), 0xfeed).unwrap() {
+        n.handle_packet(2000, l.ctl.address(), v, 1, &p, &dir);
+    }
+    assert_eq!(n.status(), Status::Ok);
+    drain(&mut n);
+    let mtu = l.cfg.mtu as usize;
+    let own = flatwire_vl2::Mac::from_address(l.member.address(), l.nwid);
+    let frame = |payload: usize| {
+        let mut f = vec![0xffu8; 6];
+        f.extend_from_slice(&own.0);
+        f.extend_from_slice(&[0x08, 0x00]);
+        f.resize(14 + payload, 0x45);
+        f
+    };
+    n.handle_tap_frame(3000, &frame(mtu + 1));
+    assert_eq!(n.drop_count(DropReason::TooBig), 1);
+    n.handle_tap_frame(3000, &frame(mtu));
+    assert_eq!(
+        n.drop_count(DropReason::TooBig),
+        1,
+        "a frame of exactly the MTU passes"
+    );
+}
+
+#[test]
 fn controller_errors_set_the_status() {
     let cancel = AtomicBool::new(false);
     let ctl = Identity::generate(&cancel).unwrap();

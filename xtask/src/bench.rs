@@ -1,5 +1,6 @@
 //! `cargo xtask bench`: throughput, round trips, CPU and memory of flatwire against the raw
-//! underlay and kernel VXLAN, measured in one run between the same two namespaces.
+//! underlay and kernel VXLAN, measured in one run between the same two namespaces; then pod
+//! start and stop latency through the real CNI plugin and the agent memory per pod.
 //!
 //! A planet of real agents (a root, a controller and hosts `a` and `b`, release build) runs
 //! in network namespaces on one bridged underlay. Between `a` and `b` the bench measures, over
@@ -7,11 +8,12 @@
 //! join: `iperf3` TCP with one and four streams, and `ping` round trips (p50, p99). Around the
 //! flatwire runs it reads the agents' CPU time (`/proc/<pid>/stat`, also of the data-plane
 //! thread), their drop counters and the kernel's UDP and TAP drop counters; after them, their
-//! resident memory. Missed targets are printed as MISSED; only a failure to measure makes the
-//! command fail.
+//! resident memory. Then host `b` starts and stops pods through `flatwire-cni` (see [`pods`];
+//! `--only-pods` skips the link runs). Missed targets are printed as MISSED; only a failure to
+//! measure makes the command fail.
 
 mod measure;
-mod members;
+mod pods;
 mod report;
 
 use std::net::IpAddr;
@@ -20,7 +22,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use flatwire_tests::netns::Host;
-use flatwire_tests::planet::{self, NetworkSpec, PathKind, Planet, PlanetSpec, Profile};
+use flatwire_tests::planet::{
+    self, Member, Network, NetworkSpec, PathKind, Planet, PlanetSpec, Profile,
+};
 
 use measure::{Counters, Cpu};
 use report::{CpuPerGb, FLATWIRE, Figures, LINKS, Losses, UNDERLAY, VXLAN};
@@ -34,9 +38,20 @@ pub struct Args {
     /// Echo requests of each `ping` run (10 ms apart).
     #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(10..=5000))]
     pings: u32,
-    /// Pods to attach to host `b` through gRPC `Attach` for the memory figure (0: skip).
-    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u16).range(0..=200))]
-    members: u16,
+    /// Pods per batch started on host `b` through `flatwire-cni` ADD and stopped with DEL:
+    /// one batch one after the other, one all at once (0: skip).
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u16).range(0..=100))]
+    pods: u16,
+    /// The identity pool depth (`--identity-pool`) host `b` runs with for the pod batches;
+    /// each batch starts once the pool is full.
+    #[arg(long, value_name = "N", default_value_t = 128)]
+    identity_pool: usize,
+    /// Seconds to wait for the identity pool to fill before each pod batch.
+    #[arg(long, value_name = "SECS", default_value_t = 600)]
+    pool_wait: u64,
+    /// Quick mode: only the pod batches (skips the underlay, VXLAN and flatwire link runs).
+    #[arg(long)]
+    only_pods: bool,
     /// Also write the figures, targets and failures as JSON to this file.
     #[arg(long, value_name = "PATH")]
     json: Option<PathBuf>,
@@ -59,12 +74,29 @@ pub fn run(args: &Args) -> Result<()> {
     }
     println!("==> build flatwire-agent (release)");
     let agent = planet::agent_binary(Profile::Release)?;
+    let plugin = if args.pods > 0 {
+        println!("==> build flatwire-cni (release)");
+        let build = ["-p", "flatwire-cni", "--bin", "flatwire-cni", "--release"];
+        Some(
+            flatwire_tests::process::cargo_build(&build, "flatwire-cni")
+                .map_err(anyhow::Error::msg)?,
+        )
+    } else {
+        None
+    };
     println!(
         "==> start a planet: root0, ctl0, hosts a and b ({})",
         agent.display()
     );
-    let mut planet = Planet::start(&PlanetSpec::new(agent).host("a", None).host("b", None))?;
-    let mut fig = Figures::default();
+    let mut planet = Planet::start(
+        &PlanetSpec::new(agent.clone())
+            .host("a", None)
+            .host("b", None),
+    )?;
+    let mut fig = Figures {
+        only_pods: args.only_pods,
+        ..Figures::default()
+    };
     let (a, b) = (
         planet.agent("a").host().clone(),
         planet.agent("b").host().clone(),
@@ -76,39 +108,54 @@ pub fn run(args: &Args) -> Result<()> {
         .map(|a| measure::agent_pid(a.host()))
         .collect::<Result<Vec<u32>>>()?;
     settle(&all_pids);
-
-    println!("==> underlay: {a_ip} -> {b_ip} (veth, bridge, veth)");
     let hosts = Pair {
         client: &a,
         server: &b,
     };
-    measure_link(&planet, &mut fig, UNDERLAY, hosts, b_ip.into(), args, None);
 
-    println!("==> kernel VXLAN (no encryption, MTU {VXLAN_MTU}) over the same veths");
-    match vxlan(&mut planet, hosts, [a_ip.into(), b_ip.into()]) {
-        Ok(to) => measure_link(&planet, &mut fig, VXLAN, hosts, to, args, None),
-        Err(e) => fig.failures.push(format!("vxlan setup: {e:#}")),
+    if !args.only_pods {
+        println!("==> underlay: {a_ip} -> {b_ip} (veth, bridge, veth)");
+        measure_link(&planet, &mut fig, UNDERLAY, hosts, b_ip.into(), args, None);
+
+        println!("==> kernel VXLAN (no encryption, MTU {VXLAN_MTU}) over the same veths");
+        match vxlan(&mut planet, hosts, [a_ip.into(), b_ip.into()]) {
+            Ok(to) => measure_link(&planet, &mut fig, VXLAN, hosts, to, args, None),
+            Err(e) => fig.failures.push(format!("vxlan setup: {e:#}")),
+        }
     }
 
     println!("==> flatwire: network on ctl0, a and b join it");
     settle(&all_pids);
-    let overlay = match flatwire(&mut planet, &mut fig, hosts, args) {
+    let overlay = match join(&mut planet) {
         Ok(o) => Some(o),
         Err(e) => {
             fig.failures.push(format!("flatwire: {e:#}"));
             None
         }
     };
+    if let (false, Some(o)) = (args.only_pods, &overlay)
+        && let Err(e) = flatwire(&mut planet, &mut fig, hosts, args, o)
+    {
+        fig.failures.push(format!("flatwire: {e:#}"));
+    }
 
-    let members = usize::from(args.members);
-    fig.rss_members = match (members, overlay) {
-        (0, _) => Err("skipped (--members 0)".into()),
+    fig.pods = match (plugin, overlay) {
+        (None, _) => Err("skipped (--pods 0)".into()),
         (_, None) => Err("no flatwire network to attach to".into()),
-        (n, Some((nwid, gateway, pid))) => {
-            println!("==> attach {n} members to b through gRPC Attach");
-            members::attach_many(&mut planet, "b", pid, &nwid, gateway, n).map_err(|e| {
+        (Some(plugin), Some(o)) => {
+            let opt = pods::Options {
+                pods: usize::from(args.pods),
+                pool: args.identity_pool,
+                pool_wait: Duration::from_secs(args.pool_wait),
+            };
+            println!(
+                "==> {} pods on b through flatwire-cni: one after the other, then all at once",
+                opt.pods
+            );
+            let gateway = o.to;
+            pods::run(&mut planet, &agent, plugin, "b", &o.net, gateway, opt).map_err(|e| {
                 let why = format!("{e:#}");
-                fig.failures.push(format!("attaching members: {why}"));
+                fig.failures.push(format!("pods: {why}"));
                 why
             })
         }
@@ -117,7 +164,18 @@ pub fn run(args: &Args) -> Result<()> {
     drop(planet);
 
     println!();
-    fig.figures_table().print();
+    if !args.only_pods {
+        fig.figures_table().print();
+        println!();
+    }
+    fig.pods_table().print();
+    if let Ok(p) = &fig.pods {
+        for (kind, b) in [("sequential", &p.sequential), ("concurrent", &p.concurrent)] {
+            for f in &b.failures.first {
+                println!("{kind} pod failure: {f}");
+            }
+        }
+    }
     println!();
     fig.targets_table().print();
     let missed: Vec<&str> = fig
@@ -261,22 +319,39 @@ fn vxlan(planet: &mut Planet, hosts: Pair<'_>, underlay: [IpAddr; 2]) -> Result<
     Ok(to.parse()?)
 }
 
-/// Creates the network, joins both hosts, waits for a direct path, then measures and
-/// collects the agents' CPU, drops and memory. Returns the network ID, `b`'s overlay address
-/// and its agent's PID.
+/// The flatwire network both hosts joined.
+struct Overlay {
+    net: Network,
+    /// Host `a`'s member.
+    ma: Member,
+    /// Host `b`'s member.
+    mb: Member,
+    /// `b`'s overlay address.
+    to: IpAddr,
+}
+
+/// Creates the network, joins both hosts and waits until `a` pings `b` over it.
+fn join(planet: &mut Planet) -> Result<Overlay> {
+    let net = planet.create_network(&NetworkSpec::new("bench"))?;
+    let ma = planet.join("a", &net, &[])?;
+    let mb = planet.join("b", &net, &[])?;
+    let to = IpAddr::V4(mb.ipv4.context("b got no IPv4 address")?);
+    // Peers learn each other from the first frames.
+    planet.wait_ping(&ma, to, Duration::from_secs(10))?;
+    Ok(Overlay { net, ma, mb, to })
+}
+
+/// Waits for a direct path between the hosts, then measures the network and collects the
+/// agents' CPU, drops and memory.
 fn flatwire(
     planet: &mut Planet,
     fig: &mut Figures,
     hosts: Pair<'_>,
     args: &Args,
-) -> Result<(String, IpAddr, u32)> {
-    let net = planet.create_network(&NetworkSpec::new("bench"))?;
-    let ma = planet.join("a", &net, &[])?;
-    let mb = planet.join("b", &net, &[])?;
-    let to = IpAddr::V4(mb.ipv4.context("b got no IPv4 address")?);
+    o: &Overlay,
+) -> Result<()> {
+    let (ma, mb, to) = (&o.ma, &o.mb, o.to);
     let b_address = planet.agent("b").address().to_owned();
-    // Peers learn each other from the first frames; then a direct path must come up.
-    planet.wait_ping(&ma, to, Duration::from_secs(10))?;
     planet.wait_path("a", &b_address, PathKind::Direct, Duration::from_secs(15))?;
     let link = ma.ns.run("ip", &["-j", "link", "show", "dev", &ma.dev])?;
     let link: serde_json::Value = serde_json::from_slice(&link.stdout)?;
@@ -338,7 +413,7 @@ fn flatwire(
         );
         fig.rss_one.push(((*name).to_owned(), rss));
     }
-    Ok((net.nwid, to, pids[1]))
+    Ok(())
 }
 
 /// Waits for the agents to go idle (they fill identity pools after start), printing how it

@@ -25,7 +25,8 @@ enum Task {
     Fuzz(fuzz::Args),
     /// Regenerate crds/*.yaml from the operator's Rust types (`flatwire-operator crds`).
     Crds,
-    /// Measure TCP throughput, RTT, CPU per GB and memory of flatwire vs underlay and VXLAN.
+    /// Measure TCP throughput, RTT, CPU per GB and memory of flatwire vs underlay and VXLAN,
+    /// and pod ADD/DEL latency through the real CNI plugin.
     Bench(bench::Args),
 }
 

@@ -5,6 +5,7 @@
 
 use std::ffi::OsStr;
 use std::io::Write;
+use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
@@ -13,6 +14,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use flatwire_agent::host;
 use flatwire_agent::state::StateDir;
+use flatwire_api::v1;
 use flatwire_tests::netns::Host;
 use flatwire_tests::process::Proc;
 use flatwire_tests::tools;
@@ -262,4 +264,116 @@ impl CniEnv {
             .envs(env.iter().copied());
         run_cmd(cmd, b"")
     }
+}
+
+/// The attachments the agent at `socket` holds for the network name `flatwire` (the installed
+/// conflist's).
+pub fn attachments(socket: &Path) -> Vec<v1::Attachment> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    rt.block_on(async {
+        let mut c = flatwire_api::connect(socket, flatwire_api::ClientOptions::default())
+            .await
+            .expect("connect to the agent");
+        c.list_attachments(v1::ListAttachmentsRequest {
+            network_name: "flatwire".into(),
+        })
+        .await
+        .expect("ListAttachments")
+        .into_inner()
+        .attachments
+    })
+}
+
+/// The first IPv4 (`v4`) or IPv6 address of `eth0` in a CNI result, without its prefix.
+pub fn result_ip(result: &serde_json::Value, v4: bool) -> String {
+    let eth0 = result["interfaces"]
+        .as_array()
+        .expect("interfaces")
+        .iter()
+        .position(|i| i["name"] == "eth0")
+        .unwrap_or_else(|| panic!("no eth0 in {result}"));
+    result["ips"]
+        .as_array()
+        .expect("ips")
+        .iter()
+        .filter(|ip| ip["interface"] == eth0)
+        .filter_map(|ip| ip["address"].as_str())
+        .filter_map(|a| a.split('/').next())
+        .find(|a| a.contains(':') != v4)
+        .unwrap_or_else(|| panic!("no IPv{} address in {result}", if v4 { 4 } else { 6 }))
+        .to_owned()
+}
+
+/// A TCP listener on a port inside a harness namespace (a real socket there, held by a thread
+/// of this test process): it accepts one connection and reports the peer address it saw, which
+/// tells whether a NAT rewrote the source on the way.
+pub struct PeerProbe {
+    seen: std::thread::JoinHandle<Option<SocketAddr>>,
+}
+
+impl PeerProbe {
+    /// Listens on `port` (all addresses) in `host`'s namespace; returns once it is bound.
+    pub fn listen(host: &Host, port: u16, limit: Duration) -> Self {
+        let netns = PathBuf::from(host.netns_path());
+        let (bound_tx, bound_rx) = std::sync::mpsc::channel();
+        let seen = std::thread::spawn(move || {
+            flatwire_agent::tap::in_netns(&netns, move || {
+                let io = |what| move |source| flatwire_agent::tap::TapError::Io { what, source };
+                let l = TcpListener::bind(("0.0.0.0", port)).map_err(io("bind the probe"))?;
+                l.set_nonblocking(true).map_err(io("probe non-blocking"))?;
+                let _ = bound_tx.send(());
+                let deadline = Instant::now() + limit;
+                while Instant::now() < deadline {
+                    match l.accept() {
+                        Ok((mut s, peer)) => {
+                            let _ = s.write_all(b"HTTP/1.0 200 OK\r\n\r\nseen\n");
+                            return Ok(Some(peer));
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                            std::thread::sleep(Duration::from_millis(10));
+                        }
+                        Err(e) => return Err(io("accept on the probe")(e)),
+                    }
+                }
+                Ok(None)
+            })
+            .expect("the probe listener")
+        });
+        bound_rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the probe listener did not bind");
+        Self { seen }
+    }
+
+    /// The peer of the one connection accepted, `None` if none came in time.
+    pub fn peer(self) -> Option<SocketAddr> {
+        self.seen.join().expect("probe thread")
+    }
+}
+
+/// Puts `n` freshly generated member identities into the identity pool of the agent whose
+/// state directory is `home` (generated here on two threads; the agent, stopped meanwhile,
+/// checks and uses the files it finds at start).
+pub fn fill_pool(home: &Path, n: usize) {
+    let pool = StateDir::open(home.join(flatwire_agent::pool::POOL_DIR)).expect("pool dir");
+    std::thread::scope(|s| {
+        for part in [n / 2, n - n / 2] {
+            let pool = &pool;
+            s.spawn(move || {
+                for _ in 0..part {
+                    let id = Identity::generate(&AtomicBool::new(false)).expect("an identity");
+                    let secret = id.to_secret_string().expect("its secret form");
+                    pool.write(
+                        &format!("{}.secret", id.address()),
+                        secret.as_bytes(),
+                        flatwire_agent::state::Sensitivity::Secret,
+                    )
+                    .expect("a pool file");
+                }
+            });
+        }
+    });
 }

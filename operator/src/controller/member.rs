@@ -140,10 +140,7 @@ pub fn desired_member(
             .find(|t| &t.name == name)
             .ok_or_else(|| MemberProblem::UnknownTag(name.clone()))?;
         let v = def
-            .enum_values
-            .get(value)
-            .copied()
-            .or_else(|| value.parse::<u32>().ok())
+            .value_of(value)
             .ok_or_else(|| MemberProblem::InvalidTagValue {
                 tag: name.clone(),
                 value: value.clone(),

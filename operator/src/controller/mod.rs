@@ -3,6 +3,8 @@
 
 pub mod member;
 pub mod network;
+pub mod node;
+pub mod pod;
 
 use std::fmt;
 use std::future::Future;
@@ -123,10 +125,12 @@ pub async fn client(path: Option<&Path>) -> Result<Client, Error> {
     Ok(Client::try_from(config)?)
 }
 
-/// Runs the `Network` and `NetworkMember` controllers until `shutdown` completes (then lets
-/// running reconciles finish). Reconcile and watch errors are logged, counted in `metrics`
-/// and retried with backoff; this never returns early because of one object. Members are
-/// written to `sink` (none: they get `Ready=False`, reason `NoController`).
+/// Runs the `Network` and `NetworkMember` controllers, and with a `sink` the pod binding
+/// controller ([`pod::run`]: host members from Nodes, pod bindings from Pods), until
+/// `shutdown` completes (then lets running reconciles finish). Reconcile and watch errors
+/// are logged, counted in `metrics` and retried with backoff; this never returns early
+/// because of one object. Members are written to `sink` (none: they get `Ready=False`,
+/// reason `NoController`).
 pub async fn run_controllers(
     client: Client,
     address: ControllerAddress,
@@ -136,6 +140,12 @@ pub async fn run_controllers(
 ) {
     let (net_stop, net_stopped) = oneshot::channel::<()>();
     let (mem_stop, mem_stopped) = oneshot::channel::<()>();
+    let (pod_stop, pod_stopped) = oneshot::channel::<()>();
+    let pods = sink.clone().map(|sink| {
+        pod::run(client.clone(), address, sink, metrics.clone(), async move {
+            let _ = pod_stopped.await;
+        })
+    });
     let nets: Api<Network> = Api::all(client.clone());
     let wc = watcher::Config::default().any_semantic();
 
@@ -184,35 +194,44 @@ pub async fn run_controllers(
         let ready = tokio::time::timeout(STORE_GRACE, lists).await.is_ok();
         let _ = net_stop.send(());
         let _ = mem_stop.send(());
+        let _ = pod_stop.send(());
         if !ready {
             abort_tx.notify_one();
         }
     });
     let mut events = Box::pin(net_stream).merge(Box::pin(mem_stream));
     tracing::info!(%address, "Network and NetworkMember controllers running");
-    loop {
-        let (resource, res) = tokio::select! {
-            item = events.next() => match item {
-                Some(item) => item,
-                None => break,
-            },
-            () = abort.notified() => {
-                tracing::warn!("the controllers' caches never filled; stopping without them");
-                break;
-            }
-        };
-        metrics.reconciled(resource, res.is_ok());
-        metrics
-            .networks
-            .set(i64::try_from(net_store.state().len()).unwrap_or(i64::MAX));
-        metrics
-            .members
-            .set(i64::try_from(mem_store.state().len()).unwrap_or(i64::MAX));
-        match res {
-            Ok(()) => tracing::debug!(resource, "reconciled"),
-            Err(e) => tracing::warn!(resource, error = %e, "controller"),
+    let pods = async move {
+        if let Some(p) = pods {
+            p.await;
         }
-    }
+    };
+    let main = async {
+        loop {
+            let (resource, res) = tokio::select! {
+                item = events.next() => match item {
+                    Some(item) => item,
+                    None => break,
+                },
+                () = abort.notified() => {
+                    tracing::warn!("the controllers' caches never filled; stopping without them");
+                    break;
+                }
+            };
+            metrics.reconciled(resource, res.is_ok());
+            metrics
+                .networks
+                .set(i64::try_from(net_store.state().len()).unwrap_or(i64::MAX));
+            metrics
+                .members
+                .set(i64::try_from(mem_store.state().len()).unwrap_or(i64::MAX));
+            match res {
+                Ok(()) => tracing::debug!(resource, "reconciled"),
+                Err(e) => tracing::warn!(resource, error = %e, "controller"),
+            }
+        }
+    };
+    tokio::join!(main, pods);
     tracing::info!("controllers stopped");
 }
 

@@ -104,7 +104,8 @@ pub fn compiled_rules(spec: &NetworkSpec) -> Result<(Vec<Value>, Vec<Value>), St
     let base = spec.compile_rules().map_err(|e| e.to_string())?;
     let mut caps = Vec::with_capacity(spec.capabilities.len());
     for cap in &spec.capabilities {
-        let c = flatwire_vl2::rules::compiler::compile(&cap.rules)
+        let c = spec
+            .compile_source(&cap.rules)
             .map_err(|e| format!("capability {}: {e}", cap.name))?;
         caps.push(json!({"id": cap.id, "default": false, "rules": to_values(&c.rules)}));
     }
@@ -119,7 +120,8 @@ pub fn compile(spec: &NetworkSpec) -> Result<String, String> {
 }
 
 /// The controller network object (a partial one: the fields the operator owns) for `net`,
-/// or the rules compiler's error.
+/// or the rules compiler's error. It sets `vouchRequiresPod`: a node's vouch admits a pod
+/// only with a pod binding (see [`super::pod`]) placing the pod on that node.
 pub fn desired_network(net: &Network) -> Result<Value, String> {
     let spec = &net.spec;
     let (rules, capabilities) = compiled_rules(spec)?;
@@ -148,6 +150,8 @@ pub fn desired_network(net: &Network) -> Result<Value, String> {
         "rulesSource": spec.rules.clone().unwrap_or_default(),
         "capabilities": capabilities,
         "tags": tags,
+        // Pods get in only with a binding the pod reconciler wrote from the API server.
+        "vouchRequiresPod": true,
     }))
 }
 
@@ -284,6 +288,34 @@ mod tests {
     }
 
     #[test]
+    fn rules_name_the_networks_tags_and_keep_their_own_positions() {
+        let spec = |rules: &str| {
+            net(serde_json::json!({
+                "tags": [
+                    {"name": "role", "id": 100, "enum": {"web": 1, "db": 2, "not-a-name": 9},
+                     "default": 2},
+                    {"name": "app.kubernetes.io", "id": 7},
+                ],
+                "capabilities": [{"name": "ssh", "id": 1, "rules": "accept tseq role db;"}],
+                "rules": rules,
+            }))
+            .spec
+        };
+        let (base, caps) =
+            compiled_rules(&spec("drop tseq role web treq role db;\naccept;")).unwrap();
+        assert_eq!(base[0]["type"], "MATCH_TAG_SENDER", "{base:?}");
+        assert_eq!(
+            (&base[0]["id"], &base[0]["value"]),
+            (&json!(100), &json!(1))
+        );
+        assert_eq!(caps[0]["rules"][0]["value"], 2, "{caps:?}");
+        let e = compiled_rules(&spec("accept;\ndrop tseq role nope;")).unwrap_err();
+        assert!(e.starts_with("line 2 column "), "{e}");
+        let e = compiled_rules(&spec("tag role id 5;\naccept;")).unwrap_err();
+        assert!(e.starts_with("line 1 column "), "{e}");
+    }
+
+    #[test]
     fn ids_from_number_id_or_uid() {
         assert_eq!(
             network_id(addr(), &net(serde_json::json!({"number": 0x42}))),
@@ -372,6 +404,7 @@ mod tests {
         assert_eq!(cn.ip_assignment_pools[0].ip_range_start, "198.19.0.1");
         assert_eq!(cn.routes[0].via, None);
         assert!(cn.extra.is_empty(), "{:?}", cn.extra);
+        assert!(cn.vouch_requires_pod, "pods need a binding");
         let mut bad = n.clone();
         bad.spec.rules = Some("drop bogus;".into());
         assert!(

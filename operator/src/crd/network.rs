@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 
+use flatwire_vl2::rules::compiler::{self, CompileError, Compiled, is_valid_name};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
@@ -320,13 +321,48 @@ pub struct NetworkStatus {
     pub authorized_members: Option<u32>,
 }
 
+impl TagDefinition {
+    /// The value `s` names: one of the enum names, else a decimal 32-bit number.
+    pub fn value_of(&self, s: &str) -> Option<u32> {
+        self.enum_values
+            .get(s)
+            .copied()
+            .or_else(|| s.parse::<u32>().ok())
+    }
+}
+
 impl NetworkSpec {
     /// Compiles `rules` with ZeroTier's rule language; an error displays as
-    /// `line L column C: ...`, the message of a `RulesCompiled=False` condition.
-    pub fn compile_rules(
-        &self,
-    ) -> Result<flatwire_vl2::rules::compiler::Compiled, flatwire_vl2::rules::compiler::CompileError>
-    {
-        flatwire_vl2::rules::compiler::compile(self.rules.as_deref().unwrap_or(""))
+    /// `line L column C: ...`, the message of a `RulesCompiled=False` condition. The rules
+    /// may name the Network's tags and their enum values (see [`NetworkSpec::compile_source`]).
+    pub fn compile_rules(&self) -> Result<Compiled, CompileError> {
+        self.compile_source(self.rules.as_deref().unwrap_or(""))
+    }
+
+    /// Compiles rule-language `src` (the base rules or a capability's) after declarations of
+    /// the Network's tags, so `src` can name them: each tag whose name the rule language
+    /// accepts, with its id, default and the enum values whose names it accepts. Error lines
+    /// and columns are those of `src`.
+    pub fn compile_source(&self, src: &str) -> Result<Compiled, CompileError> {
+        let mut decls = String::new();
+        for t in self.tags.iter().filter(|t| is_valid_name(&t.name)) {
+            decls.push_str(&format!("tag {} id {}", t.name, t.id));
+            for (name, v) in t.enum_values.iter().filter(|(n, _)| is_valid_name(n)) {
+                decls.push_str(&format!(" enum {v} {name}"));
+            }
+            if let Some(d) = t.default {
+                decls.push_str(&format!(" default {d}"));
+            }
+            decls.push_str(";\n");
+        }
+        let lines = decls.lines().count();
+        compiler::compile(&format!("{decls}{src}")).map_err(|mut e| {
+            if e.line > lines {
+                e.line -= lines;
+            } else {
+                e.message = format!("in the declarations of spec.tags: {}", e.message);
+            }
+            e
+        })
     }
 }

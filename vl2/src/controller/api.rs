@@ -100,19 +100,22 @@ pub enum ApiError {
     /// A member was posted to a network that does not exist.
     #[error("network {0} does not exist")]
     NoSuchNetwork(NetworkId),
+    /// The body sets an `identity` other than the one the member has pinned already.
+    #[error("member {0} has another identity pinned; delete the member to change it")]
+    IdentityPinned(Address),
     /// Storage failed (nothing or the whole object was written).
     #[error(transparent)]
     Store(#[from] StoreError),
 }
 
-fn field(field: &str, reason: impl Into<String>) -> ApiError {
+pub(super) fn field(field: &str, reason: impl Into<String>) -> ApiError {
     ApiError::Field {
         field: field.to_owned(),
         reason: reason.into(),
     }
 }
 
-fn too_many(what: &'static str, count: usize, max: usize) -> Result<(), ApiError> {
+pub(super) fn too_many(what: &'static str, count: usize, max: usize) -> Result<(), ApiError> {
     if count > max {
         Err(ApiError::TooMany { what, count, max })
     } else {
@@ -120,7 +123,7 @@ fn too_many(what: &'static str, count: usize, max: usize) -> Result<(), ApiError
     }
 }
 
-fn parse_body(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
+pub(super) fn parse_body(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
     if body.len() > MAX_BODY {
         return Err(ApiError::TooLarge {
             size: body.len(),
@@ -135,7 +138,7 @@ fn parse_body(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
 }
 
 /// `body[key]`, if present, must be the string form of `want`.
-fn check_id<T: std::str::FromStr + PartialEq>(
+pub(super) fn check_id<T: std::str::FromStr + PartialEq>(
     body: &Map<String, Value>,
     key: &'static str,
     want: T,
@@ -159,7 +162,7 @@ const READ_ONLY: &[&str] = &[
 ];
 
 /// `current` with the body's fields replaced. A field of the wrong type is named.
-fn merge<T: Serialize + DeserializeOwned>(
+pub(super) fn merge<T: Serialize + DeserializeOwned>(
     current: &T,
     body: &Map<String, Value>,
 ) -> Result<T, ApiError> {
@@ -347,7 +350,10 @@ impl<S: ControllerStore> Controller<S> {
     }
 
     /// Applies a member POST body (call for every API write of a member; creates the
-    /// member if it is new). Authorizing records `api` as the credential type.
+    /// member if it is new). Authorizing records `api` as the credential type. `identity`
+    /// (a public identity string of this address) pins the member's identity when it has
+    /// none yet; a different one than the pinned identity is refused
+    /// ([`ApiError::IdentityPinned`]).
     pub fn api_member_post(
         &mut self,
         nwid: NetworkId,
@@ -368,6 +374,20 @@ impl<S: ControllerStore> Controller<S> {
             .unwrap_or_else(|| Member::new(nwid, address, now));
         let mut m = merge(&current, &body)?;
         check_member(&m, &body)?;
+        if body.contains_key("identity") {
+            // Pinned in its canonical (public) form; a pinned identity never changes here.
+            let given = m
+                .identity
+                .as_deref()
+                .and_then(|s| s.parse::<Identity>().ok())
+                .map(|i| i.to_string());
+            if let Some(pinned) = &current.identity
+                && given.as_ref() != Some(pinned)
+            {
+                return Err(ApiError::IdentityPinned(address));
+            }
+            m.identity = given;
+        }
         if m.authorized && !current.authorized {
             m.last_authorized_time = now;
             m.last_authorized_credential_type = Some("api".into());

@@ -8,7 +8,8 @@ use flatwire_vl1::{Address, Identity};
 use serde_json::Value;
 
 use super::index::member_ips;
-use super::{ControllerStore, Member, Network, StoreError};
+use super::pods::pod_uid;
+use super::{ControllerStore, Member, Network, PodBinding, StoreError};
 use crate::NetworkId;
 use crate::credentials::{
     Capability, CertificateOfMembership, CertificateOfOwnership, CredentialType, Revocation,
@@ -165,20 +166,22 @@ impl<S: ControllerStore> Controller<S> {
         self.last_vouch_error.as_ref()
     }
 
-    /// The vouch in `metadata` if it lets `who` onto `nwid` (see [`crate::vouch`]); a vouch
-    /// that does not is remembered in [`Controller::last_vouch_error`].
+    /// The vouch in `metadata` if it lets `who` onto `network` (see [`crate::vouch`]), with
+    /// the pod binding it needed (on a `vouchRequiresPod` network); a vouch that does not is
+    /// remembered in [`Controller::last_vouch_error`].
     fn vouched(
         &mut self,
+        network: &Network,
         nwid: NetworkId,
         who: Address,
         metadata: &Dictionary,
         now: i64,
-    ) -> Result<Option<Vouch>, ControllerError> {
+    ) -> Result<Option<(Vouch, Option<PodBinding>)>, ControllerError> {
         let Some(bytes) = metadata.get(vouch::METADATA_KEY) else {
             return Ok(None);
         };
         let checked = match Vouch::decode(bytes) {
-            Ok(v) => self.check_vouch(v, nwid, who, now)?,
+            Ok(v) => self.check_vouch(v, network.vouch_requires_pod, nwid, who, now)?,
             Err(e) => Err(e),
         };
         Ok(match checked {
@@ -193,13 +196,40 @@ impl<S: ControllerStore> Controller<S> {
         })
     }
 
+    /// The binding of the vouch's pod if it places the pod on the vouching host.
+    fn binding_for(
+        &self,
+        nwid: NetworkId,
+        v: &Vouch,
+    ) -> Result<Result<PodBinding, VouchError>, StoreError> {
+        let unbound = || VouchError::NoPodBinding(v.pod.clone());
+        let Some(uid) = pod_uid(&v.pod) else {
+            return Ok(Err(unbound()));
+        };
+        let Some(b) = self.store.get_pod(nwid, uid)? else {
+            return Ok(Err(unbound()));
+        };
+        if b.pod_id() != v.pod {
+            return Ok(Err(unbound()));
+        }
+        if b.host != v.host.to_string() {
+            return Ok(Err(VouchError::WrongHost {
+                pod: v.pod.clone(),
+                host: v.host,
+                bound: b.host,
+            }));
+        }
+        Ok(Ok(b))
+    }
+
     fn check_vouch(
         &mut self,
         v: Vouch,
+        requires_pod: bool,
         nwid: NetworkId,
         who: Address,
         now: i64,
-    ) -> Result<Result<Vouch, VouchError>, ControllerError> {
+    ) -> Result<Result<(Vouch, Option<PodBinding>), VouchError>, ControllerError> {
         let host = self
             .store
             .get_member(nwid, v.host)?
@@ -212,6 +242,14 @@ impl<S: ControllerStore> Controller<S> {
         if let Err(e) = v.verify(&host, who, nwid, now) {
             return Ok(Err(e));
         }
+        let binding = if requires_pod {
+            match self.binding_for(nwid, &v)? {
+                Ok(b) => Some(b),
+                Err(e) => return Ok(Err(e)),
+            }
+        } else {
+            None
+        };
         let key = (v.host, v.pod.clone());
         if let Some(&(member, t)) = self.vouches.get(&key)
             && member != who
@@ -228,11 +266,11 @@ impl<S: ControllerStore> Controller<S> {
                 .retain(|_, (_, t)| *t >= now.saturating_sub(vouch::MAX_SKEW_MS));
         }
         self.vouches.insert(key, (who, v.timestamp));
-        Ok(Ok(v))
+        Ok(Ok((v, binding)))
     }
 
     /// Handles NETWORK_CONFIG_REQUEST from `requester` (call when one arrives, or with
-    /// `packet_id` 0 to build a push after a change). `random` supplies 64-bit randomness
+    /// `packet_id` 0 to build a push after a change; a push does not accept a vouch). `random` supplies 64-bit randomness
     /// for IPv6 pool assignment.
     pub fn handle_request(
         &mut self,
@@ -287,8 +325,22 @@ impl<S: ControllerStore> Controller<S> {
                 })
             {
                 Some(("token".to_owned(), Some(token)))
-            } else if let Some(v) = self.vouched(nwid, who, metadata, now)? {
+            } else if packet_id != 0
+                // A push replays remembered metadata: its vouch may belong to an attachment
+                // that is gone, so only the member's own request is let in by a vouch.
+                && let Some((v, binding)) = self.vouched(&network, nwid, who, metadata, now)?
+            {
                 member.name.get_or_insert_with(|| v.pod.clone());
+                if let Some(mut b) = binding {
+                    // The binding's tags from the first config on; the binding remembers
+                    // the member so that its changes and deletion reach it.
+                    member.tags.clone_from(&b.tags);
+                    let me = who.to_string();
+                    if !b.members.contains(&me) {
+                        b.members.push(me);
+                        self.store.put_pod(nwid, &b)?;
+                    }
+                }
                 Some(("vouch".to_owned(), Some(format!("{}/{}", v.host, v.pod))))
             } else {
                 self.authorizers

@@ -1,5 +1,19 @@
 //! The network controller's object model (network and member JSON as ZeroTier's
 //! controller API and `controller.d` files have them) and its storage.
+//!
+//! # Pod bindings
+//!
+//! A flatwire extension for Kubernetes: a [`PodBinding`] (per network, keyed by the pod's
+//! uid) says where the API server places a pod: `{"namespace", "name", "uid", "host"` (the
+//! 10-hex address of the node's host identity)`, "tags": [[id, value], ...]}` plus
+//! `"members"`, the member addresses the binding authorized (written by the controller).
+//! On a network with `"vouchRequiresPod": true` a node's vouch (see [`crate::vouch`]) for
+//! pod `namespace/name/uid` is accepted only when a binding of that uid, namespace and name
+//! names the vouching host; the member it authorizes gets the binding's tags at once.
+//! [`Controller::api_pod_post`] writes a binding (retagging the members it authorized) and
+//! [`Controller::api_pod_delete`] removes it together with those members, so their IPs
+//! return to the pool and the caller revokes their certificates. Without the flag, bindings
+//! are not consulted and vouches work as before.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
@@ -15,12 +29,14 @@ use crate::NetworkId;
 mod api;
 mod index;
 mod logic;
+mod pods;
 pub use api::{ApiError, MAX_BODY, MAX_MEMBER_IPS, MAX_NETWORK_ITEMS, MAX_V4_POOL, PoolProblem};
 use index::{MemberIndex, member_ips};
 pub use logic::{
     Controller, ControllerError, MemberAuthorizer, RequestOutcome, RequestRefusal, config_payloads,
     refusal_payload,
 };
+pub use pods::{PodBinding, PodDeleted, PodWrite, valid_pod_uid};
 
 fn d_true() -> bool {
     true
@@ -170,6 +186,11 @@ pub struct Network {
     /// IPv6 assign mode.
     #[serde(default)]
     pub v6_assign_mode: V6AssignMode,
+    /// flatwire extension: a node's vouch authorizes a pod member only when a
+    /// [`PodBinding`] places that pod on the vouching node (see the module docs).
+    /// Absent (false) in ZeroTier's files, and not written while false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub vouch_requires_pod: bool,
     /// Fields this model does not know, kept as they are.
     #[serde(flatten)]
     pub extra: BTreeMap<String, Value>,
@@ -298,6 +319,7 @@ fn unreachable_network(nwid: NetworkId) -> Network {
         tags: Vec::new(),
         v4_assign_mode: V4AssignMode::default(),
         v6_assign_mode: V6AssignMode::default(),
+        vouch_requires_pod: false,
         extra: BTreeMap::new(),
     }
 }
@@ -408,6 +430,14 @@ pub trait ControllerStore {
     fn delete_member(&mut self, nwid: NetworkId, a: Address) -> Result<Option<Member>, StoreError>;
     /// Members of a network, sorted by address.
     fn list_members(&self, nwid: NetworkId) -> Result<Vec<Address>, StoreError>;
+    /// Loads the pod binding of pod `uid` on a network.
+    fn get_pod(&self, nwid: NetworkId, uid: &str) -> Result<Option<PodBinding>, StoreError>;
+    /// Saves a pod binding (keyed by its `uid`); true when it changed.
+    fn put_pod(&mut self, nwid: NetworkId, binding: &PodBinding) -> Result<bool, StoreError>;
+    /// Deletes a pod binding; returns the deleted one.
+    fn delete_pod(&mut self, nwid: NetworkId, uid: &str) -> Result<Option<PodBinding>, StoreError>;
+    /// The pod uids bound on a network, sorted.
+    fn list_pods(&self, nwid: NetworkId) -> Result<Vec<String>, StoreError>;
     /// The members of a network with `activeBridge` set, sorted by address. The default
     /// reads every member; [`MemoryStore`] and [`FileStore`] answer from an index.
     fn active_bridges(&self, nwid: NetworkId) -> Result<Vec<Address>, StoreError> {
@@ -479,6 +509,14 @@ fn parse_addr(s: &str) -> Result<Address, StoreError> {
         .map_err(|_| StoreError::Json(format!("bad address {s:?}")))
 }
 
+fn check_uid(uid: &str) -> Result<(), StoreError> {
+    if valid_pod_uid(uid) {
+        Ok(())
+    } else {
+        Err(StoreError::Json(format!("bad pod uid {uid:?}")))
+    }
+}
+
 /// The [`Store`] queries a store with a `MemberIndex` in `self.index` answers from it.
 macro_rules! answer_from_index {
     () => {
@@ -501,6 +539,7 @@ macro_rules! answer_from_index {
 pub struct MemoryStore {
     networks: BTreeMap<NetworkId, Network>,
     members: BTreeMap<(NetworkId, Address), Member>,
+    pods: BTreeMap<(NetworkId, String), PodBinding>,
     index: MemberIndex,
 }
 
@@ -518,6 +557,7 @@ impl ControllerStore for MemoryStore {
     }
     fn delete_network(&mut self, nwid: NetworkId) -> Result<Option<Network>, StoreError> {
         self.members.retain(|(n, _), _| *n != nwid);
+        self.pods.retain(|(n, _), _| *n != nwid);
         self.index.remove_network(nwid);
         Ok(self.networks.remove(&nwid))
     }
@@ -549,11 +589,31 @@ impl ControllerStore for MemoryStore {
             .map(|(_, a)| *a)
             .collect())
     }
+    fn get_pod(&self, nwid: NetworkId, uid: &str) -> Result<Option<PodBinding>, StoreError> {
+        Ok(self.pods.get(&(nwid, uid.to_owned())).cloned())
+    }
+    fn put_pod(&mut self, nwid: NetworkId, b: &PodBinding) -> Result<bool, StoreError> {
+        check_uid(&b.uid)?;
+        let old = self.pods.insert((nwid, b.uid.clone()), b.clone());
+        Ok(old.as_ref() != Some(b))
+    }
+    fn delete_pod(&mut self, nwid: NetworkId, uid: &str) -> Result<Option<PodBinding>, StoreError> {
+        Ok(self.pods.remove(&(nwid, uid.to_owned())))
+    }
+    fn list_pods(&self, nwid: NetworkId) -> Result<Vec<String>, StoreError> {
+        Ok(self
+            .pods
+            .keys()
+            .filter(|(n, _)| *n == nwid)
+            .map(|(_, u)| u.clone())
+            .collect())
+    }
     answer_from_index!();
 }
 
 /// A store of one JSON file per object, laid out like ZeroTier's `controller.d`:
-/// `network/<nwid>.json` and `network/<nwid>/member/<address>.json`.
+/// `network/<nwid>.json` and `network/<nwid>/member/<address>.json` (and, for flatwire's pod
+/// bindings, `network/<nwid>/pod/<uid>.json`).
 /// Writes go to a temporary file that is synced and renamed over the target, so a
 /// crash leaves either the old or the new object (and perhaps a `.*.tmp` file, which
 /// is ignored and overwritten by the next write of that object).
@@ -615,6 +675,16 @@ impl FileStore {
 
     fn member_path(&self, nwid: NetworkId, a: Address) -> PathBuf {
         self.member_dir(nwid).join(format!("{a}.json"))
+    }
+
+    fn pod_dir(&self, nwid: NetworkId) -> PathBuf {
+        self.root.join("network").join(nwid.to_string()).join("pod")
+    }
+
+    /// `network/<nwid>/pod/<uid>.json`; the uid is checked, so it cannot leave the directory.
+    fn pod_path(&self, nwid: NetworkId, uid: &str) -> Result<PathBuf, StoreError> {
+        check_uid(uid)?;
+        Ok(self.pod_dir(nwid).join(format!("{uid}.json")))
     }
 
     fn read<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>, StoreError> {
@@ -723,6 +793,31 @@ impl ControllerStore for FileStore {
         Ok(Self::list_json(&self.member_dir(nwid))?
             .iter()
             .filter_map(|s| s.parse().ok())
+            .collect())
+    }
+    fn get_pod(&self, nwid: NetworkId, uid: &str) -> Result<Option<PodBinding>, StoreError> {
+        Self::read(&self.pod_path(nwid, uid)?)
+    }
+    fn put_pod(&mut self, nwid: NetworkId, b: &PodBinding) -> Result<bool, StoreError> {
+        let path = self.pod_path(nwid, &b.uid)?;
+        if Self::read::<PodBinding>(&path)?.as_ref() == Some(b) {
+            return Ok(false);
+        }
+        Self::write_atomic(&path, to_canonical_json(b)?.as_bytes())?;
+        Ok(true)
+    }
+    fn delete_pod(&mut self, nwid: NetworkId, uid: &str) -> Result<Option<PodBinding>, StoreError> {
+        let path = self.pod_path(nwid, uid)?;
+        let old = Self::read(&path)?;
+        if old.is_some() {
+            std::fs::remove_file(path)?;
+        }
+        Ok(old)
+    }
+    fn list_pods(&self, nwid: NetworkId) -> Result<Vec<String>, StoreError> {
+        Ok(Self::list_json(&self.pod_dir(nwid))?
+            .into_iter()
+            .filter(|u| valid_pod_uid(u))
             .collect())
     }
     answer_from_index!();

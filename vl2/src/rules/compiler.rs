@@ -414,7 +414,9 @@ fn match_info(kw: &str) -> Option<(usize, &'static str)> {
     })
 }
 
-fn is_valid_name(n: &str) -> bool {
+/// Whether the rule language accepts `n` as a tag, enum, capability or macro name: letters,
+/// digits and `_`, not starting with a digit.
+pub fn is_valid_name(n: &str) -> bool {
     let mut chars = n.chars();
     match chars.next() {
         None => false,

@@ -103,6 +103,93 @@ pub enum Verdict {
     SuperAccept,
 }
 
+/// The rule action that decided a frame (or a copy it made), for per-action counters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RuleAction {
+    /// ACCEPT (or PRIORITY) ended the evaluation.
+    Accept,
+    /// DROP ended the evaluation.
+    Drop,
+    /// A TEE sent a copy of the frame.
+    Tee,
+    /// REDIRECT sent the frame elsewhere (or accepted it as the redirect target).
+    Redirect,
+    /// A WATCH sent a copy of the frame.
+    Watch,
+    /// BREAK ended the list without a verdict (the frame is dropped unless a capability
+    /// accepts it).
+    Break,
+    /// No action matched: the default drop (unless a capability accepted it).
+    NoMatch,
+}
+
+impl RuleAction {
+    /// Every action, in counter order.
+    pub const ALL: [RuleAction; 7] = [
+        RuleAction::Accept,
+        RuleAction::Drop,
+        RuleAction::Tee,
+        RuleAction::Redirect,
+        RuleAction::Watch,
+        RuleAction::Break,
+        RuleAction::NoMatch,
+    ];
+
+    /// The lowercase name used as a metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RuleAction::Accept => "accept",
+            RuleAction::Drop => "drop",
+            RuleAction::Tee => "tee",
+            RuleAction::Redirect => "redirect",
+            RuleAction::Watch => "watch",
+            RuleAction::Break => "break",
+            RuleAction::NoMatch => "no_match",
+        }
+    }
+}
+
+/// Frames counted per [`RuleAction`] and direction: plain counters, no allocation, cheap
+/// enough to update for every frame. A frame counts once for the action that decided it
+/// and once more for a TEE/WATCH copy it made.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RuleHits {
+    /// `[outbound, inbound]`, each indexed like [`RuleAction::ALL`].
+    counts: [[u64; 7]; 2],
+}
+
+impl RuleHits {
+    /// Counts the decision of one filter run (`inbound`: from [`filter_inbound`]).
+    pub fn record(&mut self, inbound: bool, d: &FilterDecision) {
+        let c = &mut self.counts[usize::from(inbound)];
+        c[d.action as usize] += 1;
+        if let Some(copy) = d.copy {
+            let watch = matches!(copy.flags, copy_flags::WATCH_OUT | copy_flags::WATCH_IN);
+            c[if watch {
+                RuleAction::Watch
+            } else {
+                RuleAction::Tee
+            } as usize] += 1;
+        }
+    }
+
+    /// Frames counted for `action` in one direction.
+    pub fn get(&self, inbound: bool, action: RuleAction) -> u64 {
+        self.counts[usize::from(inbound)][action as usize]
+    }
+
+    /// The counts that grew since `earlier` (saturating), for exporting deltas.
+    pub fn since(&self, earlier: &RuleHits) -> RuleHits {
+        let mut d = RuleHits::default();
+        for (dir, row) in d.counts.iter_mut().enumerate() {
+            for (i, v) in row.iter_mut().enumerate() {
+                *v = self.counts[dir][i].saturating_sub(earlier.counts[dir][i]);
+            }
+        }
+        d
+    }
+}
+
 /// A TEE or WATCH copy requested by the rules.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CopyTarget {
@@ -119,6 +206,9 @@ pub struct CopyTarget {
 pub struct Outcome {
     /// The verdict.
     pub verdict: Verdict,
+    /// The action that ended the evaluation ([`RuleAction::NoMatch`] at the end of the
+    /// list; TEE/WATCH copies are in `copy`).
+    pub action: RuleAction,
     /// The last TEE/WATCH target seen, if any.
     pub copy: Option<CopyTarget>,
     /// The destination after evaluation (changed by REDIRECT).
@@ -441,6 +531,7 @@ pub fn evaluate(
     let src = zt_source.to_u64();
     let mut out = Outcome {
         verdict: Verdict::NoMatch,
+        action: RuleAction::NoMatch,
         copy: None,
         zt_dest,
     };
@@ -453,6 +544,7 @@ pub fn evaluate(
                 match &rule.kind {
                     RuleKind::Priority => {
                         out.verdict = Verdict::Accept;
+                        out.action = RuleAction::Accept;
                         return out;
                     }
                     RuleKind::Drop => {
@@ -461,6 +553,7 @@ pub fn evaluate(
                             continue;
                         }
                         out.verdict = Verdict::Drop;
+                        out.action = RuleAction::Drop;
                         return out;
                     }
                     RuleKind::Accept => {
@@ -469,6 +562,7 @@ pub fn evaluate(
                         } else {
                             Verdict::Accept
                         };
+                        out.action = RuleAction::Accept;
                         return out;
                     }
                     RuleKind::Tee {
@@ -487,6 +581,11 @@ pub fn evaluate(
                         if f == own {
                             if inbound {
                                 out.verdict = Verdict::SuperAccept;
+                                out.action = match rule.kind {
+                                    RuleKind::Tee { .. } => RuleAction::Tee,
+                                    RuleKind::Watch { .. } => RuleAction::Watch,
+                                    _ => RuleAction::Redirect,
+                                };
                                 return out;
                             }
                             continue;
@@ -500,6 +599,7 @@ pub fn evaluate(
                         if let RuleKind::Redirect { .. } = rule.kind {
                             out.zt_dest = f;
                             out.verdict = Verdict::Redirect;
+                            out.action = RuleAction::Redirect;
                             return out;
                         }
                         let len = frame.payload.len();
@@ -513,7 +613,10 @@ pub fn evaluate(
                             watch: matches!(rule.kind, RuleKind::Watch { .. }),
                         });
                     }
-                    RuleKind::Break => return out,
+                    RuleKind::Break => {
+                        out.action = RuleAction::Break;
+                        return out;
+                    }
                     _ => {}
                 }
             } else {
@@ -588,6 +691,9 @@ pub struct FilterDecision {
     pub copy: Option<CopyAction>,
     /// REDIRECT copy to send instead of the original, if any.
     pub redirect: Option<CopyAction>,
+    /// The action that decided (for [`RuleHits`]): the accepting list's, else the base
+    /// rules' (DROP, BREAK or no match).
+    pub action: RuleAction,
 }
 
 fn copy_of(c: Option<CopyTarget>, inbound: bool) -> Option<CopyAction> {
@@ -614,12 +720,13 @@ pub fn filter_outbound<'r>(
     env: &mut Env<'_>,
 ) -> FilterDecision {
     let own = env.own_address;
+    let base_out = evaluate(base, false, own, zt_dest, frame, env);
     let mut dec = FilterDecision {
         accept: 0,
         copy: None,
         redirect: None,
+        action: base_out.action,
     };
-    let base_out = evaluate(base, false, own, zt_dest, frame, env);
     let (accepted, outcome) = match base_out.verdict {
         Verdict::Drop => return dec,
         Verdict::NoMatch => {
@@ -641,6 +748,7 @@ pub fn filter_outbound<'r>(
         }
         _ => (true, base_out),
     };
+    dec.action = outcome.action;
     if accepted {
         if !no_tee {
             dec.copy = copy_of(outcome.copy, false);
@@ -670,17 +778,18 @@ pub fn filter_inbound<'r>(
     env: &mut Env<'_>,
 ) -> FilterDecision {
     let own = env.own_address.to_u64();
-    let mut dec = FilterDecision {
-        accept: 0,
-        copy: None,
-        redirect: None,
-    };
     let verdict_value = |v: Verdict| match v {
         Verdict::Accept | Verdict::Redirect => 1,
         Verdict::SuperAccept => 2,
         _ => 0,
     };
     let base_out = evaluate(base, true, sender, own, frame, env);
+    let mut dec = FilterDecision {
+        accept: 0,
+        copy: None,
+        redirect: None,
+        action: base_out.action,
+    };
     let outcome = match base_out.verdict {
         Verdict::Drop => return dec,
         Verdict::NoMatch => {
@@ -700,6 +809,7 @@ pub fn filter_inbound<'r>(
         _ => base_out,
     };
     dec.accept = verdict_value(outcome.verdict);
+    dec.action = outcome.action;
     dec.copy = copy_of(outcome.copy, true);
     if outcome.zt_dest != own
         && let Ok(to) = Address::new(outcome.zt_dest)
@@ -712,4 +822,101 @@ pub fn filter_inbound<'r>(
         dec.accept = 0;
     }
     dec
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::NetworkId;
+
+    fn decide(rules: &[Rule], inbound: bool) -> FilterDecision {
+        let nwid = NetworkId::from(0x8056_c2e2_1c00_0001);
+        let (own, peer) = (
+            Address::new(0x11_2233_4455).unwrap(),
+            Address::new(0x22_3344_5566).unwrap(),
+        );
+        let frame = Frame {
+            source_mac: Mac::from_address(peer, nwid),
+            dest_mac: Mac::from_address(own, nwid),
+            ethertype: 0x0800,
+            vlan_id: 0,
+            payload: &[0x45; 40],
+        };
+        let mut rnd = || 4u32;
+        let mut env = Env {
+            own_address: own,
+            config_flags: 0,
+            credentials: &NoCredentials,
+            random: &mut rnd,
+            semantics: Semantics::V1_14,
+        };
+        if inbound {
+            filter_inbound(rules, [], peer, &frame, &mut env)
+        } else {
+            filter_outbound(rules, [], false, peer.to_u64(), &frame, &mut env)
+        }
+    }
+
+    #[test]
+    fn every_deciding_action_is_counted_per_direction() {
+        use RuleKind::*;
+        let r = |k| Rule::new(k);
+        let tee = |address| Tee {
+            address,
+            flags: 0,
+            length: 0,
+        };
+        let watch = Watch {
+            address: 0x33_4455_6677,
+            flags: 0,
+            length: 0,
+        };
+        let redirect = Redirect {
+            address: 0x33_4455_6677,
+            flags: 0,
+            length: 0,
+        };
+        let cases: Vec<(Vec<Rule>, bool, &[RuleAction])> = vec![
+            (vec![r(Accept)], false, &[RuleAction::Accept]),
+            (vec![r(Drop)], true, &[RuleAction::Drop]),
+            (vec![], false, &[RuleAction::NoMatch]),
+            (vec![r(Break), r(Accept)], true, &[RuleAction::Break]),
+            (vec![r(redirect)], false, &[RuleAction::Redirect]),
+            (
+                vec![r(tee(0x33_4455_6677)), r(Accept)],
+                false,
+                &[RuleAction::Accept, RuleAction::Tee],
+            ),
+            (
+                vec![r(watch), r(Accept)],
+                true,
+                &[RuleAction::Accept, RuleAction::Watch],
+            ),
+        ];
+        let mut hits = RuleHits::default();
+        let mut want = RuleHits::default();
+        for (rules, inbound, actions) in &cases {
+            let d = decide(rules, *inbound);
+            hits.record(*inbound, &d);
+            for a in *actions {
+                want.counts[usize::from(*inbound)][*a as usize] += 1;
+            }
+            assert_eq!(hits, want, "{rules:?} inbound={inbound}: {d:?}");
+        }
+        assert_eq!(hits.get(false, RuleAction::Accept), 2);
+        assert_eq!(hits.get(true, RuleAction::Accept), 1);
+        assert_eq!(hits.get(true, RuleAction::Drop), 1);
+        let earlier = hits;
+        hits.record(true, &decide(&[r(Drop)], true));
+        let d = hits.since(&earlier);
+        assert_eq!(d.get(true, RuleAction::Drop), 1);
+        assert_eq!(
+            RuleAction::ALL
+                .iter()
+                .map(|a| d.get(false, *a))
+                .sum::<u64>(),
+            0
+        );
+        assert_eq!(RuleAction::ALL.map(|a| a.as_str()).len(), 7);
+    }
 }

@@ -6,7 +6,7 @@ use flatwire_tests::planet::Tcp;
 use serde_json::{Value, json};
 
 use super::measure::{Counters, Rtt};
-use super::members::MemberRss;
+use super::pods::{Batch, PodFigures};
 use crate::table::Table;
 
 /// The three ways the two hosts are connected.
@@ -66,8 +66,10 @@ pub struct Figures {
     pub losses: Option<Losses>,
     /// RSS of each host agent with its one member (its host), bytes.
     pub rss_one: Vec<(String, u64)>,
-    /// RSS of agent `b` with attached members; `Err` says why it is missing.
-    pub rss_members: Result<MemberRss, String>,
+    /// Pod start/stop through the CNI plugin on host `b`; `Err` says why it is missing.
+    pub pods: Result<PodFigures, String>,
+    /// Only the pods were measured (`--only-pods`): the link targets are left out.
+    pub only_pods: bool,
     /// What could not be measured, and why.
     pub failures: Vec<String>,
 }
@@ -81,7 +83,8 @@ impl Default for Figures {
             receiver_cpu: None,
             losses: None,
             rss_one: Vec::new(),
-            rss_members: Err("not measured".into()),
+            pods: Err("not measured".into()),
+            only_pods: false,
             failures: Vec::new(),
         }
     }
@@ -146,10 +149,48 @@ impl Figures {
         Some((a.p50_us - u.p50_us, a.p99_us - u.p99_us))
     }
 
+    /// The pod figures when the run had the 100 pods per batch the targets are set for.
+    fn pods100(&self) -> Option<&PodFigures> {
+        self.pods.as_ref().ok().filter(|p| p.pods == 100)
+    }
+
     /// The run against its targets.
     pub fn outcomes(&self) -> Vec<Outcome> {
         let ratio = |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| a / b);
-        vec![
+        let pods = [
+            Outcome::new(
+                "ADD to IP ready p99, 100 sequential pods",
+                self.pods100().map(|p| p.sequential.add.p99_ms),
+                "ms",
+                "< 100",
+                |v| v < 100.0,
+            ),
+            Outcome::new(
+                "ADD to IP ready p99, 100 concurrent pods",
+                self.pods100().map(|p| p.concurrent.add.p99_ms),
+                "ms",
+                "< 500",
+                |v| v < 500.0,
+            ),
+            Outcome::new(
+                "agent memory per attached pod",
+                self.pods100().map(|p| p.per_pod() as f64 / 1024.0),
+                "KiB",
+                "< 256",
+                |v| v < 256.0,
+            ),
+            Outcome::new(
+                "agent RSS with 100 attached pods",
+                self.pods100().map(|p| p.rss_sequential as f64 / MIB),
+                "MiB",
+                "< 40",
+                |v| v < 40.0,
+            ),
+        ];
+        if self.only_pods {
+            return pods.to_vec();
+        }
+        let mut links = vec![
             Outcome::new(
                 "flatwire single stream / VXLAN single stream",
                 ratio(self.tcp1(FLATWIRE), self.tcp1(VXLAN)),
@@ -171,18 +212,9 @@ impl Figures {
                 "< 120",
                 |v| v < 120.0,
             ),
-            Outcome::new(
-                "agent RSS with 100 attached members",
-                self.rss_members
-                    .as_ref()
-                    .ok()
-                    .filter(|m| m.members == 100)
-                    .map(|m| m.all as f64 / MIB),
-                "MiB",
-                "< 40",
-                |v| v < 40.0,
-            ),
-        ]
+        ];
+        links.extend(pods);
+        links
     }
 
     /// The figures table: one row per measure, a column per link.
@@ -310,40 +342,63 @@ impl Figures {
             "agent RSS, host member only, MiB",
             ["".into(), "".into(), rss_one],
         );
-        let (one, all) = match &self.rss_members {
-            Ok(m) => (
-                format!("b {:.1}", m.one as f64 / MIB),
-                format!("b {:.1} ({} members)", m.all as f64 / MIB, m.members),
-            ),
-            Err(why) => (format!("missing: {why}"), format!("missing: {why}")),
+        t
+    }
+
+    /// The pods table: one row per measure, a column per batch.
+    pub fn pods_table(&self) -> Table {
+        let mut t = Table::new(&["pods via flatwire-cni", "sequential", "concurrent"]);
+        let p = match &self.pods {
+            Ok(p) => p,
+            Err(why) => {
+                t.row(&["missing", why, why]);
+                return t;
+            }
         };
-        row(
-            &mut t,
-            "agent RSS, +1 attached member, MiB",
-            ["".into(), "".into(), one],
-        );
-        row(
-            &mut t,
-            "agent RSS, all attached, MiB",
-            ["".into(), "".into(), all],
-        );
-        let (per, attach) = match &self.rss_members {
-            Ok(m) => (
-                format!("{:.0}", m.per_member() as f64 / 1024.0),
-                format!("{:.0} / {:.0}", m.attach_p50_ms, m.attach_p99_ms),
-            ),
-            Err(why) => (format!("missing: {why}"), format!("missing: {why}")),
+        let row = |t: &mut Table, name: &str, f: &dyn Fn(&Batch) -> String| {
+            t.row(&[name, &f(&p.sequential), &f(&p.concurrent)]);
         };
-        row(
-            &mut t,
-            "agent memory per attached member, KiB",
-            ["".into(), "".into(), per],
-        );
-        row(
-            &mut t,
-            "gRPC Attach p50 / p99, ms (sequential)",
-            ["".into(), "".into(), attach],
-        );
+        let lat = |l: super::pods::Latency| {
+            let ms = super::pods::ms;
+            format!("{} / {} / {}", ms(l.p50_ms), ms(l.p99_ms), ms(l.max_ms))
+        };
+        row(&mut t, "pods", &|_| p.pods.to_string());
+        row(&mut t, "machine load average at start", &|b| {
+            b.load.map_or("-".into(), |l| format!("{l:.1}"))
+        });
+        row(&mut t, "identity pool before -> after", &|b| {
+            format!(
+                "{} -> {} (depth {})",
+                b.pool_before, b.pool_after, p.pool_target
+            )
+        });
+        row(&mut t, "ADD to IP ready p50 / p99 / max, ms", &|b| {
+            lat(b.add)
+        });
+        row(&mut t, "agent Attach (its log) p50 / p99 / max, ms", &|b| {
+            b.agent_attach.map_or("-".into(), lat)
+        });
+        row(&mut t, "ADD wall time of the batch, s", &|b| {
+            format!("{:.2}", b.add_wall_s)
+        });
+        row(&mut t, "DEL to interface gone p50 / p99 / max, ms", &|b| {
+            lat(b.del)
+        });
+        row(&mut t, "failed ADD / DEL", &|b| {
+            format!("{} / {}", b.failures.add, b.failures.del)
+        });
+        let mib = |b: u64| format!("{:.1}", b as f64 / MIB);
+        t.row(&[
+            "agent RSS idle -> batch attached, MiB",
+            &format!("{} -> {}", mib(p.rss_idle), mib(p.rss_sequential)),
+            &format!("{} -> {} (both)", mib(p.rss_sequential), mib(p.rss_all)),
+        ]);
+        t.row(&[
+            "agent memory per attached pod, KiB",
+            &format!("{:.0} (both batches)", p.per_pod() as f64 / 1024.0),
+            "",
+        ]);
+        t.row(&["agent RSS after every DEL, MiB", &mib(p.rss_after_del), ""]);
         t
     }
 
@@ -413,13 +468,9 @@ impl Figures {
                 "rss_one_member_bytes": self.rss_one.iter()
                     .map(|(n, b)| (n.clone(), json!(b)))
                     .collect::<serde_json::Map<_, _>>(),
-                "rss_attached": self.rss_members.as_ref().map_or(Value::Null, |m| json!({
-                    "members": m.members, "one_bytes": m.one, "all_bytes": m.all,
-                    "per_member_bytes": m.per_member(),
-                    "attach_ms": {"p50": m.attach_p50_ms, "p99": m.attach_p99_ms},
-                })),
-                "rss_attached_missing": self.rss_members.as_ref().err(),
             },
+            "pods": self.pods.as_ref().map_or(Value::Null, PodFigures::to_json),
+            "pods_missing": self.pods.as_ref().err(),
             "flatwire_losses": self.losses.as_ref().map_or(Value::Null, |l| json!({
                 "agent_drops": l.agent_drops,
                 "sender": counters(&l.sender),
@@ -458,7 +509,7 @@ mod tests {
     #[test]
     fn targets_are_judged_from_ratios() {
         let mut f = Figures {
-            rss_members: Err("Attach is not implemented".into()),
+            pods: Err("Attach is not implemented".into()),
             ..Figures::default()
         };
         f.links[UNDERLAY] = LinkFigures {
@@ -485,9 +536,9 @@ mod tests {
         assert_eq!(o[1].met, Some(true), "1.5x");
         assert_eq!(o[2].value, Some(60.0));
         assert_eq!(o[2].met, Some(true));
-        assert_eq!(
-            o[3].met, None,
-            "RSS at 100 members is missing, not invented"
+        assert!(
+            o[3..].iter().all(|o| o.met.is_none()),
+            "pod figures are missing, not invented"
         );
         let targets = f.targets_table().render();
         assert!(targets.contains("MISSED"), "{targets}");
@@ -498,28 +549,34 @@ mod tests {
         let j = f.to_json();
         assert_eq!(j["links"]["flatwire"]["added_rtt_us"]["p50"], 60.0);
         assert_eq!(j["targets"][0]["result"], "MISSED");
-        assert!(j["agent"]["rss_attached"].is_null());
-        assert_eq!(
-            j["agent"]["rss_attached_missing"],
-            "Attach is not implemented"
+        assert!(j["pods"].is_null());
+        assert_eq!(j["pods_missing"], "Attach is not implemented");
+        assert!(
+            f.pods_table()
+                .render()
+                .contains("Attach is not implemented")
         );
-        f.rss_members = Ok(MemberRss {
-            one: 20 * 1024 * 1024,
-            all: 50 * 1024 * 1024,
-            members: 100,
-            attach_p50_ms: 120.0,
-            attach_p99_ms: 900.0,
-        });
-        assert_eq!(
-            f.to_json()["agent"]["rss_attached"]["attach_ms"]["p99"],
-            900.0
-        );
-        assert_eq!(
-            f.to_json()["agent"]["rss_attached"]["per_member_bytes"],
-            30 * 1024 * 1024 / 99
-        );
+        f.pods = Ok(PodFigures::example(100, 75.0, 900.0));
         let o = f.outcomes();
-        assert_eq!(o[3].value, Some(50.0));
-        assert_eq!(o[3].met, Some(false));
+        assert_eq!(o[3].value, Some(75.0));
+        assert_eq!(o[3].met, Some(true));
+        assert_eq!(o[4].met, Some(false), "900 ms is over 500 ms");
+        assert_eq!(
+            o[5].value,
+            Some(((20 << 20) / 200) as f64 / 1024.0),
+            "20 MiB over 200 pods"
+        );
+        assert_eq!(o[5].met, Some(true));
+        assert_eq!(o[6].value, Some(20.0));
+        let pods = f.pods_table().render();
+        assert!(pods.contains("128 -> 28"), "{pods}");
+        assert_eq!(f.to_json()["pods"]["per_pod_bytes"], (20 << 20) / 200);
+        f.only_pods = true;
+        assert_eq!(f.outcomes().len(), 4, "only the pod targets");
+        f.pods = Ok(PodFigures::example(10, 75.0, 900.0));
+        assert!(
+            f.outcomes().iter().all(|o| o.met.is_none()),
+            "targets are set for 100 pods"
+        );
     }
 }

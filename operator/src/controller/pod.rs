@@ -1,0 +1,684 @@
+//! Pods as network members: the controller admits a pod's member on a node's vouch only when
+//! a pod binding (a flatwire controller extension, see `flatwire_vl2::controller::PodBinding`)
+//! places the pod on that node, and gives the member the binding's tags.
+//!
+//! [`desired_binding`] is the pure core: from a Network, a Pod, its namespace's labels and the
+//! nodes' hosts it computes the binding `{namespace, name, host, tags}` (tags from the pod's
+//! labels per the Network's tag definitions), or none when the pod does not join. [`run`]
+//! keeps the controller equal to that for every Network and Pod: it watches Pods, Nodes,
+//! Namespaces and Networks (reflectors), and after every change diffs the desired host
+//! members ([`super::node`]) and bindings against what the controller has, writing and
+//! deleting only the difference. A deleted (or terminating, unscheduled or no longer
+//! selected) pod's binding is deleted at the next pass, well within 2 s; the controller then
+//! removes the member the binding authorized and revokes it. No finalizer is needed: the
+//! bindings the controller holds are listed when a network is first seen and every
+//! [`RESYNC`], so bindings of pods deleted while the operator was down go too.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
+use kube::core::{Selector, SelectorExt};
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, Resource, ResourceExt};
+use serde_json::{Value, json};
+use tokio::time::Instant;
+use tokio_stream::StreamExt;
+
+use super::network::{desired_network, network_id};
+use super::node::{NodeHost, host_annotation, host_member_name, parse_host_identity};
+use super::{ControllerAddress, recorder};
+use crate::crd::{Network, NetworkSpec};
+use crate::metrics::Metrics;
+use crate::sink::{ControllerSink, SinkError};
+
+/// How often the bindings in the controller are listed again, and everything re-checked.
+pub const RESYNC: Duration = Duration::from_secs(300);
+/// Changes arriving within this long of each other are handled in one pass.
+const DEBOUNCE: Duration = Duration::from_millis(20);
+/// The longest a pass waits for a stream of changes to pause.
+const MAX_DEBOUNCE: Duration = Duration::from_millis(200);
+/// The first retry delay after a failed pass; it doubles up to [`MAX_RETRY`].
+const MIN_RETRY: Duration = Duration::from_millis(500);
+/// The longest retry delay.
+const MAX_RETRY: Duration = Duration::from_secs(30);
+
+/// A pod's binding as the controller should store it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DesiredBinding {
+    /// The pod's namespace.
+    pub namespace: String,
+    /// The pod's name.
+    pub name: String,
+    /// The address of the host identity of the pod's node.
+    pub host: String,
+    /// `[id, value]` pairs, sorted by id.
+    pub tags: Vec<(u64, u64)>,
+}
+
+impl DesiredBinding {
+    /// The POST body.
+    pub fn body(&self) -> Value {
+        json!({"namespace": self.namespace, "name": self.name, "host": self.host, "tags": self.tags})
+    }
+
+    /// The same fields of a binding the controller returned.
+    pub fn from_stored(v: &Value) -> Option<Self> {
+        let mut tags: Vec<(u64, u64)> = serde_json::from_value(v.get("tags")?.clone()).ok()?;
+        tags.sort_unstable();
+        Some(Self {
+            namespace: v.get("namespace")?.as_str()?.to_owned(),
+            name: v.get("name")?.as_str()?.to_owned(),
+            host: v.get("host")?.as_str()?.to_owned(),
+            tags,
+        })
+    }
+}
+
+/// A pod label whose value names no value of its tag; the pod gets the tag's default.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TagProblem {
+    /// The tag.
+    pub tag: String,
+    /// The label.
+    pub label: String,
+    /// The label's value.
+    pub value: String,
+    /// The value used instead (none: the tag is left out).
+    pub default: Option<u32>,
+}
+
+impl std::fmt::Display for TagProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "label {}={:?} is neither one of tag {:?}'s enum names nor a 32-bit number; ",
+            self.label, self.value, self.tag
+        )?;
+        match self.default {
+            Some(d) => write!(f, "using the default {d}"),
+            None => f.write_str("the tag has no default and is left out"),
+        }
+    }
+}
+
+/// The tags a pod with `labels` carries on a network with `spec`'s tag definitions: the
+/// labelled value (an enum name or a number), else the default; an unknown value gets the
+/// default and a [`TagProblem`].
+pub fn pod_tags(
+    spec: &NetworkSpec,
+    labels: &BTreeMap<String, String>,
+) -> (Vec<(u64, u64)>, Vec<TagProblem>) {
+    let mut tags = Vec::new();
+    let mut problems = Vec::new();
+    for def in &spec.tags {
+        let labelled = def
+            .pod_label
+            .as_ref()
+            .and_then(|l| Some((l, labels.get(l)?)));
+        let value = match labelled {
+            Some((label, v)) => def.value_of(v).or_else(|| {
+                problems.push(TagProblem {
+                    tag: def.name.clone(),
+                    label: label.clone(),
+                    value: v.clone(),
+                    default: def.default,
+                });
+                def.default
+            }),
+            None => def.default,
+        };
+        if let Some(v) = value {
+            tags.push((u64::from(def.id), u64::from(v)));
+        }
+    }
+    tags.sort_unstable();
+    tags.dedup_by_key(|t| t.0);
+    (tags, problems)
+}
+
+/// Whether `selector` (absent: `absent`) matches `labels`; an unparsable selector matches
+/// nothing.
+fn matches(
+    selector: Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector>,
+    labels: &BTreeMap<String, String>,
+    absent: bool,
+) -> bool {
+    match selector {
+        None => absent,
+        Some(s) => Selector::try_from(s.clone()).is_ok_and(|s| s.matches(labels)),
+    }
+}
+
+/// The binding `pod` should have on `net` (with the tag problems of its labels), or `None`
+/// when it does not join: it is not scheduled on a node with a registered host, uses the
+/// host's network, is terminating or finished, or `net`'s namespace and pod selectors
+/// (namespace labels: `ns_labels`, `None` when the namespace is unknown) leave it out.
+pub fn desired_binding(
+    net: &Network,
+    pod: &Pod,
+    ns_labels: Option<&BTreeMap<String, String>>,
+    hosts: &BTreeMap<String, NodeHost>,
+) -> Option<(DesiredBinding, Vec<TagProblem>)> {
+    let spec = pod.spec.as_ref()?;
+    let host = hosts.get(spec.node_name.as_deref()?)?;
+    let finished = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.phase.as_deref())
+        .is_some_and(|p| p == "Succeeded" || p == "Failed");
+    if spec.host_network == Some(true) || pod.metadata.deletion_timestamp.is_some() || finished {
+        return None;
+    }
+    let ns_ok = match (&net.spec.namespace_selector, ns_labels) {
+        (None, _) => true,
+        (Some(s), Some(l)) => matches(Some(s), l, true),
+        (Some(_), None) => false,
+    };
+    if !ns_ok || !matches(net.spec.pod_selector.as_ref(), pod.labels(), false) {
+        return None;
+    }
+    let (tags, problems) = pod_tags(&net.spec, pod.labels());
+    Some((
+        DesiredBinding {
+            namespace: pod.namespace()?,
+            name: pod.metadata.name.clone()?,
+            host: host.address.clone(),
+            tags,
+        },
+        problems,
+    ))
+}
+
+/// Everything the controller should hold, computed from the caches.
+#[derive(Default)]
+struct Desired {
+    /// Network ID -> controller network object, for every usable Network.
+    networks: BTreeMap<u64, Value>,
+    /// Network IDs of Networks that exist but cannot be written now (rules do not
+    /// compile): their bindings and host members are left as they are.
+    frozen: HashSet<u64>,
+    /// (network, host address) -> (identity, member name).
+    hosts: BTreeMap<(u64, String), (String, String)>,
+    /// (network, pod uid) -> binding.
+    bindings: BTreeMap<(u64, String), DesiredBinding>,
+    /// Pods with label problems: (pod, network name, problem).
+    problems: Vec<(Arc<Pod>, String, TagProblem)>,
+    /// Nodes whose annotation does not parse: (node, message).
+    bad_nodes: Vec<(Arc<Node>, String)>,
+}
+
+/// The caches [`run`] reads.
+struct Caches {
+    pods: Store<Pod>,
+    nodes: Store<Node>,
+    namespaces: Store<Namespace>,
+    networks: Store<Network>,
+}
+
+/// What [`run`] remembers between passes.
+struct PodSync {
+    address: ControllerAddress,
+    sink: Arc<dyn ControllerSink>,
+    metrics: Arc<Metrics>,
+    recorder: Recorder,
+    /// Annotation value -> parsed host (the memory-hard check runs once per value).
+    parsed: HashMap<String, Result<NodeHost, String>>,
+    /// Controller networks as last written.
+    networks: HashMap<u64, Value>,
+    /// Host members as last written.
+    hosts: HashMap<(u64, String), (String, String)>,
+    /// Bindings as the controller holds them (listed, then kept up to date).
+    bindings: HashMap<(u64, String), DesiredBinding>,
+    /// Networks whose bindings were listed, and when.
+    listed: HashMap<u64, Instant>,
+    /// Events already published (pod uid or node name, and the message).
+    warned: HashSet<(String, String)>,
+}
+
+impl PodSync {
+    fn desired(&mut self, c: &Caches) -> Desired {
+        let mut d = Desired::default();
+        let mut hosts = BTreeMap::new();
+        for node in c.nodes.state() {
+            let Some(value) = host_annotation(&node) else {
+                continue;
+            };
+            let parsed = self
+                .parsed
+                .entry(value.to_owned())
+                .or_insert_with(|| parse_host_identity(value));
+            match parsed {
+                Ok(h) => {
+                    hosts.insert(node.name_any(), h.clone());
+                }
+                Err(e) => d.bad_nodes.push((node.clone(), e.clone())),
+            }
+        }
+        let ns_labels: HashMap<String, BTreeMap<String, String>> = c
+            .namespaces
+            .state()
+            .iter()
+            .map(|n| (n.name_any(), n.labels().clone()))
+            .collect();
+        let pods = c.pods.state();
+        for net in c.networks.state() {
+            let Ok(nwid) = network_id(self.address, &net) else {
+                continue;
+            };
+            let Ok(body) = desired_network(&net) else {
+                d.frozen.insert(nwid);
+                continue;
+            };
+            d.networks.insert(nwid, body);
+            for (node, h) in &hosts {
+                d.hosts.insert(
+                    (nwid, h.address.clone()),
+                    (h.identity.clone(), host_member_name(node)),
+                );
+            }
+            for pod in &pods {
+                let labels = pod.namespace().and_then(|ns| ns_labels.get(&ns));
+                let (Some(uid), Some((b, problems))) =
+                    (pod.uid(), desired_binding(&net, pod, labels, &hosts))
+                else {
+                    continue;
+                };
+                d.bindings.insert((nwid, uid), b);
+                d.problems.extend(
+                    problems
+                        .into_iter()
+                        .map(|p| (pod.clone(), net.name_any(), p)),
+                );
+            }
+        }
+        d
+    }
+
+    /// Publishes a Warning Event about `obj` once per message.
+    async fn warn<K: Resource<DynamicType = ()>>(
+        &mut self,
+        key: String,
+        obj: &K,
+        reason: &str,
+        msg: String,
+    ) {
+        if !self.warned.insert((key, msg.clone())) {
+            return;
+        }
+        tracing::warn!(object = ?obj.meta().name, reason, "{msg}");
+        let ev = Event {
+            type_: EventType::Warning,
+            reason: reason.into(),
+            note: Some(msg.chars().take(1000).collect()),
+            action: "BindPod".into(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&ev, &obj.object_ref(&())).await {
+            tracing::warn!(error = %e, "cannot publish an Event");
+        }
+    }
+
+    /// Counts and logs a failed write; `false` to make the pass retry.
+    fn failed(&self, what: &str, e: &SinkError) -> bool {
+        self.metrics.pod_binding_errors.inc();
+        tracing::warn!(error = %e, "{what}");
+        false
+    }
+
+    /// One pass: writes what differs from the desired state. True when every write worked.
+    async fn pass(&mut self, c: &Caches) -> bool {
+        let d = self.desired(c);
+        // Forget what was said about objects that are gone.
+        let nodes = c.nodes.state();
+        let live: HashSet<String> = c
+            .pods
+            .state()
+            .iter()
+            .filter_map(|p| p.uid())
+            .chain(nodes.iter().map(|n| n.name_any()))
+            .collect();
+        self.warned.retain(|(k, _)| live.contains(k));
+        let annotations: HashSet<&str> = nodes.iter().filter_map(|n| host_annotation(n)).collect();
+        self.parsed.retain(|v, _| annotations.contains(v.as_str()));
+        let mut ok = true;
+        for (node, msg) in &d.bad_nodes {
+            self.warn(node.name_any(), &**node, "InvalidHostIdentity", msg.clone())
+                .await;
+        }
+        for (pod, net, p) in &d.problems {
+            let key = pod.uid().unwrap_or_default();
+            let msg = format!("Network {net}: {p}");
+            self.warn(key, &**pod, "InvalidTagValue", msg).await;
+        }
+        // Networks first (members and bindings need them), then their bindings as listed.
+        for (nwid, body) in &d.networks {
+            if self.networks.get(nwid) != Some(body) {
+                match self.sink.put_network(*nwid, body).await {
+                    Ok(_) => {
+                        self.networks.insert(*nwid, body.clone());
+                    }
+                    Err(e) => ok = self.failed("writing a network", &e),
+                }
+            }
+            let fresh = self.listed.get(nwid).is_some_and(|t| t.elapsed() < RESYNC);
+            if !fresh {
+                match self.sink.list_pods(*nwid).await {
+                    Ok(list) => {
+                        self.bindings.retain(|(n, _), _| n != nwid);
+                        for (uid, b) in list.as_object().into_iter().flatten() {
+                            if let Some(b) = DesiredBinding::from_stored(b) {
+                                self.bindings.insert((*nwid, uid.clone()), b);
+                            }
+                        }
+                        self.listed.insert(*nwid, Instant::now());
+                    }
+                    Err(e) => ok = self.failed("listing pod bindings", &e),
+                }
+            }
+        }
+        for ((nwid, addr), (identity, name)) in &d.hosts {
+            let key = (*nwid, addr.clone());
+            if self.hosts.get(&key) == Some(&(identity.clone(), name.clone())) {
+                continue;
+            }
+            match self.sink.put_host_member(*nwid, addr, identity, name).await {
+                Ok(_) => {
+                    tracing::info!(nwid = %format!("{nwid:016x}"), host = %addr, %name, "host member authorized");
+                    self.hosts.insert(key, (identity.clone(), name.clone()));
+                }
+                Err(e) => ok = self.failed("writing a host member", &e),
+            }
+        }
+        for ((nwid, uid), b) in &d.bindings {
+            let key = (*nwid, uid.clone());
+            if self.bindings.get(&key) == Some(b) {
+                continue;
+            }
+            match self.sink.put_pod(*nwid, uid, &b.body()).await {
+                Ok(_) => {
+                    tracing::info!(nwid = %format!("{nwid:016x}"), pod = %format!("{}/{}", b.namespace, b.name), host = %b.host, tags = ?b.tags, "pod binding written");
+                    self.metrics.pod_bindings_written.inc();
+                    self.bindings.insert(key, b.clone());
+                }
+                Err(e) => ok = self.failed("writing a pod binding", &e),
+            }
+        }
+        let stale: Vec<(u64, String)> = self
+            .bindings
+            .keys()
+            .filter(|k| !d.frozen.contains(&k.0) && !d.bindings.contains_key(*k))
+            .cloned()
+            .collect();
+        for (nwid, uid) in stale {
+            match self.sink.delete_pod(nwid, &uid).await {
+                Ok(()) => {
+                    tracing::info!(nwid = %format!("{nwid:016x}"), %uid, "pod binding deleted");
+                    self.metrics.pod_bindings_deleted.inc();
+                    self.bindings.remove(&(nwid, uid));
+                }
+                Err(e) => ok = self.failed("deleting a pod binding", &e),
+            }
+        }
+        let gone: Vec<(u64, String)> = self
+            .hosts
+            .keys()
+            .filter(|k| !d.frozen.contains(&k.0) && !d.hosts.contains_key(*k))
+            .cloned()
+            .collect();
+        for (nwid, addr) in gone {
+            match self.sink.delete_member(nwid, &addr).await {
+                Ok(()) => {
+                    tracing::info!(nwid = %format!("{nwid:016x}"), host = %addr, "host member removed");
+                    self.hosts.remove(&(nwid, addr));
+                }
+                Err(e) => ok = self.failed("removing a host member", &e),
+            }
+        }
+        self.networks.retain(|n, _| d.networks.contains_key(n));
+        self.listed.retain(|n, _| d.networks.contains_key(n));
+        self.metrics
+            .pod_bindings
+            .set(i64::try_from(self.bindings.len()).unwrap_or(i64::MAX));
+        ok
+    }
+}
+
+/// Keeps host members and pod bindings in the controller behind `sink` equal to what the
+/// API server says (see the module docs) until `shutdown` completes. Watch errors are
+/// retried with backoff; a failed write makes the pass run again (0.5 s doubling to 30 s).
+pub async fn run(
+    client: Client,
+    address: ControllerAddress,
+    sink: Arc<dyn ControllerSink>,
+    metrics: Arc<Metrics>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) {
+    let wc = watcher::Config::default().any_semantic();
+    let (pods, pods_w) = reflector::store::<Pod>();
+    let (nodes, nodes_w) = reflector::store::<Node>();
+    let (namespaces, ns_w) = reflector::store::<Namespace>();
+    let (networks, nets_w) = reflector::store::<Network>();
+    let changed = |r: Result<(), watcher::Error>| r.map_err(|e| e.to_string());
+    let events = watcher(Api::<Pod>::all(client.clone()), wc.clone())
+        .default_backoff()
+        .modify(|p: &mut Pod| p.managed_fields_mut().clear())
+        .reflect(pods_w)
+        .map(|r| changed(r.map(|_| ())))
+        .merge(
+            watcher(Api::<Node>::all(client.clone()), wc.clone())
+                .default_backoff()
+                .reflect(nodes_w)
+                .map(|r| changed(r.map(|_| ()))),
+        )
+        .merge(
+            watcher(Api::<Namespace>::all(client.clone()), wc.clone())
+                .default_backoff()
+                .reflect(ns_w)
+                .map(|r| changed(r.map(|_| ()))),
+        )
+        .merge(
+            watcher(Api::<Network>::all(client.clone()), wc)
+                .default_backoff()
+                .reflect(nets_w)
+                .map(|r| changed(r.map(|_| ()))),
+        );
+    let mut events = Box::pin(events);
+    let caches = Caches {
+        pods,
+        nodes,
+        namespaces,
+        networks,
+    };
+    let mut sync = PodSync {
+        address,
+        sink,
+        metrics,
+        recorder: recorder(&client),
+        parsed: HashMap::new(),
+        networks: HashMap::new(),
+        hosts: HashMap::new(),
+        bindings: HashMap::new(),
+        listed: HashMap::new(),
+        warned: HashSet::new(),
+    };
+    let mut shutdown = std::pin::pin!(shutdown);
+    let mut failures = 0u32;
+    let mut wake = Instant::now() + RESYNC;
+    let mut ready = false;
+    tracing::info!("pod binding controller running");
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            item = events.next() => match item {
+                None => break,
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "pod binding watch");
+                    continue;
+                }
+                Some(Ok(())) => {}
+            },
+            () = tokio::time::sleep_until(wake) => {}
+        }
+        // Whatever else arrives right away is part of the same change (a steady stream of
+        // changes still gets a pass every MAX_DEBOUNCE).
+        let until = Instant::now() + MAX_DEBOUNCE;
+        while Instant::now() < until
+            && let Ok(Some(_)) = tokio::time::timeout(DEBOUNCE, events.next()).await
+        {}
+        if !ready {
+            let all = async {
+                let _ = caches.pods.wait_until_ready().await;
+                let _ = caches.nodes.wait_until_ready().await;
+                let _ = caches.namespaces.wait_until_ready().await;
+                let _ = caches.networks.wait_until_ready().await;
+            };
+            ready = tokio::time::timeout(Duration::ZERO, all).await.is_ok();
+            if !ready {
+                continue;
+            }
+        }
+        let ok = sync.pass(&caches).await;
+        sync.metrics.reconciled("pod", ok);
+        failures = if ok { 0 } else { failures.saturating_add(1) };
+        wake = Instant::now()
+            + if ok {
+                RESYNC
+            } else {
+                MIN_RETRY
+                    .saturating_mul(1 << failures.saturating_sub(1).min(6))
+                    .min(MAX_RETRY)
+            };
+    }
+    tracing::info!("pod binding controller stopped");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn net(spec: Value) -> Network {
+        Network::new("lab", serde_json::from_value(spec).unwrap())
+    }
+
+    fn pod(ns: &str, name: &str, node: Option<&str>, labels: Value) -> Pod {
+        serde_json::from_value(json!({
+            "metadata": {"namespace": ns, "name": name, "uid": format!("uid-{name}"), "labels": labels},
+            "spec": {"nodeName": node, "containers": [{"name": "c"}]},
+        }))
+        .unwrap()
+    }
+
+    fn hosts() -> BTreeMap<String, NodeHost> {
+        BTreeMap::from([(
+            "n1".to_owned(),
+            NodeHost {
+                address: "0123456789".into(),
+                identity: "x".into(),
+            },
+        )])
+    }
+
+    fn tagged() -> Network {
+        net(json!({
+            "number": 1,
+            "podSelector": {"matchLabels": {"net": "lab"}},
+            "namespaceSelector": {"matchExpressions": [{"key": "team", "operator": "In", "values": ["a", "b"]}]},
+            "tags": [
+                {"name": "role", "id": 10, "enum": {"web": 1, "db": 2}, "podLabel": "role", "default": 1},
+                {"name": "tier", "id": 20, "podLabel": "tier"},
+                {"name": "fixed", "id": 30, "default": 9},
+            ],
+        }))
+    }
+
+    #[test]
+    fn bindings_follow_labels_selectors_and_scheduling() {
+        let n = tagged();
+        let ns = BTreeMap::from([("team".to_owned(), "a".to_owned())]);
+        let p = pod(
+            "default",
+            "web",
+            Some("n1"),
+            json!({"net": "lab", "role": "db", "tier": "7"}),
+        );
+        let (b, problems) = desired_binding(&n, &p, Some(&ns), &hosts()).unwrap();
+        assert_eq!(
+            b,
+            DesiredBinding {
+                namespace: "default".into(),
+                name: "web".into(),
+                host: "0123456789".into(),
+                tags: vec![(10, 2), (20, 7), (30, 9)],
+            }
+        );
+        assert!(problems.is_empty());
+        assert_eq!(
+            DesiredBinding::from_stored(&b.body()).as_ref(),
+            Some(&b),
+            "round trip"
+        );
+        // Absent labels: defaults; a tag without default is left out.
+        let p = pod("default", "web", Some("n1"), json!({"net": "lab"}));
+        let (b, _) = desired_binding(&n, &p, Some(&ns), &hosts()).unwrap();
+        assert_eq!(b.tags, vec![(10, 1), (30, 9)]);
+        // Unknown enum value: the default and a problem naming label and tag.
+        let p = pod(
+            "default",
+            "web",
+            Some("n1"),
+            json!({"net": "lab", "role": "cache"}),
+        );
+        let (b, problems) = desired_binding(&n, &p, Some(&ns), &hosts()).unwrap();
+        assert_eq!(b.tags, vec![(10, 1), (30, 9)]);
+        assert_eq!(problems.len(), 1);
+        let msg = problems[0].to_string();
+        assert!(
+            msg.contains("role=\"cache\"") && msg.contains("default 1"),
+            "{msg}"
+        );
+
+        let none = |p: &Pod, ns: Option<&BTreeMap<String, String>>| {
+            desired_binding(&n, p, ns, &hosts()).is_none()
+        };
+        let other_ns = BTreeMap::from([("team".to_owned(), "c".to_owned())]);
+        let selected = json!({"net": "lab"});
+        assert!(none(
+            &pod("default", "web", None, selected.clone()),
+            Some(&ns)
+        ));
+        assert!(none(
+            &pod("default", "web", Some("n2"), selected.clone()),
+            Some(&ns)
+        ));
+        assert!(none(
+            &pod("default", "web", Some("n1"), json!({"net": "x"})),
+            Some(&ns)
+        ));
+        assert!(none(
+            &pod("default", "web", Some("n1"), selected.clone()),
+            Some(&other_ns)
+        ));
+        assert!(none(
+            &pod("default", "web", Some("n1"), selected.clone()),
+            None
+        ));
+        let mut gone = pod("default", "web", Some("n1"), selected.clone());
+        gone.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::now(),
+            ));
+        assert!(none(&gone, Some(&ns)));
+        let mut host_net = pod("default", "web", Some("n1"), selected);
+        host_net.spec.as_mut().unwrap().host_network = Some(true);
+        assert!(none(&host_net, Some(&ns)));
+        // Without a pod selector no pod joins; `{}` selects every pod.
+        let p = pod("default", "web", Some("n1"), json!({}));
+        assert!(desired_binding(&net(json!({})), &p, None, &hosts()).is_none());
+        assert!(desired_binding(&net(json!({"podSelector": {}})), &p, None, &hosts()).is_some());
+    }
+}
