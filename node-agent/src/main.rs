@@ -422,7 +422,7 @@ async fn handle_events(mut events: tokio::sync::mpsc::Receiver<Event>, state: St
                 peer, addr, hops, ..
             } => tracing::debug!(%peer, %addr, hops, "HELLO"),
             Event::PathLearned { peer, addr, .. } => {
-                tracing::info!(%peer, %addr, "direct path");
+                tracing::debug!(%peer, %addr, "direct path");
             }
             Event::ExternalAddress { addr, .. } => {
                 tracing::info!(%addr, "external address reported by a root");

@@ -245,12 +245,18 @@ async fn network_reconciler_against_a_real_apiserver() {
         "{id}"
     );
     assert!(!ctl.is_finished(), "the controller is still running");
-    let text = metrics.encode();
-    assert!(
-        text.contains(r#"flatwire_operator_reconciles_total{resource="network",result="ok"}"#)
-            && text.contains("flatwire_operator_networks 1"),
-        "{text}"
-    );
+    // The gauges follow the caches at the next reconcile, which may trail the deletion.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = metrics.encode();
+        if text.contains(r#"flatwire_operator_reconciles_total{resource="network",result="ok"}"#)
+            && text.contains("flatwire_operator_networks 1")
+        {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{text}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 
     // Graceful shutdown ends the controller.
     stop.send(()).unwrap();

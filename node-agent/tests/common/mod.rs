@@ -18,7 +18,8 @@ pub fn assert_root() {
 }
 
 /// Starts an agent inside `host` with its state in `home` and its API socket at `socket`;
-/// ended by PID when the returned guard drops.
+/// ended by PID when the returned guard drops. Without `--identity-pool` in `extra` it keeps
+/// no pool (no background identity generation, no warmed identities at the roots).
 pub fn start_agent(host: &Host, home: &Path, socket: &Path, extra: &[&str]) -> Proc {
     let mut cmd = host.command(env!("CARGO_BIN_EXE_flatwire-agent"));
     cmd.arg("--home")
@@ -26,8 +27,11 @@ pub fn start_agent(host: &Host, home: &Path, socket: &Path, extra: &[&str]) -> P
         .arg("--socket")
         .arg(socket)
         .args(["--metrics-listen", "127.0.0.1:9994"])
-        .args(extra)
-        .env("RUST_LOG", "info")
+        .args(extra);
+    if !extra.contains(&"--identity-pool") {
+        cmd.args(["--identity-pool", "0"]);
+    }
+    cmd.env("RUST_LOG", "info")
         .stdin(std::process::Stdio::null());
     Proc::spawn(&format!("agent in {}", host.name()), &mut cmd).unwrap()
 }

@@ -207,24 +207,34 @@ pub async fn run_controllers(
         }
     };
     let main = async {
-        loop {
-            let (resource, res) = tokio::select! {
-                item = events.next() => match item {
-                    Some(item) => item,
-                    None => break,
-                },
-                () = abort.notified() => {
-                    tracing::warn!("the controllers' caches never filled; stopping without them");
-                    break;
-                }
-            };
-            metrics.reconciled(resource, res.is_ok());
+        // The cache gauges follow reconciles and, for deletions (which reconcile nothing),
+        // a once-a-second refresh.
+        let gauges = || {
             metrics
                 .networks
                 .set(i64::try_from(net_store.state().len()).unwrap_or(i64::MAX));
             metrics
                 .members
                 .set(i64::try_from(mem_store.state().len()).unwrap_or(i64::MAX));
+        };
+        let mut refresh = tokio::time::interval(std::time::Duration::from_secs(1));
+        loop {
+            let (resource, res) = tokio::select! {
+                item = events.next() => match item {
+                    Some(item) => item,
+                    None => break,
+                },
+                _ = refresh.tick() => {
+                    gauges();
+                    continue;
+                }
+                () = abort.notified() => {
+                    tracing::warn!("the controllers' caches never filled; stopping without them");
+                    break;
+                }
+            };
+            metrics.reconciled(resource, res.is_ok());
+            gauges();
             match res {
                 Ok(()) => tracing::debug!(resource, "reconciled"),
                 Err(e) => tracing::warn!(resource, error = %e, "controller"),
