@@ -93,20 +93,6 @@ fn key(network: &str, container: &str) -> v1::AttachmentKey {
     }
 }
 
-fn request(pod: &Host, nwid: NetworkId, mode: v1::Mode) -> v1::AttachRequest {
-    v1::AttachRequest {
-        key: Some(key("flat", pod.name())),
-        netns_path: pod.netns_path(),
-        network_id: nwid.to_string(),
-        mode: mode as i32,
-        pod: Some(v1::PodRef {
-            namespace: "default".into(),
-            name: pod.name().into(),
-            uid: format!("uid-{}", pod.name()),
-        }),
-    }
-}
-
 /// The first address of a result, without its prefix length.
 fn ip_of(r: &v1::AttachResult) -> String {
     r.addresses[0]
@@ -194,12 +180,7 @@ impl Lab {
                 "0",
             ],
         );
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !ctl_home.join("agent.sock").exists() {
-            assert!(ctl.try_status().is_none(), "controller agent exited");
-            assert!(Instant::now() < deadline, "controller agent never started");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        common::wait_socket(&mut ctl, &ctl_home.join("agent.sock"), "controller agent");
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -383,7 +364,10 @@ fn pods_attach_ping_survive_a_restart_and_detach() {
     // member as its gateway.
     let t = Instant::now();
     let r1 = lab
-        .attach(&mut c, request(&p1, lab.net, v1::Mode::Primary))
+        .attach(
+            &mut c,
+            common::attach_request(&p1, lab.net, v1::Mode::Primary),
+        )
         .unwrap();
     eprintln!("attach p1 took {:?}: {r1:?}", t.elapsed());
     let m1: Address = r1.member_address.parse().unwrap();
@@ -443,8 +427,8 @@ fn pods_attach_ping_survive_a_restart_and_detach() {
     let (mut a, mut b) = (c.clone(), c.clone());
     let (x, y) = lab.rt.block_on(async {
         tokio::join!(
-            a.attach(request(&p2, lab.net, v1::Mode::Secondary)),
-            b.attach(request(&p2, lab.net, v1::Mode::Secondary))
+            a.attach(common::attach_request(&p2, lab.net, v1::Mode::Secondary)),
+            b.attach(common::attach_request(&p2, lab.net, v1::Mode::Secondary))
         )
     });
     let r2 = x.unwrap().into_inner().result.unwrap();
@@ -467,7 +451,10 @@ fn pods_attach_ping_survive_a_restart_and_detach() {
 
     // A retry returns the same attachment.
     let again = lab
-        .attach(&mut c, request(&p1, lab.net, v1::Mode::Primary))
+        .attach(
+            &mut c,
+            common::attach_request(&p1, lab.net, v1::Mode::Primary),
+        )
         .unwrap();
     assert_eq!(again, r1);
 
@@ -509,22 +496,25 @@ fn pods_attach_ping_survive_a_restart_and_detach() {
     assert!(none.is_empty());
 
     // Bad requests: nothing is left behind in the namespace.
-    let mut bad = request(&p3, lab.net, v1::Mode::Primary);
+    let mut bad = common::attach_request(&p3, lab.net, v1::Mode::Primary);
     bad.netns_path = "run/netns/x".into();
     let e = lab.attach(&mut c, bad).unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
-    let mut bad = request(&p3, lab.net, v1::Mode::Primary);
+    let mut bad = common::attach_request(&p3, lab.net, v1::Mode::Primary);
     bad.netns_path = "/run/netns/fw-no-such-namespace".into();
     let e = lab.attach(&mut c, bad).unwrap_err();
     assert_eq!(e.code(), Code::NotFound, "{e:?}");
-    let mut bad = request(&p3, lab.net, v1::Mode::Primary);
+    let mut bad = common::attach_request(&p3, lab.net, v1::Mode::Primary);
     bad.netns_path = lab.planet.to_str().unwrap().into();
     let e = lab.attach(&mut c, bad).unwrap_err();
     assert_eq!(e.code(), Code::NotFound, "{e:?}");
     assert!(e.message().contains("not a network namespace"), "{e:?}");
     let t = Instant::now();
     let e = lab
-        .attach(&mut c, request(&p3, lab.missing, v1::Mode::Primary))
+        .attach(
+            &mut c,
+            common::attach_request(&p3, lab.missing, v1::Mode::Primary),
+        )
         .unwrap_err();
     assert_eq!(e.code(), Code::NotFound, "{e:?}");
     assert!(e.message().contains("does not exist"), "{e:?}");
@@ -535,13 +525,19 @@ fn pods_attach_ping_survive_a_restart_and_detach() {
     );
     assert_no_member_link(&p3);
     let e = lab
-        .attach(&mut c, request(&p3, lab.closed, v1::Mode::Primary))
+        .attach(
+            &mut c,
+            common::attach_request(&p3, lab.closed, v1::Mode::Primary),
+        )
         .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
     eprintln!("closed network refused: {}", e.message());
     assert_no_member_link(&p3);
     let e = lab
-        .attach(&mut c, request(&p3, lab.empty, v1::Mode::Primary))
+        .attach(
+            &mut c,
+            common::attach_request(&p3, lab.empty, v1::Mode::Primary),
+        )
         .unwrap_err();
     assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
     eprintln!("network without addresses: {}", e.message());
@@ -558,7 +554,7 @@ fn pods_attach_ping_survive_a_restart_and_detach() {
         .status()
         .unwrap();
     assert!(mounted.success(), "mount --bind of a netns failed");
-    let mut req3 = request(&p3, lab.net, v1::Mode::Secondary);
+    let mut req3 = common::attach_request(&p3, lab.net, v1::Mode::Secondary);
     req3.netns_path = vanishing.to_str().unwrap().into();
     let r3 = lab.attach(&mut c, req3);
     let unmounted = std::process::Command::new("umount")
@@ -680,7 +676,10 @@ fn attach_latency_and_memory_per_pod() {
     for (i, pod) in pods.iter().enumerate() {
         let t = Instant::now();
         let r = lab
-            .attach(&mut c, request(pod, lab.net, v1::Mode::Primary))
+            .attach(
+                &mut c,
+                common::attach_request(pod, lab.net, v1::Mode::Primary),
+            )
             .unwrap_or_else(|e| panic!("attach {} failed: {e:?}", pod.name()));
         if i < TIMED {
             took.push(t.elapsed());

@@ -237,12 +237,11 @@ fn floods_and_malformed_input_are_counted_drops_and_traffic_continues() {
         &home("ctl").join("agent.sock"),
         &["--planet", planet_arg, "--root", "--controller"],
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !home("ctl").join("agent.sock").exists() {
-        assert!(ctl.try_status().is_none(), "controller agent exited");
-        assert!(Instant::now() < deadline, "controller agent never started");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    common::wait_socket(
+        &mut ctl,
+        &home("ctl").join("agent.sock"),
+        "controller agent",
+    );
     let mut m1 = start_agent(
         &hosts[1],
         &home("m1"),

@@ -132,24 +132,18 @@ fn zerotier_shaped_api_on_loopback() {
         &home("ctl").join("agent.sock"),
         &["--planet", planet_arg, "--root", "--controller"],
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !home("ctl").join("agent.sock").exists() {
-        assert!(ctl.try_status().is_none(), "controller agent exited");
-        assert!(Instant::now() < deadline, "controller agent never started");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    common::wait_socket(
+        &mut ctl,
+        &home("ctl").join("agent.sock"),
+        "controller agent",
+    );
     let mut m1 = start_agent(
         &m1_host,
         &home("m1"),
         &home("m1").join("agent.sock"),
         &["--planet", planet_arg, "--join", &nwid.to_string()],
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !home("m1").join("agent.sock").exists() {
-        assert!(m1.try_status().is_none(), "member agent exited");
-        assert!(Instant::now() < deadline, "member agent never started");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    common::wait_socket(&mut m1, &home("m1").join("agent.sock"), "member agent");
 
     // The token file: 24 alphanumerics, owner-only.
     let token_path = home("m1").join("authtoken.secret");

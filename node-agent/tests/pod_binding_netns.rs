@@ -55,24 +55,6 @@ fn ping1(host: &Host, to: &str) -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
-fn request(pod: &Host, nwid: NetworkId) -> v1::AttachRequest {
-    v1::AttachRequest {
-        key: Some(v1::AttachmentKey {
-            network_name: "flat".into(),
-            container_id: pod.name().into(),
-            ifname: "eth0".into(),
-        }),
-        netns_path: pod.netns_path(),
-        network_id: nwid.to_string(),
-        mode: v1::Mode::Secondary as i32,
-        pod: Some(v1::PodRef {
-            namespace: "default".into(),
-            name: pod.name().into(),
-            uid: format!("uid-{}", pod.name()),
-        }),
-    }
-}
-
 #[test]
 fn vouched_pods_need_a_binding_get_its_tags_and_go_with_it() {
     assert_root();
@@ -214,7 +196,9 @@ fn vouched_pods_need_a_binding_get_its_tags_and_go_with_it() {
             std::thread::sleep(Duration::from_millis(50));
         }
     };
-    let mut attach = |pod: &Host| rt.block_on(client.attach(request(pod, nwid)));
+    let mut attach = |pod: &Host| {
+        rt.block_on(client.attach(common::attach_request(pod, nwid, v1::Mode::Secondary)))
+    };
     let p1 = topo.host("p1").unwrap();
     let p2 = topo.host("p2").unwrap();
 

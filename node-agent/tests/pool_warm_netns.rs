@@ -125,12 +125,7 @@ fn warmed_pool_identity_attaches_without_a_validation_at_the_root() {
             "0",
         ],
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !ctl_home.join("agent.sock").exists() {
-        assert!(ctl.try_status().is_none(), "root agent exited");
-        assert!(Instant::now() < deadline, "root agent never started");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    common::wait_socket(&mut ctl, &ctl_home.join("agent.sock"), "root agent");
     let net_arg = net.to_string();
     let mut agent = start_agent(
         &host,
@@ -176,21 +171,7 @@ fn warmed_pool_identity_attaches_without_a_validation_at_the_root() {
         assert!(Instant::now() < deadline, "the host member got no address");
         std::thread::sleep(Duration::from_millis(50));
     };
-    let req = v1::AttachRequest {
-        key: Some(v1::AttachmentKey {
-            network_name: "flat".into(),
-            container_id: pod.name().into(),
-            ifname: "eth0".into(),
-        }),
-        netns_path: pod.netns_path(),
-        network_id: net.to_string(),
-        mode: v1::Mode::Primary as i32,
-        pod: Some(v1::PodRef {
-            namespace: "default".into(),
-            name: pod.name().into(),
-            uid: "uid-pod".into(),
-        }),
-    };
+    let req = common::attach_request(&pod, net, v1::Mode::Primary);
     let t = Instant::now();
     let r = rt
         .block_on(c.attach(req))

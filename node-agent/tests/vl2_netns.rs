@@ -104,12 +104,11 @@ fn controller_and_two_members_ping_over_the_overlay() {
         &["--planet", planet_arg, "--root", "--controller"],
     );
     // The root listens before the members say HELLO (else they retry only after 5 s).
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !home("ctl").join("agent.sock").exists() {
-        assert!(ctl.try_status().is_none(), "controller agent exited");
-        assert!(Instant::now() < deadline, "controller agent never started");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    common::wait_socket(
+        &mut ctl,
+        &home("ctl").join("agent.sock"),
+        "controller agent",
+    );
     let mut m1 = start_agent(
         &hosts[1],
         &home("m1"),
