@@ -14,6 +14,7 @@ use std::net::IpAddr;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Mutex, PoisonError};
 
 use crate::HarnessError;
 use crate::process::{Proc, alive};
@@ -422,14 +423,21 @@ pub fn owner_alive(ns: &str) -> bool {
 }
 
 /// Deletes harness namespaces whose creating process is gone (left by killed runs).
-/// Returns the names it removed.
+/// Returns the names it removed. Sweeps in this process take turns; a namespace another
+/// process removed meanwhile counts as swept.
 pub fn sweep_stale() -> Result<Vec<String>, HarnessError> {
+    static SWEEP: Mutex<()> = Mutex::new(());
+    let _turn = SWEEP.lock().unwrap_or_else(PoisonError::into_inner);
     let mut removed = Vec::new();
     for ns in harness_namespaces() {
         if owner_alive(&ns) {
             continue;
         }
-        delete_namespace(&ns)?;
+        match delete_namespace(&ns) {
+            Ok(()) => {}
+            Err(_) if !Path::new("/run/netns").join(&ns).exists() => {}
+            Err(e) => return Err(e),
+        }
         removed.push(ns);
     }
     Ok(removed)

@@ -198,3 +198,40 @@ fn the_sweeper_removes_namespaces_of_dead_runs_only() {
         "a live run's namespace was swept"
     );
 }
+
+/// What a killed run leaves behind must not fail tests that start together: every new
+/// topology sweeps, and each sweep finds namespaces another sweep is deleting.
+#[test]
+fn topologies_started_together_sweep_without_tripping_over_each_other() {
+    let mut gone = Proc::spawn("true", &mut std::process::Command::new("true")).unwrap();
+    let dead_pid = gone.pid();
+    gone.wait_timeout(Duration::from_secs(5)).unwrap();
+    drop(gone);
+    let stale: Vec<String> = (0..6).map(|i| format!("fw-{dead_pid}-{i}-race")).collect();
+    for ns in &stale {
+        flatwire_tests::netns::run_checked(
+            std::process::Command::new("ip").args(["netns", "add", ns]),
+        )
+        .unwrap();
+    }
+    // One sweep runs in another process at the same time, as a second test binary would.
+    let mut outside = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "for ns in {}; do ip netns del $ns 2>/dev/null; done; true",
+            stale.join(" ")
+        ))
+        .spawn()
+        .unwrap();
+    let starts: Vec<_> = (0..4)
+        .map(|_| std::thread::spawn(|| Topology::new().map(drop)))
+        .collect();
+    for s in starts {
+        s.join().unwrap().expect("a topology failed to start");
+    }
+    assert!(outside.wait().unwrap().success());
+    let left = harness_namespaces();
+    for ns in &stale {
+        assert!(!left.contains(ns), "{ns} survived the sweep");
+    }
+}
