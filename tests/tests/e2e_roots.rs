@@ -30,8 +30,10 @@ fn one_of_two_roots_dies_and_connectivity_stays() {
     p.wait_ping(&m2, m1.ipv4.unwrap().into(), Duration::from_secs(10))
         .unwrap();
 
-    // Behind symmetric NATs every pair stays relayed. Stop the root that relays h1 <-> h2 (the
-    // one whose receive counter grows with a burst of 100 pings: 200 packets).
+    // Behind symmetric NATs every pair stays relayed. A burst of 100 pings (200 packets) must
+    // pass through the roots; each host relays through the root it prefers, so on a loaded
+    // machine the two directions may take different roots. Stop the root that relayed more
+    // (at least half of the burst), so at least one direction has to fail over.
     let counts = |p: &Planet| -> Vec<u64> {
         ["root0", "root1"]
             .iter()
@@ -54,11 +56,12 @@ fn one_of_two_roots_dies_and_connectivity_stays() {
         )
         .unwrap();
     let after = counts(&p);
-    let used = usize::from(after[1] - before[1] > after[0] - before[0]);
+    let relayed: Vec<u64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
     assert!(
-        after[used] - before[used] >= 190,
-        "neither root relayed the burst: {before:?} -> {after:?}"
+        relayed.iter().sum::<u64>() >= 190,
+        "the roots did not relay the burst: {before:?} -> {after:?}"
     );
+    let used = usize::from(relayed[1] > relayed[0]);
     let (dead, alive) = (format!("root{used}"), format!("root{}", 1 - used));
     eprintln!(
         "h1 <-> h2 relayed by {dead} (received {:?} -> {after:?}); stopping it",
