@@ -8,8 +8,10 @@
 //!   (ping, and a TCP connect as a kubelet probe makes, not masqueraded); egress to an underlay
 //!   address outside the flat network arrives from the host's underlay address (a listener
 //!   there reports the peer); failing ADDs (unknown network, exhausted pool) leave no TAP, no
-//!   address and no NAT rule; an agent restart keeps every pod's connectivity; DEL removes the
-//!   pods and, with the last one, the NAT chain.
+//!   address and no NAT rule; an agent restart keeps every pod's connectivity, its host member
+//!   on `flatwire0` from the start; DEL removes the pods and, with the last one, the NAT and
+//!   forward chains. The hosts' `FORWARD` policy is `DROP` (as Docker and kube-proxy set it):
+//!   the agent's own accept chain carries pod egress.
 //! * `hundred_concurrent_adds_on_one_host`: 100 `cnitool add` at once on one host all succeed
 //!   with unique addresses (p50/p99 printed), then DEL of all leaves nothing behind.
 
@@ -27,6 +29,8 @@ use common::{CniEnv, PeerProbe, Run, agent_binary, assert_root, attachments, res
 const PRIMARY_TAP: &str = flatwire_agent::networks::PRIMARY_TAP;
 /// The agent's NAT chain.
 const CHAIN: &str = flatwire_agent::attach::NAT_CHAIN;
+/// The agent's chain in the filter table.
+const FORWARD_CHAIN: &str = flatwire_agent::attach::FORWARD_CHAIN;
 
 fn ok(run: Run, what: &str) -> Run {
     assert!(run.ok, "{what}: {run:?}");
@@ -46,12 +50,21 @@ fn nat_chain(host: &Host, program: &str) -> Option<String> {
         .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
 }
 
-/// Links whose name starts with `fp` (pod member TAPs) in `host`.
+/// The agent's forward chain in `host` (`iptables -S` lines), `None` when it does not exist.
+fn forward_chain(host: &Host, program: &str) -> Option<String> {
+    host.run(program, &["-w", "-t", "filter", "-S", FORWARD_CHAIN])
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+}
+
+/// TAP devices in `host` other than the host members' own (`flatwire0`, `fw...`): pod member
+/// TAPs left behind (they belong in the pods' namespaces).
 fn pod_taps(host: &Host) -> Vec<String> {
-    text(host, "ip", &["-o", "link", "show"])
+    text(host, "ip", &["-o", "link", "show", "type", "tun"])
         .lines()
         .filter_map(|l| l.split(": ").nth(1))
-        .filter(|n| n.starts_with("fp"))
+        .map(|n| n.split('@').next().unwrap_or(n))
+        .filter(|n| *n != PRIMARY_TAP && !n.starts_with("fw"))
         .map(str::to_owned)
         .collect()
 }
@@ -156,6 +169,12 @@ fn three_hosts_primary_mode_matrix_gateway_egress_failures_restart_del() {
     let root = p.agent("root0").host().clone();
     let root_ip = IpAddr::V4(p.agent("root0").underlay());
     let node = |p: &Planet, i: usize| p.agent(HOSTS[i]).host().clone();
+    // Hosts that drop forwarded traffic unless a rule accepts it (Docker, kube-proxy).
+    for i in 0..HOSTS.len() {
+        for program in ["iptables", "ip6tables"] {
+            text(&node(&p, i), program, &["-w", "-P", "FORWARD", "DROP"]);
+        }
+    }
     for (i, m) in hosts.iter().enumerate() {
         assert_ne!(
             m.dev, PRIMARY_TAP,
@@ -297,6 +316,19 @@ fn three_hosts_primary_mode_matrix_gateway_egress_failures_restart_del() {
             );
             let post = text(&nh, program, &["-w", "-t", "nat", "-S", "POSTROUTING"]);
             assert!(post.contains(&format!("-j {CHAIN}")), "{post}");
+            let fwd = forward_chain(&nh, program).expect("the forward chain");
+            for dir in ["-i", "-o"] {
+                assert!(
+                    fwd.contains(&format!("{dir} {PRIMARY_TAP} ")) && fwd.contains("ACCEPT"),
+                    "{program}: {fwd}"
+                );
+            }
+            let forward = text(&nh, program, &["-w", "-S", "FORWARD"]);
+            assert!(
+                forward.contains("-P FORWARD DROP")
+                    && forward.lines().nth(1) == Some(&*format!("-A FORWARD -j {FORWARD_CHAIN}")),
+                "the jump comes first: {forward}"
+            );
         }
     }
 
@@ -367,9 +399,27 @@ fn three_hosts_primary_mode_matrix_gateway_egress_failures_restart_del() {
     egress(&p, &pods);
 
     // Restart h2's agent: its pods come back (same addresses) and everything works again.
+    let log = p.agent("h2").home().join("agent.log");
+    let log_at = std::fs::metadata(&log).map_or(0, |m| m.len() as usize);
     p.stop_agent("h2");
     let restarted = Instant::now();
     p.start_agent("h2").unwrap();
+    // The host member is on flatwire0 from its first moment (claimed at start from the
+    // attachment records), not rejoined to it when the first pod is restored.
+    let text_since = std::fs::read_to_string(&log).unwrap_or_default();
+    let text_since = strip_ansi(text_since.get(log_at..).unwrap_or_default());
+    let first_join = text_since
+        .lines()
+        .find(|l| l.contains("joined network"))
+        .unwrap_or_else(|| panic!("no `joined network` line after the restart:\n{text_since}"));
+    assert!(
+        first_join.contains(&format!("tap={PRIMARY_TAP}")),
+        "after the restart the host member first joined on another TAP: {first_join}"
+    );
+    assert!(
+        !text_since.contains("rejoining the host member"),
+        "the host member was rejoined after the restart:\n{text_since}"
+    );
     p.wait_ping(
         &pods[2],
         pods[0].ip(false).unwrap(),
@@ -427,6 +477,13 @@ fn three_hosts_primary_mode_matrix_gateway_egress_failures_restart_del() {
             assert_eq!(nat_chain(&nh, program), None, "{h}: {program} chain left");
             let post = text(&nh, program, &["-w", "-t", "nat", "-S", "POSTROUTING"]);
             assert!(!post.contains(CHAIN), "{h}: {post}");
+            assert_eq!(
+                forward_chain(&nh, program),
+                None,
+                "{h}: {program} chain left"
+            );
+            let forward = text(&nh, program, &["-w", "-S", "FORWARD"]);
+            assert!(!forward.contains(FORWARD_CHAIN), "{h}: {forward}");
         }
     }
 }

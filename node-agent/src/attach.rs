@@ -1,30 +1,40 @@
 //! Pod attachments: every attached pod is a VL2 member with its own identity, on a TAP the
-//! agent holds and has moved into the pod's network namespace.
+//! agent holds inside the pod's network namespace.
 //!
-//! [`Attachments::attach`] takes an identity from the [`IdentityPool`], creates the TAP (host
-//! name `fp<member address>`, MAC [`Mac::from_address`]), moves it into the namespace renamed
-//! to the requested interface name, adds the member to the data plane with a [`Vouch`] signed
-//! by the host identity (pod `namespace/name/uid`, else the container id), waits (bounded) for
-//! the controller's config, then sets the MTU, addresses and routes in the namespace.
+//! [`Attachments::attach`] takes an identity from the [`IdentityPool`], creates the TAP right in
+//! the namespace under the requested interface name (MAC [`Mac::from_address`]; a TAP is born
+//! in the namespace of the thread that makes it, so there is no host-side name and no move),
+//! adds the member to the data plane with a [`Vouch`] signed by the host identity (pod
+//! `namespace/name/uid`, else the container id), waits (bounded) for the controller's config
+//! (woken by [`networks::watch_member`], no polling), then sets the MTU, addresses and routes in
+//! the namespace while the record is written. The namespace is entered twice: once to create
+//! the TAP and open its multicast memberships, once to configure it. Attaches of different
+//! keys run concurrently; calls for one key are serialized.
 //!
 //! Primary mode makes the host's own member of the network the pods' gateway: a default route
 //! per address family via the host member's address. The first primary network claims the host
 //! TAP name [`PRIMARY_TAP`] (`flatwire0`; the host member is rejoined once to take it, see
-//! [`networks::claim_primary`]); while a network has primary attachments, forwarding is on and
-//! pod traffic leaving the network is masqueraded behind the host (see [`gateway`]); the NAT
-//! rules go with the network's last primary attachment. When the host has not joined the
-//! network there is no gateway: the pod is attached as secondary, and the log says so.
-//! Secondary mode installs only the network's routes.
+//! [`networks::claim_primary`]; after a restart the agent claims it from the records before the
+//! data plane starts, see [`recorded_gateways`]); while a network has primary attachments,
+//! forwarding is on, forwarded traffic through the TAP is accepted and pod traffic leaving the
+//! network is masqueraded behind the host (see [`gateway`]); the rules go with the network's
+//! last primary attachment. When the host has not joined the network there is no gateway: the
+//! pod is attached as secondary, and the log says so. Secondary mode installs only the
+//! network's routes.
 //!
 //! Any failure undoes everything (the member leaves the data plane, which closes the TAP and so
-//! destroys it; the identity is discarded; NAT rules installed for it alone are removed).
+//! destroys it; the identity is discarded and so is its standby node in the data plane; rules
+//! installed for it alone are removed).
 //!
 //! Each attachment is a file `HOME/attachments/<member address>.json` (`0600`, written
 //! atomically): the member's secret identity and the `flatwire.agent.v1.Attachment` message
 //! as hex-encoded protobuf (the versioned API type, so a newer agent reads an older record).
-//! [`Attachments::restore`] runs at start: for each record whose namespace still exists it
-//! recreates the TAP (which died with the old process) with the same name, MAC, MTU, addresses
-//! and routes and rejoins with the same identity; records of vanished namespaces are removed.
+//! Records are written by one thread in batches ([`StateDir::commit`]: the files of a batch
+//! synced together, then one directory sync; the identity pool's removals are synced first), and
+//! Attach answers only once its record is on disk. [`Attachments::restore`] runs at start: for
+//! each record whose namespace still exists it recreates the TAP (which died with the old
+//! process) with the same name, MAC, MTU, addresses and routes and rejoins with the same
+//! identity; records of vanished namespaces are removed.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -44,21 +54,22 @@ use serde::{Deserialize, Serialize};
 
 use crate::dataplane::{NewMember, NodeHandle};
 use crate::mcast::Memberships;
-use crate::networks::{self, PRIMARY_TAP, link_state};
+use crate::networks::{self, MemberWatch, PRIMARY_TAP, link_state};
 use crate::pool::IdentityPool;
-use crate::state::{Sensitivity, StateDir};
-use crate::tap::{self, IpPrefix, LinkRoute, LinkState, NetnsLink, Tap, TapConfig};
+use crate::state::{Change, Sensitivity, StateDir};
+use crate::tap::{self, IpPrefix, LinkRoute, LinkState, Tap, TapConfig};
 
 mod gateway;
 
-pub use gateway::CHAIN as NAT_CHAIN;
+pub use gateway::{CHAIN as NAT_CHAIN, FORWARD_CHAIN};
 
 /// The attachment records under the state directory.
 pub const ATTACHMENTS_DIR: &str = "attachments";
 /// How long Attach waits for the controller's config unless configured otherwise.
 pub const DEFAULT_CONFIG_TIMEOUT: Duration = Duration::from_secs(15);
-/// How often Attach looks at the member's status while it waits.
-const CONFIG_POLL: Duration = Duration::from_millis(10);
+/// Longest wait between two looks at a member's status (or the host link) while Attach waits:
+/// changes are notified at once, this is only a safety net.
+const RECHECK: Duration = Duration::from_secs(1);
 
 /// Why an attachment operation failed; each maps to the gRPC code the API documents.
 #[derive(Debug, thiserror::Error)]
@@ -180,11 +191,6 @@ pub fn vouch_pod(pod: Option<&v1::PodRef>, container_id: &str) -> String {
     }
 }
 
-/// The host-side name of a member's TAP: `fp` and its address (12 bytes).
-pub fn member_tap_name(member: Address) -> String {
-    format!("fp{member}")
-}
-
 fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -208,6 +214,8 @@ pub struct Attachments {
     pool: Arc<IdentityPool>,
     dir: StateDir,
     config_timeout: Duration,
+    /// The recorder thread (see [`recorder`]).
+    recorder: std::sync::mpsc::Sender<RecordJob>,
     /// One slot per key; its async lock serializes the calls for that key.
     slots: Mutex<HashMap<Key, Arc<tokio::sync::Mutex<Option<Entry>>>>>,
     /// Networks serving as the pods' gateway (see [`Attachments::take_gateway`]); the lock
@@ -255,11 +263,14 @@ impl Attachments {
         state: &StateDir,
         config_timeout: Duration,
     ) -> Result<Self, crate::state::StateError> {
+        let dir = StateDir::open(state.root().join(ATTACHMENTS_DIR))?;
+        let recorder = recorder(dir.clone(), pool.dir().clone())?;
         Ok(Self {
             node,
             host,
             pool,
-            dir: StateDir::open(state.root().join(ATTACHMENTS_DIR))?,
+            recorder,
+            dir,
             config_timeout,
             slots: Mutex::new(HashMap::new()),
             gateways: tokio::sync::Mutex::new(HashMap::new()),
@@ -282,32 +293,39 @@ impl Attachments {
         slots.values().cloned().collect()
     }
 
+    /// Has the recorder thread make `change` durable (with whatever else is waiting).
+    async fn record(&self, change: Change) -> Result<(), String> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let gone = || "the attachment recorder thread is gone".to_string();
+        self.recorder.send((change, tx)).map_err(|_| gone())?;
+        rx.await.unwrap_or_else(|_| Err(gone()))
+    }
+
     async fn persist(&self, e: &Entry) -> Result<(), AttachError> {
         let record = Record {
             identity: e.identity.to_secret_string().unwrap_or_default(),
             attachment: hex::encode(e.attachment.encode_to_vec()),
         };
-        let (dir, name) = (self.dir.clone(), format!("{}.json", e.member()));
-        blocking("persist", move || {
-            dir.write_json(&name, &record, Sensitivity::Secret)
-                .map_err(|e| AttachError::Internal(format!("cannot record the attachment: {e}")))
+        let mut bytes = serde_json::to_vec_pretty(&record)
+            .map_err(|e| AttachError::Internal(format!("cannot encode the attachment: {e}")))?;
+        bytes.push(b'\n');
+        self.record(Change::Write {
+            name: format!("{}.json", e.member()),
+            bytes,
+            sensitivity: Sensitivity::Secret,
         })
         .await
+        .map_err(|e| AttachError::Internal(format!("cannot record the attachment: {e}")))
     }
 
     async fn forget(&self, member: Address) {
-        let (dir, name) = (self.dir.clone(), format!("{member}.json"));
-        if let Err(e) = blocking("forget", move || {
-            dir.remove(&name)
-                .map_err(|e| AttachError::Internal(e.to_string()))
-        })
-        .await
-        {
+        if let Err(e) = self.record(Change::Remove(format!("{member}.json"))).await {
             tracing::error!(%member, error = %e, "cannot remove the attachment record");
         }
     }
 
     /// Attaches per `spec`; a retry for an existing key returns the existing result.
+    /// Attaches of different keys run concurrently.
     pub async fn attach(&self, spec: AttachSpec) -> Result<v1::AttachResult, AttachError> {
         let slot = self.slot(&key_of(&spec.key));
         let mut slot = slot.lock().await;
@@ -315,15 +333,8 @@ impl Attachments {
             tracing::debug!(member = %e.member(), "attach retry: returning the existing result");
             return Ok(e.result());
         }
-        let started = Instant::now();
-        let entry = self.attach_new(&spec).await?;
-        if let Err(e) = self.persist(&entry).await {
-            self.node.remove_member(entry.member()).await;
-            if let Some(nwid) = entry.gateway_network() {
-                self.release_gateway(nwid).await;
-            }
-            return Err(e);
-        }
+        let mut t = Timings::start();
+        let entry = self.attach_new(&spec, &mut t).await?;
         let result = entry.result();
         tracing::info!(
             member = %entry.member(),
@@ -331,32 +342,65 @@ impl Attachments {
             netns = %spec.netns_path,
             ifname = %spec.key.ifname,
             addresses = ?result.addresses.iter().map(|a| a.address.as_str()).collect::<Vec<_>>(),
-            took_ms = started.elapsed().as_millis() as u64,
+            took_ms = t.total(),
+            identity_ms = t.identity,
+            tap_ms = t.tap,
+            config_ms = t.config,
+            link_and_record_ms = t.link,
             "attached"
         );
         *slot = Some(entry);
         Ok(result)
     }
 
-    async fn attach_new(&self, spec: &AttachSpec) -> Result<Entry, AttachError> {
-        let netns = spec.netns_path.clone();
-        check_netns(Path::new(&netns))?;
+    /// Takes an identity and attaches it; a failure undoes everything, the identity's standby
+    /// node in the data plane (from warming it in the pool) included.
+    async fn attach_new(&self, spec: &AttachSpec, t: &mut Timings) -> Result<Entry, AttachError> {
+        check_netns(Path::new(&spec.netns_path))?;
         let pool = self.pool.clone();
         let identity = blocking("identity", move || {
             pool.take()
                 .map_err(|e| AttachError::Exhausted(format!("no member identity: {e}")))
         })
         .await?;
+        t.identity = t.lap();
         let member = identity.address();
-        let nwid = spec.nwid;
+        // Before the member exists: its first status change is not missed.
+        let watch = networks::watch_member(member, spec.nwid);
+        match self.join_member(spec, identity, &watch, t).await {
+            Ok(entry) => Ok(entry),
+            Err(e) => {
+                // Removes the member, or the standby node its pool identity had: the identity
+                // is discarded, nothing of it stays in the data plane.
+                if self.node.remove_member(member).await.is_none() {
+                    tracing::error!(%member, "cannot remove the member after a failed attach");
+                }
+                tracing::warn!(%member, nwid = %spec.nwid, netns = %spec.netns_path, error = %e,
+                    "attach failed; undone");
+                Err(e)
+            }
+        }
+    }
+
+    /// Creates the TAP of `identity` in the pod's namespace, adds the member to the data plane
+    /// and, once the controller answered, configures its link and records the attachment
+    /// durably (the two at once).
+    async fn join_member(
+        &self,
+        spec: &AttachSpec,
+        identity: Identity,
+        watch: &MemberWatch,
+        t: &mut Timings,
+    ) -> Result<Entry, AttachError> {
+        let (member, nwid) = (identity.address(), spec.nwid);
         let mac = Mac::from_address(member, nwid);
-        let name = member_tap_name(member);
-        let link = NetnsLink {
-            ifname: spec.key.ifname.clone(),
-            addresses: Vec::new(),
-            routes: Vec::new(),
+        // Down and unaddressed until the config came (configured in the second visit).
+        let unconfigured = LinkState {
+            mtu: DEFAULT_MTU,
+            ..LinkState::default()
         };
-        let (tap, groups) = create_tap(&name, mac, DEFAULT_MTU, &netns, link).await?;
+        let (tap, groups) =
+            create_tap(&spec.key.ifname, mac, &spec.netns_path, unconfigured).await?;
         let ifindex = tap.ifindex();
         let pod = vouch_pod(spec.pod.as_ref(), &spec.key.container_id);
         let vouch = Vouch::sign(&self.host, member, nwid, &pod, now_ms())
@@ -366,43 +410,60 @@ impl Attachments {
                 identity: identity.clone(),
                 nwid,
                 tap,
-                name: name.clone(),
+                name: format!("{} in {}", spec.key.ifname, spec.netns_path),
                 vouch: Some(vouch),
                 groups,
             })
             .await
             .map_err(|e| AttachError::Unavailable(format!("cannot add the member: {e}")))?;
-        // From here on the data plane holds the TAP: a failure removes the member.
-        match self.configure(spec, member, ifindex, mac).await {
-            Ok(result) => Ok(Entry {
-                identity,
-                attachment: v1::Attachment {
-                    key: Some(spec.key.clone()),
-                    netns_path: spec.netns_path.clone(),
-                    mode: spec.mode as i32,
-                    pod: spec.pod.clone(),
-                    result: Some(result),
-                    attached_unix_ms: now_ms(),
-                },
-            }),
-            Err(e) => {
-                if self.node.remove_member(member).await != Some(true) {
-                    tracing::error!(%member, "cannot remove the member after a failed attach");
+        t.tap = t.lap();
+        let (result, state) = self.configure(spec, member, mac, watch, t).await?;
+        let entry = Entry {
+            identity,
+            attachment: v1::Attachment {
+                key: Some(spec.key.clone()),
+                netns_path: spec.netns_path.clone(),
+                mode: spec.mode as i32,
+                pod: spec.pod.clone(),
+                result: Some(result),
+                attached_unix_ms: now_ms(),
+            },
+        };
+        let (linked, recorded) = tokio::join!(
+            configure_in(&spec.netns_path, ifindex, state),
+            self.persist(&entry)
+        );
+        t.link = t.lap();
+        let failed = match (linked, recorded) {
+            (Ok(()), Ok(())) => None,
+            (Err(e), recorded) => {
+                if recorded.is_ok() {
+                    self.forget(member).await;
                 }
-                tracing::warn!(%member, %nwid, netns = %spec.netns_path, error = %e, "attach failed; undone");
-                Err(e)
+                Some(e)
             }
+            (Ok(()), Err(e)) => Some(e),
+        };
+        if let Some(e) = failed {
+            if let Some(nwid) = entry.gateway_network() {
+                self.release_gateway(nwid).await;
+            }
+            return Err(e);
         }
+        Ok(entry)
     }
 
-    /// Waits for the member's config, then configures its link in the namespace.
+    /// Waits for the member's config (woken by `watch`), takes its gateway in primary mode,
+    /// and returns the attachment's result and the state its link is to get. A non-empty
+    /// gateway in the result holds a use of it ([`Attachments::release_gateway`]).
     async fn configure(
         &self,
         spec: &AttachSpec,
         member: Address,
-        ifindex: u32,
         mac: Mac,
-    ) -> Result<v1::AttachResult, AttachError> {
+        watch: &MemberWatch,
+        t: &mut Timings,
+    ) -> Result<(v1::AttachResult, LinkState), AttachError> {
         let nwid = spec.nwid;
         let deadline = Instant::now() + self.config_timeout;
         let cfg = loop {
@@ -439,9 +500,15 @@ impl Attachments {
                         self.config_timeout
                     )));
                 }
-                _ => tokio::time::sleep(CONFIG_POLL).await,
+                _ => {
+                    let wait = deadline
+                        .saturating_duration_since(Instant::now())
+                        .min(RECHECK);
+                    let _ = tokio::time::timeout(wait, watch.changed()).await;
+                }
             }
         };
+        t.config = t.lap();
         let mut state = link_state(&cfg);
         if state.addresses.is_empty() {
             return Err(AttachError::Exhausted(format!(
@@ -471,13 +538,7 @@ impl Attachments {
                 gateway: Some(*gw),
             });
         }
-        if let Err(e) = configure_in(&spec.netns_path, ifindex, state.clone()).await {
-            if !gateways.is_empty() {
-                self.release_gateway(nwid).await;
-            }
-            return Err(e);
-        }
-        Ok(v1::AttachResult {
+        let result = v1::AttachResult {
             ifname: spec.key.ifname.clone(),
             mac: mac.to_string(),
             mtu: state.mtu,
@@ -514,7 +575,8 @@ impl Attachments {
             }),
             member_address: member.to_string(),
             network_id: nwid.to_string(),
-        })
+        };
+        Ok((result, state))
     }
 
     /// Makes the host's own member of `nwid` the gateway of one more attachment and returns
@@ -563,8 +625,9 @@ impl Attachments {
             return Ok(out);
         }
         let (prefixes, last) = (host.addresses.clone(), users.is_empty());
+        let tap = host.tap.clone();
         blocking("gateway", move || {
-            gateway::enable(nwid, &prefixes).map_err(|e| {
+            gateway::enable(nwid, &tap, &prefixes).map_err(|e| {
                 // Leave nothing half-done: what this call added goes again.
                 if let Err(undo) = gateway::disable(nwid, last) {
                     tracing::error!(%nwid, error = %undo, "cannot undo the NAT rules");
@@ -625,6 +688,7 @@ impl Attachments {
         nwid: NetworkId,
     ) -> Result<crate::networks::NetworkSnapshot, AttachError> {
         let deadline = Instant::now() + self.config_timeout;
+        let mut links = networks::watch_host_links();
         loop {
             let host = self
                 .host_network(nwid)
@@ -648,7 +712,10 @@ impl Attachments {
                     host.tap, self.config_timeout
                 )));
             }
-            tokio::time::sleep(CONFIG_POLL).await;
+            let wait = deadline
+                .saturating_duration_since(Instant::now())
+                .min(RECHECK);
+            let _ = tokio::time::timeout(wait, links.changed()).await;
         }
     }
 
@@ -779,28 +846,9 @@ impl Attachments {
     /// were restored.
     pub async fn restore(&self) -> usize {
         let dir = self.dir.clone();
-        let records = blocking("list", move || {
-            let rd =
-                std::fs::read_dir(dir.root()).map_err(|e| AttachError::Internal(e.to_string()))?;
-            let mut out = Vec::new();
-            for e in rd.flatten() {
-                let name = e.file_name().to_string_lossy().into_owned();
-                if !name.ends_with(".json") {
-                    continue;
-                }
-                match dir.read_json::<Record>(&name) {
-                    Ok(Some(r)) => out.push((name, r)),
-                    Ok(None) => {}
-                    Err(e) => tracing::error!(error = %e, "skipping an attachment record"),
-                }
-            }
-            Ok(out)
-        })
-        .await
-        .unwrap_or_else(|e| {
-            tracing::error!(error = %e, "cannot read the attachment records");
-            Vec::new()
-        });
+        let records = blocking("list", move || Ok(read_records(&dir)))
+            .await
+            .unwrap_or_default();
         // One after the other: measured on two busy cores, restoring eight at a time was no
         // faster and grew the heap (per-thread malloc arenas).
         let mut restored = 0;
@@ -824,13 +872,7 @@ impl Attachments {
                 tracing::error!(record = %name, error = %e, "cannot restore an attachment; record removed");
             }
         }
-        let dir = self.dir.clone();
-        if let Err(e) = blocking("forget", move || {
-            dir.remove(&name)
-                .map_err(|e| AttachError::Internal(e.to_string()))
-        })
-        .await
-        {
+        if let Err(e) = self.record(Change::Remove(name)).await {
             tracing::error!(error = %e, "cannot remove an attachment record");
         }
         false
@@ -873,15 +915,13 @@ impl Attachments {
                 })
             })
             .collect::<Result<Vec<_>, AttachError>>()?;
-        let name = member_tap_name(member);
         let pod_addresses = addresses.clone();
-        let link = NetnsLink {
-            ifname: key.ifname.clone(),
+        let state = LinkState {
+            mtu: result.mtu,
             addresses,
             routes,
         };
-        let (tap, groups) =
-            create_tap(&name, mac, result.mtu, &attachment.netns_path, link).await?;
+        let (tap, groups) = create_tap(&key.ifname, mac, &attachment.netns_path, state).await?;
         let pod = vouch_pod(attachment.pod.as_ref(), &key.container_id);
         let vouch = Vouch::sign(&self.host, member, nwid, &pod, now_ms())
             .map_err(|e| internal("cannot sign the vouch")(e.to_string()))?;
@@ -890,7 +930,7 @@ impl Attachments {
                 identity: identity.clone(),
                 nwid,
                 tap,
-                name,
+                name: format!("{} in {}", key.ifname, attachment.netns_path),
                 vouch: Some(vouch),
                 groups,
             })
@@ -917,6 +957,57 @@ impl Attachments {
             },
         ))
     }
+}
+
+/// The attachment records in `dir` with their file names (blocking file I/O); unreadable ones
+/// are logged and left out.
+fn read_records(dir: &StateDir) -> Vec<(String, Record)> {
+    let rd = match std::fs::read_dir(dir.root()) {
+        Ok(rd) => rd,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot read the attachment records");
+            return Vec::new();
+        }
+    };
+    let mut out = Vec::new();
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !name.ends_with(".json") {
+            continue;
+        }
+        match dir.read_json::<Record>(&name) {
+            Ok(Some(r)) => out.push((name, r)),
+            Ok(None) => {}
+            Err(e) => tracing::error!(error = %e, "skipping an attachment record"),
+        }
+    }
+    out
+}
+
+/// The networks whose recorded attachments (in `HOME/attachments` under `state`) use the host
+/// member as their gateway. At start, before the data plane creates the host's TAPs, the agent
+/// claims the first with [`networks::claim_primary`]: the host member is back on
+/// [`PRIMARY_TAP`] from its first moment, so host-to-pod traffic works as soon as its config
+/// is back (no rejoin when the first pod is restored). Blocking file I/O.
+pub fn recorded_gateways(state: &StateDir) -> Vec<NetworkId> {
+    let dir = match StateDir::open(state.root().join(ATTACHMENTS_DIR)) {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot read the attachment records");
+            return Vec::new();
+        }
+    };
+    let mut out: Vec<NetworkId> = Vec::new();
+    for (_, r) in read_records(&dir) {
+        let gw = hex::decode(&r.attachment)
+            .ok()
+            .and_then(|b| v1::Attachment::decode(b.as_slice()).ok())
+            .and_then(|a| gatewayed(a.result.as_ref()?));
+        if let Some(nwid) = gw.filter(|n| !out.contains(n)) {
+            out.push(nwid);
+        }
+    }
+    out
 }
 
 /// Whether `path` is a network namespace as the agent sees it: a namespace file that exists in
@@ -951,45 +1042,115 @@ async fn configure_in(netns: &str, ifindex: u32, state: LinkState) -> Result<(),
     .await
 }
 
-/// Creates the TAP `name` with `mac` and `mtu` and moves it into `netns` as `link` says
-/// (renamed, up, addresses, routes); opens its multicast memberships there (`None`, logged,
-/// if that fails: the member then only has the groups VL2 derives itself).
+/// Creates the member's TAP `ifname` with `mac` right inside `netns` (a TAP lives in the
+/// namespace of the thread that creates it: no host-side name, no move, no rename) with
+/// `state`'s MTU; when `state` has addresses, brings it up with them and its routes; and opens
+/// its multicast memberships there (`None`, logged, if that fails: the member then only has
+/// the groups VL2 derives itself). One visit of the namespace, on one thread.
 async fn create_tap(
-    name: &str,
+    ifname: &str,
     mac: Mac,
-    mtu: u32,
     netns: &str,
-    link: NetnsLink,
+    state: LinkState,
 ) -> Result<(Tap, Option<Memberships>), AttachError> {
-    let (name, netns) = (name.to_string(), netns.to_string());
+    let (ifname, netns) = (ifname.to_string(), netns.to_string());
     blocking("tap", move || {
-        let mut tap = Tap::create(&TapConfig {
-            name: name.clone(),
-            mac: mac.0,
-            mtu: u16::try_from(mtu).unwrap_or(u16::MAX),
-            queues: 1,
+        let (ns, name) = (netns.clone(), ifname.clone());
+        tap::in_netns(Path::new(&netns), move || {
+            // Dropped on failure, which destroys it.
+            let tap = Tap::create(&TapConfig {
+                name: name.clone(),
+                mac: mac.0,
+                mtu: u16::try_from(state.mtu).unwrap_or(u16::MAX),
+                queues: 1,
+            })?;
+            if !state.addresses.is_empty() {
+                tap::configure_link(tap.ifindex(), &state)?;
+            }
+            let groups = Memberships::open(&name)
+                .inspect_err(
+                    |e| tracing::warn!(netns = %ns, error = %e, "no multicast subscriptions"),
+                )
+                .ok();
+            Ok((tap, groups))
         })
-        .map_err(|e| AttachError::Internal(e.to_string()))?;
-        // On failure the TAP is dropped here, which destroys it wherever it is.
-        tap.move_into(Path::new(&netns), &link).map_err(|e| {
-            AttachError::Internal(format!(
-                "cannot move the TAP into {netns} as {}: {e}",
-                link.ifname
-            ))
-        })?;
-        let ifname = link.ifname.clone();
-        let groups = tap::in_netns(Path::new(&netns), move || {
-            Memberships::open(&ifname).map_err(|source| tap::TapError::Io {
-                what: "open the multicast memberships",
-                source,
-            })
-        });
-        let groups = groups
-            .inspect_err(|e| tracing::warn!(%netns, error = %e, "no multicast subscriptions"))
-            .ok();
-        Ok((tap, groups))
+        .map_err(|e| AttachError::Internal(format!("cannot create {ifname} in {netns}: {e}")))
     })
     .await
+}
+
+/// The recorder thread (`fw-record`): makes attachment records durable in batches (what
+/// waits while one batch syncs goes in the next, see [`StateDir::commit`]), with the identity
+/// pool's removals (`pool`) before them, answering each change once its batch is on disk. It
+/// ends when the [`Attachments`] are dropped.
+fn recorder(
+    dir: StateDir,
+    pool: StateDir,
+) -> Result<std::sync::mpsc::Sender<RecordJob>, crate::state::StateError> {
+    let (tx, rx) = std::sync::mpsc::channel::<RecordJob>();
+    std::thread::Builder::new()
+        .name("fw-record".into())
+        .spawn(move || {
+            while let Ok(first) = rx.recv() {
+                let jobs: Vec<RecordJob> = std::iter::once(first).chain(rx.try_iter()).collect();
+                let (changes, replies): (Vec<Change>, Vec<_>) = jobs.into_iter().unzip();
+                let started = Instant::now();
+                let done = dir.commit(&changes, &[&pool]).map_err(|e| e.to_string());
+                tracing::debug!(
+                    changes = changes.len(),
+                    took_ms = started.elapsed().as_millis() as u64,
+                    "attachment records committed"
+                );
+                for reply in replies {
+                    let _ = reply.send(done.clone());
+                }
+            }
+        })
+        .map_err(|source| crate::state::StateError::Io {
+            path: std::path::PathBuf::from("fw-record thread"),
+            source,
+        })?;
+    Ok(tx)
+}
+
+/// A change for the recorder thread and where its outcome goes.
+type RecordJob = (Change, tokio::sync::oneshot::Sender<Result<(), String>>);
+
+/// Where the time of one attach went (ms per phase, see the `attached` log line).
+#[derive(Debug)]
+struct Timings {
+    started: Instant,
+    last: Instant,
+    identity: u64,
+    tap: u64,
+    config: u64,
+    link: u64,
+}
+
+impl Timings {
+    fn start() -> Self {
+        let now = Instant::now();
+        Self {
+            started: now,
+            last: now,
+            identity: 0,
+            tap: 0,
+            config: 0,
+            link: 0,
+        }
+    }
+
+    /// Milliseconds since the previous lap.
+    fn lap(&mut self) -> u64 {
+        let now = Instant::now();
+        let ms = now.duration_since(self.last).as_millis() as u64;
+        self.last = now;
+        ms
+    }
+
+    fn total(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
 }
 
 #[cfg(test)]
@@ -1006,13 +1167,6 @@ mod tests {
         assert_eq!(vouch_pod(Some(&pod), "c0ffee"), "default/web-0/1234-abcd");
         assert_eq!(vouch_pod(None, "c0ffee"), "c0ffee");
         assert_eq!(vouch_pod(Some(&v1::PodRef::default()), "c0ffee"), "c0ffee");
-    }
-
-    #[test]
-    fn member_tap_names_fit_an_interface_name() {
-        let a: Address = "a1b2c3d4e5".parse().unwrap();
-        assert_eq!(member_tap_name(a), "fpa1b2c3d4e5");
-        assert!(member_tap_name(a).len() <= 15);
     }
 
     #[test]

@@ -36,7 +36,10 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use flatwire_vl1::node::{MAX_DATAGRAM_LEN, NodeStats};
-use flatwire_vl1::{Address, DropReason, Event, Identity, LocalSocket, Node, NodeConfig, World};
+use flatwire_vl1::{
+    Address, DropReason, Event, Identity, LocalSocket, Node, NodeConfig, PlanetChange,
+    PlanetRefused, World,
+};
 use flatwire_vl2::NetworkId;
 use flatwire_vl2::rules::eval::RuleAction;
 use flatwire_vl2::vouch::Vouch;
@@ -228,6 +231,10 @@ enum Command {
     Leave(NetworkId, tokio::sync::oneshot::Sender<bool>),
     Controller(ControllerCall),
     Warm(Box<Identity>),
+    OfferPlanet(
+        Box<World>,
+        tokio::sync::oneshot::Sender<Result<PlanetChange, PlanetRefused>>,
+    ),
     Stop,
 }
 
@@ -252,6 +259,7 @@ impl std::fmt::Debug for Command {
             Command::Leave(..) => "Leave",
             Command::Controller(_) => "Controller",
             Command::Warm(_) => "Warm",
+            Command::OfferPlanet(..) => "OfferPlanet",
             Command::Stop => "Stop",
         })
     }
@@ -393,6 +401,20 @@ impl NodeHandle {
     /// later needs no identity validation at the roots. False when the data plane stopped.
     pub fn warm_identity(&self, identity: Identity) -> bool {
         self.command(Command::Warm(Box::new(identity)))
+    }
+
+    /// Offers `planet` (read from the agent's configuration, e.g. the planet ConfigMap) to the
+    /// running node, which judges it by the world update rule against the planet in force
+    /// ([`Node::offer_planet`]). A newer one is in force when this returns: the host's node and
+    /// every pod member's node use its roots (new roots are contacted at once, traffic fails
+    /// over among them), and members attached later start with it. Persisting it is the
+    /// caller's business. `None` if the data plane stopped or did not answer in 2 s.
+    pub async fn offer_planet(&self, planet: World) -> Option<Result<PlanetChange, PlanetRefused>> {
+        self.ask(
+            |tx| Command::OfferPlanet(Box::new(planet), tx),
+            Duration::from_secs(2),
+        )
+        .await
     }
 
     /// Tells the thread to stop; [`NodeHandle::join`] waits for it.
@@ -905,7 +927,10 @@ impl DataPlane {
         while let Some(ev) = self.locals[li].node.poll_event() {
             let l = &mut self.locals[li];
             match &ev {
-                Event::PlanetUpdated { planet } if host => self.planet = planet.clone(),
+                Event::PlanetUpdated { planet } if host => {
+                    let planet = planet.clone();
+                    self.planet_changed(planet);
+                }
                 Event::PeerLearned { peer, .. } | Event::PathLearned { peer, .. } => {
                     if l.vl2.awaits_config_from(*peer) {
                         l.vl2.nudge(self.clock.now());
@@ -975,6 +1000,29 @@ impl DataPlane {
         if n > 0 {
             *self.local_drops.entry(ShellDrop::TapRejected).or_default() += n;
         }
+    }
+
+    /// Follows the host node's new planet: the roots as the snapshot and metrics see them,
+    /// the planet new members start with, and the nodes of the pod members and standby pool
+    /// identities (each judges it by the update rule itself).
+    fn planet_changed(&mut self, planet: World) {
+        let me = self.address();
+        self.roots = planet.roots.iter().map(|r| r.identity.address()).collect();
+        for r in self.roots.iter().filter(|r| **r != me) {
+            self.peers.entry(*r).or_default();
+        }
+        let now = self.clock.now();
+        for l in &mut self.locals[1..] {
+            // The same rule judged it for the host: a member's node may only already have it.
+            let _ = l.node.offer_planet(now, planet.clone());
+        }
+        tracing::info!(
+            id = planet.id,
+            timestamp = planet.timestamp,
+            roots = ?self.roots,
+            "planet in force"
+        );
+        self.planet = planet;
     }
 
     /// Gives the next queued pool identity its standby node, at most one per
@@ -1092,6 +1140,14 @@ impl DataPlane {
                     if id.has_secret() && self.warm_queue.len() < crate::pool::MAX_DEPTH {
                         self.warm_queue.push_back(*id);
                     }
+                }
+                Ok(Command::OfferPlanet(planet, reply)) => {
+                    let now = self.clock.now();
+                    let r = self.locals[0].node.offer_planet(now, (*planet).clone());
+                    if r == Ok(PlanetChange::Newer) {
+                        self.planet_changed(*planet);
+                    }
+                    let _ = reply.send(r);
                 }
                 Ok(Command::Stop) | Err(mpsc::TryRecvError::Disconnected) => return false,
                 Err(mpsc::TryRecvError::Empty) => return true,

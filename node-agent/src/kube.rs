@@ -5,7 +5,9 @@
 //!   is trusted, as the operator is); a later one only under ZeroTier's world update rule
 //!   (same type and ID, newer, signed by the current planet's `updatesMustBeSignedBy` key). An
 //!   accepted planet is stored in the state directory, where a restart finds it, so the agent
-//!   keeps working from that copy while the API server is unreachable.
+//!   keeps working from that copy while the API server is unreachable, and put in force in
+//!   the running node at once ([`apply_planets`]): its new roots are contacted and traffic
+//!   fails over among them without a restart.
 //! - The host registers its public identity on its own Node object, in the annotation
 //!   [`HOST_IDENTITY_ANNOTATION`] (a JSON merge patch with field manager [`FIELD_MANAGER`]),
 //!   and puts it back when someone removes or changes it.
@@ -25,7 +27,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use flatwire_api::v1;
-use flatwire_vl1::World;
+use flatwire_vl1::{PlanetChange, World};
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod};
 use kube::api::{Patch, PatchParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
@@ -35,6 +37,7 @@ use kube::{Api, Client, Config};
 use tokio_stream::StreamExt;
 
 use crate::attach::Attachments;
+use crate::dataplane::NodeHandle;
 use crate::host;
 use crate::state::StateDir;
 
@@ -243,7 +246,8 @@ pub enum PlanetUpdate {
 }
 
 /// Judges `bytes` (a serialized planet) against the `current` one: a first planet is taken
-/// if it parses and lists roots; a later one must pass the world update rule.
+/// if it parses and lists roots; a later one must pass the world update rule (vl1's
+/// [`flatwire_vl1::check_planet_update`], the rule the running node applies too).
 pub fn judge_planet(current: Option<&World>, bytes: &[u8]) -> PlanetUpdate {
     let w = match World::parse(bytes) {
         Ok((w, _)) => w,
@@ -255,26 +259,11 @@ pub fn judge_planet(current: Option<&World>, bytes: &[u8]) -> PlanetUpdate {
     let Some(cur) = current else {
         return PlanetUpdate::New(w);
     };
-    if *cur == w {
-        return PlanetUpdate::Same;
+    match flatwire_vl1::check_planet_update(cur, &w) {
+        Ok(PlanetChange::Same) => PlanetUpdate::Same,
+        Ok(PlanetChange::Newer) => PlanetUpdate::New(w),
+        Err(why) => PlanetUpdate::Rejected(why.to_string()),
     }
-    if cur.should_replace_with(&w) {
-        return PlanetUpdate::New(w);
-    }
-    let why = if w.world_type != cur.world_type || w.id != cur.id {
-        format!(
-            "it is world {} ({:?}), ours is world {} ({:?})",
-            w.id, w.world_type, cur.id, cur.world_type
-        )
-    } else if w.timestamp <= cur.timestamp {
-        format!(
-            "its timestamp {} is not newer than ours ({})",
-            w.timestamp, cur.timestamp
-        )
-    } else {
-        "it is not signed by the key our planet names in updatesMustBeSignedBy".into()
-    };
-    PlanetUpdate::Rejected(why)
 }
 
 /// Keeps the planet of ConfigMap `cm` in the state directory: watches it, judges each
@@ -353,6 +342,52 @@ pub async fn sync_planet(
                     Err(e) => tracing::error!(error = %e, "planet store task failed"),
                 }
             }
+        }
+    }
+}
+
+/// Puts every planet [`sync_planet`] accepts in force in the running `node`, without a
+/// restart: the node judges it by the same update rule ([`NodeHandle::offer_planet`]) and
+/// takes its roots at once. The planet current when this starts is offered too (one
+/// accepted while the node was starting would otherwise be missed; the node answers `Same`
+/// to the one it started with). Runs until the planet's sender is gone.
+pub async fn apply_planets(
+    mut planets: tokio::sync::watch::Receiver<Option<World>>,
+    node: Arc<NodeHandle>,
+) {
+    loop {
+        let offered = planets.borrow_and_update().clone();
+        if let Some(w) = offered {
+            let (id, timestamp) = (w.id, w.timestamp);
+            let roots: Vec<String> = w
+                .roots
+                .iter()
+                .map(|r| r.identity.address().to_string())
+                .collect();
+            match node.offer_planet(w).await {
+                Some(Ok(PlanetChange::Newer)) => tracing::info!(
+                    id,
+                    timestamp,
+                    roots = %roots.join(","),
+                    "planet from the ConfigMap in force in the running node"
+                ),
+                Some(Ok(PlanetChange::Same)) => {}
+                // E.g. a root pushed an even newer one meanwhile: the node keeps that.
+                Some(Err(why)) => tracing::warn!(
+                    id,
+                    timestamp,
+                    reason = %why,
+                    "the running node refuses the planet from the ConfigMap"
+                ),
+                None => tracing::error!(
+                    id,
+                    timestamp,
+                    "the data plane did not take the planet; it is used at the next start"
+                ),
+            }
+        }
+        if planets.changed().await.is_err() {
+            return;
         }
     }
 }

@@ -1,6 +1,6 @@
 //! flatwire-agent: the per-host daemon's I/O shell around the sans-I/O `vl1`/`vl2` cores.
 //!
-//! Modules: [`tap`] (member TAP devices moved into pod network namespaces, batched frame I/O),
+//! Modules: [`tap`] (member TAP devices created inside pod network namespaces, batched frame I/O),
 //! [`udp`] (the host's UDP port with batched, GSO/GRO-aware I/O), [`state`] (the atomically
 //! written state directory), [`metrics`] (Prometheus text over a tiny HTTP endpoint),
 //! [`http_api`] (the ZeroTier-style local JSON API), [`service`] (the gRPC service of
@@ -8,8 +8,8 @@
 //! [`dataplane`] (the thread that runs every local identity's VL1 node on the one UDP port),
 //! [`networks`] (VL2 on that thread: joined networks on TAPs, the controller), [`pool`] (the
 //! pre-generated member identities), [`attach`] (pods as members with their own identity,
-//! persisted and restored), [`mcast`] (the multicast groups TAP interfaces joined) and
-//! [`kube`] (Kubernetes mode: the planet ConfigMap, the Node's host-identity annotation, GC of
+//! persisted and restored), [`mcast`] (the multicast groups TAP interfaces joined),
+//! [`shaping`] (pod bandwidth limits with `tc`) and [`kube`] (Kubernetes mode: the planet ConfigMap, the Node's host-identity annotation, GC of
 //! attachments whose pods are gone).
 
 pub mod attach;
@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod networks;
 pub mod pool;
 pub mod service;
+pub mod shaping;
 pub mod state;
 pub mod tap;
 pub mod udp;

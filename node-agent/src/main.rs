@@ -170,9 +170,16 @@ async fn main() -> anyhow::Result<()> {
             let planet_id = planet.id;
             let joined = {
                 let (state, join) = (state.clone(), args.join.clone());
-                tokio::task::spawn_blocking(move || persist_networks(&state, &join))
-                    .await
-                    .context("network persistence panicked")??
+                tokio::task::spawn_blocking(move || {
+                    // Primary mode after a restart: the host member is on flatwire0 from the
+                    // start (the data plane names its TAP by the claim).
+                    if let Some(nwid) = attach::recorded_gateways(&state).first() {
+                        networks::claim_primary(*nwid);
+                    }
+                    persist_networks(&state, &join)
+                })
+                .await
+                .context("network persistence panicked")??
             };
             let host_identity = identity.clone();
             let cfg = DataPlaneConfig {
@@ -251,6 +258,10 @@ async fn main() -> anyhow::Result<()> {
             )
         }
     };
+    if let (Some(k), Some(node)) = (&kube_client, &node) {
+        // Planets accepted from the ConfigMap go into force without a restart.
+        tokio::spawn(kube_mode::apply_planets(k.planet.subscribe(), node.clone()));
+    }
     if let (Some(k), Some(node), Some(attachments)) = (&kube_client, &args.kube_node, attached) {
         let (cache, watch) = kube_mode::watch_pods(k.client.clone(), node);
         tokio::spawn(watch);

@@ -74,9 +74,13 @@ const TAP_BATCH: usize = 32;
 const TAP_FRAME: usize = 10_000 + 14 + 1;
 /// TAP batches read before the thread looks at other work again.
 const TAP_ROUNDS: usize = 8;
-/// Least time between two config requests `Vl2::nudge` sends for one network (ms): more
+/// Most time between two config requests `Vl2::nudge` sends for one network (ms): more
 /// than the controller's 1 s duplicate window.
 pub const NUDGE_INTERVAL: u64 = 1100;
+/// Time between the first and the second nudge (ms); it doubles up to [`NUDGE_INTERVAL`]. A
+/// request the controller dropped unanswered (as while it looks up the identities of many new
+/// members at once) is sent again soon; one within its duplicate window costs it nothing.
+const FIRST_NUDGE_GAP: u64 = 200;
 /// Most nudges per network.
 const MAX_NUDGES: u8 = 8;
 /// Members that asked for a config within this long (ms) get the controller's pushes.
@@ -105,6 +109,69 @@ pub fn claim_primary(nwid: NetworkId) -> bool {
     match PRIMARY.compare_exchange(0, id, SeqCst, SeqCst) {
         Ok(_) => true,
         Err(current) => current == id,
+    }
+}
+
+/// Waiters for news of pod members (see [`watch_member`]), by member and network.
+#[allow(clippy::type_complexity)]
+static MEMBER_WATCHES: std::sync::LazyLock<
+    std::sync::Mutex<HashMap<(Address, NetworkId), std::sync::Arc<tokio::sync::Notify>>>,
+> = std::sync::LazyLock::new(Default::default);
+
+/// Hears when pod member `member`'s network `nwid` changes status or config on the data-plane
+/// thread, so an attach waits for the controller's answer without polling. Register it before
+/// the member is added: a change before [`MemberWatch::changed`] is awaited is kept. One per
+/// member and network; dropping it unregisters.
+#[derive(Debug)]
+pub struct MemberWatch {
+    key: (Address, NetworkId),
+    notify: std::sync::Arc<tokio::sync::Notify>,
+}
+
+/// Registers a [`MemberWatch`] for pod member `member` on `nwid`.
+pub fn watch_member(member: Address, nwid: NetworkId) -> MemberWatch {
+    let notify = std::sync::Arc::new(tokio::sync::Notify::new());
+    let mut w = MEMBER_WATCHES.lock().unwrap_or_else(|e| e.into_inner());
+    w.insert((member, nwid), notify.clone());
+    MemberWatch {
+        key: (member, nwid),
+        notify,
+    }
+}
+
+impl MemberWatch {
+    /// Completes at the next change (at once if one came since the last call).
+    pub async fn changed(&self) {
+        self.notify.notified().await;
+    }
+}
+
+impl Drop for MemberWatch {
+    fn drop(&mut self) {
+        let mut w = MEMBER_WATCHES.lock().unwrap_or_else(|e| e.into_inner());
+        if w.get(&self.key)
+            .is_some_and(|n| std::sync::Arc::ptr_eq(n, &self.notify))
+        {
+            w.remove(&self.key);
+        }
+    }
+}
+
+/// Counts the host TAPs the `fw-link` thread configured (see [`watch_host_links`]).
+static HOST_LINKS: std::sync::LazyLock<tokio::sync::watch::Sender<u64>> =
+    std::sync::LazyLock::new(|| tokio::sync::watch::Sender::new(0));
+
+/// Hears of every host TAP configuration done (addresses, routes, MTU applied), e.g. to wait
+/// until the host member's TAP carries the addresses of its config.
+pub fn watch_host_links() -> tokio::sync::watch::Receiver<u64> {
+    HOST_LINKS.subscribe()
+}
+
+/// Tells the [`MemberWatch`] of `member` on `nwid`, if any, of a change.
+fn member_changed(member: Address, nwid: NetworkId) {
+    let w = MEMBER_WATCHES.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(n) = w.get(&(member, nwid)) {
+        n.notify_one();
     }
 }
 
@@ -237,6 +304,12 @@ impl Joined {
                 self.own_asked + NUDGE_INTERVAL
             }
         })
+    }
+
+    /// When the next nudge may be sent (ms).
+    fn nudge_due(&self) -> u64 {
+        let gap = FIRST_NUDGE_GAP << self.nudges.saturating_sub(1).min(8);
+        self.nudged + gap.min(NUDGE_INTERVAL)
     }
 
     fn wants_nudge(&self) -> bool {
@@ -457,7 +530,7 @@ impl Vl2 {
         }
     }
 
-    /// Joins `nwid` as this (pod) member on `tap`, a TAP already moved into the pod's
+    /// Joins `nwid` as this (pod) member on `tap`, a TAP already created in the pod's
     /// namespace (`name` for logs), presenting `vouch` in its config requests. The link is
     /// not configured here: read the config with [`Vl2::member_view`].
     pub(crate) fn attach_tap(
@@ -533,15 +606,15 @@ impl Vl2 {
         self.nets.iter().any(Joined::wants_nudge)
     }
 
-    /// Sends the config request of every network still without a config again, now (at most
-    /// once per [`NUDGE_INTERVAL`] each). Call when a controller becomes reachable and then
+    /// Sends the config request of every network still without a config again, now (the
+    /// first time at once, then after [`FIRST_NUDGE_GAP`], doubling up to [`NUDGE_INTERVAL`]). Call when a controller becomes reachable and then
     /// periodically while online: the member runtime only retries on its 5 s tick, a request
     /// sent before the first path existed is lost, and controllers ignore a member's request
     /// within 1 s of its previous one (as after a quick restart).
     pub(crate) fn nudge(&mut self, now: u64) {
         for i in 0..self.nets.len() {
             let j = &self.nets[i];
-            if !j.wants_nudge() || now < j.nudged + NUDGE_INTERVAL {
+            if !j.wants_nudge() || now < j.nudge_due() {
                 continue;
             }
             // A member without a config holds nothing worth keeping: a fresh one asks at once.
@@ -731,7 +804,7 @@ impl Vl2 {
                     t
                 };
                 if j.wants_nudge() {
-                    t.min(j.nudged + NUDGE_INTERVAL)
+                    t.min(j.nudge_due())
                 } else {
                     t
                 }
@@ -1036,8 +1109,14 @@ impl Vl2 {
                     }
                     Output::Event(NetworkEvent::StatusChanged(s)) => {
                         tracing::info!(nwid = %j.net.id(), status = ?s, "network status");
+                        if !j.host_link {
+                            member_changed(me, j.net.id());
+                        }
                     }
                     Output::Event(NetworkEvent::ConfigChanged) => {
+                        if !j.host_link {
+                            member_changed(me, j.net.id());
+                        }
                         let Some(cfg) = j.net.config() else { continue };
                         let state = link_state(cfg);
                         tracing::info!(
@@ -1417,6 +1496,7 @@ fn send_link_job(tx: &mut Option<mpsc::Sender<LinkJob>>, job: LinkJob) -> bool {
                         ),
                         Err(e) => tracing::error!(tap = %job.name, error = %e, "cannot configure the TAP"),
                     }
+                    HOST_LINKS.send_modify(|n| *n += 1);
                 }
             });
         if spawned.is_err() {

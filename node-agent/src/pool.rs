@@ -215,8 +215,16 @@ impl IdentityPool {
         self.shared.lock().failed.clone()
     }
 
-    /// Takes an identity out of the pool (its file is removed, durably), or generates one when
-    /// the pool is empty (about a second of CPU). Blocking: call it via `spawn_blocking`.
+    /// The pool directory: a [`StateDir::commit`] naming it makes the removals of
+    /// [`IdentityPool::take`] durable.
+    pub fn dir(&self) -> &StateDir {
+        &self.shared.dir
+    }
+
+    /// Takes an identity out of the pool (its file is removed, not durably yet: whoever
+    /// records its use durably syncs [`IdentityPool::dir`] first, see [`StateDir::commit`]),
+    /// or generates one when the pool is empty (about a second of CPU). Blocking: call it via
+    /// `spawn_blocking`.
     pub fn take(&self) -> Result<Identity, PoolError> {
         loop {
             let (ready, unchecked) = {
@@ -232,7 +240,7 @@ impl IdentityPool {
                 (ready, unchecked)
             };
             if let Some((name, id)) = ready {
-                self.shared.dir.remove(&name)?;
+                self.shared.dir.remove_unsynced(&name)?;
                 return Ok(id);
             }
             let Some(name) = unchecked else {
@@ -240,7 +248,7 @@ impl IdentityPool {
                 return generate(&AtomicBool::new(false));
             };
             if let Some(id) = self.shared.check(&name)? {
-                self.shared.dir.remove(&name)?;
+                self.shared.dir.remove_unsynced(&name)?;
                 return Ok(id);
             }
         }

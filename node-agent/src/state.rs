@@ -42,6 +42,25 @@ pub enum StateError {
     /// A name that is not a plain file name inside the directory.
     #[error("invalid state file name {0:?}")]
     BadName(String),
+    /// A thread syncing staged files panicked.
+    #[error("a thread syncing state files panicked")]
+    SyncPanicked,
+}
+
+/// One change of a [`StateDir::commit`].
+#[derive(Debug, Clone)]
+pub enum Change {
+    /// Write `bytes` to `name` atomically.
+    Write {
+        /// The file name.
+        name: String,
+        /// Its new contents.
+        bytes: Vec<u8>,
+        /// Its mode.
+        sensitivity: Sensitivity,
+    },
+    /// Remove `name` (fine when it does not exist).
+    Remove(String),
 }
 
 /// Whether a file holds secrets (created `0600`) or not (`0644`).
@@ -163,26 +182,78 @@ impl StateDir {
         bytes: &[u8],
         sensitivity: Sensitivity,
     ) -> Result<(), StateError> {
-        let path = self.path(name)?;
         let tmp = self.stage(name, bytes, sensitivity)?;
-        fs::rename(&tmp, &path).map_err(|source| {
-            let _ = fs::remove_file(&tmp);
-            StateError::Io {
-                path: path.clone(),
-                source,
-            }
-        })?;
+        self.replace(&tmp, name)?;
         self.sync_dir()
+    }
+
+    /// Removes `name` without waiting for the disk (a [`StateDir::commit`] naming this
+    /// directory in `along` makes it durable); succeeds when it does not exist.
+    pub fn remove_unsynced(&self, name: &str) -> Result<(), StateError> {
+        self.unlink(name).map(drop)
     }
 
     /// Removes `name` durably; succeeds when it does not exist.
     pub fn remove(&self, name: &str) -> Result<(), StateError> {
-        let path = self.path(name)?;
-        match fs::remove_file(&path) {
-            Ok(()) => self.sync_dir(),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(source) => Err(StateError::Io { path, source }),
+        if self.unlink(name)? {
+            self.sync_dir()?;
         }
+        Ok(())
+    }
+
+    /// Makes `changes` durable together: the writes are staged as [`StateDir::write`] does
+    /// (their temporary files synced in parallel, and with them the directories `along`, whose
+    /// changes made with [`StateDir::remove_unsynced`] become durable first), renamed in order,
+    /// the removals done, and the directory synced once. Each change stays atomic on its own;
+    /// a batch of many small records costs about what one write does. On error, changes before
+    /// the failing one may have been applied.
+    pub fn commit(&self, changes: &[Change], along: &[&StateDir]) -> Result<(), StateError> {
+        let mut staged = Vec::new();
+        for c in changes {
+            if let Change::Write {
+                name,
+                bytes,
+                sensitivity,
+            } = c
+            {
+                staged.push((
+                    name.as_str(),
+                    self.stage_unsynced(name, bytes, *sensitivity)?,
+                ));
+            }
+        }
+        let synced = std::thread::scope(|s| {
+            // At most 8 threads: the file system commits concurrent syncs together.
+            let per = staged.len().div_ceil(8).max(1);
+            let mut workers: Vec<_> = staged
+                .chunks(per)
+                .map(|chunk| s.spawn(move || chunk.iter().try_for_each(|(_, st)| sync(st))))
+                .collect();
+            workers.extend(along.iter().map(|d| s.spawn(move || d.sync_dir())));
+            workers
+                .into_iter()
+                .try_for_each(|w| w.join().unwrap_or(Err(StateError::SyncPanicked)))
+        });
+        let mut staged = staged.into_iter();
+        let result = synced.and_then(|()| {
+            for c in changes {
+                match c {
+                    Change::Write { .. } => {
+                        if let Some((name, (tmp, _))) = staged.next() {
+                            self.replace(&tmp, name)?;
+                        }
+                    }
+                    Change::Remove(name) => {
+                        self.unlink(name)?;
+                    }
+                }
+            }
+            self.sync_dir()
+        });
+        for (_, (tmp, _)) in staged {
+            let _ = fs::remove_file(tmp);
+        }
+        result
     }
 
     /// First half of [`StateDir::write`]: writes and syncs the temporary file, returning its
@@ -194,6 +265,18 @@ impl StateDir {
         bytes: &[u8],
         sensitivity: Sensitivity,
     ) -> Result<PathBuf, StateError> {
+        let staged = self.stage_unsynced(name, bytes, sensitivity)?;
+        sync(&staged)?;
+        Ok(staged.0)
+    }
+
+    /// Writes the temporary file of `name` (not synced yet).
+    fn stage_unsynced(
+        &self,
+        name: &str,
+        bytes: &[u8],
+        sensitivity: Sensitivity,
+    ) -> Result<(PathBuf, File), StateError> {
         self.path(name)?;
         let tmp = self
             .root
@@ -217,8 +300,26 @@ impl StateDir {
         f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))
             .map_err(io_err)?;
         f.write_all(bytes).map_err(io_err)?;
-        f.sync_all().map_err(io_err)?;
-        Ok(tmp)
+        Ok((tmp, f))
+    }
+
+    /// Renames the staged file `tmp` over `name` (removing `tmp` if that fails).
+    fn replace(&self, tmp: &Path, name: &str) -> Result<(), StateError> {
+        let path = self.path(name)?;
+        fs::rename(tmp, &path).map_err(|source| {
+            let _ = fs::remove_file(tmp);
+            StateError::Io { path, source }
+        })
+    }
+
+    /// Unlinks `name` (not synced); false when it did not exist.
+    fn unlink(&self, name: &str) -> Result<bool, StateError> {
+        let path = self.path(name)?;
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(source) => Err(StateError::Io { path, source }),
+        }
     }
 
     fn sync_dir(&self) -> Result<(), StateError> {
@@ -229,6 +330,14 @@ impl StateDir {
                 source,
             })
     }
+}
+
+/// Syncs a staged file (path, open file) to disk.
+fn sync((path, f): &(PathBuf, File)) -> Result<(), StateError> {
+    f.sync_all().map_err(|source| StateError::Io {
+        path: path.clone(),
+        source,
+    })
 }
 
 #[cfg(test)]
@@ -345,6 +454,43 @@ mod tests {
             s.read("identity.secret").unwrap().as_deref(),
             Some(&b"old"[..])
         );
+    }
+
+    #[test]
+    fn a_commit_writes_and_removes_together() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = StateDir::open(dir.path()).unwrap();
+        s.write("old.json", b"old", Sensitivity::Public).unwrap();
+        let mut changes: Vec<Change> = (0..20)
+            .map(|i| Change::Write {
+                name: format!("r{i}.json"),
+                bytes: format!("record {i}").into_bytes(),
+                sensitivity: Sensitivity::Secret,
+            })
+            .collect();
+        changes.push(Change::Remove("old.json".into()));
+        changes.push(Change::Remove("never-there.json".into()));
+        let other = StateDir::open(dir.path().join("other")).unwrap();
+        other.write("x", b"x", Sensitivity::Public).unwrap();
+        other.remove_unsynced("x").unwrap();
+        s.commit(&changes, &[&other]).unwrap();
+        assert_eq!(other.read("x").unwrap(), None);
+        assert_eq!(
+            s.read("r7.json").unwrap().as_deref(),
+            Some(&b"record 7"[..])
+        );
+        assert_eq!(mode(&s.path("r7.json").unwrap()), 0o600);
+        assert_eq!(s.read("old.json").unwrap(), None);
+        // The 20 records and `other`: no temporary file left.
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 21);
+        // A bad name fails the commit before anything is staged.
+        let bad = [Change::Write {
+            name: "../x".into(),
+            bytes: Vec::new(),
+            sensitivity: Sensitivity::Public,
+        }];
+        assert!(matches!(s.commit(&bad, &[]), Err(StateError::BadName(_))));
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 21);
     }
 
     #[test]

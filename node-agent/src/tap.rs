@@ -1,8 +1,9 @@
-//! Member TAP devices: created in the host namespace, moved into a pod's network namespace and
-//! renamed there, while the agent keeps reading and writing Ethernet frames on its own fds.
+//! Member TAP devices: created right inside the network namespace they serve (the host's, or a
+//! pod's under its final name), while the agent keeps reading and writing Ethernet frames on
+//! its own fds.
 //!
-//! Link changes inside a namespace run on a dedicated OS thread that `setns`es into it (never on
-//! a tokio worker) and talk rtnetlink there; nothing shells out to `ip`.
+//! Work inside a namespace runs on a dedicated OS thread that `setns`es into it ([`in_netns`],
+//! never on a tokio worker) and talks rtnetlink there; nothing here shells out to `ip`.
 
 use std::fs::File;
 use std::io;
@@ -113,23 +114,11 @@ pub struct LinkRoute {
     pub gateway: Option<IpAddr>,
 }
 
-/// What the link looks like inside the target namespace.
-#[derive(Debug, Clone, Default)]
-pub struct NetnsLink {
-    /// The name inside the namespace, e.g. `eth0`.
-    pub ifname: String,
-    /// Addresses to add.
-    pub addresses: Vec<IpPrefix>,
-    /// Routes to add after the addresses.
-    pub routes: Vec<LinkRoute>,
-}
-
 /// A TAP device held by the agent: one fd per queue. Dropping it closes the fds, which
 /// destroys the (non-persistent) device wherever it lives.
 #[derive(Debug)]
 pub struct Tap {
     queues: Vec<TapQueue>,
-    host_name: String,
     ifindex: u32,
 }
 
@@ -190,11 +179,7 @@ impl Tap {
             })
             .collect::<io::Result<Vec<_>>>()
             .map_err(err)?;
-        Ok(Self {
-            queues,
-            host_name: config.name.clone(),
-            ifindex,
-        })
+        Ok(Self { queues, ifindex })
     }
 
     /// The queues; frames of one flow always arrive on the same queue.
@@ -202,111 +187,10 @@ impl Tap {
         &self.queues
     }
 
-    /// The host-side name the device was created with.
-    pub fn host_name(&self) -> &str {
-        &self.host_name
-    }
-
-    /// The interface index (as of the last move).
+    /// The interface index (in the namespace it was created in).
     pub fn ifindex(&self) -> u32 {
         self.ifindex
     }
-
-    /// Moves the device into the network namespace at `netns`, renames it to `link.ifname`,
-    /// brings it up and adds the addresses and routes. Blocks the calling thread while a
-    /// dedicated OS thread does the work; from async code call it via `spawn_blocking`.
-    pub fn move_into(&mut self, netns: &Path, link: &NetnsLink) -> Result<(), TapError> {
-        let ns_path = netns.to_path_buf();
-        let ns = File::open(netns).map_err(|source| TapError::Netns {
-            path: ns_path.clone(),
-            source,
-        })?;
-        let (host_name, ifindex, link) = (self.host_name.clone(), self.ifindex, link.clone());
-        let worker = std::thread::Builder::new()
-            .name("fw-netns".into())
-            .spawn(move || configure_in_netns(ns, &ns_path, &host_name, ifindex, &link))
-            .map_err(|source| TapError::Io {
-                what: "spawn netns thread",
-                source,
-            })?;
-        self.ifindex = worker.join().map_err(|_| TapError::ThreadPanicked)??;
-        Ok(())
-    }
-}
-
-/// Runs on a dedicated thread: moves the link (host netlink socket), enters the namespace,
-/// configures it there (namespace netlink socket). The thread ends afterwards, so its
-/// namespace never leaks to other work.
-fn configure_in_netns(
-    ns: File,
-    ns_path: &Path,
-    host_name: &str,
-    ifindex: u32,
-    link: &NetnsLink,
-) -> Result<u32, TapError> {
-    let nl = |what: &str| {
-        let what = what.to_string();
-        move |source| TapError::Netlink { what, source }
-    };
-
-    // 1. In the host namespace: move the link.
-    netlink(async |handle| {
-        handle
-            .link()
-            .set(
-                LinkUnspec::new_with_index(ifindex)
-                    .setns_by_fd(ns.as_raw_fd())
-                    .build(),
-            )
-            .execute()
-            .await
-            .map_err(nl(&format!("move {host_name} into {}", ns_path.display())))
-    })?;
-
-    // 2. Enter the namespace (this thread only).
-    setns(ns.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|e| TapError::Netns {
-        path: ns_path.to_path_buf(),
-        source: e.into(),
-    })?;
-
-    // 3. In the namespace: find it again (the index may change on a clash), rename, up,
-    //    addresses, routes.
-    netlink(async |handle| {
-        let mut links = handle
-            .link()
-            .get()
-            .match_name(host_name.to_string())
-            .execute();
-        let index = match links.next().await {
-            Some(Ok(msg)) => msg.header.index,
-            Some(Err(e)) => return Err(nl(&format!("look up {host_name}"))(e)),
-            None => return Err(TapError::LinkNotFound(host_name.to_string())),
-        };
-        handle
-            .link()
-            .set(
-                LinkUnspec::new_with_index(index)
-                    .name(link.ifname.clone())
-                    .up()
-                    .build(),
-            )
-            .execute()
-            .await
-            .map_err(nl(&format!(
-                "rename {host_name} to {} and set it up",
-                link.ifname
-            )))?;
-        for a in &link.addresses {
-            handle
-                .address()
-                .add(index, a.addr, a.len)
-                .execute()
-                .await
-                .map_err(nl(&format!("add address {a} to {}", link.ifname)))?;
-        }
-        add_routes(&handle, index, &link.routes).await?;
-        Ok(index)
-    })
 }
 
 /// What a link in the current network namespace should look like (see [`configure_link`]).
@@ -452,6 +336,14 @@ pub fn in_netns<T: Send + 'static>(
     netns: &Path,
     f: impl FnOnce() -> Result<T, TapError> + Send + 'static,
 ) -> Result<T, TapError> {
+    in_netns_as(netns, f)
+}
+
+/// [`in_netns`] for work with an error type of its own.
+pub fn in_netns_as<T: Send + 'static, E: From<TapError> + Send + 'static>(
+    netns: &Path,
+    f: impl FnOnce() -> Result<T, E> + Send + 'static,
+) -> Result<T, E> {
     let ns_path = netns.to_path_buf();
     let ns = File::open(netns).map_err(|source| TapError::Netns {
         path: ns_path.clone(),

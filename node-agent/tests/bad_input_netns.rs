@@ -484,3 +484,169 @@ fn floods_and_malformed_input_are_counted_drops_and_traffic_continues() {
     );
     assert!(ctl.try_status().is_none(), "controller exited");
 }
+
+/// A datagram addressed to `to` from a made-up sender (garbage after the header).
+fn datagram_to(to: flatwire_vl1::Address) -> Vec<u8> {
+    let mut d = vec![0x5a; 64];
+    d[8..13].copy_from_slice(&to.to_bytes());
+    d[13..18].copy_from_slice(&[0x0a, 0x0b, 0x0c, 0x0d, 0x0e]);
+    d
+}
+
+/// A failed attach after the agent took a pool identity leaves nothing of it behind: no
+/// interface in the pod, and no standby node of the identity (made while it waited in the pool)
+/// in the data plane: a datagram to its address is then for no one there (a `NotForUs` drop),
+/// where before the attach the standby node took it.
+#[test]
+fn a_failed_attach_leaves_no_standby_node_of_its_identity() {
+    use flatwire_agent::state::{Sensitivity, StateDir};
+    use flatwire_api::v1;
+
+    assert_root();
+    let mut topo = Topology::new().unwrap();
+    let mut lan = topo.switch("lan").unwrap();
+    let hosts: Vec<Host> = ["ctl", "node", "pod"]
+        .iter()
+        .map(|n| topo.host(n).unwrap())
+        .collect();
+    for (i, h) in hosts[..2].iter().enumerate() {
+        topo.plug(&mut lan, h, &format!("198.18.0.{}/24", i + 1))
+            .unwrap();
+    }
+    let (ctl, node, pod) = (&hosts[0], &hosts[1], &hosts[2]);
+    let dir = tempfile::tempdir().unwrap();
+    let home = |n: &str| -> PathBuf { dir.path().join(n) };
+    let root_id = new_identity(&home("ctl"));
+    new_identity(&home("node"));
+    // The pool's one identity, made here so the test knows its address.
+    let member = Identity::generate(&std::sync::atomic::AtomicBool::new(false)).unwrap();
+    StateDir::open(home("node").join(flatwire_agent::pool::POOL_DIR))
+        .unwrap()
+        .write(
+            &format!("{}.secret", member.address()),
+            member.to_secret_string().unwrap().as_bytes(),
+            Sensitivity::Secret,
+        )
+        .unwrap();
+    let planet_file = dir.path().join("planet");
+    let endpoint: SocketAddr = "198.18.0.1:9993".parse().unwrap();
+    std::fs::write(&planet_file, flatwire_tests::zt_planet!(root_id, endpoint)).unwrap();
+    let planet_arg = planet_file.to_str().unwrap();
+    let mut root = start_agent(
+        ctl,
+        &home("ctl"),
+        &home("ctl").join("agent.sock"),
+        &["--planet", planet_arg, "--root"],
+    );
+    common::wait_socket(&mut root, &home("ctl").join("agent.sock"), "root agent");
+    let socket = home("node").join("agent.sock");
+    let mut agent = start_agent(
+        node,
+        &home("node"),
+        &socket,
+        &["--planet", planet_arg, "--identity-pool", "1"],
+    );
+    common::wait_socket(&mut agent, &socket, "node agent");
+
+    let node_at: SocketAddr = "198.18.0.2:9993".parse().unwrap();
+    let probe = datagram_to(member.address());
+    let send = |n: usize| {
+        let d = probe.clone();
+        in_netns(ctl, move || {
+            let s = UdpSocket::bind("198.18.0.1:0").unwrap();
+            for _ in 0..n {
+                s.send_to(&d, node_at).unwrap();
+            }
+        });
+    };
+    let not_for_us = || drops(&scrape(node), "NotForUs");
+    // Metrics are refreshed once a second.
+    let publish = Duration::from_millis(1300);
+    // Before: once warmed, the identity's standby node takes datagrams to its address.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        assert!(agent.try_status().is_none(), "the node agent exited");
+        let before = not_for_us();
+        send(1);
+        std::thread::sleep(publish);
+        if not_for_us() == before {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the pool identity {} never got its standby node",
+            member.address()
+        );
+    }
+
+    // The pod already has an eth0 (not a TAP): the member's TAP cannot be made there, after
+    // the identity was taken.
+    pod.run(
+        "ip",
+        &[
+            "link",
+            "add",
+            "eth0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0-peer",
+        ],
+    )
+    .unwrap();
+    let links_before = pod.run("ip", &["-o", "link", "show"]).unwrap().stdout;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let refused = rt.block_on(async {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut c = loop {
+            let ready = async {
+                let mut c = flatwire_api::connect(&socket, flatwire_api::ClientOptions::default())
+                    .await
+                    .ok()?;
+                let s = c.status(v1::StatusRequest {}).await.ok()?.into_inner();
+                s.ready.then_some(c)
+            };
+            if let Some(c) = ready.await {
+                break c;
+            }
+            assert!(Instant::now() < deadline, "the node agent never got ready");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let nwid = NetworkId::new(root_id.address(), 1);
+        c.attach(common::attach_request(pod, nwid, v1::Mode::Secondary))
+            .await
+            .expect_err("attaching where eth0 exists")
+    });
+    eprintln!("refused: {refused}");
+    assert!(refused.message().contains("eth0"), "{refused}");
+    assert!(
+        !home("node")
+            .join(flatwire_agent::pool::POOL_DIR)
+            .join(format!("{}.secret", member.address()))
+            .exists(),
+        "the identity was not taken from the pool"
+    );
+    assert_eq!(
+        pod.run("ip", &["-o", "link", "show"]).unwrap().stdout,
+        links_before,
+        "the failed attach changed the pod's links"
+    );
+
+    // After: nothing of the identity is left in the data plane.
+    let before = not_for_us();
+    send(5);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while not_for_us() < before + 5.0 {
+        assert!(
+            Instant::now() < deadline,
+            "datagrams to {} are still taken: its standby node outlived the failed attach",
+            member.address()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(agent.try_status().is_none(), "the node agent exited");
+}

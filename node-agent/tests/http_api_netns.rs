@@ -428,6 +428,32 @@ fn zerotier_shaped_api_on_loopback() {
         404
     );
     assert_eq!(c("PUT", &format!("/network/{nwid3}"), "").0, 405);
+    // A pod binding's `ipAssignments` pass through (normalised by the controller).
+    let pod = format!("/network/{nwid3}/pod/uid-ips");
+    let with_ips = |ips: Value| {
+        serde_json::json!({"namespace": "ns", "name": "p",
+            "host": m1_id.address().to_string(), "ipAssignments": ips})
+        .to_string()
+    };
+    let reserved = serde_json::json!(["10.79.0.9", "fd00::9"]);
+    let (code, b) = c(
+        "POST",
+        &pod,
+        &with_ips(serde_json::json!(["fd00:0:0::9", "10.79.0.9"])),
+    );
+    assert_eq!(code, 200, "{b}");
+    assert_eq!(b["ipAssignments"], reserved, "{b}");
+    assert_eq!(c("GET", &pod, "").1["ipAssignments"], reserved);
+    let (code, e) = c(
+        "POST",
+        &format!("/network/{nwid3}/pod/uid-bad"),
+        &with_ips(serde_json::json!(["10.79.0.300"])),
+    );
+    assert_eq!(code, 400, "{e}");
+    assert!(
+        e["error"].as_str().unwrap().contains("ipAssignments"),
+        "{e}"
+    );
     let (code, _) = c("DELETE", &format!("/network/{nwid3}"), "");
     assert_eq!(code, 200);
     assert_eq!(c("GET", &format!("/network/{nwid3}"), "").0, 404);

@@ -12,19 +12,28 @@
 //! - with the API server stopped the agent keeps running and serving `/status`, and it
 //!   recovers when the API server is back;
 //! - a bad kubeconfig, a missing Node and missing RBAC permissions end it at start with a
-//!   clear message and a non-zero exit.
+//!   clear message and a non-zero exit;
+//! - in network namespaces with real roots (the API server reached through a
+//!   [`TcpBridge`]): a signed planet update in the ConfigMap that adds a root is put in force
+//!   in the running agent within seconds (it reaches the new root, and once the old root is
+//!   stopped it resolves and reaches a node only the new root knows), while a forged or an
+//!   older planet is refused with a log line and changes nothing.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use flatwire_agent::kube::HOST_IDENTITY_ANNOTATION;
+use flatwire_tests::bridge::TcpBridge;
 use flatwire_tests::controlplane::{ControlPlane, free_port};
-use flatwire_tests::netns::run_checked;
+use flatwire_tests::netns::{Host, Topology, run_checked};
 use flatwire_tests::process::Proc;
 use flatwire_tests::tools;
 use flatwire_vl1::identity::{PUBLIC_KEY_LEN, SECRET_KEY_LEN, generate_key_pair};
 use flatwire_vl1::{Identity, Root, World, WorldType};
+use serde_json::Value;
+
+mod common;
 
 const NS: &str = "flatwire-system";
 const CM: &str = "flatwire-planet";
@@ -51,26 +60,48 @@ fn kubectl(cp: &ControlPlane, args: &[&str]) -> String {
         .unwrap_or_else(|e| panic!("kubectl {args:?}: {e}"))
 }
 
-/// A planet whose only root is `root` at a loopback port nobody serves.
-fn planet(
-    root: &Identity,
-    key: &([u8; PUBLIC_KEY_LEN], [u8; SECRET_KEY_LEN]),
+type KeyPair = ([u8; PUBLIC_KEY_LEN], [u8; SECRET_KEY_LEN]);
+
+/// Planet [`PLANET_ID`] at `timestamp` with `roots` (identity, endpoint), naming `key` for
+/// updates and signed with `signer`.
+fn world(
+    roots: &[(&Identity, &str)],
+    key: &KeyPair,
     signer: &[u8; SECRET_KEY_LEN],
     timestamp: u64,
-    port: u16,
 ) -> World {
+    let roots = roots
+        .iter()
+        .map(|(id, ep)| Root {
+            identity: id.to_public(),
+            stable_endpoints: vec![ep.parse().unwrap()],
+        })
+        .collect();
     World::create(
         WorldType::Planet,
         PLANET_ID,
         timestamp,
         key.0,
-        vec![Root {
-            identity: root.to_public(),
-            stable_endpoints: vec![format!("127.0.0.1:{port}").parse().unwrap()],
-        }],
+        roots,
         signer,
     )
     .unwrap()
+}
+
+/// A planet whose only root is `root` at a loopback port nobody serves.
+fn planet(
+    root: &Identity,
+    key: &KeyPair,
+    signer: &[u8; SECRET_KEY_LEN],
+    timestamp: u64,
+    port: u16,
+) -> World {
+    world(
+        &[(root, &format!("127.0.0.1:{port}"))],
+        key,
+        signer,
+        timestamp,
+    )
 }
 
 /// Creates or replaces the planet ConfigMap with `w` (binaryData, as the operator writes it).
@@ -113,9 +144,15 @@ fn annotation(cp: &ControlPlane) -> String {
 
 /// Runs the agent binary with `home` and `args`, stderr into `home/agent.log`.
 fn agent(home: &Path, args: &[&str]) -> Proc {
+    agent_in(None, home, args)
+}
+
+/// [`agent`] inside namespace `host` (`None`: the test's own).
+fn agent_in(host: Option<&Host>, home: &Path, args: &[&str]) -> Proc {
     std::fs::create_dir_all(home).unwrap();
     let log = std::fs::File::create(home.join("agent.log")).unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_flatwire-agent"));
+    let bin = env!("CARGO_BIN_EXE_flatwire-agent");
+    let mut cmd = host.map_or_else(|| Command::new(bin), |h| h.command(bin));
     cmd.arg("--home")
         .arg(home)
         .arg("--socket")
@@ -156,10 +193,17 @@ fn agent_fails(home: &Path, args: &[&str]) -> (ExitStatus, String) {
 
 /// `GET /status` on the agent's local API: the HTTP code and body.
 fn status(port: u16, token: &str) -> (u16, String) {
-    let out = Command::new("curl")
-        .args(["-s", "-m", "5", "-w", "\n%{http_code}", "-H"])
+    api(None, port, token, "GET", "/status")
+}
+
+/// `method path` on the local API at loopback `port` of namespace `host` (`None`: ours):
+/// the HTTP code and body.
+fn api(host: Option<&Host>, port: u16, token: &str, method: &str, path: &str) -> (u16, String) {
+    let mut curl = host.map_or_else(|| Command::new("curl"), |h| h.command("curl"));
+    let out = curl
+        .args(["-s", "-m", "5", "-w", "\n%{http_code}", "-X", method, "-H"])
         .arg(format!("X-ZT1-Auth: {token}"))
-        .arg(format!("http://127.0.0.1:{port}/status"))
+        .arg(format!("http://127.0.0.1:{port}{path}"))
         .output()
         .expect("curl");
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -185,6 +229,17 @@ fn token_kubeconfig(cp: &ControlPlane, dir: &Path, ns: &str, sa: &str) -> PathBu
     )
     .unwrap();
     path
+}
+
+/// Creates the Node object [`NODE`] (there is no kubelet to register it).
+fn apply_node(cp: &ControlPlane, dir: &Path) {
+    let node = dir.join("node.json");
+    std::fs::write(
+        &node,
+        format!(r#"{{"apiVersion":"v1","kind":"Node","metadata":{{"name":"{NODE}"}}}}"#),
+    )
+    .unwrap();
+    kubectl(cp, &["apply", "-f", node.to_str().unwrap()]);
 }
 
 /// Applies the chart's ServiceAccount and RBAC of `component` (`agent` or `operator`;
@@ -227,13 +282,7 @@ fn agent_registers_follows_the_planet_and_survives_the_api_server() {
     kubectl(&cp, &["create", "namespace", NS]);
     let kubeconfig = chart_rbac(&cp, dir.path(), "agent");
     let kubeconfig = kubeconfig.to_str().unwrap();
-    let node = dir.path().join("node.json");
-    std::fs::write(
-        &node,
-        format!(r#"{{"apiVersion":"v1","kind":"Node","metadata":{{"name":"{NODE}"}}}}"#),
-    )
-    .unwrap();
-    kubectl(&cp, &["apply", "-f", node.to_str().unwrap()]);
+    apply_node(&cp, dir.path());
 
     // The agent starts before the planet is published and waits for it.
     let home = dir.path().join("home");
@@ -482,4 +531,205 @@ fn bad_configuration_ends_the_agent_with_a_clear_message() {
             && log.contains("system:serviceaccount:default:nobody"),
         "{log}"
     );
+}
+
+/// The agent's peer `address` in its `/peer` answer, if listed.
+fn peer(host: &Host, token: &str, address: &str) -> Option<Value> {
+    let (code, body) = api(Some(host), 9993, token, "GET", "/peer");
+    assert_eq!(code, 200, "{body}");
+    let peers: Value = serde_json::from_str(&body).unwrap();
+    peers
+        .as_array()?
+        .iter()
+        .find(|p| p["address"] == address)
+        .cloned()
+}
+
+/// Whether `p` (a `/peer` entry) is a root with a direct path to `endpoint`.
+fn root_via(p: &Value, endpoint: &str) -> bool {
+    p["role"] == "PLANET"
+        && p["paths"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|x| x["address"] == endpoint))
+}
+
+fn count(log: &str, what: &str) -> usize {
+    log.matches(what).count()
+}
+
+#[test]
+fn a_planet_update_in_the_configmap_moves_the_running_agent_to_the_new_roots() {
+    common::assert_root();
+    let cp = ControlPlane::start().expect("control plane (run `cargo xtask tools`)");
+    let dir = tempfile::tempdir().unwrap();
+    kubectl(&cp, &["create", "namespace", NS]);
+    let kubeconfig = chart_rbac(&cp, dir.path(), "agent");
+    apply_node(&cp, dir.path());
+
+    // Roots r1 and r2, the agent a and a node m on one switch; a reaches the API server
+    // through a bridge listening on the same loopback address in its namespace.
+    let mut topo = Topology::new().unwrap();
+    let mut lan = topo.switch("lan").unwrap();
+    let hosts: Vec<Host> = ["r1", "r2", "a", "m"]
+        .iter()
+        .map(|n| topo.host(n).unwrap())
+        .collect();
+    let (h_r1, h_r2, h_a, h_m) = (&hosts[0], &hosts[1], &hosts[2], &hosts[3]);
+    for (h, ip) in hosts.iter().zip(["1", "2", "10", "20"]) {
+        topo.plug(&mut lan, h, &format!("198.18.0.{ip}/24"))
+            .unwrap();
+    }
+    let api_server: std::net::SocketAddr = cp
+        .server_url()
+        .trim_start_matches("https://")
+        .parse()
+        .unwrap();
+    let _bridge = TcpBridge::start(Some(h_a), api_server, None, api_server).expect("bridge");
+
+    let home = |n: &str| dir.path().join(n);
+    let (r1, r2) = (
+        common::new_identity(&home("r1")),
+        common::new_identity(&home("r2")),
+    );
+    let (e1, e2) = ("198.18.0.1:9993", "198.18.0.2:9993");
+    let key = generate_key_pair().unwrap();
+    let t0 = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    // P1: r1 alone. P2: signed by P1's update key, adds r2. r1 serves P1 (so no root ever
+    // pushes P2: only the ConfigMap can bring it), r2 serves P2.
+    let p1 = world(&[(&r1, e1)], &key, &key.1, t0);
+    let p2 = world(&[(&r1, e1), (&r2, e2)], &key, &key.1, t0 + 1_000);
+    let file = |name: &str, w: &World| {
+        let f = dir.path().join(name);
+        std::fs::write(&f, w.serialize(false)).unwrap();
+        f.to_str().unwrap().to_owned()
+    };
+    let (f1, f2) = (file("p1.bin", &p1), file("p2.bin", &p2));
+    let mut root1 = agent_in(Some(h_r1), &home("r1"), &["--root", "--planet", &f1]);
+    let _root2 = agent_in(Some(h_r2), &home("r2"), &["--root", "--planet", &f2]);
+
+    publish(&cp, dir.path(), &p1);
+    let mut a = agent_in(
+        Some(h_a),
+        &home("a"),
+        &[
+            "--kube-node",
+            NODE,
+            "--kubeconfig",
+            kubeconfig.to_str().unwrap(),
+            "--planet-configmap",
+            &format!("{NS}/{CM}"),
+        ],
+    );
+    let token_file = home("a").join("authtoken.secret");
+    let token = wait("the agent's API token", Duration::from_secs(30), || {
+        std::fs::read_to_string(&token_file)
+            .ok()
+            .map(|t| t.trim().to_owned())
+            .filter(|t| !t.is_empty())
+    });
+    let (a1, a2) = (r1.address().to_string(), r2.address().to_string());
+    let (p1_path, p2_path) = ("198.18.0.1/9993", "198.18.0.2/9993");
+    wait("the agent reaches r1", Duration::from_secs(30), || {
+        peer(h_a, &token, &a1).filter(|p| root_via(p, p1_path))
+    });
+    assert!(peer(h_a, &token, &a2).is_none(), "r2 is not in P1");
+    let pid = a.pid();
+
+    // The signed update: in force in the running agent within seconds.
+    let published = Instant::now();
+    publish(&cp, dir.path(), &p2);
+    wait("the agent reaches r2", Duration::from_secs(10), || {
+        peer(h_a, &token, &a2).filter(|p| root_via(p, p2_path))
+    });
+    let took = published.elapsed();
+    eprintln!("r2 reached {took:?} after the ConfigMap update");
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+    assert!(
+        a.try_status().is_none() && a.pid() == pid,
+        "the agent restarted"
+    );
+    let stored = home("a").join("planet");
+    assert_eq!(std::fs::read(&stored).unwrap(), p2.serialize(false));
+    let timestamp = |h: &Host| -> u64 {
+        let (code, body) = api(Some(h), 9993, &token, "GET", "/status");
+        assert_eq!(code, 200, "{body}");
+        serde_json::from_str::<Value>(&body).unwrap()["planetWorldTimestamp"]
+            .as_u64()
+            .unwrap()
+    };
+    assert_eq!(timestamp(h_a), p2.timestamp);
+    let log = log_of(&home("a"));
+    assert!(
+        log.contains("planet from the ConfigMap in force in the running node"),
+        "{log}"
+    );
+    // r2 heard from a (its HELLO), which only the new planet could make it send.
+    let (code, body) = api(
+        Some(h_r2),
+        9993,
+        &read_trimmed(home("r2").join("authtoken.secret")),
+        "GET",
+        &format!(
+            "/peer/{}",
+            read_trimmed(home("a").join("identity.public"))
+                .split(':')
+                .next()
+                .unwrap()
+        ),
+    );
+    assert_eq!(code, 200, "r2 does not know the agent: {body}");
+
+    // A forged update (newer, wrong key) and an older one are refused and change nothing.
+    let other = generate_key_pair().unwrap();
+    let forged = world(&[(&r1, e1)], &key, &other.1, t0 + 2_000);
+    let older = world(&[(&r2, e2)], &key, &key.1, t0 + 500);
+    for (w, reason) in [(&forged, "updatesMustBeSignedBy"), (&older, "is not newer")] {
+        let before = count(&log_of(&home("a")), "refusing the planet in the ConfigMap");
+        publish(&cp, dir.path(), w);
+        let log = wait("the refusal", Duration::from_secs(30), || {
+            let log = log_of(&home("a"));
+            (count(&log, "refusing the planet in the ConfigMap") > before).then_some(log)
+        });
+        assert!(log.contains(reason), "{log}");
+        std::thread::sleep(Duration::from_secs(1));
+        assert_eq!(std::fs::read(&stored).unwrap(), p2.serialize(false));
+        assert_eq!(timestamp(h_a), p2.timestamp);
+        assert!(peer(h_a, &token, &a2).is_some_and(|p| p["role"] == "PLANET"));
+        assert!(peer(h_a, &token, &a1).is_some_and(|p| p["role"] == "PLANET"));
+    }
+
+    // r1 stops. m (a controller on P2) comes up afterwards, so only r2 knows it: a joining
+    // m's network must resolve m through r2 and get m's answer (no such network).
+    root1.stop();
+    let mut m = agent_in(Some(h_m), &home("m"), &["--controller", "--planet", &f2]);
+    let m_address = wait("m's identity", Duration::from_secs(30), || {
+        std::fs::read_to_string(home("m").join("identity.public"))
+            .ok()
+            .and_then(|s| s.split(':').next().map(str::to_owned))
+    });
+    wait("m runs", Duration::from_secs(30), || {
+        log_of(&home("m"))
+            .contains("VL1 node running")
+            .then_some(())
+    });
+    let nwid = format!("{m_address}000001");
+    let (code, body) = api(Some(h_a), 9993, &token, "POST", &format!("/network/{nwid}"));
+    assert_eq!(code, 200, "{body}");
+    let joined = Instant::now();
+    wait("m's answer through r2", Duration::from_secs(15), || {
+        let (_, body) = api(Some(h_a), 9993, &token, "GET", &format!("/network/{nwid}"));
+        body.contains("\"NOT_FOUND\"").then_some(())
+    });
+    eprintln!("m answered {:?} after the join, r1 down", joined.elapsed());
+    assert!(
+        a.try_status().is_none() && a.pid() == pid,
+        "{}",
+        log_of(&home("a"))
+    );
+    assert!(m.try_status().is_none(), "{}", log_of(&home("m")));
+    a.stop();
+    m.stop();
 }

@@ -1,4 +1,4 @@
-//! Real TAP devices moved into a real network namespace (needs root).
+//! Real TAP devices created inside a real network namespace (needs root).
 //!
 //! The namespace is named `fw-<pid>-agent-...` and removed by a Drop guard, also on panic.
 //! Only 198.18.0.0/15 addresses are used, and only inside the namespace.
@@ -8,7 +8,9 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use flatwire_agent::tap::{IpPrefix, LinkRoute, NetnsLink, Tap, TapConfig, TapError};
+use flatwire_agent::tap::{
+    IpPrefix, LinkRoute, LinkState, Tap, TapConfig, TapError, configure_link, in_netns,
+};
 
 fn is_root() -> bool {
     nix::unistd::Uid::effective().is_root()
@@ -48,10 +50,6 @@ impl Drop for Netns {
             .args(["netns", "del", &self.name])
             .status();
     }
-}
-
-fn tap_name(tag: &str) -> String {
-    format!("fw{tag}{:x}", std::process::id() & 0xff_ffff)
 }
 
 const POD_MAC: [u8; 6] = [0x32, 0x5a, 0x10, 0x20, 0x30, 0x40];
@@ -137,30 +135,30 @@ fn tap_in_a_namespace_answers_ping_through_the_fd() {
     let pod_ip = Ipv4Addr::new(198, 18, x, 1);
     let neighbour = Ipv4Addr::new(198, 18, x, 2);
 
-    let mut tap = Tap::create(&TapConfig {
-        name: tap_name("t"),
-        mac: POD_MAC,
+    let state = LinkState {
         mtu: 1400,
-        queues: 1,
-    })
-    .unwrap();
-    tap.move_into(
-        &ns.path(),
-        &NetnsLink {
-            ifname: "eth0".into(),
-            addresses: vec![IpPrefix {
-                addr: IpAddr::V4(pod_ip),
+        addresses: vec![IpPrefix {
+            addr: IpAddr::V4(pod_ip),
+            len: 24,
+        }],
+        routes: vec![LinkRoute {
+            dst: IpPrefix {
+                addr: IpAddr::V4(Ipv4Addr::new(198, 19, x, 0)),
                 len: 24,
-            }],
-            routes: vec![LinkRoute {
-                dst: IpPrefix {
-                    addr: IpAddr::V4(Ipv4Addr::new(198, 19, x, 0)),
-                    len: 24,
-                },
-                gateway: Some(IpAddr::V4(neighbour)),
-            }],
-        },
-    )
+            },
+            gateway: Some(IpAddr::V4(neighbour)),
+        }],
+    };
+    let tap = in_netns(&ns.path(), move || {
+        let tap = Tap::create(&TapConfig {
+            name: "eth0".into(),
+            mac: POD_MAC,
+            mtu: 1400,
+            queues: 1,
+        })?;
+        configure_link(tap.ifindex(), &state)?;
+        Ok(tap)
+    })
     .unwrap();
     assert_eq!(ns.read("/sys/class/net/eth0/address"), "32:5a:10:20:30:40");
     let routes = Command::new("ip")
@@ -208,25 +206,19 @@ fn tap_in_a_namespace_answers_ping_through_the_fd() {
 }
 
 #[test]
-fn multiqueue_tap_moves_with_all_queues() {
+fn multiqueue_tap_is_made_in_the_namespace_with_all_queues() {
     assert!(is_root(), "this test needs root (CAP_NET_ADMIN)");
     let ns = Netns::new("mq");
-    let mut tap = Tap::create(&TapConfig {
-        name: tap_name("m"),
-        mac: POD_MAC,
-        mtu: 9000,
-        queues: 2,
+    let tap = in_netns(&ns.path(), || {
+        Tap::create(&TapConfig {
+            name: "net1".into(),
+            mac: POD_MAC,
+            mtu: 9000,
+            queues: 2,
+        })
     })
     .unwrap();
     assert_eq!(tap.queues().len(), 2);
-    tap.move_into(
-        &ns.path(),
-        &NetnsLink {
-            ifname: "net1".into(),
-            ..Default::default()
-        },
-    )
-    .unwrap();
     assert_eq!(ns.read("/sys/class/net/net1/mtu"), "9000");
     // IFF_TAP | IFF_NO_PI | IFF_MULTI_QUEUE.
     let flags = u32::from_str_radix(
@@ -253,18 +245,19 @@ fn multiqueue_tap_moves_with_all_queues() {
 #[test]
 fn missing_namespace_is_named_in_the_error() {
     assert!(is_root(), "this test needs root (CAP_NET_ADMIN)");
-    let mut tap = Tap::create(&TapConfig {
-        name: tap_name("e"),
-        mac: POD_MAC,
-        mtu: 1500,
-        queues: 1,
-    })
-    .unwrap();
     let path = PathBuf::from(format!(
         "/var/run/netns/fw-{}-agent-absent",
         std::process::id()
     ));
-    let err = tap.move_into(&path, &NetnsLink::default()).unwrap_err();
+    let err = in_netns(&path, || {
+        Tap::create(&TapConfig {
+            name: "eth0".into(),
+            mac: POD_MAC,
+            mtu: 1500,
+            queues: 1,
+        })
+    })
+    .unwrap_err();
     assert!(matches!(err, TapError::Netns { .. }), "{err}");
     assert!(
         err.to_string().contains(&path.display().to_string()),

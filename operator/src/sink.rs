@@ -63,18 +63,27 @@ pub trait ControllerSink: Send + Sync {
     /// Deauthorizes member `address` of `nwid` and removes it from the store (no error when
     /// it is already gone).
     fn delete_member<'a>(&'a self, nwid: u64, address: &'a str) -> SinkFuture<'a, ()>;
+    /// Member `address` of `nwid` as the controller stores it (with its `ipAssignments`),
+    /// `None` when the controller has no such member (or network).
+    fn get_member<'a>(&'a self, nwid: u64, address: &'a str) -> SinkFuture<'a, Option<Value>>;
     /// Creates or updates the host member `address` of `nwid` (a node's agent): authorized,
     /// its identity pinned to `identity` (a public identity string, so it can vouch for
-    /// pods before it ever asked for a config), named `name`.
+    /// pods before it ever asked for a config), named `name`, and with `ips` (when not
+    /// empty) as its IP assignments.
     fn put_host_member<'a>(
         &'a self,
         nwid: u64,
         address: &'a str,
         identity: &'a str,
         name: &'a str,
+        ips: &'a [String],
     ) -> SinkFuture<'a, Value> {
         Box::pin(async move {
-            let body = serde_json::json!({"authorized": true, "identity": identity, "name": name});
+            let mut body =
+                serde_json::json!({"authorized": true, "identity": identity, "name": name});
+            if !ips.is_empty() {
+                body["ipAssignments"] = serde_json::json!(ips);
+            }
             self.put_member(nwid, address, &body).await
         })
     }
@@ -82,7 +91,8 @@ pub trait ControllerSink: Send + Sync {
     /// empty when the network does not exist.
     fn list_pods<'a>(&'a self, nwid: u64) -> SinkFuture<'a, Value>;
     /// Creates or updates the binding of pod `uid` on `nwid` with the fields of `body`
-    /// (`namespace`, `name`, `host`, `tags`); returns the stored binding.
+    /// (`namespace`, `name`, `host`, `tags`, and when the binding is new, `ipAssignments`:
+    /// the IPs its pod's member gets); returns the stored binding.
     fn put_pod<'a>(&'a self, nwid: u64, uid: &'a str, body: &'a Value) -> SinkFuture<'a, Value>;
     /// Deletes the binding of pod `uid` on `nwid`; the controller removes the members it
     /// authorized and revokes them (no error when it is already gone).
@@ -244,6 +254,17 @@ impl ControllerSink for HttpSink {
     ) -> SinkFuture<'a, Value> {
         let path = format!("{}/member/{address}", network_path(nwid));
         Box::pin(async move { self.expect_ok(Method::POST, &path, Some(body), false).await })
+    }
+
+    fn get_member<'a>(&'a self, nwid: u64, address: &'a str) -> SinkFuture<'a, Option<Value>> {
+        let path = format!("{}/member/{address}", network_path(nwid));
+        Box::pin(async move {
+            match self.request(Method::GET, &path, None).await? {
+                (StatusCode::OK, v) => Ok(Some(v)),
+                (StatusCode::NOT_FOUND, _) => Ok(None),
+                (status, v) => Err(self.status_error(&Method::GET, &path, status, &v)),
+            }
+        })
     }
 
     fn delete_member<'a>(&'a self, nwid: u64, address: &'a str) -> SinkFuture<'a, ()> {

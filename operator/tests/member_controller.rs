@@ -4,7 +4,9 @@
 //! NetworkMembers are applied with kubectl to a real etcd + kube-apiserver. The member
 //! JSON appears in the agent's controller, changes follow the spec, a member with an unknown
 //! tag gets `Ready=False` and a Warning Event without reaching the controller, and deleting
-//! the NetworkMember removes it from the controller before the object goes (finalizer).
+//! the NetworkMember removes it from the controller before the object goes (finalizer). A
+//! member the controller lacks (a fresh controller after a failover) is created again with
+//! the IPs its status recorded; a bad recorded value gets a Warning Event and is ignored.
 
 mod common;
 
@@ -204,5 +206,89 @@ async fn network_members_reach_a_real_agent_controller() {
     })
     .await;
 
+    op.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_the_controller_lacks_gets_its_recorded_ips_back() {
+    let mut agent = Agent::start().await;
+    let cp = control_plane_with_crds();
+    let nwid = format!("{}000005", agent.address);
+    let nwid_u64 = u64::from_str_radix(&nwid, 16).unwrap();
+    let vm = "0a0b0c0d0e";
+    let vm_path = format!("/controller/network/{nwid}/member/{vm}");
+    apply(&cp, NETWORK);
+    apply(&cp, &member_yaml("vm", vm, true, ""));
+    apply(&cp, &member_yaml("bad", "0a0b0c0d0f", true, ""));
+    let op = Operator::start(&cp, &agent).await;
+    wait("vm in the controller", async || {
+        (agent.get(&vm_path).0 == 200).then_some(())
+    })
+    .await;
+    op.stop().await;
+
+    // What the status recorded (the pool address the member had), and a controller that
+    // lost the member (as a fresh one after a failover does).
+    let status = |ips: &str| format!(r#"{{"status": {{"assignedIPs": {ips}}}}}"#);
+    for (name, ips) in [("vm", r#"["198.19.0.99"]"#), ("bad", r#"["nope"]"#)] {
+        kubectl(
+            &cp,
+            &[
+                "patch",
+                "networkmember",
+                name,
+                "--subresource=status",
+                "--type=merge",
+                "-p",
+                &status(ips),
+            ],
+        );
+    }
+    for address in [vm, "0a0b0c0d0f"] {
+        agent
+            .sink()
+            .delete_member(nwid_u64, address)
+            .await
+            .expect("delete the member in the controller");
+    }
+    assert_eq!(agent.get(&vm_path).0, 404);
+
+    let op = Operator::start(&cp, &agent).await;
+    let mj = wait("vm back in the controller", async || {
+        let (code, mj) = agent.get(&vm_path);
+        (code == 200).then_some(mj)
+    })
+    .await;
+    assert_eq!(
+        mj["ipAssignments"],
+        serde_json::json!(["198.19.0.99"]),
+        "{mj}"
+    );
+    assert_eq!(mj["authorized"], true, "{mj}");
+    // A bad recorded value is reported and ignored; the member is served all the same.
+    let ev = wait("an InvalidAssignedIPs Warning Event", async || {
+        events(&cp).into_iter().find(|e| {
+            e["regarding"]["name"] == "bad"
+                && e["reason"] == "InvalidAssignedIPs"
+                && e["type"] == "Warning"
+        })
+    })
+    .await;
+    assert!(
+        ev["note"].as_str().unwrap_or_default().contains("\"nope\""),
+        "{ev}"
+    );
+    let (code, mj) = agent.get(&format!("/controller/network/{nwid}/member/0a0b0c0d0f"));
+    assert_eq!(
+        (code, mj["authorized"].clone()),
+        (200, serde_json::json!(true)),
+        "{mj}"
+    );
+    let members: Api<NetworkMember> = Api::all(op.client.clone());
+    wait("bad Ready", async || {
+        let m = members.get("bad").await.ok()?;
+        (cond(&m, "Ready")?.0 == "True").then_some(())
+    })
+    .await;
     op.stop().await;
 }

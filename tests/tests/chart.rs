@@ -549,7 +549,11 @@ fn helm_install_upgrade_and_uninstall_on_a_real_api_server() {
         ("flatwire-operator", "patch", "pods", true, "yes"),
         ("flatwire-operator", "list", "pods", true, "yes"),
         ("flatwire-operator", "watch", "nodes", false, "yes"),
-        ("flatwire-operator", "patch", "nodes", false, "no"),
+        // Pod and Node annotations keep members' IPs across a controller failover.
+        ("flatwire-operator", "patch", "nodes", false, "yes"),
+        ("flatwire-operator", "patch", "pods", false, "yes"),
+        ("flatwire-operator", "update", "nodes", false, "no"),
+        ("flatwire-operator", "delete", "nodes", false, "no"),
         ("flatwire-agent", "get", "secrets", true, "no"),
         (
             "flatwire-agent",

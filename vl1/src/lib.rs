@@ -22,6 +22,9 @@ pub mod world;
 pub use address::{Address, AddressError};
 pub use crypto::{CipherSuite, CryptoError, SymmetricKey};
 pub use identity::{Identity, IdentityError};
-pub use node::{DropReason, Event, LocalSocket, Node, NodeConfig, NodeError, Transmit};
+pub use node::{
+    DropReason, Event, LocalSocket, Node, NodeConfig, NodeError, PlanetChange, PlanetRefused,
+    Transmit, check_planet_update,
+};
 pub use wire::{Fragment, Packet, Verb, WireError};
 pub use world::{Root, World, WorldType};

@@ -19,7 +19,7 @@ use crate::wire::{
     self, DEFAULT_MTU, ErrorBody, Hello, InReplyTo, OkHello, Packet, PathRecord, RELAY_MAX_HOPS,
     Rendezvous, Verb,
 };
-use crate::world::World;
+use crate::world::{World, WorldType};
 
 /// Opaque identifier of the caller's local socket a datagram came in on / goes out of.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -354,6 +354,79 @@ pub enum NodeError {
     Random,
 }
 
+/// How an offered planet compares with the one in force, when the world update rule
+/// accepts it (see [`check_planet_update`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlanetChange {
+    /// It is the planet in force: nothing changes.
+    Same,
+    /// It replaces the planet in force.
+    Newer,
+}
+
+/// Why the world update rule refuses a planet (see [`check_planet_update`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PlanetRefused {
+    /// Another world (ID or type), or a null world.
+    #[error("it is world {offered_id} ({offered_type:?}), ours is world {id} ({world_type:?})")]
+    OtherWorld {
+        /// The offered world's ID.
+        offered_id: u64,
+        /// The offered world's type.
+        offered_type: WorldType,
+        /// Our world's ID.
+        id: u64,
+        /// Our world's type.
+        world_type: WorldType,
+    },
+    /// Not newer than the planet in force.
+    #[error("its timestamp {offered} is not newer than ours ({current})")]
+    NotNewer {
+        /// The offered planet's timestamp.
+        offered: u64,
+        /// The timestamp of the planet in force.
+        current: u64,
+    },
+    /// Newer, but not signed by the key the planet in force names for updates.
+    #[error("it is not signed by the key our planet names in updatesMustBeSignedBy")]
+    BadSignature,
+}
+
+/// Judges `offered` against the planet in force, `current`, by ZeroTier's world update rule
+/// ([`World::should_replace_with`]: same type and ID, newer timestamp, signed by `current`'s
+/// `updatesMustBeSignedBy` key; anything replaces a null world) and says why a refused one
+/// is refused. The one place where flatwire decides on planet updates: [`Node`] uses it for
+/// planets pushed by roots and for [`Node::offer_planet`], the agent for stored planets.
+pub fn check_planet_update(
+    current: &World,
+    offered: &World,
+) -> Result<PlanetChange, PlanetRefused> {
+    if current == offered {
+        return Ok(PlanetChange::Same);
+    }
+    if current.should_replace_with(offered) {
+        return Ok(PlanetChange::Newer);
+    }
+    if offered.world_type == WorldType::Null
+        || offered.world_type != current.world_type
+        || offered.id != current.id
+    {
+        Err(PlanetRefused::OtherWorld {
+            offered_id: offered.id,
+            offered_type: offered.world_type,
+            id: current.id,
+            world_type: current.world_type,
+        })
+    } else if offered.timestamp <= current.timestamp {
+        Err(PlanetRefused::NotNewer {
+            offered: offered.timestamp,
+            current: current.timestamp,
+        })
+    } else {
+        Err(PlanetRefused::BadSignature)
+    }
+}
+
 /// Node configuration.
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
@@ -606,15 +679,10 @@ impl Node {
                 introductions: VecDeque::new(),
             });
         }
-        let is_root = cfg
-            .planet
-            .roots
-            .iter()
-            .any(|r| locals.iter().any(|l| l.identity == r.identity));
         let mut node = Self {
             cfg,
             locals,
-            is_root,
+            is_root: false,
             reassembler: Reassembler::new(ReassemblyLimits::default()),
             transmits: VecDeque::new(),
             pool: Vec::new(),
@@ -634,26 +702,57 @@ impl Node {
         Ok(node)
     }
 
-    /// Applies a planet pushed by a root if the update rule accepts it: the roots it names
-    /// become this node's roots. A newer planet with a bad signature is a counted drop.
-    fn offer_planet(&mut self, w: World) {
-        let current = &self.cfg.planet;
-        if current.should_replace_with(&w) {
-            self.cfg.planet = w.clone();
-            self.install_roots();
-            self.events.push_back(Event::PlanetUpdated { planet: w });
-        } else if w.world_type == current.world_type
-            && w.id == current.id
-            && w.timestamp > current.timestamp
-        {
-            self.drop(DropReason::BadWorld);
+    /// The planet in force (the one given at start, or a newer one accepted since).
+    pub fn planet(&self) -> &World {
+        &self.cfg.planet
+    }
+
+    /// Offers `planet` from outside the protocol (the I/O shell read it from its
+    /// configuration, e.g. a Kubernetes ConfigMap). It is judged by the world update rule
+    /// against the planet in force ([`check_planet_update`]); a newer one takes effect at
+    /// once: the roots it names become this node's roots (roots it no longer names become
+    /// ordinary peers), whether this node is a root is decided again, and the next
+    /// [`Node::handle_timeout`] (due now, see [`Node::poll_timeout`]) says HELLO to the new
+    /// roots, so traffic and WHOIS can fail over to them within a round trip. Unlike a
+    /// planet pushed by a root, no [`Event::PlanetUpdated`] follows: the caller has the
+    /// answer and persists the planet itself. A refused planet changes nothing.
+    pub fn offer_planet(&mut self, now: u64, planet: World) -> Result<PlanetChange, PlanetRefused> {
+        let change = check_planet_update(&self.cfg.planet, &planet)?;
+        if change == PlanetChange::Newer {
+            self.apply_planet(now, planet);
+        }
+        Ok(change)
+    }
+
+    /// Applies a planet pushed by a root (in OK(HELLO)) if the update rule accepts it. A
+    /// newer planet with a bad signature is a counted drop; an older or foreign one is
+    /// ignored.
+    fn accept_pushed_planet(&mut self, now: u64, w: World) {
+        match check_planet_update(&self.cfg.planet, &w) {
+            Ok(PlanetChange::Newer) => {
+                self.apply_planet(now, w.clone());
+                self.events.push_back(Event::PlanetUpdated { planet: w });
+            }
+            Err(PlanetRefused::BadSignature) => self.drop(DropReason::BadWorld),
+            Ok(PlanetChange::Same) | Err(_) => {}
         }
     }
 
+    /// Puts `planet` in force and schedules an immediate ping scan, which contacts roots
+    /// that have no path yet.
+    fn apply_planet(&mut self, now: u64, planet: World) {
+        self.cfg.planet = planet;
+        self.install_roots();
+        self.next_ping = self.next_ping.min(now);
+    }
+
     /// Marks the current planet's roots (and only them) as roots, adding unknown ones as
-    /// peers of every local identity.
+    /// peers of every local identity, and decides whether this node is one of them.
     fn install_roots(&mut self) {
         let roots = self.cfg.planet.roots.clone();
+        self.is_root = roots
+            .iter()
+            .any(|r| self.locals.iter().any(|l| l.identity == r.identity));
         for local in &mut self.locals {
             for p in local.peers.values_mut() {
                 p.is_root = false;
@@ -1985,7 +2084,7 @@ impl Node {
                     let mut rest = ok.world_updates;
                     while let Ok((w, used)) = World::parse(rest) {
                         rest = &rest[used..];
-                        self.offer_planet(w);
+                        self.accept_pushed_planet(now, w);
                     }
                 }
             }

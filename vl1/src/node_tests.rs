@@ -1,6 +1,6 @@
 //! Unit tests of the node: NAT-opening datagram, address collisions, trusted paths,
-//! relaying with several local identities and buffer reuse, the peer table bound and root
-//! failover.
+//! relaying with several local identities and buffer reuse, the peer table bound, root
+//! failover and planet updates (pushed by roots, offered by the I/O shell).
 
 use std::collections::VecDeque;
 use std::str::FromStr;
@@ -883,4 +883,136 @@ fn a_root_validates_each_identity_once_however_often_it_says_hello() {
         0,
         "a leaf knows its root from the planet"
     );
+}
+
+#[test]
+fn a_planet_offered_by_the_shell_takes_effect_at_once_and_a_refused_one_changes_nothing() {
+    let (r1, r2, a, b) = (new_id(), new_id(), new_id(), new_id());
+    let (pk, sk) = generate_key_pair().unwrap();
+    let root = |id: &Identity, ep: &str| Root {
+        identity: id.to_public(),
+        stable_endpoints: vec![sa(ep)],
+    };
+    let make = |ts: u64, roots: Vec<Root>, key: &[u8; 64], id: u64| {
+        World::create(WorldType::Planet, id, ts, pk, roots, key).unwrap()
+    };
+    let p1 = make(1000, vec![root(&r1, "10.0.0.1:9993")], &sk, 77);
+    let both = vec![root(&r1, "10.0.0.1:9993"), root(&r2, "10.0.0.2:9993")];
+    let p2 = make(2000, both.clone(), &sk, 77);
+    let (_, other_sk) = generate_key_pair().unwrap();
+    let forged = make(3000, both.clone(), &other_sk, 77);
+    let older = make(500, both.clone(), &sk, 77);
+    let foreign = make(3000, both, &sk, 78);
+    // R1 serves P1 (it never pushes P2); R2 and B run P2 already.
+    let (ea, eb) = (sa("10.0.2.2:9993"), sa("10.0.3.3:9993"));
+    let mut net = Net::new(vec![
+        leaf(&p1, &r1, "10.0.0.1:9993"),
+        leaf(&p2, &r2, "10.0.0.2:9993"),
+        leaf(&p1, &a, "10.0.2.2:9993"),
+        leaf(&p2, &b, "10.0.3.3:9993"),
+    ]);
+    net.blocked.push((ea, eb));
+    net.step(2000);
+    fn node_a(net: &mut Net) -> &mut Node {
+        &mut net.nodes[2].0
+    }
+    let now = net.now;
+    assert!(
+        node_a(&mut net)
+            .direct_path(now, a.address(), r1.address())
+            .is_some()
+    );
+    assert!(!node_a(&mut net).knows_peer(a.address(), r2.address()));
+
+    // Refused offers change nothing and say why.
+    assert_eq!(
+        node_a(&mut net).offer_planet(now, forged),
+        Err(PlanetRefused::BadSignature)
+    );
+    assert_eq!(
+        node_a(&mut net).offer_planet(now, older),
+        Err(PlanetRefused::NotNewer {
+            offered: 500,
+            current: 1000
+        })
+    );
+    assert!(matches!(
+        node_a(&mut net).offer_planet(now, foreign),
+        Err(PlanetRefused::OtherWorld {
+            offered_id: 78,
+            id: 77,
+            ..
+        })
+    ));
+    assert_eq!(
+        node_a(&mut net).offer_planet(now, p1.clone()),
+        Ok(PlanetChange::Same)
+    );
+    assert_eq!(node_a(&mut net).planet(), &p1);
+    assert!(!node_a(&mut net).knows_peer(a.address(), r2.address()));
+    // Offers from the shell are not root pushes: not counted as bad worlds.
+    assert_eq!(node_a(&mut net).drop_count(DropReason::BadWorld), 0);
+
+    // The signed update is in force at once: R2 is a root, contacted right away.
+    assert_eq!(
+        node_a(&mut net).offer_planet(now, p2.clone()),
+        Ok(PlanetChange::Newer)
+    );
+    assert_eq!(node_a(&mut net).planet(), &p2);
+    assert!(
+        node_a(&mut net).poll_timeout() <= now,
+        "the new root is contacted now"
+    );
+    assert!(node_a(&mut net).knows_peer(a.address(), r2.address()));
+    net.step(50);
+    let now = net.now;
+    assert_eq!(
+        node_a(&mut net).direct_path(now, a.address(), r2.address()),
+        Some(sa("10.0.0.2:9993"))
+    );
+    assert!(
+        !net.events
+            .iter()
+            .any(|(i, e)| *i == 2 && matches!(e, Event::PlanetUpdated { .. })),
+        "the shell has the answer; no event"
+    );
+
+    // R1 dies: A's traffic to B (which it must WHOIS and which only a root can relay to)
+    // fails over to R2, a root A did not have before the offer.
+    net.step(3000);
+    net.down.push(sa("10.0.0.1:9993"));
+    let killed = net.now;
+    let m = b"through the new root".to_vec();
+    net.nodes[2]
+        .0
+        .send(killed, a.address(), b.address(), Verb::USER_MESSAGE, &m)
+        .unwrap();
+    while !net.user_messages(3).contains(&(a.address(), m.clone())) {
+        assert!(net.now - killed < 10_000, "B unreachable through R2");
+        net.step(100);
+    }
+    eprintln!("B reached through R2 {} ms after R1 died", net.now - killed);
+    assert!(net.nodes[1].0.stats().whois_answered >= 1);
+    assert!(net.nodes[1].0.stats().relayed >= 1);
+}
+
+#[test]
+fn the_update_rule_says_why_it_refuses() {
+    let r = new_id();
+    let (pk, sk) = generate_key_pair().unwrap();
+    let roots = vec![Root {
+        identity: r.to_public(),
+        stable_endpoints: vec![sa("10.0.0.1:9993")],
+    }];
+    let w = |ty, id, ts| World::create(ty, id, ts, pk, roots.clone(), &sk).unwrap();
+    let cur = w(WorldType::Planet, 5, 100);
+    assert_eq!(check_planet_update(&cur, &cur), Ok(PlanetChange::Same));
+    assert_eq!(
+        check_planet_update(&cur, &w(WorldType::Planet, 5, 101)),
+        Ok(PlanetChange::Newer)
+    );
+    let moon = check_planet_update(&cur, &w(WorldType::Moon, 5, 101)).unwrap_err();
+    assert!(moon.to_string().contains("Moon"), "{moon}");
+    let old = check_planet_update(&cur, &w(WorldType::Planet, 5, 99)).unwrap_err();
+    assert!(old.to_string().contains("not newer"), "{old}");
 }

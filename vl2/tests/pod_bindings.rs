@@ -391,3 +391,370 @@ fn without_the_flag_bindings_are_not_needed() {
     let text = flatwire_vl2::controller::to_canonical_json(&n).unwrap();
     assert!(!text.contains("vouchRequiresPod"), "{text}");
 }
+
+const UID2: &str = "0b7c0f1e-7777-2222-3333-444455556666";
+const POD2: &str = "default/db/0b7c0f1e-7777-2222-3333-444455556666";
+
+/// Gives the lab network pools that do not fill their routes: `10.147.17.1-200` in
+/// `10.147.17.0/24` and `fd00:feed::1-ffff` (assigned from the pool) in `fd00:feed::/96`.
+fn dual_stack(ctl: &mut Controller<FileStore>, nwid: NetworkId) {
+    let body = json!({
+        "v6AssignMode": {"zt": true},
+        "ipAssignmentPools": [
+            {"ipRangeStart": "10.147.17.1", "ipRangeEnd": "10.147.17.200"},
+            {"ipRangeStart": "fd00:feed::1", "ipRangeEnd": "fd00:feed::ffff"},
+        ],
+        "routes": [{"target": "10.147.17.0/24"}, {"target": "fd00:feed::/96"}],
+    });
+    ctl.api_network_post(nwid, body.to_string().as_bytes(), 0)
+        .unwrap();
+}
+
+/// A binding body for pod `name` on `host`, with `ipAssignments` if given.
+fn pod_body(name: &str, host: Address, ips: Option<serde_json::Value>) -> Vec<u8> {
+    let mut b = json!({"namespace": "default", "name": name, "host": host.to_string()});
+    if let Some(ips) = ips {
+        b["ipAssignments"] = ips;
+    }
+    b.to_string().into_bytes()
+}
+
+/// A predictable source of "randomness" for IPv6 pool picks: `seed + 1`, `seed + 2`, ...
+fn counter(seed: u64) -> impl FnMut() -> u64 {
+    let mut n = seed;
+    move || {
+        n += 1;
+        n
+    }
+}
+
+/// `pod` asks for its config with a fresh vouch of `host` for pod string `pod_id` (IPv6
+/// picks from `counter(seed)`); returns the config's static IPs (as text, sorted) and the
+/// member's `ipAssignments`.
+fn join(
+    ctl: &mut Controller<FileStore>,
+    host: &Identity,
+    pod: &Identity,
+    pod_id: &str,
+    nwid: NetworkId,
+    t: i64,
+    seed: u64,
+) -> (Vec<String>, Vec<String>) {
+    let v = Vouch::sign(host, pod.address(), nwid, pod_id, t).unwrap();
+    let outcome = ctl
+        .handle_request(nwid, pod, &metadata(Some(&v)), 1, t, &mut counter(seed))
+        .unwrap();
+    let mut statics: Vec<String> = config(outcome)
+        .static_ips
+        .iter()
+        .map(|a| a.ip.to_string())
+        .collect();
+    statics.sort();
+    let m = ctl
+        .store()
+        .get_member(nwid, pod.address())
+        .unwrap()
+        .unwrap();
+    (statics, m.ip_assignments)
+}
+
+fn sorted(mut v: Vec<String>) -> Vec<String> {
+    v.sort();
+    v
+}
+
+/// The IPs (one IPv4, one IPv6) the pools would give `pod` (IPv6 picks from
+/// `counter(seed)`) when nothing is reserved: measured on a controller of its own.
+fn natural_picks(host_dir: &std::path::Path, pod: &Identity, seed: u64) -> Vec<String> {
+    let (mut ctl, host, nwid) = lab(host_dir, true);
+    dual_stack(&mut ctl, nwid);
+    ctl.api_pod_post(nwid, UID2, &pod_body("db", host.address(), None))
+        .unwrap();
+    let (statics, ips) = join(&mut ctl, &host, pod, POD2, nwid, 10_000, seed);
+    assert_eq!(statics, sorted(ips.clone()));
+    assert_eq!(ips.len(), 2, "one IPv4 and one IPv6 pick: {ips:?}");
+    ips
+}
+
+#[test]
+fn reserved_ips_go_to_their_pod_and_nobody_else() {
+    let other_pod = ident("identities/identity-2.secret");
+    let pod = ident("identities/identity-1.secret");
+    let scratch = tempfile::tempdir().unwrap();
+    // What the other pod's member and this pod's member would get from the pools.
+    let taken_by_other = natural_picks(scratch.path(), &other_pod, 0);
+    let scratch2 = tempfile::tempdir().unwrap();
+    let own_natural = natural_picks(scratch2.path(), &pod, 100);
+    assert!(
+        own_natural.iter().all(|ip| !taken_by_other.contains(ip)),
+        "the test needs distinct natural picks: {own_natural:?} {taken_by_other:?}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let (mut ctl, host, nwid) = lab(dir.path(), true);
+    dual_stack(&mut ctl, nwid);
+    // A binding restored with a reservation of exactly the other pod's natural picks (one
+    // of them spelled in a longer form), a duplicate and IPs outside every pool (two of
+    // them inside a route).
+    let v6 = taken_by_other
+        .iter()
+        .find(|ip| ip.contains(':'))
+        .unwrap()
+        .clone();
+    let long_v6 = v6.replacen("fd00:feed::", "fd00:feed:0:0:0:0:0:", 1);
+    assert_ne!(long_v6, v6);
+    let outside = ["192.0.2.9", "10.147.17.240", "fd00:feed::1:0"];
+    let mut reserved = taken_by_other.clone();
+    reserved.extend(outside.map(String::from));
+    let mut posted = vec![
+        taken_by_other[0].clone(),
+        taken_by_other[1].clone(),
+        long_v6,
+    ];
+    posted.extend(outside.map(String::from));
+    posted.push(taken_by_other[0].clone());
+    let w = ctl
+        .api_pod_post(
+            nwid,
+            UID,
+            &pod_body("web", host.address(), Some(json!(posted))),
+        )
+        .unwrap();
+    let v4_first = |v: &[String]| {
+        let mut ips: Vec<std::net::IpAddr> = v.iter().map(|s| s.parse().unwrap()).collect();
+        ips.sort();
+        ips.iter().map(ToString::to_string).collect::<Vec<_>>()
+    };
+    assert_eq!(w.binding.ip_assignments, v4_first(&reserved));
+    // The stored file carries the field.
+    let text =
+        std::fs::read_to_string(dir.path().join(format!("network/{nwid}/pod/{UID}.json"))).unwrap();
+    assert!(text.contains("\"ipAssignments\":[\"10.147.17."), "{text}");
+    assert!(
+        ctl.store()
+            .ip_reserved(nwid, v6.parse().unwrap(), None)
+            .unwrap()
+    );
+
+    // The other pod's member comes first and gets other IPs than its natural picks.
+    ctl.api_pod_post(nwid, UID2, &pod_body("db", host.address(), None))
+        .unwrap();
+    let (statics, other_ips) = join(&mut ctl, &host, &other_pod, POD2, nwid, 20_000, 0);
+    assert_eq!(statics, sorted(other_ips.clone()));
+    assert_eq!(other_ips.len(), 2, "{other_ips:?}");
+    for ip in &other_ips {
+        assert!(!reserved.contains(ip), "{ip} is reserved for another pod");
+    }
+    // Its binding follows its member's IPs.
+    let b2 = ctl.store().get_pod(nwid, UID2).unwrap().unwrap();
+    assert_eq!(b2.ip_assignments, v4_first(&other_ips));
+    assert_eq!(b2.members, vec![other_pod.address().to_string()]);
+
+    // A restart rebuilds the reservation index from the binding files.
+    drop(ctl);
+    let zta = ident("capture/node-identities/zta-e6acfe87fc.secret");
+    let mut ctl = Controller::new(zta, FileStore::open(dir.path()).unwrap());
+    let ip: std::net::IpAddr = taken_by_other[0].parse().unwrap();
+    assert!(ctl.store().ip_reserved(nwid, ip, None).unwrap());
+    assert!(ctl.store().ip_reserved(nwid, ip, Some(UID2)).unwrap());
+    assert!(!ctl.store().ip_reserved(nwid, ip, Some(UID)).unwrap());
+
+    // The pod's member gets exactly its reserved pool IPs (not its own natural picks, not
+    // those outside the pools), and the binding drops the unusable ones.
+    let (statics, ips) = join(&mut ctl, &host, &pod, POD, nwid, 30_000, 100);
+    assert_eq!(sorted(ips.clone()), sorted(taken_by_other.clone()));
+    assert_eq!(statics, sorted(taken_by_other.clone()));
+    let b = ctl.store().get_pod(nwid, UID).unwrap().unwrap();
+    assert_eq!(b.ip_assignments, v4_first(&taken_by_other));
+    assert_eq!(b.members, vec![pod.address().to_string()]);
+    for ip in outside {
+        assert!(
+            !ctl.store()
+                .ip_reserved(nwid, ip.parse().unwrap(), None)
+                .unwrap()
+        );
+    }
+
+    // An API change of the member's IPs reaches its binding.
+    let moved = json!({"ipAssignments": ["10.147.17.250", v6]});
+    ctl.api_member_post(nwid, pod.address(), moved.to_string().as_bytes(), 40_000)
+        .unwrap();
+    let b = ctl.store().get_pod(nwid, UID).unwrap().unwrap();
+    assert_eq!(
+        b.ip_assignments,
+        vec!["10.147.17.250".to_string(), v6.clone()]
+    );
+    let old_v4: std::net::IpAddr = taken_by_other
+        .iter()
+        .find(|ip| !ip.contains(':'))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        !ctl.store().ip_reserved(nwid, old_v4, None).unwrap(),
+        "{old_v4} is free again"
+    );
+}
+
+#[test]
+fn reservations_are_checked_and_fixed_once_the_binding_exists() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut ctl, host, nwid) = lab(dir.path(), true);
+    let h = host.address();
+    let refused = |ctl: &mut Controller<FileStore>, ips: serde_json::Value| {
+        ctl.api_pod_post(nwid, UID, &pod_body("web", h, Some(ips)))
+            .unwrap_err()
+    };
+    let e = refused(&mut ctl, json!(["10.147.17.9", "10.147.17.300"]));
+    assert!(
+        matches!(e, ApiError::Field { ref field, .. } if field == "ipAssignments"),
+        "{e}"
+    );
+    assert!(
+        e.to_string()
+            .contains("\"10.147.17.300\" is not an IP address"),
+        "{e}"
+    );
+    let e = refused(&mut ctl, json!("10.147.17.9"));
+    assert!(e.to_string().contains("ipAssignments"), "{e}");
+    let e = refused(&mut ctl, json!([1, 2]));
+    assert!(e.to_string().contains("ipAssignments"), "{e}");
+    let many: Vec<String> = (1..=17).map(|i| format!("10.147.17.{i}")).collect();
+    let e = refused(&mut ctl, json!(many));
+    assert!(
+        matches!(
+            e,
+            ApiError::TooMany {
+                what: "ipAssignments",
+                count: 17,
+                max: 16
+            }
+        ),
+        "{e}"
+    );
+    assert!(
+        ctl.store().list_pods(nwid).unwrap().is_empty(),
+        "nothing stored"
+    );
+    // Sixteen are fine.
+    let w = ctl
+        .api_pod_post(nwid, UID, &pod_body("web", h, Some(json!(many[..16]))))
+        .unwrap();
+    assert_eq!(w.binding.ip_assignments.len(), 16);
+    ctl.api_pod_delete(nwid, UID).unwrap().unwrap();
+
+    let w = ctl
+        .api_pod_post(nwid, UID, &pod_body("web", h, Some(json!(["10.147.17.9"]))))
+        .unwrap();
+    assert_eq!(w.binding.ip_assignments, vec!["10.147.17.9"]);
+    // Repeating the stored value (in any spelling) or leaving it out is fine ...
+    ctl.api_pod_post(nwid, UID, &pod_body("web", h, Some(json!(["10.147.17.9"]))))
+        .unwrap();
+    let w = ctl
+        .api_pod_post(nwid, UID, &binding(h, json!([[1000, 5]])))
+        .unwrap();
+    assert_eq!(w.binding.ip_assignments, vec!["10.147.17.9"]);
+    assert_eq!(w.binding.tags, vec![(1000, 5)]);
+    // ... another value is a conflict that changes nothing, not even the tags.
+    for other in [
+        json!([]),
+        json!(["10.147.17.10"]),
+        json!(["10.147.17.9", "fd00::1"]),
+    ] {
+        let body = json!({"namespace": "default", "name": "web", "host": h.to_string(),
+            "tags": [[1000, 6]], "ipAssignments": other});
+        let e = ctl
+            .api_pod_post(nwid, UID, body.to_string().as_bytes())
+            .unwrap_err();
+        assert!(
+            matches!(e, ApiError::PodIpsSetByController(ref u) if u == UID),
+            "{e}"
+        );
+        assert!(
+            e.to_string()
+                .contains("ipAssignments of an existing binding are set by the controller"),
+            "{e}"
+        );
+    }
+    assert_eq!(ctl.store().get_pod(nwid, UID).unwrap(), Some(w.binding));
+
+    // Once a member is authorized the controller's value counts: the member got the
+    // reserved IP, so the binding is unchanged, and a POST must repeat it.
+    let pod = ident("identities/identity-1.secret");
+    let (_, ips) = join(&mut ctl, &host, &pod, POD, nwid, 10_000, 0);
+    assert_eq!(ips, vec!["10.147.17.9"]);
+    let e = ctl
+        .api_pod_post(
+            nwid,
+            UID,
+            &pod_body("web", h, Some(json!(["10.147.17.10"]))),
+        )
+        .unwrap_err();
+    assert!(matches!(e, ApiError::PodIpsSetByController(_)), "{e}");
+}
+
+#[test]
+fn deleting_a_binding_frees_its_reserved_ips() {
+    let other_pod = ident("identities/identity-2.secret");
+    let scratch = tempfile::tempdir().unwrap();
+    let natural = natural_picks(scratch.path(), &other_pod, 0);
+
+    let dir = tempfile::tempdir().unwrap();
+    let (mut ctl, host, nwid) = lab(dir.path(), true);
+    dual_stack(&mut ctl, nwid);
+    ctl.api_pod_post(
+        nwid,
+        UID,
+        &pod_body("web", host.address(), Some(json!(natural))),
+    )
+    .unwrap();
+    let gone = ctl.api_pod_delete(nwid, UID).unwrap().unwrap();
+    assert!(gone.removed.is_empty());
+    for ip in &natural {
+        assert!(
+            !ctl.store()
+                .ip_reserved(nwid, ip.parse().unwrap(), None)
+                .unwrap()
+        );
+    }
+    // With the reservation gone the other pod gets its natural picks again.
+    ctl.api_pod_post(nwid, UID2, &pod_body("db", host.address(), None))
+        .unwrap();
+    let (_, ips) = join(&mut ctl, &host, &other_pod, POD2, nwid, 20_000, 0);
+    assert_eq!(sorted(ips), sorted(natural));
+}
+
+#[test]
+fn a_member_posted_with_ips_keeps_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut ctl, _host, nwid) = lab(dir.path(), true);
+    let node = ident("identities/identity-3.secret");
+    let body = json!({"authorized": true, "identity": node.to_public().to_string(),
+        "ipAssignments": ["10.147.17.200"]});
+    ctl.api_member_post(nwid, node.address(), body.to_string().as_bytes(), 0)
+        .unwrap();
+    // Even when a binding reserves that IP too, the member keeps what it was given.
+    let w = ctl
+        .api_pod_post(
+            nwid,
+            UID,
+            &pod_body("web", _host.address(), Some(json!(["10.147.17.200"]))),
+        )
+        .unwrap();
+    assert_eq!(w.binding.ip_assignments, vec!["10.147.17.200"]);
+    for (pid, t) in [(1, 1_000), (2, 100_000)] {
+        let cfg = config(
+            ctl.handle_request(nwid, &node, &metadata(None), pid, t, &mut counter(0))
+                .unwrap(),
+        );
+        let statics: Vec<String> = cfg.static_ips.iter().map(|a| a.to_string()).collect();
+        assert_eq!(statics, vec!["10.147.17.200/24"]);
+        let m = ctl
+            .store()
+            .get_member(nwid, node.address())
+            .unwrap()
+            .unwrap();
+        assert_eq!(m.ip_assignments, vec!["10.147.17.200"]);
+        assert_eq!(m.identity, Some(node.to_public().to_string()));
+    }
+}

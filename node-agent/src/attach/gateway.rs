@@ -1,13 +1,18 @@
-//! The host side of primary mode: IP forwarding on, and pod traffic that leaves the flat network
-//! masqueraded behind the host's own address.
+//! The host side of primary mode: IP forwarding on, forwarded traffic through the gateway TAP
+//! accepted, and pod traffic that leaves the flat network masqueraded behind the host's own
+//! address.
 //!
 //! The NAT rules live in a chain of our own, [`CHAIN`], in the `nat` table of `iptables` (IPv4)
 //! and `ip6tables` (IPv6), jumped to from `POSTROUTING`: one rule per network prefix,
-//! `-s PREFIX ! -d PREFIX -j MASQUERADE`, tagged with the comment `flatwire:<nwid>` so a
-//! network's rules are found again without knowing its prefixes. Every step checks before it
-//! adds (`-C`, `-S`), so enabling twice (as after an agent restart, when the kernel kept the
-//! rules) changes nothing. The chain and its jump go when the last network is disabled.
-//! Forwarding is switched on and left on (other parts of the host may rely on it).
+//! `-s PREFIX ! -d PREFIX -j MASQUERADE`. The accept rules live in [`FORWARD_CHAIN`] in the
+//! `filter` table, jumped to from the top of `FORWARD` (so a `FORWARD` policy of `DROP`, as
+//! Docker and kube-proxy set, does not cut the pods off): `-i TAP -j ACCEPT` and
+//! `-o TAP -j ACCEPT` for the host member's TAP (`flatwire0`). Every rule is tagged with the
+//! comment `flatwire:<nwid>` so a network's rules are found again without knowing its prefixes.
+//! Every step checks before it adds (`-C`, `-S`), so enabling twice (as after an agent restart,
+//! when the kernel kept the rules) changes nothing. The chains and their jumps go when the last
+//! network is disabled. Forwarding is switched on and left on (other parts of the host may rely
+//! on it).
 //!
 //! The commands are the distribution's `iptables`/`ip6tables` (nft or legacy backend alike),
 //! run with `-w` so concurrent callers wait for the xtables lock instead of failing.
@@ -22,6 +27,14 @@ use crate::tap::IpPrefix;
 
 /// The agent's chain in the `nat` table.
 pub const CHAIN: &str = "FLATWIRE-POSTROUTING";
+/// The agent's chain in the `filter` table.
+pub const FORWARD_CHAIN: &str = "FLATWIRE-FORWARD";
+
+/// Our chains: (table, chain, the built-in chain that jumps to it, whether the jump goes first).
+const CHAINS: [(&str, &str, &str, bool); 2] = [
+    ("nat", CHAIN, "POSTROUTING", false),
+    ("filter", FORWARD_CHAIN, "FORWARD", true),
+];
 
 /// Why forwarding or NAT could not be set up or removed.
 #[derive(Debug, thiserror::Error)]
@@ -84,12 +97,12 @@ impl Family {
         }
     }
 
-    /// Runs `<program> -w -t nat ARGS`; `Ok(false)` when it exits with status 1 (a `-C` that
-    /// found no rule, a chain that does not exist), an error for any other failure.
-    fn nat(self, args: &[&str]) -> Result<bool, GatewayError> {
+    /// Runs `<program> -w -t TABLE ARGS`; `Ok(false)` when it exits with status 1 (a `-C`
+    /// that found no rule, a chain that does not exist), an error for any other failure.
+    fn run(self, table: &str, args: &[&str]) -> Result<bool, GatewayError> {
         let program = self.program();
         let out = Command::new(program)
-            .args(["-w", "-t", "nat"])
+            .args(["-w", "-t", table])
             .args(args)
             .output()
             .map_err(|source| GatewayError::Spawn { program, source })?;
@@ -97,29 +110,42 @@ impl Family {
             Some(0) => Ok(true),
             Some(1) => Ok(false),
             _ => Err(GatewayError::Command {
-                command: format!("{program} -t nat {}", args.join(" ")),
+                command: format!("{program} -t {table} {}", args.join(" ")),
                 stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
             }),
         }
     }
 
-    /// Like [`Family::nat`], but status 1 is a failure too.
-    fn nat_ok(self, args: &[&str]) -> Result<(), GatewayError> {
-        if self.nat(args)? {
+    /// Like [`Family::run`], but status 1 is a failure too.
+    fn run_ok(self, table: &str, args: &[&str]) -> Result<(), GatewayError> {
+        if self.run(table, args)? {
             Ok(())
         } else {
             Err(GatewayError::Command {
-                command: format!("{} -t nat {}", self.program(), args.join(" ")),
+                command: format!("{} -t {table} {}", self.program(), args.join(" ")),
                 stderr: "exit status 1".into(),
             })
         }
     }
 
-    /// The rules of our chain (`-S` lines), `None` when the chain does not exist.
-    fn rules(self) -> Result<Option<Vec<String>>, GatewayError> {
+    /// Adds the rule `args` (after the chain name) to `chain` of `table` unless it is there.
+    fn ensure(self, table: &str, chain: &str, args: &[String]) -> Result<(), GatewayError> {
+        let with = |op: &'static str| {
+            let mut a = vec![op, chain];
+            a.extend(args.iter().map(String::as_str));
+            a
+        };
+        if !self.run(table, &with("-C"))? {
+            self.run_ok(table, &with("-A"))?;
+        }
+        Ok(())
+    }
+
+    /// The rules of our `chain` in `table` (`-S` lines), `None` when the chain does not exist.
+    fn rules(self, table: &str, chain: &str) -> Result<Option<Vec<String>>, GatewayError> {
         let program = self.program();
         let out = Command::new(program)
-            .args(["-w", "-t", "nat", "-S", CHAIN])
+            .args(["-w", "-t", table, "-S", chain])
             .output()
             .map_err(|source| GatewayError::Spawn { program, source })?;
         if !out.status.success() {
@@ -161,6 +187,25 @@ pub fn network_of(p: IpPrefix) -> IpPrefix {
     IpPrefix { addr, len: p.len }
 }
 
+/// The accept rules of the gateway TAP `tap`, as `-A`/`-C` arguments after the chain name.
+fn forward_rules(nwid: NetworkId, tap: &str) -> [Vec<String>; 2] {
+    ["-i", "-o"].map(|dir| {
+        [
+            dir,
+            tap,
+            "-m",
+            "comment",
+            "--comment",
+            &tag(nwid),
+            "-j",
+            "ACCEPT",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    })
+}
+
 /// The masquerade rule of one network prefix, as `-A`/`-C` arguments after the chain name.
 fn rule(nwid: NetworkId, net: IpPrefix) -> Vec<String> {
     let net = net.to_string();
@@ -183,9 +228,10 @@ fn rule(nwid: NetworkId, net: IpPrefix) -> Vec<String> {
 }
 
 /// Turns on forwarding for the families of `prefixes` (the host member's addresses on
-/// `nwid`) and masquerades traffic from each prefix's network to anywhere outside it.
-/// Idempotent. Blocking (runs commands): call it off the tokio workers.
-pub fn enable(nwid: NetworkId, prefixes: &[IpPrefix]) -> Result<(), GatewayError> {
+/// `nwid`, on its TAP `tap`), accepts forwarded traffic in and out of `tap` and masquerades
+/// traffic from each prefix's network to anywhere outside it. Idempotent. Blocking (runs
+/// commands): call it off the tokio workers.
+pub fn enable(nwid: NetworkId, tap: &str, prefixes: &[IpPrefix]) -> Result<(), GatewayError> {
     for family in Family::ALL {
         let nets: Vec<IpPrefix> = prefixes
             .iter()
@@ -197,54 +243,55 @@ pub fn enable(nwid: NetworkId, prefixes: &[IpPrefix]) -> Result<(), GatewayError
         }
         let path = family.forwarding();
         std::fs::write(path, b"1").map_err(|source| GatewayError::Sysctl { path, source })?;
-        if family.rules()?.is_none() {
-            family.nat_ok(&["-N", CHAIN])?;
-        }
-        if !family.nat(&["-C", "POSTROUTING", "-j", CHAIN])? {
-            family.nat_ok(&["-A", "POSTROUTING", "-j", CHAIN])?;
-        }
-        for net in nets {
-            let rule = rule(nwid, net);
-            let args = |op: &'static str| {
-                let mut a = vec![op, CHAIN];
-                a.extend(rule.iter().map(String::as_str));
-                a
-            };
-            if !family.nat(&args("-C"))? {
-                family.nat_ok(&args("-A"))?;
+        for (table, chain, from, first) in CHAINS {
+            if family.rules(table, chain)?.is_none() {
+                family.run_ok(table, &["-N", chain])?;
             }
+            if !family.run(table, &["-C", from, "-j", chain])? {
+                let jump = if first {
+                    vec!["-I", from, "1", "-j", chain]
+                } else {
+                    vec!["-A", from, "-j", chain]
+                };
+                family.run_ok(table, &jump)?;
+            }
+        }
+        for r in forward_rules(nwid, tap) {
+            family.ensure("filter", FORWARD_CHAIN, &r)?;
+        }
+        tracing::info!(%nwid, %tap, chain = FORWARD_CHAIN, "accepting forwarded pod traffic");
+        for net in nets {
+            family.ensure("nat", CHAIN, &rule(nwid, net))?;
             tracing::info!(%nwid, %net, chain = CHAIN, "masquerading pod traffic leaving the network");
         }
     }
     Ok(())
 }
 
-/// Removes the masquerade rules of `nwid`; with `last`, also the chain and its jump (no
-/// primary network is left). Idempotent. Blocking: call it off the tokio workers.
+/// Removes the rules of `nwid`; with `last`, also the chains and their jumps (no primary
+/// network is left). Idempotent. Blocking: call it off the tokio workers.
 pub fn disable(nwid: NetworkId, last: bool) -> Result<(), GatewayError> {
     let tag = tag(nwid);
     for family in Family::ALL {
-        let Some(rules) = family.rules()? else {
-            continue;
-        };
-        for line in rules
-            .iter()
-            .filter(|l| l.split_whitespace().any(|w| w == tag))
-        {
-            // `-A CHAIN ARGS` as listed: delete with the same arguments.
-            let mut args: Vec<&str> = line.split_whitespace().collect();
-            args[0] = "-D";
-            family.nat_ok(&args)?;
-        }
-        if last {
-            while family.nat(&["-D", "POSTROUTING", "-j", CHAIN])? {}
-            family.nat_ok(&["-F", CHAIN])?;
-            family.nat_ok(&["-X", CHAIN])?;
-            tracing::info!(
-                chain = CHAIN,
-                program = family.program(),
-                "NAT chain removed"
-            );
+        for (table, chain, from, _) in CHAINS {
+            let Some(rules) = family.rules(table, chain)? else {
+                continue;
+            };
+            for line in rules
+                .iter()
+                .filter(|l| l.split_whitespace().any(|w| w == tag))
+            {
+                // `-A CHAIN ARGS` as listed: delete with the same arguments.
+                let mut args: Vec<&str> = line.split_whitespace().collect();
+                args[0] = "-D";
+                family.run_ok(table, &args)?;
+            }
+            if last {
+                while family.run(table, &["-D", from, "-j", chain])? {}
+                family.run_ok(table, &["-F", chain])?;
+                family.run_ok(table, &["-X", chain])?;
+                tracing::info!(chain, program = family.program(), "chain removed");
+            }
         }
     }
     Ok(())
@@ -280,5 +327,11 @@ mod tests {
             "-s 198.19.0.0/24 ! -d 198.19.0.0/24 -m comment --comment \
              flatwire:8056c2e21c000001 -j MASQUERADE"
         );
+        let [i, o] = forward_rules(nwid, "flatwire0").map(|r| r.join(" "));
+        assert_eq!(
+            i,
+            "-i flatwire0 -m comment --comment flatwire:8056c2e21c000001 -j ACCEPT"
+        );
+        assert!(o.starts_with("-o flatwire0 "), "{o}");
     }
 }

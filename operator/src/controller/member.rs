@@ -8,6 +8,10 @@
 //! [`ControllerSink`], records `Ready`/`Authorized` conditions and the assigned IPs in
 //! status, emits a Warning Event when a problem appears, and keeps a finalizer so that
 //! deleting the NetworkMember deauthorizes and removes the member from the controller first.
+//!
+//! Without static IPs in the spec the controller's assignments (from the pools) are kept;
+//! when the controller lacks the member (a fresh controller after a failover), it is created
+//! with the IPs recorded in `status.assignedIPs`, so it gets its old addresses back.
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
@@ -22,6 +26,7 @@ use kube::{Api, Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde_json::Value;
 
+use super::ips::{assigned, parse_ips};
 use super::network::{desired_network, network_id};
 use super::{ControllerAddress, Error, FIELD_MANAGER, condition, lock, recorder};
 use crate::crd::{Network, NetworkMember, NetworkMemberStatus};
@@ -37,6 +42,9 @@ pub const AUTHORIZED: &str = "Authorized";
 const RESYNC: Duration = Duration::from_secs(300);
 /// How soon a NetworkMember with a problem in its spec or its Network is looked at again.
 const RECHECK: Duration = Duration::from_secs(30);
+/// How soon an authorized member without IPs yet (it has not asked for its config) is looked
+/// at again, so that its status records the IPs the controller then assigns.
+const PENDING_IPS: Duration = Duration::from_secs(10);
 
 /// The controller member fields the operator owns (a partial controller member object;
 /// the keys are those of `flatwire_vl2::controller::Member`).
@@ -47,8 +55,9 @@ pub struct MemberBody {
     pub authorized: bool,
     /// Whether it may bridge other Ethernet hosts.
     pub active_bridge: bool,
-    /// Static IP assignments.
-    pub ip_assignments: Vec<String>,
+    /// Static IP assignments (none: the controller's are kept).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ip_assignments: Option<Vec<String>>,
     /// Display name (`null` clears it).
     pub name: Option<String>,
     /// Tags as `[id, value]`, sorted by id.
@@ -167,7 +176,7 @@ pub fn desired_member(
         body: MemberBody {
             authorized: spec.authorized,
             active_bridge: spec.active_bridge,
-            ip_assignments: ips,
+            ip_assignments: (!ips.is_empty()).then_some(ips),
             name: spec.name.clone(),
             tags,
             capabilities: caps.into_iter().collect(),
@@ -304,8 +313,15 @@ async fn apply(member: &NetworkMember, ctx: &Context) -> Result<Action, Error> {
             Action::requeue(RESYNC),
             None,
         ),
-        (Ok(d), Some(sink)) => match write(sink.as_ref(), d).await {
-            Ok(ips) => (Ok(ips), Action::requeue(RESYNC), None),
+        (Ok(d), Some(sink)) => match write(ctx, sink.as_ref(), member, d).await {
+            Ok(ips) => {
+                let again = if d.body.authorized && ips.is_empty() {
+                    PENDING_IPS
+                } else {
+                    RESYNC
+                };
+                (Ok(ips), Action::requeue(again), None)
+            }
             Err(e) => (
                 Err(("ControllerError", e.to_string())),
                 Action::requeue(RECHECK),
@@ -332,20 +348,48 @@ async fn apply(member: &NetworkMember, ctx: &Context) -> Result<Action, Error> {
     }
 }
 
-/// Writes the network (so the member has one to belong to) and then the member; returns
-/// the member's IP assignments as the controller stored them.
-async fn write(sink: &dyn ControllerSink, d: &DesiredMember) -> Result<Vec<String>, Error> {
+/// Writes the network (so the member has one to belong to) and then the member; one the
+/// controller lacks, without static IPs in the spec, gets the IPs recorded in `member`'s
+/// status (bad ones are ignored with a Warning Event). Returns the member's IP assignments
+/// as the controller stored them.
+async fn write(
+    ctx: &Context,
+    sink: &dyn ControllerSink,
+    member: &NetworkMember,
+    d: &DesiredMember,
+) -> Result<Vec<String>, Error> {
     sink.put_network(d.nwid, &d.network).await?;
-    let body = serde_json::to_value(&d.body).unwrap_or(Value::Null);
+    let mut body = serde_json::to_value(&d.body).unwrap_or(Value::Null);
+    let recorded = member
+        .status
+        .as_ref()
+        .map(|s| s.assigned_ips.as_slice())
+        .unwrap_or_default();
+    if d.body.ip_assignments.is_none()
+        && !recorded.is_empty()
+        && sink.get_member(d.nwid, &d.address).await?.is_none()
+    {
+        match parse_ips(recorded.iter().map(String::as_str)) {
+            Ok(ips) => {
+                tracing::info!(member = %d.address, nwid = %format!("{:016x}", d.nwid), ?ips, "restoring the member's IPs");
+                body["ipAssignments"] = serde_json::json!(ips);
+            }
+            Err(e) => {
+                let ev = Event {
+                    type_: EventType::Warning,
+                    reason: "InvalidAssignedIPs".into(),
+                    note: Some(format!(
+                        "status.assignedIPs: {e}; the controller lacks the member and it gets new IPs"
+                    )),
+                    action: "SyncMember".into(),
+                    secondary: None,
+                };
+                ctx.recorder.publish(&ev, &member.object_ref(&())).await?;
+            }
+        }
+    }
     let stored = sink.put_member(d.nwid, &d.address, &body).await?;
-    Ok(stored["ipAssignments"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|v| v.as_str().map(str::to_owned))
-                .collect()
-        })
-        .unwrap_or_default())
+    Ok(assigned(&stored))
 }
 
 /// Publishes a Warning Event when `status` has a `Ready=False` problem the stored status did

@@ -13,8 +13,13 @@
 //! removes the member the binding authorized and revokes it. No finalizer is needed: the
 //! bindings the controller holds are listed when a network is first seen and every
 //! [`RESYNC`], so bindings of pods deleted while the operator was down go too.
+//!
+//! The IPs the controller gives the bindings' and host members' members are saved on the
+//! Pods and Nodes, and a binding or host member the controller lacks is created with the
+//! saved ones (see [`super::ips`]), so a fresh controller after a failover gives every
+//! member its old addresses.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,6 +34,9 @@ use serde_json::{Value, json};
 use tokio::time::Instant;
 use tokio_stream::StreamExt;
 
+use super::ips::{
+    ANNOTATION_PREFIX, annotate, annotation_key, annotation_value, assigned, parse_annotation,
+};
 use super::network::{desired_network, network_id};
 use super::node::{NodeHost, host_annotation, host_member_name, parse_host_identity};
 use super::{ControllerAddress, recorder};
@@ -46,6 +54,12 @@ const MAX_DEBOUNCE: Duration = Duration::from_millis(200);
 const MIN_RETRY: Duration = Duration::from_millis(500);
 /// The longest retry delay.
 const MAX_RETRY: Duration = Duration::from_secs(30);
+/// How soon after a binding or host member is written the controller is asked for its IPs;
+/// while some are still unassigned (the member has not asked for its config yet) the
+/// interval doubles up to [`MAX_IP_POLL`].
+const MIN_IP_POLL: Duration = Duration::from_millis(500);
+/// The longest interval between two looks at IPs still unassigned.
+const MAX_IP_POLL: Duration = Duration::from_secs(60);
 
 /// A pod's binding as the controller should store it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -210,6 +224,38 @@ struct Desired {
     problems: Vec<(Arc<Pod>, String, TagProblem)>,
     /// Nodes whose annotation does not parse: (node, message).
     bad_nodes: Vec<(Arc<Node>, String)>,
+    /// (network, pod uid) of every binding -> the Pod and the IPs saved on it for that
+    /// network (see [`super::ips`]).
+    pods: BTreeMap<(u64, String), (Arc<Pod>, Vec<String>)>,
+    /// (network, host address) of every host member -> the Node and its saved IPs.
+    nodes: BTreeMap<(u64, String), (Arc<Node>, Vec<String>)>,
+    /// Pods and Nodes whose saved IPs do not parse: (pod uid or node name, object, message).
+    bad_ips: Vec<(String, BadIps, String)>,
+}
+
+/// An object with a bad IPs annotation.
+enum BadIps {
+    Pod(Arc<Pod>),
+    Node(Arc<Node>),
+}
+
+/// The IPs saved on an object with `annotations` for network `nwid` (none: empty), or why
+/// they cannot be used.
+fn saved_ips(annotations: &BTreeMap<String, String>, nwid: u64) -> Result<Vec<String>, String> {
+    let key = annotation_key(nwid);
+    match annotations.get(&key) {
+        None => Ok(Vec::new()),
+        Some(v) => parse_annotation(v)
+            .map_err(|e| format!("annotation {key}: {e}; the saved IPs are ignored")),
+    }
+}
+
+/// The networks of the IPs annotations in `annotations`.
+fn annotated_networks(annotations: &BTreeMap<String, String>) -> impl Iterator<Item = u64> + '_ {
+    annotations.keys().filter_map(|k| {
+        let hex = k.strip_prefix(ANNOTATION_PREFIX)?;
+        (hex.len() == 16).then(|| u64::from_str_radix(hex, 16).ok())?
+    })
 }
 
 /// The caches [`run`] reads.
@@ -222,6 +268,7 @@ struct Caches {
 
 /// What [`run`] remembers between passes.
 struct PodSync {
+    client: Client,
     address: ControllerAddress,
     sink: Arc<dyn ControllerSink>,
     metrics: Arc<Metrics>,
@@ -238,12 +285,22 @@ struct PodSync {
     listed: HashMap<u64, Instant>,
     /// Events already published (pod uid or node name, and the message).
     warned: HashSet<(String, String)>,
+    /// The IPs of the bindings' members as the controller reported them.
+    ips: HashMap<(u64, String), Vec<String>>,
+    /// The IPs of the host members as the controller reported them.
+    host_ips: HashMap<(u64, String), Vec<String>>,
+    /// The current interval between looks at unassigned IPs, and when the next is due.
+    ip_poll: Duration,
+    ip_poll_at: Instant,
+    /// When the pass should run again for IPs still unassigned (none: nothing pending).
+    poll_at: Option<Instant>,
 }
 
 impl PodSync {
     fn desired(&mut self, c: &Caches) -> Desired {
         let mut d = Desired::default();
         let mut hosts = BTreeMap::new();
+        let mut node_objs = HashMap::new();
         for node in c.nodes.state() {
             let Some(value) = host_annotation(&node) else {
                 continue;
@@ -255,6 +312,7 @@ impl PodSync {
             match parsed {
                 Ok(h) => {
                     hosts.insert(node.name_any(), h.clone());
+                    node_objs.insert(node.name_any(), node.clone());
                 }
                 Err(e) => d.bad_nodes.push((node.clone(), e.clone())),
             }
@@ -280,6 +338,14 @@ impl PodSync {
                     (nwid, h.address.clone()),
                     (h.identity.clone(), host_member_name(node)),
                 );
+                if let Some(obj) = node_objs.get(node) {
+                    let saved = saved_ips(obj.annotations(), nwid).unwrap_or_else(|e| {
+                        d.bad_ips.push((node.clone(), BadIps::Node(obj.clone()), e));
+                        Vec::new()
+                    });
+                    d.nodes
+                        .insert((nwid, h.address.clone()), (obj.clone(), saved));
+                }
             }
             for pod in &pods {
                 let labels = pod.namespace().and_then(|ns| ns_labels.get(&ns));
@@ -288,6 +354,11 @@ impl PodSync {
                 else {
                     continue;
                 };
+                let saved = saved_ips(pod.annotations(), nwid).unwrap_or_else(|e| {
+                    d.bad_ips.push((uid.clone(), BadIps::Pod(pod.clone()), e));
+                    Vec::new()
+                });
+                d.pods.insert((nwid, uid.clone()), (pod.clone(), saved));
                 d.bindings.insert((nwid, uid), b);
                 d.problems.extend(
                     problems
@@ -330,6 +401,267 @@ impl PodSync {
         false
     }
 
+    /// Lists the bindings of `nwid` into [`Self::bindings`] and [`Self::ips`]; true when
+    /// it worked.
+    async fn list(&mut self, nwid: u64) -> bool {
+        match self.sink.list_pods(nwid).await {
+            Ok(list) => {
+                self.bindings.retain(|(n, _), _| *n != nwid);
+                self.ips.retain(|(n, _), _| *n != nwid);
+                for (uid, b) in list.as_object().into_iter().flatten() {
+                    if let Some(d) = DesiredBinding::from_stored(b) {
+                        self.bindings.insert((nwid, uid.clone()), d);
+                        self.ips.insert((nwid, uid.clone()), assigned(b));
+                    }
+                }
+                self.listed.insert(nwid, Instant::now());
+                true
+            }
+            Err(e) => self.failed("listing pod bindings", &e),
+        }
+    }
+
+    /// Writes the host member `key` (authorized, identity pinned, named); the first time
+    /// this operator writes it, a member the controller lacks gets the IPs `saved` on its
+    /// Node. True when it worked.
+    async fn write_host(
+        &mut self,
+        key: &(u64, String),
+        identity: &str,
+        name: &str,
+        saved: &[String],
+    ) -> bool {
+        let (nwid, addr) = (key.0, key.1.as_str());
+        let restore = if saved.is_empty() || self.hosts.contains_key(key) {
+            false
+        } else {
+            match self.sink.get_member(nwid, addr).await {
+                Ok(m) => m.is_none(),
+                Err(e) => return self.failed("reading a host member", &e),
+            }
+        };
+        let ips = if restore { saved } else { &[] };
+        match self
+            .sink
+            .put_host_member(nwid, addr, identity, name, ips)
+            .await
+        {
+            Ok(stored) => {
+                tracing::info!(nwid = %format!("{nwid:016x}"), host = %addr, %name, restored = ?ips, "host member authorized");
+                self.host_ips.insert(key.clone(), assigned(&stored));
+                self.hosts
+                    .insert(key.clone(), (identity.to_owned(), name.to_owned()));
+                true
+            }
+            Err(e) => self.failed("writing a host member", &e),
+        }
+    }
+
+    /// Writes binding `b` of pod `pod` as `key`; a binding the controller lacks gets the IPs
+    /// `saved` on the Pod (if the controller refuses them, the pod is bound without them and
+    /// a Warning Event says so). True when it worked.
+    async fn write_binding(
+        &mut self,
+        key: &(u64, String),
+        b: &DesiredBinding,
+        pod: Option<&Arc<Pod>>,
+        saved: &[String],
+    ) -> bool {
+        let (nwid, uid) = (key.0, key.1.as_str());
+        let saved = if self.bindings.contains_key(key) {
+            &[]
+        } else {
+            saved
+        };
+        let mut body = b.body();
+        if !saved.is_empty() {
+            body["ipAssignments"] = json!(saved);
+        }
+        let mut res = self.sink.put_pod(nwid, uid, &body).await;
+        if let (
+            Err(SinkError::Status {
+                status, body: why, ..
+            }),
+            Some(pod),
+        ) = (&res, pod)
+            && matches!(status, 400 | 409)
+            && !saved.is_empty()
+        {
+            let msg = format!(
+                "network {nwid:016x}: the controller refused the saved IPs {}: {why}; the pod gets new ones",
+                saved.join(",")
+            );
+            self.warn(uid.to_owned(), &**pod, "IPsNotRestored", msg)
+                .await;
+            if let Some(o) = body.as_object_mut() {
+                o.remove("ipAssignments");
+            }
+            res = self.sink.put_pod(nwid, uid, &body).await;
+        }
+        match res {
+            Ok(stored) => {
+                tracing::info!(nwid = %format!("{nwid:016x}"), pod = %format!("{}/{}", b.namespace, b.name), host = %b.host, tags = ?b.tags, restored = ?saved, "pod binding written");
+                self.metrics.pod_bindings_written.inc();
+                self.ips.insert(key.clone(), assigned(&stored));
+                self.bindings.insert(key.clone(), b.clone());
+                true
+            }
+            Err(e) => self.failed("writing a pod binding", &e),
+        }
+    }
+
+    /// Asks the controller for the IPs not known yet (bindings listed again, host members
+    /// read), at most once per [`Self::ip_poll`], and sets [`Self::poll_at`] while some are
+    /// still unassigned. False when a request failed.
+    async fn poll_ips(&mut self, d: &Desired, wrote: bool) -> bool {
+        let unknown = |ips: Option<&Vec<String>>| ips.is_none_or(Vec::is_empty);
+        let nets: BTreeSet<u64> = d
+            .bindings
+            .keys()
+            .filter(|k| unknown(self.ips.get(*k)))
+            .map(|k| k.0)
+            .collect();
+        let hosts: Vec<(u64, String)> = d
+            .hosts
+            .keys()
+            .filter(|k| self.hosts.contains_key(*k) && unknown(self.host_ips.get(*k)))
+            .cloned()
+            .collect();
+        let now = Instant::now();
+        if wrote {
+            self.ip_poll = MIN_IP_POLL;
+            self.ip_poll_at = now + MIN_IP_POLL;
+        }
+        if nets.is_empty() && hosts.is_empty() {
+            self.ip_poll = MIN_IP_POLL;
+            self.poll_at = None;
+            return true;
+        }
+        let mut ok = true;
+        if self.ip_poll_at <= now {
+            let before = self
+                .ips
+                .values()
+                .chain(self.host_ips.values())
+                .filter(|v| !v.is_empty())
+                .count();
+            for nwid in nets {
+                ok &= self.list(nwid).await;
+            }
+            for key in hosts {
+                match self.sink.get_member(key.0, &key.1).await {
+                    Ok(Some(m)) => {
+                        self.host_ips.insert(key, assigned(&m));
+                    }
+                    // Gone from the controller: written again at the next pass.
+                    Ok(None) => {
+                        self.hosts.remove(&key);
+                    }
+                    Err(e) => ok = self.failed("reading a host member", &e),
+                }
+            }
+            let after = self
+                .ips
+                .values()
+                .chain(self.host_ips.values())
+                .filter(|v| !v.is_empty())
+                .count();
+            self.ip_poll = if after > before {
+                MIN_IP_POLL
+            } else {
+                self.ip_poll.saturating_mul(2).min(MAX_IP_POLL)
+            };
+            self.ip_poll_at = Instant::now() + self.ip_poll;
+        }
+        self.poll_at = Some(self.ip_poll_at);
+        ok
+    }
+
+    /// Saves the controller's IPs on the Pods and Nodes ([`super::ips`]): writes the
+    /// annotation where the controller's (non-empty) IPs differ, removes it where the
+    /// object has no binding or host member on that network any more. False when a patch
+    /// failed.
+    async fn save_ips(&mut self, c: &Caches, d: &Desired) -> bool {
+        let mut ok = true;
+        for (key, (pod, _)) in &d.pods {
+            let want = self.ips.get(key).and_then(|ips| annotation_value(ips));
+            if want.is_some() {
+                ok &= self.annotate_pod(pod, key.0, want.as_deref()).await;
+            }
+        }
+        for (key, (node, _)) in &d.nodes {
+            let want = self.host_ips.get(key).and_then(|ips| annotation_value(ips));
+            if want.is_some() {
+                ok &= self.annotate_node(node, key.0, want.as_deref()).await;
+            }
+        }
+        // Annotations of networks the object no longer belongs to (their IPs went back to
+        // the pool); only for networks whose bindings are known.
+        let known = |nwid: &u64| d.networks.contains_key(nwid) && self.listed.contains_key(nwid);
+        for pod in c.pods.state() {
+            let Some(uid) = pod.uid() else { continue };
+            if pod.metadata.deletion_timestamp.is_some() {
+                continue;
+            }
+            let stale: Vec<u64> = annotated_networks(pod.annotations())
+                .filter(|n| known(n) && !d.bindings.contains_key(&(*n, uid.clone())))
+                .collect();
+            for nwid in stale {
+                ok &= self.annotate_pod(&pod, nwid, None).await;
+            }
+        }
+        let hosted: HashSet<(u64, String)> = d
+            .nodes
+            .iter()
+            .map(|((n, _), (node, _))| (*n, node.name_any()))
+            .collect();
+        for node in c.nodes.state() {
+            let stale: Vec<u64> = annotated_networks(node.annotations())
+                .filter(|n| d.networks.contains_key(n) && !hosted.contains(&(*n, node.name_any())))
+                .collect();
+            for nwid in stale {
+                ok &= self.annotate_node(&node, nwid, None).await;
+            }
+        }
+        ok
+    }
+
+    /// Sets (or with `None` removes) the IPs annotation of `pod` for `nwid` if it differs.
+    async fn annotate_pod(&self, pod: &Pod, nwid: u64, want: Option<&str>) -> bool {
+        let key = annotation_key(nwid);
+        if pod.annotations().get(&key).map(String::as_str) == want {
+            return true;
+        }
+        let (Some(ns), Some(name)) = (pod.namespace(), pod.metadata.name.as_deref()) else {
+            return true;
+        };
+        let api: Api<Pod> = Api::namespaced(self.client.clone(), &ns);
+        self.patched("a Pod", annotate(&api, name, &key, want).await)
+    }
+
+    /// Sets (or with `None` removes) the IPs annotation of `node` for `nwid` if it differs.
+    async fn annotate_node(&self, node: &Node, nwid: u64, want: Option<&str>) -> bool {
+        let key = annotation_key(nwid);
+        if node.annotations().get(&key).map(String::as_str) == want {
+            return true;
+        }
+        let api: Api<Node> = Api::all(self.client.clone());
+        self.patched("a Node", annotate(&api, &node.name_any(), &key, want).await)
+    }
+
+    /// Logs a failed annotation patch (an object deleted meanwhile is no failure).
+    fn patched(&self, what: &str, res: Result<(), kube::Error>) -> bool {
+        match res {
+            Ok(()) => true,
+            Err(kube::Error::Api(e)) if e.code == 404 => true,
+            Err(e) => {
+                self.metrics.pod_binding_errors.inc();
+                tracing::warn!(error = %e, "saving the IPs on {what}");
+                false
+            }
+        }
+    }
+
     /// One pass: writes what differs from the desired state. True when every write worked.
     async fn pass(&mut self, c: &Caches) -> bool {
         let d = self.desired(c);
@@ -355,6 +687,18 @@ impl PodSync {
             let msg = format!("Network {net}: {p}");
             self.warn(key, &**pod, "InvalidTagValue", msg).await;
         }
+        for (key, obj, msg) in &d.bad_ips {
+            match obj {
+                BadIps::Pod(p) => {
+                    self.warn(key.clone(), &**p, "InvalidIPAnnotation", msg.clone())
+                        .await
+                }
+                BadIps::Node(n) => {
+                    self.warn(key.clone(), &**n, "InvalidIPAnnotation", msg.clone())
+                        .await
+                }
+            }
+        }
         // Networks first (members and bindings need them), then their bindings as listed.
         for (nwid, body) in &d.networks {
             if self.networks.get(nwid) != Some(body) {
@@ -367,46 +711,28 @@ impl PodSync {
             }
             let fresh = self.listed.get(nwid).is_some_and(|t| t.elapsed() < RESYNC);
             if !fresh {
-                match self.sink.list_pods(*nwid).await {
-                    Ok(list) => {
-                        self.bindings.retain(|(n, _), _| n != nwid);
-                        for (uid, b) in list.as_object().into_iter().flatten() {
-                            if let Some(b) = DesiredBinding::from_stored(b) {
-                                self.bindings.insert((*nwid, uid.clone()), b);
-                            }
-                        }
-                        self.listed.insert(*nwid, Instant::now());
-                    }
-                    Err(e) => ok = self.failed("listing pod bindings", &e),
-                }
+                ok &= self.list(*nwid).await;
             }
         }
-        for ((nwid, addr), (identity, name)) in &d.hosts {
-            let key = (*nwid, addr.clone());
-            if self.hosts.get(&key) == Some(&(identity.clone(), name.clone())) {
+        let mut wrote = false;
+        for (key, (identity, name)) in &d.hosts {
+            if self.hosts.get(key) == Some(&(identity.clone(), name.clone())) {
                 continue;
             }
-            match self.sink.put_host_member(*nwid, addr, identity, name).await {
-                Ok(_) => {
-                    tracing::info!(nwid = %format!("{nwid:016x}"), host = %addr, %name, "host member authorized");
-                    self.hosts.insert(key, (identity.clone(), name.clone()));
-                }
-                Err(e) => ok = self.failed("writing a host member", &e),
-            }
+            let saved = d.nodes.get(key).map_or(&[][..], |(_, s)| s);
+            let done = self.write_host(key, identity, name, saved).await;
+            (ok, wrote) = (ok && done, wrote || done);
         }
-        for ((nwid, uid), b) in &d.bindings {
-            let key = (*nwid, uid.clone());
-            if self.bindings.get(&key) == Some(b) {
+        for (key, b) in &d.bindings {
+            if self.bindings.get(key) == Some(b) {
                 continue;
             }
-            match self.sink.put_pod(*nwid, uid, &b.body()).await {
-                Ok(_) => {
-                    tracing::info!(nwid = %format!("{nwid:016x}"), pod = %format!("{}/{}", b.namespace, b.name), host = %b.host, tags = ?b.tags, "pod binding written");
-                    self.metrics.pod_bindings_written.inc();
-                    self.bindings.insert(key, b.clone());
-                }
-                Err(e) => ok = self.failed("writing a pod binding", &e),
-            }
+            let (pod, saved) = d
+                .pods
+                .get(key)
+                .map_or((None, &[][..]), |(p, s)| (Some(p), &s[..]));
+            let done = self.write_binding(key, b, pod, saved).await;
+            (ok, wrote) = (ok && done, wrote || done);
         }
         let stale: Vec<(u64, String)> = self
             .bindings
@@ -419,6 +745,7 @@ impl PodSync {
                 Ok(()) => {
                     tracing::info!(nwid = %format!("{nwid:016x}"), %uid, "pod binding deleted");
                     self.metrics.pod_bindings_deleted.inc();
+                    self.ips.remove(&(nwid, uid.clone()));
                     self.bindings.remove(&(nwid, uid));
                 }
                 Err(e) => ok = self.failed("deleting a pod binding", &e),
@@ -434,6 +761,7 @@ impl PodSync {
             match self.sink.delete_member(nwid, &addr).await {
                 Ok(()) => {
                     tracing::info!(nwid = %format!("{nwid:016x}"), host = %addr, "host member removed");
+                    self.host_ips.remove(&(nwid, addr.clone()));
                     self.hosts.remove(&(nwid, addr));
                 }
                 Err(e) => ok = self.failed("removing a host member", &e),
@@ -441,6 +769,8 @@ impl PodSync {
         }
         self.networks.retain(|n, _| d.networks.contains_key(n));
         self.listed.retain(|n, _| d.networks.contains_key(n));
+        ok &= self.poll_ips(&d, wrote).await;
+        ok &= self.save_ips(c, &d).await;
         self.metrics
             .pod_bindings
             .set(i64::try_from(self.bindings.len()).unwrap_or(i64::MAX));
@@ -495,6 +825,7 @@ pub async fn run(
         networks,
     };
     let mut sync = PodSync {
+        client: client.clone(),
         address,
         sink,
         metrics,
@@ -505,6 +836,11 @@ pub async fn run(
         bindings: HashMap::new(),
         listed: HashMap::new(),
         warned: HashSet::new(),
+        ips: HashMap::new(),
+        host_ips: HashMap::new(),
+        ip_poll: MIN_IP_POLL,
+        ip_poll_at: Instant::now(),
+        poll_at: None,
     };
     let mut shutdown = std::pin::pin!(shutdown);
     let mut failures = 0u32;
@@ -553,6 +889,9 @@ pub async fn run(
                     .saturating_mul(1 << failures.saturating_sub(1).min(6))
                     .min(MAX_RETRY)
             };
+        if let Some(t) = sync.poll_at {
+            wake = wake.min(t);
+        }
     }
     tracing::info!("pod binding controller stopped");
 }

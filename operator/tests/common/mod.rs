@@ -188,14 +188,22 @@ pub struct Operator {
 impl Operator {
     /// Starts [`controller::run_controllers`] with the agent's address and sink.
     pub async fn start(cp: &ControlPlane, agent: &Agent) -> Self {
+        Self::start_with(cp, agent.address.parse().unwrap(), agent.sink()).await
+    }
+
+    /// Starts [`controller::run_controllers`] with controller `address` writing to `sink`.
+    pub async fn start_with(
+        cp: &ControlPlane,
+        address: ControllerAddress,
+        sink: Arc<dyn ControllerSink>,
+    ) -> Self {
         let client = controller::client(Some(cp.kubeconfig())).await.unwrap();
-        let address: ControllerAddress = agent.address.parse().unwrap();
         let metrics = Arc::new(Metrics::new());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(controller::run_controllers(
             client.clone(),
             address,
-            Some(agent.sink()),
+            Some(sink),
             metrics.clone(),
             async move {
                 let _ = stopped.await;

@@ -103,6 +103,13 @@ pub enum ApiError {
     /// The body sets an `identity` other than the one the member has pinned already.
     #[error("member {0} has another identity pinned; delete the member to change it")]
     IdentityPinned(Address),
+    /// The body gives an existing pod binding (of this uid) other `ipAssignments` than it
+    /// has.
+    #[error(
+        "pod binding {0}: ipAssignments of an existing binding are set by the controller; \
+         delete the binding to reserve other IPs"
+    )]
+    PodIpsSetByController(String),
     /// Storage failed (nothing or the whole object was written).
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -365,9 +372,9 @@ impl<S: ControllerStore> Controller<S> {
         check_id(&body, "nwid", nwid)?;
         check_id(&body, "id", address)?;
         check_id(&body, "address", address)?;
-        if self.store().get_network(nwid)?.is_none() {
+        let Some(network) = self.store().get_network(nwid)? else {
             return Err(ApiError::NoSuchNetwork(nwid));
-        }
+        };
         let current = self
             .store()
             .get_member(nwid, address)?
@@ -396,6 +403,11 @@ impl<S: ControllerStore> Controller<S> {
             m.last_deauthorized_time = now;
         }
         self.store_mut().put_member(&mut m)?;
+        if m.ip_assignments != current.ip_assignments
+            && let Some(b) = self.binding_of(&network, nwid, &m)?
+        {
+            self.record_in_binding(nwid, b, &m)?;
+        }
         Ok(m)
     }
 }

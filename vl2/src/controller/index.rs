@@ -1,17 +1,19 @@
-//! Per-network indexes over the stored members, so that a config request does not read
-//! every member: the active bridges (specialists of every config) and the assigned IPs
-//! (checked for each candidate address of a pool assignment). A store keeps one up to
-//! date on every member write and delete and rebuilds it when it opens.
+//! Per-network indexes over the stored members and pod bindings, so that a config request
+//! does not read every member or binding: the active bridges (specialists of every config),
+//! the assigned IPs and the IPs pod bindings reserve (both checked for each candidate
+//! address of a pool assignment). A store keeps one up to date on every member and binding
+//! write and delete and rebuilds it when it opens.
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
 
 use flatwire_vl1::Address;
 
-use super::Member;
+use super::{Member, PodBinding};
 use crate::NetworkId;
 
-/// Active bridges and assigned IPs of the members of each network.
+/// Active bridges and assigned IPs of the members of each network, and the IPs its pod
+/// bindings reserve.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct MemberIndex {
     networks: HashMap<NetworkId, NetworkIndex>,
@@ -22,11 +24,13 @@ struct NetworkIndex {
     bridges: BTreeSet<Address>,
     /// `(ip, member)` for every parseable entry of a member's `ipAssignments`.
     ips: BTreeSet<(IpAddr, Address)>,
+    /// `(ip, uid)` for every parseable entry of a pod binding's `ipAssignments`.
+    reserved: BTreeSet<(IpAddr, String)>,
 }
 
 impl NetworkIndex {
     fn is_empty(&self) -> bool {
-        self.bridges.is_empty() && self.ips.is_empty()
+        self.bridges.is_empty() && self.ips.is_empty() && self.reserved.is_empty()
     }
 }
 
@@ -34,6 +38,11 @@ impl NetworkIndex {
 /// as the request path skips them).
 pub(crate) fn member_ips(m: &Member) -> impl Iterator<Item = IpAddr> + '_ {
     m.ip_assignments.iter().filter_map(|s| s.parse().ok())
+}
+
+/// The IPs pod binding `b` reserves (unparseable entries are skipped).
+pub(crate) fn binding_ips(b: &PodBinding) -> impl Iterator<Item = IpAddr> + '_ {
+    b.ip_assignments.iter().filter_map(|s| s.parse().ok())
 }
 
 impl MemberIndex {
@@ -65,7 +74,28 @@ impl MemberIndex {
         }
     }
 
-    /// Forgets every member of `nwid`.
+    /// Records that the binding of pod `uid` on `nwid` changed from `old` to `new`
+    /// (`None`: absent).
+    pub(crate) fn update_pod(
+        &mut self,
+        nwid: NetworkId,
+        uid: &str,
+        old: Option<&PodBinding>,
+        new: Option<&PodBinding>,
+    ) {
+        let net = self.networks.entry(nwid).or_default();
+        for ip in old.into_iter().flat_map(binding_ips) {
+            net.reserved.remove(&(ip, uid.to_owned()));
+        }
+        for ip in new.into_iter().flat_map(binding_ips) {
+            net.reserved.insert((ip, uid.to_owned()));
+        }
+        if net.is_empty() {
+            self.networks.remove(&nwid);
+        }
+    }
+
+    /// Forgets every member and binding of `nwid`.
     pub(crate) fn remove_network(&mut self, nwid: NetworkId) {
         self.networks.remove(&nwid);
     }
@@ -85,6 +115,16 @@ impl MemberIndex {
                 .range((ip, Address::default())..)
                 .take_while(|(i, _)| *i == ip)
                 .any(|(_, a)| *a != except)
+        })
+    }
+
+    /// Whether a pod binding of `nwid` other than that of pod `except` reserves `ip`.
+    pub(crate) fn ip_reserved(&self, nwid: NetworkId, ip: IpAddr, except: Option<&str>) -> bool {
+        self.networks.get(&nwid).is_some_and(|n| {
+            n.reserved
+                .range((ip, String::new())..)
+                .take_while(|(i, _)| *i == ip)
+                .any(|(_, uid)| Some(uid.as_str()) != except)
         })
     }
 }

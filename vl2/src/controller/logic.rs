@@ -7,7 +7,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use flatwire_vl1::{Address, Identity};
 use serde_json::Value;
 
-use super::index::member_ips;
+use super::index::{binding_ips, member_ips};
 use super::pods::pod_uid;
 use super::{ControllerStore, Member, Network, PodBinding, StoreError};
 use crate::NetworkId;
@@ -312,6 +312,10 @@ impl<S: ControllerStore> Controller<S> {
         member.address = who.to_string();
         member.nwid = nwid.to_string();
 
+        // The binding that authorized the member, when it is needed: on authorization by
+        // vouch, and (looked up by `build_config`) to assign IPs.
+        let mut bound = None;
+        let mut vouched = false;
         if !member.authorized {
             let auto = if !network.private {
                 Some(("public".to_owned(), None))
@@ -331,15 +335,12 @@ impl<S: ControllerStore> Controller<S> {
                 && let Some((v, binding)) = self.vouched(&network, nwid, who, metadata, now)?
             {
                 member.name.get_or_insert_with(|| v.pod.clone());
-                if let Some(mut b) = binding {
+                if let Some(b) = binding {
                     // The binding's tags from the first config on; the binding remembers
-                    // the member so that its changes and deletion reach it.
+                    // the member (below) so that its changes and deletion reach it.
                     member.tags.clone_from(&b.tags);
-                    let me = who.to_string();
-                    if !b.members.contains(&me) {
-                        b.members.push(me);
-                        self.store.put_pod(nwid, &b)?;
-                    }
+                    bound = Some(b);
+                    vouched = true;
                 }
                 Some(("vouch".to_owned(), Some(format!("{}/{}", v.host, v.pod))))
             } else {
@@ -371,9 +372,11 @@ impl<S: ControllerStore> Controller<S> {
             member.v_rev = v("revv");
             member.v_proto = v("pv");
         }
+        let ips_before = member.ip_assignments.clone();
         let config = self.build_config(
             &network,
             &mut member,
+            &mut bound,
             is_new,
             requester,
             metadata,
@@ -381,14 +384,22 @@ impl<S: ControllerStore> Controller<S> {
             random,
         )?;
         self.store.put_member(&mut member)?;
+        if let Some(b) = bound
+            && (vouched || member.ip_assignments != ips_before)
+        {
+            self.record_in_binding(nwid, b, &member)?;
+        }
         Ok(RequestOutcome::Config(Box::new(config)))
     }
 
+    /// The config for `member`, assigning it IPs as needed. `bound` is the binding that
+    /// authorized it; when it is `None` and IPs are to be assigned, it is looked up.
     #[allow(clippy::too_many_arguments)]
     fn build_config(
         &mut self,
         network: &Network,
         member: &mut Member,
+        bound: &mut Option<PodBinding>,
         is_new: bool,
         requester: &Identity,
         metadata: &Dictionary,
@@ -553,15 +564,48 @@ impl<S: ControllerStore> Controller<S> {
         let want6 = network.v6_assign_mode.zt && !have6;
         let want4 = network.v4_assign_mode.zt && !have4;
         if !member.no_auto_assign_ips && (want4 || want6) {
-            // Taken by another member: one index lookup per candidate.
+            if bound.is_none() {
+                *bound = self.binding_of(network, nwid, member)?;
+            }
             let store = &self.store;
-            let taken = |ip: IpAddr| store.ip_assigned(nwid, ip, who);
-            if want6 && let Some((ip, bits)) = pick_v6(network, &cfg, who, &taken, member, random)?
+            // First the IPs the member's binding reserves (in a pool, not another member's).
+            let (mut got4, mut got6) = (false, false);
+            for ip in bound.iter().flat_map(binding_ips) {
+                let want = if ip.is_ipv4() { want4 } else { want6 };
+                if !want
+                    || !pools::<IpAddr>(network).any(|(s, e)| s <= ip && ip <= e)
+                    || member_ips(member).any(|x| x == ip)
+                    || store.ip_assigned(nwid, ip, who)?
+                {
+                    continue;
+                }
+                if let Some(bits) = route_bits(&cfg, ip) {
+                    member.ip_assignments.push(ip.to_string());
+                    cfg.static_ips.push(InetAddress::new(ip, bits));
+                    if ip.is_ipv4() {
+                        got4 = true;
+                    } else {
+                        got6 = true;
+                    }
+                }
+            }
+            // Taken by another member or reserved by another binding: two index lookups
+            // per candidate.
+            let own = bound.as_ref().map(|b| b.uid.as_str());
+            let taken = |ip: IpAddr| {
+                Ok(store.ip_assigned(nwid, ip, who)? || store.ip_reserved(nwid, ip, own)?)
+            };
+            if want6
+                && !got6
+                && let Some((ip, bits)) = pick_v6(network, &cfg, who, &taken, member, random)?
             {
                 member.ip_assignments.push(ip.to_string());
                 cfg.static_ips.push(InetAddress::new(IpAddr::V6(ip), bits));
             }
-            if want4 && let Some((ip, bits)) = pick_v4(network, &cfg, who, &taken, member)? {
+            if want4
+                && !got4
+                && let Some((ip, bits)) = pick_v4(network, &cfg, who, &taken, member)?
+            {
                 member.ip_assignments.push(ip.to_string());
                 cfg.static_ips.push(InetAddress::new(IpAddr::V4(ip), bits));
             }
@@ -631,7 +675,8 @@ impl<S: ControllerStore> Controller<S> {
     }
 }
 
-/// Whether a member other than the requester holds an address.
+/// Whether a member other than the requester holds an address (or a binding other than
+/// the requester's reserves it).
 type Taken<'a> = dyn Fn(IpAddr) -> Result<bool, StoreError> + 'a;
 
 /// The pools of `network` whose ends both parse as `T`, as `(start, end)`.
@@ -640,6 +685,23 @@ fn pools<T: std::str::FromStr>(network: &Network) -> impl Iterator<Item = (T, T)
         .ip_assignment_pools
         .iter()
         .filter_map(|p| Some((p.ip_range_start.parse().ok()?, p.ip_range_end.parse().ok()?)))
+}
+
+/// The prefix length of the route a pool IP `ip` gets in `cfg`: for IPv6 the last
+/// route without a gateway that holds it, for IPv4 the first route of the same network;
+/// `None` when that route is missing or has length 0.
+fn route_bits(cfg: &NetworkConfig, ip: IpAddr) -> Option<u16> {
+    let route = if ip.is_ipv4() {
+        cfg.routes.iter().find(|r| {
+            r.target.ip.is_ipv4()
+                && network_of(ip, r.target.port) == network_of(r.target.ip, r.target.port)
+        })
+    } else {
+        cfg.routes
+            .iter()
+            .rfind(|r| r.via.is_none() && in_prefix(ip, r.target.ip, r.target.port))
+    };
+    route.map(|r| r.target.port).filter(|&bits| bits > 0)
 }
 
 fn pick_v6(
@@ -672,18 +734,13 @@ fn pick_v6(
                     },
                 )
             };
-            let ip = IpAddr::V6(Ipv6Addr::from((u128::from(hi) << 64) | u128::from(lo)));
-            let route = cfg
-                .routes
-                .iter()
-                .rfind(|r| r.via.is_none() && in_prefix(ip, r.target.ip, r.target.port));
-            if let Some(r) = route
-                && r.target.port > 0
+            let v6 = Ipv6Addr::from((u128::from(hi) << 64) | u128::from(lo));
+            let ip = IpAddr::V6(v6);
+            if let Some(bits) = route_bits(cfg, ip)
                 && !mine.contains(&ip)
                 && !taken(ip)?
-                && let IpAddr::V6(v6) = ip
             {
-                return Ok(Some((v6, r.target.port)));
+                return Ok(Some((v6, bits)));
             }
         }
     }
@@ -717,16 +774,11 @@ fn pick_v4(
                 continue;
             }
             let ip = IpAddr::V4(Ipv4Addr::from(cand));
-            let route = cfg.routes.iter().find(|r| {
-                r.target.ip.is_ipv4()
-                    && network_of(ip, r.target.port) == network_of(r.target.ip, r.target.port)
-            });
-            if let Some(r) = route
-                && r.target.port > 0
+            if let Some(bits) = route_bits(cfg, ip)
                 && !mine.contains(&ip)
                 && !taken(ip)?
             {
-                return Ok(Some((Ipv4Addr::from(cand), r.target.port)));
+                return Ok(Some((Ipv4Addr::from(cand), bits)));
             }
         }
     }

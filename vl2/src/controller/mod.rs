@@ -14,6 +14,16 @@
 //! [`Controller::api_pod_delete`] removes it together with those members, so their IPs
 //! return to the pool and the caller revokes their certificates. Without the flag, bindings
 //! are not consulted and vouches work as before.
+//!
+//! A binding also remembers its members' IPs in `"ipAssignments"` (sorted, IPv4 first, at
+//! most [`MAX_POD_IPS`]): the controller rewrites it whenever it authorizes such a member or
+//! assigns or changes its IPs, so a caller can keep a copy elsewhere (the operator keeps it
+//! in a Pod annotation) and hand it back in the POST that re-creates the binding after the
+//! store was lost. Such a reservation is a list of IP addresses; a POST to an existing
+//! binding may only repeat its value ([`ApiError::PodIpsSetByController`]). Every IP a
+//! binding lists counts as taken for the pool assignment of every member but those the
+//! binding authorized; the first of these gets the binding's IPs that lie in a pool and no
+//! other member holds before any pool pick. Deleting the binding frees them.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
@@ -31,12 +41,12 @@ mod index;
 mod logic;
 mod pods;
 pub use api::{ApiError, MAX_BODY, MAX_MEMBER_IPS, MAX_NETWORK_ITEMS, MAX_V4_POOL, PoolProblem};
-use index::{MemberIndex, member_ips};
+use index::{MemberIndex, binding_ips, member_ips};
 pub use logic::{
     Controller, ControllerError, MemberAuthorizer, RequestOutcome, RequestRefusal, config_payloads,
     refusal_payload,
 };
-pub use pods::{PodBinding, PodDeleted, PodWrite, valid_pod_uid};
+pub use pods::{MAX_POD_IPS, PodBinding, PodDeleted, PodWrite, valid_pod_uid};
 
 fn d_true() -> bool {
     true
@@ -468,6 +478,25 @@ pub trait ControllerStore {
         }
         Ok(false)
     }
+    /// Whether a pod binding of the network other than that of pod `except` has `ip` in
+    /// its `ipAssignments`. The default reads every binding; [`MemoryStore`] and
+    /// [`FileStore`] answer from an index.
+    fn ip_reserved(
+        &self,
+        nwid: NetworkId,
+        ip: IpAddr,
+        except: Option<&str>,
+    ) -> Result<bool, StoreError> {
+        for uid in self.list_pods(nwid)? {
+            if Some(uid.as_str()) != except
+                && let Some(b) = self.get_pod(nwid, &uid)?
+                && binding_ips(&b).any(|x| x == ip)
+            {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
 }
 
 fn bump<T: Clone + PartialEq>(
@@ -530,6 +559,14 @@ macro_rules! answer_from_index {
             except: Address,
         ) -> Result<bool, StoreError> {
             Ok(self.index.ip_assigned(nwid, ip, except))
+        }
+        fn ip_reserved(
+            &self,
+            nwid: NetworkId,
+            ip: IpAddr,
+            except: Option<&str>,
+        ) -> Result<bool, StoreError> {
+            Ok(self.index.ip_reserved(nwid, ip, except))
         }
     };
 }
@@ -595,10 +632,13 @@ impl ControllerStore for MemoryStore {
     fn put_pod(&mut self, nwid: NetworkId, b: &PodBinding) -> Result<bool, StoreError> {
         check_uid(&b.uid)?;
         let old = self.pods.insert((nwid, b.uid.clone()), b.clone());
+        self.index.update_pod(nwid, &b.uid, old.as_ref(), Some(b));
         Ok(old.as_ref() != Some(b))
     }
     fn delete_pod(&mut self, nwid: NetworkId, uid: &str) -> Result<Option<PodBinding>, StoreError> {
-        Ok(self.pods.remove(&(nwid, uid.to_owned())))
+        let old = self.pods.remove(&(nwid, uid.to_owned()));
+        self.index.update_pod(nwid, uid, old.as_ref(), None);
+        Ok(old)
     }
     fn list_pods(&self, nwid: NetworkId) -> Result<Vec<String>, StoreError> {
         Ok(self
@@ -618,9 +658,9 @@ impl ControllerStore for MemoryStore {
 /// crash leaves either the old or the new object (and perhaps a `.*.tmp` file, which
 /// is ignored and overwritten by the next write of that object).
 ///
-/// Active bridges and assigned IPs are indexed in memory, built when the store opens:
-/// files changed behind an open store's back are not seen by the index until it
-/// is opened again.
+/// Active bridges, assigned IPs and the IPs pod bindings reserve are indexed in memory,
+/// built when the store opens: files changed behind an open store's back are not seen by
+/// the index until it is opened again.
 #[derive(Debug)]
 pub struct FileStore {
     root: PathBuf,
@@ -628,8 +668,8 @@ pub struct FileStore {
 }
 
 impl FileStore {
-    /// Opens the store at `root` (created on first write) and indexes its members.
-    /// Fails if a member file does not parse.
+    /// Opens the store at `root` (created on first write) and indexes its members and pod
+    /// bindings. Fails if a member or binding file does not parse.
     pub fn open(root: impl Into<PathBuf>) -> Result<Self, StoreError> {
         let mut s = Self {
             root: root.into(),
@@ -656,6 +696,11 @@ impl FileStore {
             for a in s.list_members(nwid)? {
                 if let Some(m) = s.get_member(nwid, a)? {
                     s.index.update(nwid, a, None, Some(&m));
+                }
+            }
+            for uid in s.list_pods(nwid)? {
+                if let Some(b) = s.get_pod(nwid, &uid)? {
+                    s.index.update_pod(nwid, &uid, None, Some(&b));
                 }
             }
         }
@@ -800,10 +845,12 @@ impl ControllerStore for FileStore {
     }
     fn put_pod(&mut self, nwid: NetworkId, b: &PodBinding) -> Result<bool, StoreError> {
         let path = self.pod_path(nwid, &b.uid)?;
-        if Self::read::<PodBinding>(&path)?.as_ref() == Some(b) {
+        let old = Self::read::<PodBinding>(&path)?;
+        if old.as_ref() == Some(b) {
             return Ok(false);
         }
         Self::write_atomic(&path, to_canonical_json(b)?.as_bytes())?;
+        self.index.update_pod(nwid, &b.uid, old.as_ref(), Some(b));
         Ok(true)
     }
     fn delete_pod(&mut self, nwid: NetworkId, uid: &str) -> Result<Option<PodBinding>, StoreError> {
@@ -811,6 +858,7 @@ impl ControllerStore for FileStore {
         let old = Self::read(&path)?;
         if old.is_some() {
             std::fs::remove_file(path)?;
+            self.index.update_pod(nwid, uid, old.as_ref(), None);
         }
         Ok(old)
     }

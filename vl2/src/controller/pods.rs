@@ -1,17 +1,24 @@
 //! Pod bindings (a flatwire extension, see the [module docs](super#pod-bindings)): the
 //! object, its API writes, and what they do to the members a binding authorized.
 
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+
 use flatwire_vl1::Address;
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 use super::api::{ApiError, check_id, field, merge, parse_body, too_many};
-use super::{Controller, ControllerStore, MAX_NETWORK_ITEMS, Member, StoreError};
+use super::index::member_ips;
+use super::{Controller, ControllerStore, MAX_NETWORK_ITEMS, Member, Network, StoreError};
 use crate::NetworkId;
 
 /// Longest pod uid (Kubernetes uids are 36-byte UUIDs).
 const MAX_UID: usize = 128;
 /// Longest namespace or pod name (a DNS subdomain).
 const MAX_NAME: usize = 253;
+/// Most entries in a pod binding's `ipAssignments`.
+pub const MAX_POD_IPS: usize = 16;
 
 /// Whether `uid` can key a binding: 1 to 128 of `[A-Za-z0-9._-]`, not starting with `.`
 /// (so it is a safe file name).
@@ -43,6 +50,13 @@ pub struct PodBinding {
     /// POST cannot set them).
     #[serde(default)]
     pub members: Vec<String>,
+    /// The IPs of the members this binding authorized, sorted (IPv4 first) and without
+    /// duplicates, at most [`MAX_POD_IPS`]; written by the controller whenever it assigns
+    /// or changes them. A POST creating the binding may set them as a reservation (e.g.
+    /// restored after the controller lost its store): no other member is assigned them,
+    /// and the first member the binding authorizes gets those that lie in a pool.
+    #[serde(default)]
+    pub ip_assignments: Vec<String>,
 }
 
 impl PodBinding {
@@ -62,6 +76,31 @@ impl PodBinding {
             && m.last_authorized_credential_type.as_deref() == Some("vouch")
             && m.last_authorized_credential.as_deref() == Some(self.credential().as_str())
     }
+}
+
+/// `ips` in the form a binding stores them: canonical text, sorted (IPv4 first), without
+/// duplicates, at most [`MAX_POD_IPS`].
+fn binding_ip_list(ips: impl IntoIterator<Item = IpAddr>) -> Vec<String> {
+    let set: BTreeSet<IpAddr> = ips.into_iter().collect();
+    set.iter()
+        .take(MAX_POD_IPS)
+        .map(ToString::to_string)
+        .collect()
+}
+
+/// The `ipAssignments` of a binding POST body, checked and normalised.
+fn posted_ips(v: Value) -> Result<Vec<String>, ApiError> {
+    let given: Vec<String> = serde_json::from_value(v)
+        .map_err(|e| field("ipAssignments", format!("not a list of strings: {e}")))?;
+    too_many("ipAssignments", given.len(), MAX_POD_IPS)?;
+    let ips = given
+        .iter()
+        .map(|s| {
+            s.parse::<IpAddr>()
+                .map_err(|_| field("ipAssignments", format!("{s:?} is not an IP address")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(binding_ip_list(ips))
 }
 
 /// The uid of a vouch's pod string `namespace/name/uid`, if it has that form.
@@ -121,6 +160,57 @@ fn check_binding(b: &PodBinding) -> Result<(), ApiError> {
 }
 
 impl<S: ControllerStore> Controller<S> {
+    /// The binding through whose vouch `m` was authorized (only on a `vouchRequiresPod`
+    /// network, where bindings count).
+    pub(super) fn binding_of(
+        &self,
+        network: &Network,
+        nwid: NetworkId,
+        m: &Member,
+    ) -> Result<Option<PodBinding>, StoreError> {
+        if !network.vouch_requires_pod
+            || m.last_authorized_credential_type.as_deref() != Some("vouch")
+        {
+            return Ok(None);
+        }
+        let Some(uid) = m
+            .last_authorized_credential
+            .as_deref()
+            .and_then(|c| c.split_once('/'))
+            .and_then(|(_, pod)| pod_uid(pod))
+        else {
+            return Ok(None);
+        };
+        Ok(self.store().get_pod(nwid, uid)?.filter(|b| b.authorized(m)))
+    }
+
+    /// Records `member`, authorized through `b`, in `b`'s `members`, sets `b`'s
+    /// `ipAssignments` to the IPs of the members it authorized (`member` as given, the
+    /// others as stored) and stores `b` if that changed it (call when such a member is
+    /// authorized or its IPs change).
+    pub(super) fn record_in_binding(
+        &mut self,
+        nwid: NetworkId,
+        mut b: PodBinding,
+        member: &Member,
+    ) -> Result<(), StoreError> {
+        if !b.members.contains(&member.id) {
+            b.members.push(member.id.clone());
+        }
+        let mut ips: Vec<IpAddr> = member_ips(member).collect();
+        for a in b.members.iter().filter(|s| **s != member.id) {
+            if let Ok(a) = a.parse::<Address>()
+                && let Some(m) = self.store().get_member(nwid, a)?
+                && b.authorized(&m)
+            {
+                ips.extend(member_ips(&m));
+            }
+        }
+        b.ip_assignments = binding_ip_list(ips);
+        self.store_mut().put_pod(nwid, &b)?;
+        Ok(())
+    }
+
     /// Removes the members `binding` authorized (call when the binding goes or moves).
     fn remove_bound_members(
         &mut self,
@@ -145,9 +235,12 @@ impl<S: ControllerStore> Controller<S> {
 
     /// Applies a pod binding POST body for pod `uid` of `nwid` (call for every API write of
     /// a binding; creates it if it is new). Fields: `namespace`, `name`, `host` (10 hex),
-    /// `tags` (`[[id, value], ...]`), `uid` (must match); `members` is ignored. Members the
-    /// binding authorized get its tags; if `host` changed they are removed (a pod never
-    /// moves, so a new host means a new pod under a reused uid).
+    /// `tags` (`[[id, value], ...]`), `uid` (must match); `members` is ignored.
+    /// `ipAssignments` (at most [`MAX_POD_IPS`] IP addresses) reserves IPs for a new
+    /// binding; for an existing one it may only repeat the stored value
+    /// ([`ApiError::PodIpsSetByController`] otherwise). Members the binding authorized get
+    /// its tags; if `host` changed they are removed (a pod never moves, so a new host means
+    /// a new pod under a reused uid) and the binding keeps its `ipAssignments` for the next.
     pub fn api_pod_post(
         &mut self,
         nwid: NetworkId,
@@ -159,6 +252,7 @@ impl<S: ControllerStore> Controller<S> {
             return Err(field("uid", format!("{uid:?} is not a pod uid")));
         }
         check_id(&body, "uid", uid.to_owned())?;
+        let posted_ips = body.remove("ipAssignments").map(posted_ips).transpose()?;
         if self.store().get_network(nwid)?.is_none() {
             return Err(ApiError::NoSuchNetwork(nwid));
         }
@@ -170,6 +264,13 @@ impl<S: ControllerStore> Controller<S> {
         });
         let mut b: PodBinding = merge(&base, &body)?;
         check_binding(&b)?;
+        match (&current, posted_ips) {
+            (Some(c), Some(ips)) if ips != c.ip_assignments => {
+                return Err(ApiError::PodIpsSetByController(uid.to_owned()));
+            }
+            (None, Some(ips)) => b.ip_assignments = ips,
+            _ => {}
+        }
         if let Ok(h) = b.host.parse::<Address>() {
             b.host = h.to_string();
         }

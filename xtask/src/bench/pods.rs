@@ -427,17 +427,43 @@ fn restart_with_pool(
 
 /// The `took_ms` of the `attached` lines of an agent log (colours, if any, removed).
 fn agent_attach_ms(log: &str) -> Vec<f64> {
+    attached_field_ms(log, "took_ms")
+}
+
+/// The phases of the agent's Attach its `attached` lines report, as (field, name).
+const PHASES: [(&str, &str); 4] = [
+    ("identity_ms", "identity"),
+    ("tap_ms", "TAP and member"),
+    ("config_ms", "config wait"),
+    ("link_and_record_ms", "link and record"),
+];
+
+/// The values of `field` (`name=<ms>`) of the `attached` lines of an agent log.
+fn attached_field_ms(log: &str, field: &str) -> Vec<f64> {
+    let prefix = format!("{field}=");
     strip_ansi(log)
         .lines()
         .filter(|l| l.contains(" attached "))
         .filter_map(|l| {
             let v = l
                 .split_whitespace()
-                .find_map(|w| w.strip_prefix("took_ms="))?;
+                .find_map(|w| w.strip_prefix(prefix.as_str()))?;
             let digits: String = v.chars().take_while(char::is_ascii_digit).collect();
             digits.parse().ok()
         })
         .collect()
+}
+
+/// Where the agent's Attach time went: p50 / p99 per phase, for people.
+fn phases(log: &str) -> String {
+    PHASES
+        .iter()
+        .filter_map(|(field, name)| {
+            let l = Latency::of(attached_field_ms(log, field))?;
+            Some(format!("{name} {:.0}/{:.0}", l.p50_ms, l.p99_ms))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// `text` without ANSI colour sequences (`ESC [ ... m`).
@@ -518,6 +544,7 @@ pub fn run(
         let pool_after = pool_depth(planet, name)?;
         let (log, _) = log_since(planet, name, log_at);
         let agent_attach = Latency::of(agent_attach_ms(&log));
+        println!("    agent Attach phases p50/p99, ms: {}", phases(&log));
         let mut failures = Failures {
             add: add.failures.len(),
             ..Failures::default()
@@ -648,6 +675,13 @@ mod tests {
                    2026-11-22T22:00:00.3Z  \x1b[32m INFO\x1b[0m \x1b[2mflatwire_agent::attach\x1b[0m: \
                    attached \x1b[3mtook_ms\x1b[0m\x1b[2m=\x1b[0m12\n";
         assert_eq!(agent_attach_ms(log), vec![75.0, 12.0]);
+        let phased = "INFO flatwire_agent::attach: attached took_ms=30 identity_ms=1 tap_ms=4 \
+                      config_ms=20 link_and_record_ms=5\n";
+        assert_eq!(attached_field_ms(phased, "config_ms"), vec![20.0]);
+        assert_eq!(
+            phases(phased),
+            "identity 1/1, TAP and member 4/4, config wait 20/20, link and record 5/5"
+        );
         let l = Latency::of(vec![3.0, 1.0, 2.0]).unwrap();
         assert_eq!(
             (l.samples, l.p50_ms, l.p99_ms, l.max_ms),
