@@ -222,6 +222,7 @@ pub fn add(inv: &Invocation, conf: &NetConf) -> Result<serde_json::Value, CniErr
             name: name.to_owned(),
             uid: uid.to_owned(),
         }),
+        bandwidth: conf.bandwidth,
     };
     let attached = exchange(&conf.agent_socket, ADD_TIMEOUT, |mut c| async move {
         c.attach(request)
@@ -293,6 +294,7 @@ pub fn check(inv: &Invocation, conf: &NetConf) -> Result<(), CniError> {
         key: Some(key(inv, conf)),
         netns_path: netns_of(inv),
         prev_result: Some(to_attach(&ours, conf)),
+        bandwidth: conf.bandwidth,
     };
     exchange(&conf.agent_socket, CALL_TIMEOUT, |mut c| async move {
         c.check(request)

@@ -5,7 +5,8 @@
 //! The reference `bandwidth` plugin is left out on purpose: it shapes traffic on the host end
 //! of a veth pair, and a flatwire pod interface is a TAP the agent holds, with no host end, so
 //! its CHECK always fails ("has no veth peer") and its ADD fails as soon as a pod asks for a
-//! bandwidth limit.
+//! bandwidth limit. flatwire declares the `bandwidth` capability itself instead: the agent
+//! shapes the pod interface inside the pod's namespace (see `flatwire_agent::shaping`).
 //!
 //! Both files are written atomically (a temporary file in the same directory, then a rename),
 //! so a runtime never reads half a file and a running plugin binary is never overwritten in
@@ -183,6 +184,7 @@ mod tests {
             .collect();
         assert_eq!(types, [BINARY_NAME, "portmap", "tuning"]);
         assert_eq!(doc["plugins"][1]["capabilities"]["portMappings"], true);
+        assert_eq!(doc["plugins"][0]["capabilities"]["bandwidth"], true);
         // Our plugin's part, as the runtime would hand it over, parses for ADD.
         let mut ours = doc["plugins"][0].clone();
         ours["name"] = doc["name"].clone();

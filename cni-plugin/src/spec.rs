@@ -288,8 +288,9 @@ pub struct NetConf {
     /// `cni.dev/valid-attachments` (GC only; also read from the `cni.dev/attachments` alias
     /// libcni sends). Absent means none is valid, which is what `cnitool gc` asks for.
     pub valid_attachments: Vec<Attachment>,
-    /// `runtimeConfig` capabilities, passed through.
-    pub runtime_config: Value,
+    /// The `bandwidth` capability (`runtimeConfig.bandwidth`: `ingressRate`, `ingressBurst`,
+    /// `egressRate`, `egressBurst`; bits per second and bits), if the runtime passed it.
+    pub bandwidth: Option<flatwire_api::v1::Bandwidth>,
 }
 
 /// How the pod interface is routed.
@@ -424,9 +425,43 @@ impl NetConf {
             agent_socket,
             prev_result,
             valid_attachments,
-            runtime_config: obj.get("runtimeConfig").cloned().unwrap_or(Value::Null),
+            bandwidth: bandwidth(obj.get("runtimeConfig"))?,
         })
     }
+}
+
+/// `runtimeConfig.bandwidth`, each field a non-negative integer when present (whether the
+/// values fit together is the agent's to judge: it knows the network's MTU).
+fn bandwidth(runtime: Option<&Value>) -> Result<Option<flatwire_api::v1::Bandwidth>, CniError> {
+    let Some(bw) = runtime
+        .and_then(|r| r.get("bandwidth"))
+        .filter(|v| !v.is_null())
+    else {
+        return Ok(None);
+    };
+    let Some(obj) = bw.as_object() else {
+        return Err(CniError::new(
+            ErrorCode::InvalidConfig,
+            "`runtimeConfig.bandwidth` is not an object",
+            "pass {\"ingressRate\", \"ingressBurst\", \"egressRate\", \"egressBurst\"}",
+        ));
+    };
+    let field = |key: &str| match obj.get(key) {
+        None | Some(Value::Null) => Ok(0),
+        Some(v) => v.as_u64().ok_or_else(|| {
+            CniError::new(
+                ErrorCode::InvalidConfig,
+                format!("`runtimeConfig.bandwidth.{key}` is {v}"),
+                "rates are bits per second and bursts bits, as non-negative integers",
+            )
+        }),
+    };
+    Ok(Some(flatwire_api::v1::Bandwidth {
+        ingress_rate: field("ingressRate")?,
+        ingress_burst: field("ingressBurst")?,
+        egress_rate: field("egressRate")?,
+        egress_burst: field("egressBurst")?,
+    }))
 }
 
 fn check_network_name(name: &str) -> Result<(), CniError> {

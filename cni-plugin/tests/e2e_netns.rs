@@ -140,8 +140,11 @@ fn cnitool_attaches_two_pods_that_ping_with_check_gc_portmap_and_del() {
         std::thread::sleep(Duration::from_millis(200));
     }
 
-    // ADD two pods; pod1 with a port mapping for portmap (host 8080 -> pod 5201).
-    let cap = r#"{"portMappings":[{"hostPort":8080,"containerPort":5201,"protocol":"tcp"}]}"#;
+    // ADD two pods; pod1 with a port mapping for portmap (host 8080 -> pod 5201) and bandwidth
+    // limits (shaped by the agent in pod1's namespace: 10 Mbit/s out, 20 Mbit/s in).
+    let cap = r#"{"portMappings":[{"hostPort":8080,"containerPort":5201,"protocol":"tcp"}],
+        "bandwidth":{"ingressRate":20000000,"ingressBurst":1000000,
+                     "egressRate":10000000,"egressBurst":1000000}}"#;
     let started = Instant::now();
     let add1 = ok(
         cni.cnitool(
@@ -215,6 +218,13 @@ fn cnitool_attaches_two_pods_that_ping_with_check_gc_portmap_and_del() {
     wait_ping(&pods[1], &ip1, Duration::from_secs(10));
     wait_ping(&pods[1], &ip1_v6, Duration::from_secs(10));
 
+    // pod1's limits hold over the flat network, in both directions.
+    let out = pods[0].iperf3_mbit(&pods[1], &ip2, 5302, 3, false).unwrap();
+    let into = pods[0].iperf3_mbit(&pods[1], &ip2, 5302, 3, true).unwrap();
+    eprintln!("pod1 shaped: {out:.1} Mbit/s out (limit 10), {into:.1} Mbit/s in (limit 20)");
+    assert!((4.0..=11.5).contains(&out), "pod1 sent {out} Mbit/s");
+    assert!((8.0..=23.0).contains(&into), "pod1 received {into} Mbit/s");
+
     // CHECK passes; then catches a removed address.
     ok(
         cni.cnitool(&node, "check", pods[0].netns_path(), &[("CAP_ARGS", cap)]),
@@ -224,6 +234,15 @@ fn cnitool_attaches_two_pods_that_ping_with_check_gc_portmap_and_del() {
         cni.cnitool(&node, "check", pods[1].netns_path(), &[]),
         "cnitool check pod2",
     );
+    let slower = cap.replace("20000000", "5000000");
+    let bad = cni.cnitool(
+        &node,
+        "check",
+        pods[0].netns_path(),
+        &[("CAP_ARGS", &slower)],
+    );
+    assert!(!bad.ok, "CHECK missed other bandwidth limits: {bad:?}");
+    assert!(bad.stderr.contains("ingress rate"), "{bad:?}");
     pods[1]
         .run("ip", &["addr", "del", &format!("{ip2}/24"), "dev", "eth0"])
         .unwrap();
@@ -362,6 +381,12 @@ fn cnitool_attaches_two_pods_that_ping_with_check_gc_portmap_and_del() {
         );
     }
     assert!(pods[0].run("ip", &["link", "show", "eth0"]).is_err());
+    let links = pods[0].run("ip", &["-o", "link", "show"]).unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&links.stdout).lines().count(),
+        1,
+        "DEL left pod1's shaping device"
+    );
     let nat = node.run("iptables", &["-t", "nat", "-S"]).unwrap();
     assert!(
         !String::from_utf8_lossy(&nat.stdout).contains(&format!("{ip1}:5201")),
@@ -410,6 +435,34 @@ fn cnitool_attaches_two_pods_that_ping_with_check_gc_portmap_and_del() {
         direct_add("tiny0", "net1", &tiny),
         "ADD takes the last address",
     );
+    // Bandwidth limits that cannot work are refused before anything is set up.
+    let env = [
+        ("CNI_COMMAND", "ADD"),
+        ("CNI_CONTAINERID", "shaped0"),
+        ("CNI_IFNAME", "net3"),
+        ("CNI_NETNS", netns3.as_str()),
+    ];
+    for (bw, word) in [
+        (serde_json::json!({"egressRate": 1000000}), "egressBurst"),
+        (serde_json::json!({"ingressRate": -1}), "ingressRate"),
+        (
+            serde_json::json!({"egressRate": 1000000, "egressBurst": 800}),
+            "one frame",
+        ),
+    ] {
+        let conf = netconf(
+            "1.1.0",
+            &socket,
+            serde_json::json!({"name": "flatwire-errors", "network": nwid,
+                "runtimeConfig": {"bandwidth": bw}}),
+        );
+        let err = common::assert_cni_error(&plugin(&env, &conf), 7);
+        assert!(err.to_string().contains(word), "{bw}: {err}");
+        assert!(
+            pods[2].run("ip", &["link", "show", "net3"]).is_err(),
+            "a refused ADD ({bw}) left its interface behind"
+        );
+    }
     let err = common::assert_cni_error(&direct_add("tiny1", "net2", &tiny), 100);
     assert!(
         err["msg"].as_str().unwrap().contains("IP pool exhausted"),

@@ -56,6 +56,7 @@ use crate::dataplane::{NewMember, NodeHandle};
 use crate::mcast::Memberships;
 use crate::networks::{self, MemberWatch, PRIMARY_TAP, link_state};
 use crate::pool::IdentityPool;
+use crate::shaping::{self, Bandwidth, ShapingError};
 use crate::state::{Change, Sensitivity, StateDir};
 use crate::tap::{self, IpPrefix, LinkRoute, LinkState, Tap, TapConfig};
 
@@ -91,6 +92,10 @@ pub enum AttachError {
     /// Check found the attachment different from the previous result (`FAILED_PRECONDITION`).
     #[error("{0}")]
     Mismatch(String),
+    /// The request cannot be met as asked, e.g. a bandwidth burst below one frame of the
+    /// network's MTU (`INVALID_ARGUMENT`).
+    #[error("{0}")]
+    Invalid(String),
     /// Anything else (`INTERNAL`).
     #[error("{0}")]
     Internal(String),
@@ -104,6 +109,7 @@ impl From<AttachError> for tonic::Status {
             AttachError::Exhausted(m) => tonic::Status::resource_exhausted(m),
             AttachError::Unavailable(m) => tonic::Status::unavailable(m),
             AttachError::Mismatch(m) => tonic::Status::failed_precondition(m),
+            AttachError::Invalid(m) => tonic::Status::invalid_argument(m),
             AttachError::Internal(m) => tonic::Status::internal(m),
         }
     }
@@ -178,6 +184,9 @@ pub struct AttachSpec {
     pub mode: v1::Mode,
     /// The pod, if given.
     pub pod: Option<v1::PodRef>,
+    /// Bandwidth limits for the pod interface (checked for consistency, not yet against
+    /// the MTU).
+    pub bandwidth: Bandwidth,
 }
 
 /// The pod string of the host's vouch: `namespace/name/uid` from the pod reference when it
@@ -427,10 +436,15 @@ impl Attachments {
                 pod: spec.pod.clone(),
                 result: Some(result),
                 attached_unix_ms: now_ms(),
+                bandwidth: (!spec.bandwidth.is_unlimited()).then(|| spec.bandwidth.into()),
             },
         };
         let (linked, recorded) = tokio::join!(
-            configure_in(&spec.netns_path, ifindex, state),
+            async {
+                let mtu = state.mtu;
+                configure_in(&spec.netns_path, ifindex, state).await?;
+                shape(&spec.netns_path, &spec.key.ifname, spec.bandwidth, mtu).await
+            },
             self.persist(&entry)
         );
         t.link = t.lap();
@@ -739,6 +753,19 @@ impl Attachments {
         if let Some(nwid) = e.gateway_network() {
             self.release_gateway(nwid).await;
         }
+        if e.attachment.bandwidth.is_some() {
+            // The TAP went with the member; its ingress `ifb` stays until removed (or until
+            // the namespace goes, which may already have happened).
+            let (ns, ifname) = (e.attachment.netns_path.clone(), k.2.clone());
+            let removed = blocking("unshape", move || {
+                shaping::remove(Path::new(&ns), &ifname)
+                    .map_err(|e| AttachError::Internal(e.to_string()))
+            })
+            .await;
+            if let Err(err) = removed {
+                tracing::debug!(%member, error = %err, "bandwidth limits not removed");
+            }
+        }
         tracing::info!(%member, network = %k.0, container = %k.1, ifname = %k.2, "detached");
         Ok(true)
     }
@@ -749,6 +776,7 @@ impl Attachments {
         key: &v1::AttachmentKey,
         netns_path: &str,
         prev: Option<&v1::AttachResult>,
+        bandwidth: Bandwidth,
     ) -> Result<(), AttachError> {
         let slot = self.slot(&key_of(key));
         let guard = slot.lock().await;
@@ -787,6 +815,14 @@ impl Attachments {
             if !present {
                 diffs.push(format!("address {} is missing", a.address));
             }
+        }
+        let (ns, ifname) = (netns_path.to_string(), key.ifname.clone());
+        let shaped = blocking("check", move || {
+            Ok(shaping::check(Path::new(&ns), &ifname, bandwidth))
+        })
+        .await?;
+        if let Err(e) = shaped {
+            diffs.push(e.to_string());
         }
         if diffs.is_empty() {
             Ok(())
@@ -922,6 +958,10 @@ impl Attachments {
             routes,
         };
         let (tap, groups) = create_tap(&key.ifname, mac, &attachment.netns_path, state).await?;
+        // A new TAP: its limits (and its ingress `ifb`, replaced) are set again.
+        if let Some(bw) = &attachment.bandwidth {
+            shape(&attachment.netns_path, &key.ifname, bw.into(), result.mtu).await?;
+        }
         let pod = vouch_pod(attachment.pod.as_ref(), &key.container_id);
         let vouch = Vouch::sign(&self.host, member, nwid, &pod, now_ms())
             .map_err(|e| internal("cannot sign the vouch")(e.to_string()))?;
@@ -1026,6 +1066,21 @@ fn check_netns(path: &Path) -> Result<(), AttachError> {
             path.display()
         ))),
     }
+}
+
+/// Shapes interface `ifname` in `netns` to `bw` (nothing to do when unlimited).
+async fn shape(netns: &str, ifname: &str, bw: Bandwidth, mtu: u32) -> Result<(), AttachError> {
+    if bw.is_unlimited() {
+        return Ok(());
+    }
+    let (netns, ifname) = (netns.to_string(), ifname.to_string());
+    blocking("shape", move || {
+        shaping::apply(Path::new(&netns), &ifname, bw, mtu).map_err(|e| match e {
+            ShapingError::Invalid(m) => AttachError::Invalid(m),
+            e => AttachError::Internal(e.to_string()),
+        })
+    })
+    .await
 }
 
 /// Sets the MTU, addresses and routes of link `ifindex` in `netns`.
@@ -1178,6 +1233,7 @@ mod tests {
             (AttachError::Exhausted("x".into()), Code::ResourceExhausted),
             (AttachError::Unavailable("x".into()), Code::Unavailable),
             (AttachError::Mismatch("x".into()), Code::FailedPrecondition),
+            (AttachError::Invalid("x".into()), Code::InvalidArgument),
             (AttachError::Internal("x".into()), Code::Internal),
         ] {
             assert_eq!(tonic::Status::from(e).code(), code);

@@ -1012,9 +1012,12 @@ impl DataPlane {
             self.peers.entry(*r).or_default();
         }
         let now = self.clock.now();
-        for l in &mut self.locals[1..] {
+        for (i, l) in self.locals.iter_mut().enumerate() {
             // The same rule judged it for the host: a member's node may only already have it.
-            let _ = l.node.offer_planet(now, planet.clone());
+            if i > 0 {
+                let _ = l.node.offer_planet(now, planet.clone());
+            }
+            l.vl2.set_roots(&self.roots);
         }
         tracing::info!(
             id = planet.id,

@@ -61,7 +61,9 @@ use flatwire_vl2::dictionary::Dictionary;
 use flatwire_vl2::member::{self, MemberOptions, Network, NetworkEvent, Output, Status, Upstream};
 use flatwire_vl2::multicast::{GatherResult, decode_likes};
 use flatwire_vl2::netconf::{DEFAULT_MTU, Dns, FLAG_ENABLE_BROADCAST, NetworkConfig, Route};
-use flatwire_vl2::verbs::{ConfigRequest, CredentialsPayload, in_re, request_metadata};
+use flatwire_vl2::verbs::{
+    ConfigRequest, CredentialsPayload, in_re, request_metadata, split_in_re,
+};
 use flatwire_vl2::vouch::Vouch;
 
 use crate::mcast::{self, Memberships};
@@ -331,7 +333,26 @@ struct Ctl {
     public: Identity,
     /// Config requests answered, by outcome (see [`REQUEST_OUTCOMES`]).
     pub(crate) requests: [u64; 4],
+    /// Pushed configs a member has not acknowledged yet, sent again until it does.
+    unacked: HashMap<(NetworkId, Address), Unacked>,
 }
+
+/// A pushed config waiting for the member's OK (which names its update id).
+struct Unacked {
+    update_id: u64,
+    payloads: Vec<(Verb, Vec<u8>)>,
+    /// When to send it again (ms).
+    next: u64,
+    /// Sends so far.
+    sends: u32,
+}
+
+/// How long a pushed config waits for its acknowledgement before it is sent again (ms); the
+/// wait doubles with every send, up to [`PUSH_SENDS`] sends. Without this a lost push left a
+/// member on its old config until its own refresh, up to a minute later.
+const PUSH_RETRY: u64 = 500;
+/// Most sends of one pushed config.
+const PUSH_SENDS: u32 = 5;
 
 /// A member's last config request.
 struct Seen {
@@ -499,6 +520,7 @@ impl Vl2 {
                 seen: HashMap::new(),
                 public: identity.to_public(),
                 requests: [0; 4],
+                unacked: HashMap::new(),
             }),
             None => None,
         };
@@ -592,6 +614,16 @@ impl Vl2 {
         );
         net.set_upstreams(self.upstreams.clone());
         net
+    }
+
+    /// Takes the roots of a new planet as the multicast upstreams of every network joined
+    /// now and later.
+    pub(crate) fn set_roots(&mut self, roots: &[Address]) {
+        let me = self.me;
+        self.upstreams = roots.iter().copied().filter(|r| *r != me).collect();
+        for j in &mut self.nets {
+            j.net.set_upstreams(self.upstreams.clone());
+        }
     }
 
     /// Whether a network waits for its first config from controller `peer`.
@@ -719,14 +751,34 @@ impl Vl2 {
                 now as i64,
                 &mut || xorshift(&mut rng),
             );
-            let Ok(RequestOutcome::Config(cfg)) = out else {
-                continue;
+            let cfg = match out {
+                Ok(RequestOutcome::Config(cfg)) => cfg,
+                Ok(other) => {
+                    tracing::debug!(%nwid, member = %a, outcome = ?other, "controller: nothing to push");
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(%nwid, member = %a, error = %e, "controller: cannot build a config to push");
+                    continue;
+                }
             };
             let update_id = xorshift(&mut rng) | 1;
             match config_payloads(c.ctl.identity(), &cfg, None, update_id) {
                 Ok(p) => {
                     tracing::info!(%nwid, member = %a, revision = cfg.revision, "controller: config pushed");
-                    self.sends.extend(p.into_iter().map(|(v, p)| (*a, v, p)));
+                    self.sends
+                        .extend(p.iter().map(|(v, p)| (*a, *v, p.clone())));
+                    if *a != self.me {
+                        let next = now + PUSH_RETRY;
+                        let (update_id, payloads, sends) = (update_id, p, 1);
+                        let u = Unacked {
+                            update_id,
+                            payloads,
+                            next,
+                            sends,
+                        };
+                        c.unacked.insert((nwid, *a), u);
+                    }
                 }
                 Err(e) => tracing::error!(%nwid, error = %e, "controller: cannot sign config"),
             }
@@ -809,11 +861,17 @@ impl Vl2 {
                     t
                 }
             })
+            .chain(
+                self.ctl
+                    .iter()
+                    .flat_map(|c| c.unacked.values().map(|u| u.next)),
+            )
             .min()
             .unwrap_or(u64::MAX)
     }
 
-    /// Runs due member timers and expires multicast directories.
+    /// Runs due member timers, sends unacknowledged config pushes again and expires
+    /// multicast directories.
     pub(crate) fn handle_timeout(&mut self, now: u64) {
         for j in &mut self.nets {
             if now as i64 >= j.net.poll_timeout() {
@@ -829,8 +887,46 @@ impl Vl2 {
         }
         if let Some(c) = self.ctl.as_mut() {
             c.upstream.expire(now as i64);
+            c.unacked.retain(|(nwid, member), u| {
+                if now < u.next {
+                    return true;
+                }
+                if u.sends >= PUSH_SENDS {
+                    tracing::warn!(%nwid, %member, sends = u.sends, "controller: pushed config never acknowledged; the member gets it at its next request");
+                    return false;
+                }
+                tracing::debug!(%nwid, %member, sends = u.sends, "controller: config push sent again");
+                self.sends.extend(u.payloads.iter().map(|(v, p)| (*member, *v, p.clone())));
+                u.next = now + (PUSH_RETRY << u.sends);
+                u.sends += 1;
+                true
+            });
         }
         self.ask_own_controller(now);
+    }
+
+    /// Drops the pushed config a member's OK acknowledges (in-re ECHO, as ZeroTier answers a
+    /// NETWORK_CONFIG push: network id and update id).
+    fn push_acknowledged(&mut self, from: Address, payload: &[u8]) {
+        let Some(c) = self.ctl.as_mut() else { return };
+        let Ok((verb, _, body)) = split_in_re(payload) else {
+            return;
+        };
+        if verb != Verb::ECHO.0 || body.len() < 16 {
+            return;
+        }
+        let word = |at: usize| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&body[at..at + 8]);
+            u64::from_be_bytes(b)
+        };
+        let (nwid, update_id) = (NetworkId::from(word(0)), word(8));
+        if c.unacked
+            .get(&(nwid, from))
+            .is_some_and(|u| u.update_id == update_id)
+        {
+            c.unacked.remove(&(nwid, from));
+        }
     }
 
     /// Queues, for [`Vl2::drain`] to hand to our controller, the config request of every
@@ -873,6 +969,9 @@ impl Vl2 {
             return false;
         }
         let me = self.me;
+        if verb == Verb::OK {
+            self.push_acknowledged(from, payload);
+        }
         if verb == Verb::NETWORK_CONFIG_REQUEST && self.ctl.is_some() {
             match ConfigRequest::decode(payload) {
                 Ok(req) if req.nwid.controller() == me => {
@@ -1300,7 +1399,7 @@ fn api_value<T: serde::Serialize>(v: &T) -> (u16, serde_json::Value) {
 fn api_write_err(e: &ApiError) -> (u16, serde_json::Value) {
     match e {
         ApiError::NoSuchNetwork(_) => api_err(404, e),
-        ApiError::IdentityPinned(_) => api_err(409, e),
+        ApiError::IdentityPinned(_) | ApiError::PodIpsSetByController(_) => api_err(409, e),
         ApiError::Store(_) => api_err(500, e),
         _ => api_err(400, e),
     }

@@ -19,6 +19,7 @@ use tonic::{Request, Response, Status};
 
 use crate::attach::{AttachError, AttachSpec, Attachments};
 use crate::dataplane::NodeHandle;
+use crate::shaping::Bandwidth;
 
 /// The reason the agent gives while its VL1 node is not running.
 pub const NODE_NOT_RUNNING: &str = "the VL1 node is not running yet";
@@ -169,6 +170,10 @@ impl flatwire_api::Agent for AgentService {
                 )));
             }
         };
+        let bandwidth = Bandwidth::from(&req.bandwidth.unwrap_or_default());
+        bandwidth
+            .validate(None)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let (_, reasons) = self.readiness().await;
         let attachments = match &self.attachments {
             Some(a) if reasons.is_empty() => a,
@@ -185,6 +190,7 @@ impl flatwire_api::Agent for AgentService {
             nwid,
             mode,
             pod: req.pod,
+            bandwidth,
         };
         // Run to the end even if the caller goes away: a half-done attach is never left
         // behind, and the caller's retry gets the finished result.
@@ -221,7 +227,8 @@ impl flatwire_api::Agent for AgentService {
         check_netns(&req.netns_path, true)?;
         match &self.attachments {
             Some(a) => {
-                a.check(key, &req.netns_path, req.prev_result.as_ref())
+                let bandwidth = Bandwidth::from(&req.bandwidth.unwrap_or_default());
+                a.check(key, &req.netns_path, req.prev_result.as_ref(), bandwidth)
                     .await?;
                 Ok(Response::new(v1::CheckResponse {}))
             }

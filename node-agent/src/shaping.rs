@@ -6,8 +6,8 @@
 //! with the kernel's token bucket filter (`tbf`, queueing rather than dropping):
 //! - egress (pod → network): a `tbf` root qdisc on the pod interface;
 //! - ingress (network → pod): the interface's ingress is redirected (`u32` match-all filter,
-//!   `mirred`) to an `ifb` device of its own in the pod namespace, `fwifb<ifindex>`, whose
-//!   root qdisc is a `tbf`.
+//!   `mirred`) to an `ifb` device of its own in the pod namespace (`fwb` and a hash of the
+//!   interface name), whose root qdisc is a `tbf`.
 //!
 //! A pod without `CAP_NET_ADMIN` cannot undo it. Rates are bits per second and bursts bits, as
 //! Kubernetes and the CNI convention give them; 0 means unlimited. The work is done by
@@ -16,6 +16,7 @@
 use std::path::Path;
 use std::process::Command;
 
+use flatwire_api::v1;
 use serde_json::Value;
 
 use crate::tap::{TapError, in_netns_as, inspect_link};
@@ -72,24 +73,26 @@ impl Bandwidth {
     }
 
     /// Checks that each direction has both a rate and a burst or neither, and that a burst
-    /// holds at least one frame of `mtu` and fits `tbf`.
-    pub fn validate(&self, mtu: u32) -> Result<(), ShapingError> {
-        let frame_bits = (u64::from(mtu) + ETHERNET_HEADER) * 8;
+    /// fits `tbf`; with `mtu`, also that it holds at least one frame.
+    pub fn validate(&self, mtu: Option<u32>) -> Result<(), ShapingError> {
         for (dir, rate, burst) in [
             ("ingress", self.ingress_rate, self.ingress_burst),
             ("egress", self.egress_rate, self.egress_burst),
         ] {
+            let frame_bits = mtu.map(|m| (u64::from(m) + ETHERNET_HEADER) * 8);
             let problem = match (rate, burst) {
                 (0, 0) => continue,
                 (0, _) => format!("{dir}Burst is set but {dir}Rate is not"),
                 (_, 0) => format!("{dir}Rate is set but {dir}Burst is not"),
-                (_, b) if b < frame_bits => format!(
-                    "{dir}Burst of {b} bits is less than one frame ({frame_bits} bits at MTU \
-                     {mtu}); nothing could pass"
-                ),
                 (_, b) if b > MAX_BURST_BITS => {
                     format!("{dir}Burst of {b} bits is more than the {MAX_BURST_BITS} tbf can hold")
                 }
+                (_, b) if frame_bits.is_some_and(|f| b < f) => format!(
+                    "{dir}Burst of {b} bits is less than one frame ({} bits at MTU {}); \
+                     nothing could pass",
+                    frame_bits.unwrap_or_default(),
+                    mtu.unwrap_or_default()
+                ),
                 _ => continue,
             };
             return Err(ShapingError::Invalid(problem));
@@ -98,9 +101,35 @@ impl Bandwidth {
     }
 }
 
-/// The `ifb` device that shapes traffic into interface `ifindex`.
-fn ifb_name(ifindex: u32) -> String {
-    format!("fwifb{ifindex}")
+impl From<&v1::Bandwidth> for Bandwidth {
+    fn from(b: &v1::Bandwidth) -> Self {
+        Self {
+            ingress_rate: b.ingress_rate,
+            ingress_burst: b.ingress_burst,
+            egress_rate: b.egress_rate,
+            egress_burst: b.egress_burst,
+        }
+    }
+}
+
+impl From<Bandwidth> for v1::Bandwidth {
+    fn from(b: Bandwidth) -> Self {
+        Self {
+            ingress_rate: b.ingress_rate,
+            ingress_burst: b.ingress_burst,
+            egress_rate: b.egress_rate,
+            egress_burst: b.egress_burst,
+        }
+    }
+}
+
+/// The `ifb` device that shapes traffic into interface `ifname`: `fwb` and an FNV-1a hash of
+/// the name, so it is found again after the interface was recreated.
+fn ifb_name(ifname: &str) -> String {
+    let hash = ifname.bytes().fold(0x811c_9dc5_u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    });
+    format!("fwb{hash:08x}")
 }
 
 /// Runs `program args` in the current namespace; its stdout on success.
@@ -142,13 +171,6 @@ fn tbf_rate(dev: &str) -> Result<Option<u64>, ShapingError> {
     }))
 }
 
-/// The ifindex of `ifname` in the current namespace.
-fn ifindex_of(ifname: &str) -> Result<u32, ShapingError> {
-    inspect_link(ifname)?
-        .map(|l| l.ifindex)
-        .ok_or_else(|| ShapingError::NoInterface(ifname.to_owned()))
-}
-
 /// A `tbf` root qdisc on `dev`.
 fn put_tbf(dev: &str, rate: u64, burst: u64) -> Result<(), ShapingError> {
     let (rate, burst) = (format!("{rate}bit"), format!("{}b", burst / 8));
@@ -166,16 +188,19 @@ fn put_tbf(dev: &str, rate: u64, burst: u64) -> Result<(), ShapingError> {
     .map(drop)
 }
 
-/// Removes every limit from `ifname` (in the current namespace); missing pieces are fine.
-fn clear(ifname: &str, ifindex: u32) -> Result<(), ShapingError> {
-    for q in qdiscs(ifname)? {
-        if q["kind"] == "tbf" && q["root"] == true {
-            run("tc", &["qdisc", "del", "dev", ifname, "root"])?;
-        } else if q["kind"] == "ingress" {
-            run("tc", &["qdisc", "del", "dev", ifname, "ingress"])?;
+/// Removes every limit from `ifname` (in the current namespace); missing pieces, the
+/// interface included, are fine.
+fn clear(ifname: &str) -> Result<(), ShapingError> {
+    if inspect_link(ifname)?.is_some() {
+        for q in qdiscs(ifname)? {
+            if q["kind"] == "tbf" && q["root"] == true {
+                run("tc", &["qdisc", "del", "dev", ifname, "root"])?;
+            } else if q["kind"] == "ingress" {
+                run("tc", &["qdisc", "del", "dev", ifname, "ingress"])?;
+            }
         }
     }
-    let ifb = ifb_name(ifindex);
+    let ifb = ifb_name(ifname);
     if inspect_link(&ifb)?.is_some() {
         run("ip", &["link", "del", &ifb])?;
     }
@@ -186,16 +211,18 @@ fn clear(ifname: &str, ifindex: u32) -> Result<(), ShapingError> {
 /// earlier ones (an unlimited `bw` removes them). `mtu` is the interface's. Blocks: call it
 /// from `spawn_blocking`.
 pub fn apply(netns: &Path, ifname: &str, bw: Bandwidth, mtu: u32) -> Result<(), ShapingError> {
-    bw.validate(mtu)?;
+    bw.validate(Some(mtu))?;
     let ifname = ifname.to_owned();
     in_netns_as(netns, move || {
-        let ifindex = ifindex_of(&ifname)?;
-        clear(&ifname, ifindex)?;
+        if inspect_link(&ifname)?.is_none() {
+            return Err(ShapingError::NoInterface(ifname));
+        }
+        clear(&ifname)?;
         if bw.egress_rate > 0 {
             put_tbf(&ifname, bw.egress_rate, bw.egress_burst)?;
         }
         if bw.ingress_rate > 0 {
-            let ifb = ifb_name(ifindex);
+            let ifb = ifb_name(&ifname);
             let mtu = mtu.to_string();
             run("ip", &["link", "add", &ifb, "mtu", &mtu, "type", "ifb"])?;
             run("ip", &["link", "set", &ifb, "up"])?;
@@ -220,9 +247,11 @@ pub fn apply(netns: &Path, ifname: &str, bw: Bandwidth, mtu: u32) -> Result<(), 
 pub fn check(netns: &Path, ifname: &str, bw: Bandwidth) -> Result<(), ShapingError> {
     let ifname = ifname.to_owned();
     in_netns_as(netns, move || {
-        let ifindex = ifindex_of(&ifname)?;
+        if inspect_link(&ifname)?.is_none() {
+            return Err(ShapingError::NoInterface(ifname));
+        }
         let egress = tbf_rate(&ifname)?;
-        let ifb = ifb_name(ifindex);
+        let ifb = ifb_name(&ifname);
         let ingress = match inspect_link(&ifb)? {
             Some(_) => tbf_rate(&ifb)?,
             None => None,
@@ -242,13 +271,11 @@ pub fn check(netns: &Path, ifname: &str, bw: Bandwidth) -> Result<(), ShapingErr
     })
 }
 
-/// Removes the limits of interface `ifname` of the namespace at `netns`, if it still has any.
+/// Removes the limits of interface `ifname` of the namespace at `netns`, if it still has any
+/// (its `ifb` device too when the interface is already gone).
 pub fn remove(netns: &Path, ifname: &str) -> Result<(), ShapingError> {
     let ifname = ifname.to_owned();
-    in_netns_as(netns, move || match inspect_link(&ifname)? {
-        Some(link) => clear(&ifname, link.ifindex),
-        None => Ok(()),
-    })
+    in_netns_as(netns, move || clear(&ifname))
 }
 
 #[cfg(test)]
@@ -263,8 +290,8 @@ mod tests {
             egress_rate: 1_000_000,
             egress_burst: 100_000,
         };
-        assert!(ok.validate(2800).is_ok());
-        assert!(Bandwidth::default().validate(2800).is_ok());
+        assert!(ok.validate(Some(2800)).is_ok());
+        assert!(Bandwidth::default().validate(Some(2800)).is_ok());
         assert!(Bandwidth::default().is_unlimited());
         for (bad, word) in [
             (
@@ -298,7 +325,7 @@ mod tests {
                 "more than",
             ),
         ] {
-            let e = bad.validate(2800).unwrap_err().to_string();
+            let e = bad.validate(Some(2800)).unwrap_err().to_string();
             assert!(e.contains(word), "{bad:?}: {e}");
         }
     }

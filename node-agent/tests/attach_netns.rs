@@ -281,12 +281,14 @@ impl Lab {
         c: &mut AgentClient<Channel>,
         pod: &Host,
         prev: &v1::AttachResult,
+        bandwidth: Option<v1::Bandwidth>,
     ) -> Result<(), tonic::Status> {
         self.rt
             .block_on(c.check(v1::CheckRequest {
                 key: Some(key("flat", pod.name())),
                 netns_path: pod.netns_path(),
                 prev_result: Some(prev.clone()),
+                bandwidth,
             }))
             .map(|_| ())
     }
@@ -362,13 +364,17 @@ fn pods_attach_ping_survive_a_restart_and_detach() {
 
     // Pod 1, primary: its own member, MAC from its address, the pool's address, the host
     // member as its gateway.
+    // With bandwidth limits, which the agent sets again when it restores the pod.
+    let shape = v1::Bandwidth {
+        ingress_rate: 40_000_000,
+        ingress_burst: 1_000_000,
+        egress_rate: 30_000_000,
+        egress_burst: 1_000_000,
+    };
+    let mut req1 = common::attach_request(&p1, lab.net, v1::Mode::Primary);
+    req1.bandwidth = Some(shape);
     let t = Instant::now();
-    let r1 = lab
-        .attach(
-            &mut c,
-            common::attach_request(&p1, lab.net, v1::Mode::Primary),
-        )
-        .unwrap();
+    let r1 = lab.attach(&mut c, req1).unwrap();
     eprintln!("attach p1 took {:?}: {r1:?}", t.elapsed());
     let m1: Address = r1.member_address.parse().unwrap();
     assert_ne!(m1, lab.host_address, "a pod has its own identity");
@@ -459,20 +465,20 @@ fn pods_attach_ping_survive_a_restart_and_detach() {
     assert_eq!(again, r1);
 
     // Check: fine as attached; a different previous result or a changed link is named.
-    lab.check(&mut c, &p1, &r1).unwrap();
+    lab.check(&mut c, &p1, &r1, Some(shape)).unwrap();
     let mut wrong = r1.clone();
     wrong.mac = "02:00:00:00:00:01".into();
-    let e = lab.check(&mut c, &p1, &wrong).unwrap_err();
+    let e = lab.check(&mut c, &p1, &wrong, Some(shape)).unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
     assert!(e.message().contains("MAC"), "{e:?}");
     p1.run("ip", &["link", "set", "eth0", "mtu", "1400"])
         .unwrap();
-    let e = lab.check(&mut c, &p1, &r1).unwrap_err();
+    let e = lab.check(&mut c, &p1, &r1, Some(shape)).unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
     assert!(e.message().contains("MTU"), "{e:?}");
     p1.run("ip", &["link", "set", "eth0", "mtu", "2800"])
         .unwrap();
-    lab.check(&mut c, &p1, &r1).unwrap();
+    lab.check(&mut c, &p1, &r1, Some(shape)).unwrap();
 
     // List.
     let all = lab
@@ -568,7 +574,12 @@ fn pods_attach_ping_survive_a_restart_and_detach() {
     // pod 3's record goes, its namespace path being gone.
     lab.agent.stop();
     std::fs::remove_file(&vanishing).unwrap();
-    assert_no_member_link(&p1);
+    // The TAP went with the agent; p1's shaping device (an `ifb`) waits for the restart.
+    let left = links(&p1);
+    assert!(
+        !left.contains("eth0") && left.lines().count() == 2 && left.contains(": fwb"),
+        "{left}"
+    );
     assert_no_member_link(&p3);
     let restarted = Instant::now();
     lab.restart_host_agent(2);
@@ -582,12 +593,21 @@ fn pods_attach_ping_survive_a_restart_and_detach() {
     let back = restarted.elapsed();
     eprintln!("pods talk again {back:?} after the agent restart");
     assert!(links(&p1).contains(&r1.mac) && links(&p1).contains("mtu 2800"));
+    let qdiscs = p1.run("tc", &["qdisc", "show", "dev", "eth0"]).unwrap();
+    let qdiscs = String::from_utf8_lossy(&qdiscs.stdout).into_owned();
+    assert!(
+        qdiscs.contains("tbf") && qdiscs.contains("rate 30Mbit"),
+        "the restored pod lost its egress limit:\n{qdiscs}"
+    );
     let routes = p1.run("ip", &["route", "show", "default"]).unwrap();
     let routes = String::from_utf8_lossy(&routes.stdout).into_owned();
     assert!(routes.contains(&format!("via {}", lab.host_ip)), "{routes}");
     let mut c = lab.client();
-    lab.check(&mut c, &p1, &r1).unwrap();
-    lab.check(&mut c, &p2, &r2).unwrap();
+    lab.check(&mut c, &p1, &r1, Some(shape)).unwrap();
+    lab.check(&mut c, &p2, &r2, None).unwrap();
+    // CHECK without the limits the pod has fails.
+    let unlimited = lab.check(&mut c, &p1, &r1, None).unwrap_err();
+    assert!(unlimited.message().contains("egress rate"), "{unlimited:?}");
     let listed = lab
         .rt
         .block_on(c.list_attachments(v1::ListAttachmentsRequest::default()))
@@ -623,7 +643,7 @@ fn pods_attach_ping_survive_a_restart_and_detach() {
     assert_no_member_link(&p1);
     assert!(!lab.detach(&mut c, "p1", &p1.netns_path()));
     assert!(!lab.detach(&mut c, "p9", "/run/netns/fw-no-such-namespace"));
-    let e = lab.check(&mut c, &p1, &r1).unwrap_err();
+    let e = lab.check(&mut c, &p1, &r1, Some(shape)).unwrap_err();
     assert_eq!(e.code(), Code::NotFound, "{e:?}");
     let records = std::fs::read_dir(lab.home().join("attachments"))
         .unwrap()

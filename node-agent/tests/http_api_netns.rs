@@ -454,6 +454,17 @@ fn zerotier_shaped_api_on_loopback() {
         e["error"].as_str().unwrap().contains("ipAssignments"),
         "{e}"
     );
+    // An existing binding's reservation is the controller's to change.
+    let (code, e) = c("POST", &pod, &with_ips(serde_json::json!(["10.79.0.10"])));
+    assert_eq!(code, 409, "{e}");
+    assert!(
+        e["error"]
+            .as_str()
+            .unwrap()
+            .contains("set by the controller"),
+        "{e}"
+    );
+    assert_eq!(c("GET", &pod, "").1["ipAssignments"], reserved);
     let (code, _) = c("DELETE", &format!("/network/{nwid3}"), "");
     assert_eq!(code, 200);
     assert_eq!(c("GET", &format!("/network/{nwid3}"), "").0, 404);

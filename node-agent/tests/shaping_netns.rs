@@ -1,55 +1,11 @@
 //! Pod bandwidth limits ([`flatwire_agent::shaping`]) on a real link between two harness
 //! namespaces, measured with the real `iperf3` in both directions (needs root).
 
-use std::process::Stdio;
-use std::time::{Duration, Instant};
-
 use flatwire_agent::shaping::{self, Bandwidth, ShapingError};
 use flatwire_tests::netns::{Host, Topology};
-use flatwire_tests::process::Proc;
 
 const MBIT: u64 = 1_000_000;
-const PORT: &str = "5301";
-
-/// Mbit/s of a 3 s `iperf3` run from `client` to `server` at `to` (`reverse`: the server
-/// sends).
-fn iperf_mbit(server: &Host, client: &Host, to: &str, reverse: bool) -> f64 {
-    let mut cmd = server.command("iperf3");
-    cmd.args(["-s", "-1", "-p", PORT])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    let mut srv = Proc::spawn("iperf3 server", &mut cmd).expect("iperf3 is needed");
-    let start = Instant::now();
-    loop {
-        let out = server
-            .run("ss", &["-Hltn", &format!("sport = :{PORT}")])
-            .unwrap();
-        if !out.stdout.is_empty() {
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(5),
-            "iperf3 never listened"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let mut args = vec!["-c", to, "-p", PORT, "-J", "-t", "3"];
-    if reverse {
-        args.push("-R");
-    }
-    let out = client.run("iperf3", &args).unwrap();
-    srv.stop();
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "iperf3 printed no JSON ({e}): {}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
-    report["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .unwrap_or_else(|| panic!("no throughput in {report}"))
-        / MBIT as f64
-}
+const PORT: u16 = 5301;
 
 fn qdiscs(host: &Host, dev: &str) -> String {
     let out = host.run("tc", &["qdisc", "show", "dev", dev]).unwrap();
@@ -102,8 +58,10 @@ fn limits_shape_both_directions_check_and_go_away() {
         "{e}"
     );
 
-    let egress = iperf_mbit(&peer, &pod, "198.18.7.2", false);
-    let ingress = iperf_mbit(&peer, &pod, "198.18.7.2", true);
+    let egress = pod
+        .iperf3_mbit(&peer, "198.18.7.2", PORT, 3, false)
+        .unwrap();
+    let ingress = pod.iperf3_mbit(&peer, "198.18.7.2", PORT, 3, true).unwrap();
     eprintln!("shaped: egress {egress:.1} Mbit/s (limit 20), ingress {ingress:.1} (limit 10)");
     assert!((10.0..=23.0).contains(&egress), "egress {egress} Mbit/s");
     assert!((5.0..=11.5).contains(&ingress), "ingress {ingress} Mbit/s");
@@ -114,10 +72,10 @@ fn limits_shape_both_directions_check_and_go_away() {
     assert!(!qdiscs(&pod, &pod_if).contains("tbf"));
     let links = pod.run("ip", &["-o", "link", "show"]).unwrap();
     assert!(
-        !String::from_utf8_lossy(&links.stdout).contains("fwifb"),
+        !String::from_utf8_lossy(&links.stdout).contains("fwb"),
         "the ifb device stayed"
     );
-    let free = iperf_mbit(&peer, &pod, "198.18.7.2", true);
+    let free = pod.iperf3_mbit(&peer, "198.18.7.2", PORT, 3, true).unwrap();
     eprintln!("unshaped: ingress {free:.1} Mbit/s");
     assert!(free > 100.0, "ingress still limited: {free} Mbit/s");
     // A namespace whose interface is gone is fine to clean.

@@ -346,6 +346,7 @@ async fn attach(
             name: name.to_owned(),
             uid: uid.to_owned(),
         }),
+        ..Default::default()
     };
     let socket = planet.agent(host).socket();
     let mut client = flatwire_api::connect(&socket, flatwire_api::ClientOptions::default())

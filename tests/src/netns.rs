@@ -59,6 +59,57 @@ impl Host {
         run_checked(self.command(program).args(args))
     }
 
+    /// Mbit/s received in a `seconds`-long TCP `iperf3` run from this namespace to a server
+    /// started in `server` on `port` and reached at `to` (`reverse`: the server sends).
+    pub fn iperf3_mbit(
+        &self,
+        server: &Host,
+        to: &str,
+        port: u16,
+        seconds: u32,
+        reverse: bool,
+    ) -> Result<f64, HarnessError> {
+        let port = port.to_string();
+        let mut cmd = server.command("iperf3");
+        cmd.args(["-s", "-1", "-p", &port])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let mut srv = Proc::spawn(&format!("iperf3 server in {}", server.name), &mut cmd)?;
+        let start = std::time::Instant::now();
+        while server
+            .run("ss", &["-Hltn", &format!("sport = :{port}")])?
+            .stdout
+            .is_empty()
+        {
+            if start.elapsed() > std::time::Duration::from_secs(5) {
+                return Err(HarnessError::Refused(format!(
+                    "iperf3 never listened on {port} in {}",
+                    server.name
+                )));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let seconds = seconds.to_string();
+        let mut args = vec!["-c", to, "-p", &port, "-J", "-t", &seconds];
+        args.extend(["--connect-timeout", "2000"]);
+        if reverse {
+            args.push("-R");
+        }
+        let out = self.run("iperf3", &args);
+        srv.stop();
+        let out = out?;
+        serde_json::from_slice::<serde_json::Value>(&out.stdout)
+            .ok()
+            .and_then(|r| r["end"]["sum_received"]["bits_per_second"].as_f64())
+            .map(|bps| bps / 1e6)
+            .ok_or_else(|| {
+                HarnessError::Refused(format!(
+                    "iperf3 to {to} gave no throughput: {}",
+                    String::from_utf8_lossy(&out.stdout)
+                ))
+            })
+    }
+
     /// The first IPv4 address on interface `dev` in this namespace, if any.
     pub fn ipv4_on(&self, dev: &str) -> Option<std::net::Ipv4Addr> {
         let out = self

@@ -1153,6 +1153,7 @@ impl Planet {
                 name: pod.to_owned(),
                 uid: ns.ns().to_owned(),
             }),
+            ..Default::default()
         };
         let socket = agent.socket();
         let rt = tokio::runtime::Builder::new_current_thread()

@@ -61,3 +61,51 @@ fn tag_rules_from_the_controller_are_enforced() {
         "alpha -> beta still blocked after lifting"
     );
 }
+
+/// A config push the network loses is sent again until the member acknowledges it: with the
+/// controller's UDP cut for the first push and its first resend, the members still hold the
+/// new revision within the harness's 5 s, long before their own refresh (a minute after they
+/// joined).
+#[test]
+fn a_lost_config_push_is_sent_again() {
+    planet::check_root().unwrap();
+    let agent = planet::agent_binary(Profile::Debug).unwrap();
+    let p = Planet::start(&PlanetSpec::new(agent).host("a1", None).host("a2", None)).unwrap();
+    let net = p.create_network(&NetworkSpec::new("push")).unwrap();
+    let a1 = p.join("a1", &net, &[(TAG, 1)]).unwrap();
+    let a2 = p.join("a2", &net, &[(TAG, 2)]).unwrap();
+    assert!(p.ping(&a1, a2.ipv4.unwrap().into(), 2).ok);
+
+    let ctl = p.agent("ctl0").host().clone();
+    let cut = ["OUTPUT", "-p", "udp", "-j", "DROP"];
+    let iptables = |op: &str| {
+        let mut args = vec![op];
+        args.extend(cut);
+        let out = ctl.run("iptables", &args).unwrap();
+        assert!(out.status.success(), "iptables {op}: {out:?}");
+    };
+    iptables("-I");
+    let compiled = flatwire_vl2::rules::compiler::compile(BLOCK).unwrap();
+    let cli = compiled.to_cli_json().to_value();
+    let body = serde_json::json!({"rules": cli["config"]["rules"], "tags": cli["config"]["tags"]});
+    let stored = p
+        .agent("ctl0")
+        .api_ok(
+            "POST",
+            &format!("/controller/network/{}", net.nwid),
+            Some(&body),
+        )
+        .unwrap();
+    let pushed = std::time::Instant::now();
+    // The push (at once) and the first resend (0.5 s) are lost; the next one (1.5 s) is not.
+    std::thread::sleep(std::time::Duration::from_millis(1000));
+    iptables("-D");
+    let revision = stored["revision"].as_u64().unwrap();
+    p.wait_revision(&net, revision)
+        .expect("the members never got the lost push");
+    eprintln!(
+        "revision {revision} reached both members {:?} after the push, with the first 1 s of it lost",
+        pushed.elapsed()
+    );
+    assert!(!connects(&p, &a2, &a1), "the new rules are not in force");
+}

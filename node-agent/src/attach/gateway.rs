@@ -277,12 +277,16 @@ pub fn disable(nwid: NetworkId, last: bool) -> Result<(), GatewayError> {
             let Some(rules) = family.rules(table, chain)? else {
                 continue;
             };
-            for line in rules
-                .iter()
-                .filter(|l| l.split_whitespace().any(|w| w == tag))
-            {
-                // `-A CHAIN ARGS` as listed: delete with the same arguments.
-                let mut args: Vec<&str> = line.split_whitespace().collect();
+            for line in rules {
+                // `-A CHAIN ARGS` as listed (the comment in quotes, which are not part of it):
+                // delete with the same arguments.
+                let mut args: Vec<&str> = line
+                    .split_whitespace()
+                    .map(|w| w.trim_matches('"'))
+                    .collect();
+                if !args.contains(&tag.as_str()) {
+                    continue;
+                }
                 args[0] = "-D";
                 family.run_ok(table, &args)?;
             }

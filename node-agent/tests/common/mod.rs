@@ -76,5 +76,6 @@ pub fn attach_request(pod: &Host, nwid: NetworkId, mode: v1::Mode) -> v1::Attach
             name: pod.name().into(),
             uid: format!("uid-{}", pod.name()),
         }),
+        ..Default::default()
     }
 }
