@@ -221,7 +221,7 @@ enum Command {
         Box<NewMember>,
         tokio::sync::oneshot::Sender<Result<(), AddMemberError>>,
     ),
-    RemoveMember(Address, tokio::sync::oneshot::Sender<bool>),
+    RemoveMember(Address, tokio::sync::oneshot::Sender<Option<Vec<Tap>>>),
     Member(
         Address,
         NetworkId,
@@ -379,11 +379,25 @@ impl NodeHandle {
     /// device wherever it lives); `Some(false)` if it was not there, `None` if the data plane
     /// stopped or did not answer in 5 s.
     pub async fn remove_member(&self, member: Address) -> Option<bool> {
-        self.ask(
-            |tx| Command::RemoveMember(member, tx),
-            Duration::from_secs(5),
-        )
-        .await
+        let taps = self
+            .ask(
+                |tx| Command::RemoveMember(member, tx),
+                Duration::from_secs(5),
+            )
+            .await?;
+        let Some(taps) = taps else {
+            return Some(false);
+        };
+        // Closing a TAP waits for the kernel to unregister the device (milliseconds, under
+        // the kernel's lock): on a blocking thread, so the data plane goes on meanwhile.
+        if !taps.is_empty()
+            && tokio::task::spawn_blocking(move || drop(taps))
+                .await
+                .is_err()
+        {
+            tracing::error!(%member, "closing the member's TAP panicked");
+        }
+        Some(true)
     }
 
     /// The status and config of pod member `member` on `nwid`: `Some(None)` if there is no
@@ -1087,20 +1101,19 @@ impl DataPlane {
     }
 
     /// Removes pod member `member`; false if it is not one.
-    fn remove_member(&mut self, member: Address) -> bool {
+    /// Removes pod member `member`; its TAPs, still open, for the caller to close (`None` if
+    /// there is no such member).
+    fn remove_member(&mut self, member: Address) -> Option<Vec<Tap>> {
         match self.index.get(&member) {
             Some(&i) if i > 0 => {
                 let mut l = self.locals.swap_remove(i);
-                for n in l.vl2.snapshot() {
-                    l.vl2.leave(n.nwid);
-                }
                 self.index.remove(&member);
                 if let Some(moved) = self.locals.get(i) {
                     self.index.insert(moved.address, i);
                 }
-                true
+                Some(l.vl2.leave_all())
             }
-            _ => false,
+            _ => None,
         }
     }
 

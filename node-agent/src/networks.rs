@@ -672,6 +672,20 @@ impl Vl2 {
         true
     }
 
+    /// Leaves every network and hands back their TAPs, for the caller to close elsewhere:
+    /// closing a TAP waits for the kernel to unregister the device, which the data-plane
+    /// thread should not.
+    pub(crate) fn leave_all(&mut self) -> Vec<Tap> {
+        std::mem::take(&mut self.nets)
+            .into_iter()
+            .filter_map(|mut j| {
+                j.net.leave();
+                tracing::info!(nwid = %j.net.id(), tap = %j.name, "left network");
+                j.tap.take()
+            })
+            .collect()
+    }
+
     /// Answers a `/controller/...` API request (`path`: the segments after `controller`);
     /// `None` without the controller role. GET/POST/DELETE of `network`, `network/<nwid>`,
     /// `network/<nwid>/member` and `network/<nwid>/member/<address>`, in ZeroTier One's JSON,
