@@ -407,7 +407,7 @@ fn three_hosts_primary_mode_matrix_gateway_egress_failures_restart_del() {
     // The host member is on flatwire0 from its first moment (claimed at start from the
     // attachment records), not rejoined to it when the first pod is restored.
     let text_since = std::fs::read_to_string(&log).unwrap_or_default();
-    let text_since = strip_ansi(text_since.get(log_at..).unwrap_or_default());
+    let text_since = text_since.get(log_at..).unwrap_or_default();
     let first_join = text_since
         .lines()
         .find(|l| l.contains("joined network"))
@@ -550,7 +550,7 @@ fn hundred_concurrent_adds_on_one_host() {
         );
     }
     // The agent's own view of each Attach (its log's `took_ms`), to tell it from cnitool's.
-    let log = strip_ansi(&std::fs::read_to_string(p.agent("h1").home().join("agent.log")).unwrap());
+    let log = std::fs::read_to_string(p.agent("h1").home().join("agent.log")).unwrap();
     let agent_ms: Vec<Duration> = log
         .lines()
         .filter(|l| l.contains(" attached") && !l.contains("attach failed"))
@@ -632,22 +632,4 @@ fn percentiles(mut d: Vec<Duration>) -> (Duration, Duration) {
     d.sort();
     let p99 = d[(d.len() * 99).div_ceil(100) - 1];
     (d[d.len() / 2], p99)
-}
-
-/// `s` without ANSI colour sequences (`ESC [ ... m`).
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }

@@ -238,3 +238,31 @@ fn root_flag_requires_being_a_root_of_the_planet() {
     assert!(stderr.contains("is not one of the roots"), "{stderr}");
     assert!(stderr.contains(&other.address().to_string()), "{stderr}");
 }
+
+#[test]
+fn malformed_kubernetes_mode_flags_are_refused_naming_the_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    for (args, expect) in [
+        (
+            &["--planet-configmap", "no-namespace"][..],
+            "NAMESPACE/NAME",
+        ),
+        (&["--planet-configmap", "ns/a/b"][..], "NAMESPACE/NAME"),
+        (&["--pod-gc-grace", "soon"][..], "--pod-gc-grace"),
+        (&["--pod-gc-grace=-5"][..], "--pod-gc-grace"),
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_flatwire-agent"))
+            .arg("--home")
+            .arg(dir.path())
+            .args(args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(expect), "{args:?}: {stderr}");
+    }
+    assert!(
+        std::fs::read_dir(dir.path()).unwrap().next().is_none(),
+        "a refused start wrote state"
+    );
+}

@@ -20,7 +20,7 @@ use tonic::transport::Channel;
 
 mod common;
 
-use common::{assert_root, new_identity, start_agent};
+use common::{assert_root, new_identity, start_agent, start_controller, write_json, write_network};
 
 /// The root+controller, the host agent, the networks.
 struct Lab {
@@ -42,11 +42,6 @@ struct Lab {
     /// The host's own member address on `net`.
     host_ip: Ipv4Addr,
     rt: tokio::runtime::Runtime,
-}
-
-fn write_json(path: &Path, v: serde_json::Value) {
-    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-    std::fs::write(path, v.to_string()).unwrap();
 }
 
 /// One ping; true when it was answered.
@@ -125,19 +120,10 @@ impl Lab {
         let closed = NetworkId::new(root_id.address(), 0x00_0002);
         let missing = NetworkId::new(root_id.address(), 0x00_0099);
         let empty = NetworkId::new(root_id.address(), 0x00_0003);
-        let nets = dir.path().join("ctl").join("controller.d").join("network");
-        for (nwid, pool) in [(net, "10.78.0"), (closed, "10.79.0")] {
-            write_json(
-                &nets.join(format!("{nwid}.json")),
-                serde_json::json!({
-                    "id": nwid.to_string(), "nwid": nwid.to_string(), "name": "pods",
-                    "private": true, "mtu": 2800,
-                    "ipAssignmentPools": [{"ipRangeStart": format!("{pool}.10"), "ipRangeEnd": format!("{pool}.250")}],
-                    "routes": [{"target": format!("{pool}.0/24"), "via": null}],
-                    "v4AssignMode": {"zt": true}
-                }),
-            );
-        }
+        let ctl_home = dir.path().join("ctl");
+        write_network(&ctl_home, net, "10.78.0", &[&host_id]);
+        write_network(&ctl_home, closed, "10.79.0", &[]);
+        let nets = ctl_home.join("controller.d").join("network");
         write_json(
             &nets.join(format!("{empty}.json")),
             serde_json::json!({
@@ -146,13 +132,6 @@ impl Lab {
             }),
         );
         let a = host_id.address().to_string();
-        write_json(
-            &nets
-                .join(net.to_string())
-                .join("member")
-                .join(format!("{a}.json")),
-            serde_json::json!({"id": a, "address": a, "nwid": net.to_string(), "authorized": true}),
-        );
         // The host never joins `empty`: its identity is pinned by hand so it can vouch there.
         write_json(
             &nets
@@ -165,22 +144,7 @@ impl Lab {
             }),
         );
 
-        let ctl_home = dir.path().join("ctl");
-        let planet_arg = planet_file.to_str().unwrap().to_string();
-        let mut ctl = start_agent(
-            &ctl_host,
-            &ctl_home,
-            &ctl_home.join("agent.sock"),
-            &[
-                "--planet",
-                &planet_arg,
-                "--root",
-                "--controller",
-                "--identity-pool",
-                "0",
-            ],
-        );
-        common::wait_socket(&mut ctl, &ctl_home.join("agent.sock"), "controller agent");
+        let ctl = start_controller(&ctl_host, &ctl_home, &planet_file);
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()

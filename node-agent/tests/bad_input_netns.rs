@@ -32,7 +32,7 @@ use nix::sys::socket::{
 
 mod common;
 
-use common::{assert_root, new_identity, start_agent};
+use common::{assert_root, new_identity, start_agent, start_controller, write_network};
 
 /// HELLOs in the flood, each from its own identity.
 const FLOOD: usize = 2000;
@@ -201,47 +201,11 @@ fn floods_and_malformed_input_are_counted_drops_and_traffic_continues() {
     let planet_arg = planet_file.to_str().unwrap();
 
     let nwid = NetworkId::new(root_id.address(), 0x00_0b4d);
-    let net_dir = home("ctl").join("controller.d").join("network");
-    std::fs::create_dir_all(net_dir.join(nwid.to_string()).join("member")).unwrap();
-    std::fs::write(
-        net_dir.join(format!("{nwid}.json")),
-        serde_json::json!({
-            "id": nwid.to_string(), "nwid": nwid.to_string(), "name": "bad-input",
-            "private": true, "mtu": 2800,
-            "ipAssignmentPools": [{"ipRangeStart": "10.78.0.10", "ipRangeEnd": "10.78.0.99"}],
-            "routes": [{"target": "10.78.0.0/24", "via": null}],
-            "v4AssignMode": {"zt": true}
-        })
-        .to_string(),
-    )
-    .unwrap();
-    for id in [&m1_id, &m2_id] {
-        let a = id.address().to_string();
-        std::fs::write(
-            net_dir
-                .join(nwid.to_string())
-                .join("member")
-                .join(format!("{a}.json")),
-            serde_json::json!({
-                "id": a, "address": a, "nwid": nwid.to_string(), "authorized": true
-            })
-            .to_string(),
-        )
-        .unwrap();
-    }
+    write_network(&home("ctl"), nwid, "10.78.0", &[&m1_id, &m2_id]);
+
     let tap = tap_name(nwid);
     let nwid_arg = nwid.to_string();
-    let mut ctl = start_agent(
-        &hosts[0],
-        &home("ctl"),
-        &home("ctl").join("agent.sock"),
-        &["--planet", planet_arg, "--root", "--controller"],
-    );
-    common::wait_socket(
-        &mut ctl,
-        &home("ctl").join("agent.sock"),
-        "controller agent",
-    );
+    let mut ctl = start_controller(&hosts[0], &home("ctl"), &planet_file);
     let mut m1 = start_agent(
         &hosts[1],
         &home("m1"),

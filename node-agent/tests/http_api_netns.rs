@@ -4,7 +4,7 @@
 //! (`spec/vectors/zt-one/api-json`), key set for key set.
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use flatwire_agent::networks::tap_name;
@@ -15,7 +15,7 @@ use serde_json::Value;
 
 mod common;
 
-use common::{assert_root, new_identity, start_agent};
+use common::{assert_root, new_identity, start_agent, start_controller, write_network};
 
 const API: &str = "http://127.0.0.1:9993";
 
@@ -78,31 +78,6 @@ fn wait_for(
     }
 }
 
-fn write_network(net_dir: &Path, nwid: NetworkId, pool: &str, members: &[&Identity]) {
-    std::fs::create_dir_all(net_dir.join(nwid.to_string()).join("member")).unwrap();
-    std::fs::write(
-        net_dir.join(format!("{nwid}.json")),
-        serde_json::json!({
-            "id": nwid.to_string(), "nwid": nwid.to_string(), "name": format!("api-{pool}"),
-            "private": true, "mtu": 2800,
-            "ipAssignmentPools": [{"ipRangeStart": format!("{pool}.10"), "ipRangeEnd": format!("{pool}.99")}],
-            "routes": [{"target": format!("{pool}.0/24"), "via": null}],
-            "v4AssignMode": {"zt": true}
-        })
-        .to_string(),
-    )
-    .unwrap();
-    for id in members {
-        let a = id.address().to_string();
-        std::fs::write(
-            net_dir.join(nwid.to_string()).join("member").join(format!("{a}.json")),
-            serde_json::json!({"id": a, "address": a, "nwid": nwid.to_string(), "authorized": true})
-                .to_string(),
-        )
-        .unwrap();
-    }
-}
-
 #[test]
 fn zerotier_shaped_api_on_loopback() {
     assert_root();
@@ -122,21 +97,10 @@ fn zerotier_shaped_api_on_loopback() {
     let planet_arg = planet_file.to_str().unwrap();
     let nwid = NetworkId::new(root_id.address(), 0x00_0001);
     let nwid2 = NetworkId::new(root_id.address(), 0x00_0002);
-    let net_dir = home("ctl").join("controller.d").join("network");
-    write_network(&net_dir, nwid, "10.77.0", &[&m1_id]);
-    write_network(&net_dir, nwid2, "10.78.0", &[&m1_id]);
+    write_network(&home("ctl"), nwid, "10.77.0", &[&m1_id]);
+    write_network(&home("ctl"), nwid2, "10.78.0", &[&m1_id]);
 
-    let mut ctl = start_agent(
-        &ctl_host,
-        &home("ctl"),
-        &home("ctl").join("agent.sock"),
-        &["--planet", planet_arg, "--root", "--controller"],
-    );
-    common::wait_socket(
-        &mut ctl,
-        &home("ctl").join("agent.sock"),
-        "controller agent",
-    );
+    let mut ctl = start_controller(&ctl_host, &home("ctl"), &planet_file);
     let mut m1 = start_agent(
         &m1_host,
         &home("m1"),
@@ -210,7 +174,7 @@ fn zerotier_shaped_api_on_loopback() {
     assert_eq!(net["id"], nwid.to_string());
     assert_eq!(net["nwid"], nwid.to_string());
     assert_eq!(net["mtu"], 2800);
-    assert_eq!(net["name"], "api-10.77.0");
+    assert_eq!(net["name"], "net-10.77.0");
     assert_eq!(net["portDeviceName"], tap_name(nwid));
     assert_eq!(
         net["mac"],
@@ -380,7 +344,7 @@ fn zerotier_shaped_api_on_loopback() {
         keys(&vector("controller-network-e6acfe87fc3adaf6.json")),
         "{n}"
     );
-    assert_eq!(n["name"], "api-10.77.0");
+    assert_eq!(n["name"], "net-10.77.0");
     let (code, members) = c("GET", &format!("/network/{nwid}/member"), "");
     assert_eq!(code, 200);
     assert!(members[m1_id.address().to_string()].is_u64(), "{members}");
@@ -539,8 +503,7 @@ fn controller_pushes_api_changes_and_serves_its_own_member() {
     std::fs::write(&planet_file, flatwire_tests::zt_planet!(ids[0], endpoint)).unwrap();
     let planet_arg = planet_file.to_str().unwrap();
     let nwid = NetworkId::new(ids[0].address(), 0x00_0007);
-    let net_dir = home("ctl").join("controller.d").join("network");
-    write_network(&net_dir, nwid, "10.79.0", &[&ids[0], &ids[1], &ids[2]]);
+    write_network(&home("ctl"), nwid, "10.79.0", &[&ids[0], &ids[1], &ids[2]]);
     let join = nwid.to_string();
 
     let mut agents = Vec::new();

@@ -168,18 +168,9 @@ fn agent_in(host: Option<&Host>, home: &Path, args: &[&str]) -> Proc {
     Proc::spawn("flatwire-agent", &mut cmd).unwrap()
 }
 
-/// The agent's log, without terminal colors.
+/// The agent's log.
 fn log_of(home: &Path) -> String {
-    let raw = std::fs::read_to_string(home.join("agent.log")).unwrap_or_default();
-    let mut out = String::with_capacity(raw.len());
-    let mut rest = raw.as_str();
-    while let Some(i) = rest.find('\x1b') {
-        out.push_str(&rest[..i]);
-        rest = &rest[i..];
-        rest = rest.find('m').map_or("", |m| &rest[m + 1..]);
-    }
-    out.push_str(rest);
-    out
+    std::fs::read_to_string(home.join("agent.log")).unwrap_or_default()
 }
 
 /// Runs the agent with `args`, expecting it to exit by itself; its status and log.

@@ -18,7 +18,7 @@ use tonic::transport::Channel;
 
 mod common;
 
-use common::{assert_root, new_identity, start_agent};
+use common::{assert_root, new_identity, start_agent, start_controller};
 
 /// `method path` with `body` on the controller agent's API (inside `ctl`): (status, JSON).
 fn api(ctl: &Host, home: &std::path::Path, method: &str, path: &str, body: &Value) -> (u16, Value) {
@@ -76,19 +76,7 @@ fn vouched_pods_need_a_binding_get_its_tags_and_go_with_it() {
     let nwid = NetworkId::new(root_id.address(), 0x00_0001);
     let net = format!("/controller/network/{nwid}");
 
-    let mut ctl_agent = start_agent(
-        &ctl,
-        &ctl_home,
-        &ctl_home.join("agent.sock"),
-        &[
-            "--planet",
-            &planet_arg,
-            "--root",
-            "--controller",
-            "--identity-pool",
-            "0",
-        ],
-    );
+    let mut ctl_agent = start_controller(&ctl, &ctl_home, &planet);
     let deadline = Instant::now() + Duration::from_secs(20);
     while api(&ctl, &ctl_home, "GET", "/controller", &Value::Null).0 != 200 {
         assert!(ctl_agent.try_status().is_none(), "controller agent exited");

@@ -18,15 +18,10 @@ use tonic::transport::Channel;
 
 mod common;
 
-use common::{assert_root, new_identity, start_agent};
+use common::{assert_root, new_identity, start_agent, start_controller, write_network};
 
 /// Pool identities left by an "earlier run".
 const PREFILLED: usize = 4;
-
-fn write_json(path: &Path, v: serde_json::Value) {
-    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-    std::fs::write(path, v.to_string()).unwrap();
-}
 
 /// The root's identity validations so far, from its metrics endpoint (loopback in `host`).
 fn validations(host: &Host) -> u64 {
@@ -77,25 +72,7 @@ fn warmed_pool_identity_attaches_without_a_validation_at_the_root() {
     let endpoint: std::net::SocketAddr = "198.18.0.1:9993".parse().unwrap();
     std::fs::write(&planet, flatwire_tests::zt_planet!(root_id, endpoint)).unwrap();
     let net = NetworkId::new(root_id.address(), 0x00_0001);
-    let nets = ctl_home.join("controller.d").join("network");
-    write_json(
-        &nets.join(format!("{net}.json")),
-        serde_json::json!({
-            "id": net.to_string(), "nwid": net.to_string(), "name": "pods",
-            "private": true, "mtu": 2800,
-            "ipAssignmentPools": [{"ipRangeStart": "10.78.0.10", "ipRangeEnd": "10.78.0.250"}],
-            "routes": [{"target": "10.78.0.0/24", "via": null}],
-            "v4AssignMode": {"zt": true}
-        }),
-    );
-    let a = host_id.address().to_string();
-    write_json(
-        &nets
-            .join(net.to_string())
-            .join("member")
-            .join(format!("{a}.json")),
-        serde_json::json!({"id": a, "address": a, "nwid": net.to_string(), "authorized": true}),
-    );
+    write_network(&ctl_home, net, "10.78.0", &[&host_id]);
     // The pool of an earlier run: more files than the target depth, so nothing is generated
     // (and warmed) while the test runs.
     let pool_dir = home.join("pool");
@@ -112,20 +89,7 @@ fn warmed_pool_identity_attaches_without_a_validation_at_the_root() {
     }
 
     let planet_arg = planet.to_str().unwrap().to_string();
-    let mut ctl = start_agent(
-        &ctl_host,
-        &ctl_home,
-        &ctl_home.join("agent.sock"),
-        &[
-            "--planet",
-            &planet_arg,
-            "--root",
-            "--controller",
-            "--identity-pool",
-            "0",
-        ],
-    );
-    common::wait_socket(&mut ctl, &ctl_home.join("agent.sock"), "root agent");
+    let mut ctl = start_controller(&ctl_host, &ctl_home, &planet);
     let net_arg = net.to_string();
     let mut agent = start_agent(
         &host,

@@ -16,7 +16,7 @@ use flatwire_vl2::NetworkId;
 
 mod common;
 
-use common::{assert_root, new_identity, start_agent};
+use common::{assert_root, new_identity, start_agent, start_controller, write_network};
 
 /// Waits (at most `limit`) for an IPv4 address on `dev`.
 fn wait_ipv4(host: &Host, dev: &str, proc: &mut Proc, limit: Duration) -> Ipv4Addr {
@@ -65,50 +65,13 @@ fn controller_and_two_members_ping_over_the_overlay() {
     // The network, as ZeroTier controller JSON in controller.d: private, a 10.77.0.0/24 pool
     // (overlay only: it exists on the TAPs inside these namespaces), both members authorized.
     let nwid = NetworkId::new(root_id.address(), 0x00_0001);
-    let net_dir = home("ctl").join("controller.d").join("network");
-    std::fs::create_dir_all(net_dir.join(nwid.to_string()).join("member")).unwrap();
-    std::fs::write(
-        net_dir.join(format!("{nwid}.json")),
-        serde_json::json!({
-            "id": nwid.to_string(), "nwid": nwid.to_string(), "name": "agents",
-            "private": true, "mtu": 2800,
-            "ipAssignmentPools": [{"ipRangeStart": "10.77.0.10", "ipRangeEnd": "10.77.0.99"}],
-            "routes": [{"target": "10.77.0.0/24", "via": null}],
-            "v4AssignMode": {"zt": true}
-        })
-        .to_string(),
-    )
-    .unwrap();
-    for id in [&m1_id, &m2_id] {
-        let a = id.address().to_string();
-        std::fs::write(
-            net_dir
-                .join(nwid.to_string())
-                .join("member")
-                .join(format!("{a}.json")),
-            serde_json::json!({
-                "id": a, "address": a, "nwid": nwid.to_string(), "authorized": true
-            })
-            .to_string(),
-        )
-        .unwrap();
-    }
+    write_network(&home("ctl"), nwid, "10.77.0", &[&m1_id, &m2_id]);
 
     let tap = tap_name(nwid);
     let nwid_arg = nwid.to_string();
     let started = Instant::now();
-    let mut ctl = start_agent(
-        &hosts[0],
-        &home("ctl"),
-        &home("ctl").join("agent.sock"),
-        &["--planet", planet_arg, "--root", "--controller"],
-    );
     // The root listens before the members say HELLO (else they retry only after 5 s).
-    common::wait_socket(
-        &mut ctl,
-        &home("ctl").join("agent.sock"),
-        "controller agent",
-    );
+    let mut ctl = start_controller(&hosts[0], &home("ctl"), &planet_file);
     let mut m1 = start_agent(
         &hosts[1],
         &home("m1"),
@@ -214,7 +177,9 @@ fn controller_and_two_members_ping_over_the_overlay() {
         None,
         "unauthorized member got an IP"
     );
-    let m3_path = net_dir
+    let m3_path = home("ctl")
+        .join("controller.d")
+        .join("network")
         .join(nwid.to_string())
         .join("member")
         .join(format!("{}.json", m3_id.address()));

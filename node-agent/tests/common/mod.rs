@@ -41,6 +41,55 @@ pub fn start_agent(host: &Host, home: &Path, socket: &Path, extra: &[&str]) -> P
     Proc::spawn(&format!("agent in {}", host.name()), &mut cmd).unwrap()
 }
 
+/// Starts the lab's root and controller (`--root --controller` with `planet`) inside `host`,
+/// its state in `home` and its API socket at `home/agent.sock`, and waits for the socket.
+pub fn start_controller(host: &Host, home: &Path, planet: &Path) -> Proc {
+    let socket = home.join("agent.sock");
+    let planet = planet.to_str().expect("a UTF-8 planet path");
+    let mut ctl = start_agent(
+        host,
+        home,
+        &socket,
+        &["--planet", planet, "--root", "--controller"],
+    );
+    wait_socket(&mut ctl, &socket, "controller agent");
+    ctl
+}
+
+/// Writes `value` as JSON to `path`, creating its directory.
+pub fn write_json(path: &Path, value: serde_json::Value) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, value.to_string()).unwrap();
+}
+
+/// Writes network `nwid` into the controller store of the agent whose state is in `ctl_home`,
+/// as ZeroTier controller JSON: private, named `net-<pool>`, MTU 2800, addresses
+/// `<pool>.10`-`<pool>.250` with the route `<pool>.0/24` (`pool` is like `10.77.0`), and
+/// `members` authorized.
+pub fn write_network(ctl_home: &Path, nwid: NetworkId, pool: &str, members: &[&Identity]) {
+    let nets = ctl_home.join("controller.d").join("network");
+    let id = nwid.to_string();
+    write_json(
+        &nets.join(format!("{id}.json")),
+        serde_json::json!({
+            "id": id, "nwid": id, "name": format!("net-{pool}"), "private": true, "mtu": 2800,
+            "ipAssignmentPools": [
+                {"ipRangeStart": format!("{pool}.10"), "ipRangeEnd": format!("{pool}.250")}
+            ],
+            "routes": [{"target": format!("{pool}.0/24"), "via": null}],
+            "v4AssignMode": {"zt": true}
+        }),
+    );
+    std::fs::create_dir_all(nets.join(&id).join("member")).unwrap();
+    for member in members {
+        let a = member.address().to_string();
+        write_json(
+            &nets.join(&id).join("member").join(format!("{a}.json")),
+            serde_json::json!({"id": a, "address": a, "nwid": id, "authorized": true}),
+        );
+    }
+}
+
 /// Generates an identity and stores it in the state dir `home`, as the agent would.
 pub fn new_identity(home: &Path) -> Identity {
     let id = Identity::generate(&AtomicBool::new(false)).unwrap();

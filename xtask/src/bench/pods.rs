@@ -441,8 +441,7 @@ const PHASES: [(&str, &str); 4] = [
 /// The values of `field` (`name=<ms>`) of the `attached` lines of an agent log.
 fn attached_field_ms(log: &str, field: &str) -> Vec<f64> {
     let prefix = format!("{field}=");
-    strip_ansi(log)
-        .lines()
+    log.lines()
         .filter(|l| l.contains(" attached "))
         .filter_map(|l| {
             let v = l
@@ -464,25 +463,6 @@ fn phases(log: &str) -> String {
         })
         .collect::<Vec<_>>()
         .join(", ")
-}
-
-/// `text` without ANSI colour sequences (`ESC [ ... m`).
-fn strip_ansi(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars();
-    while let Some(c) = chars.next() {
-        if c == '\x1b' {
-            // Skip to the sequence's final letter.
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 /// The agent log of `name` from byte `from` on, and its length.
@@ -672,8 +652,7 @@ mod tests {
         let log = "2026-11-22T22:00:00.1Z  INFO flatwire_agent::attach: attached member=a1b2c3d4e5 \
                    nwid=1 took_ms=75\n\
                    2026-11-22T22:00:00.2Z  INFO flatwire_agent::attach: detached member=a1b2c3d4e5\n\
-                   2026-11-22T22:00:00.3Z  \x1b[32m INFO\x1b[0m \x1b[2mflatwire_agent::attach\x1b[0m: \
-                   attached \x1b[3mtook_ms\x1b[0m\x1b[2m=\x1b[0m12\n";
+                   2026-11-22T22:00:00.3Z  INFO flatwire_agent::attach: attached took_ms=12\n";
         assert_eq!(agent_attach_ms(log), vec![75.0, 12.0]);
         let phased = "INFO flatwire_agent::attach: attached took_ms=30 identity_ms=1 tap_ms=4 \
                       config_ms=20 link_and_record_ms=5\n";
