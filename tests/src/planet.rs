@@ -1359,26 +1359,34 @@ impl Planet {
                 Ok((!out.stdout.is_empty()).then_some(()))
             },
         )?;
-        let out = client
-            .command("iperf3")
-            .args(["-c", &to.to_string(), "-p", &port_s, "-J"])
+        // A flow cut off mid-run (e.g. by a rule taking effect) can leave the iperf3 client
+        // spinning for good: it gets `seconds` plus 10 s, then it is ended by PID.
+        let report_file = tempfile::NamedTempFile::new()
+            .map_err(|e| HarnessError::Io("iperf3 report file".into(), e))?;
+        let stdout = report_file
+            .reopen()
+            .map_err(|e| HarnessError::Io("iperf3 report file".into(), e))?;
+        let mut cmd = client.command("iperf3");
+        cmd.args(["-c", &to.to_string(), "-p", &port_s, "-J"])
             .args(["-t", &seconds.to_string(), "-P", &streams.to_string()])
             .args(["--connect-timeout", "2000"])
             .stdin(Stdio::null())
-            .output()
-            .map_err(|source| HarnessError::Spawn {
-                what: "iperf3 client".into(),
-                source,
-            })?;
+            .stdout(stdout)
+            .stderr(Stdio::null());
+        let mut cli = Proc::spawn("iperf3 client", &mut cmd)?;
+        let limit = Duration::from_secs(u64::from(seconds) + 10);
+        let finished = cli.wait_timeout(limit);
+        cli.stop();
         srv.stop();
-        let report = serde_json::from_slice::<Value>(&out.stdout)
-            .map_err(|e| {
-                format!(
-                    "iperf3 -c {to} printed no JSON ({e}, {}): {}",
-                    out.status,
-                    String::from_utf8_lossy(&out.stderr).trim()
-                )
-            })
+        let Some(status) = finished else {
+            return Ok(Err(format!(
+                "iperf3 -c {to} did not finish within {limit:?}"
+            )));
+        };
+        let stdout = std::fs::read(report_file.path())
+            .map_err(|e| HarnessError::Io("iperf3 report".into(), e))?;
+        let report = serde_json::from_slice::<Value>(&stdout)
+            .map_err(|e| format!("iperf3 -c {to} printed no JSON ({e}, {status})"))
             .and_then(|v| parse_iperf(&v));
         Ok(report)
     }
