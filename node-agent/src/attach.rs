@@ -17,14 +17,23 @@
 //! [`networks::claim_primary`]; after a restart the agent claims it from the records before the
 //! data plane starts, see [`recorded_gateways`]); while a network has primary attachments,
 //! forwarding is on, forwarded traffic through the TAP is accepted and pod traffic leaving the
-//! network is masqueraded behind the host (see [`gateway`]); the rules go with the network's
-//! last primary attachment. When the host has not joined the network there is no gateway: the
-//! pod is attached as secondary, and the log says so. Secondary mode installs only the
-//! network's routes.
+//! network is masqueraded behind the host (see the `gateway` module); the rules go with the
+//! network's last primary attachment. When the host has not joined the network there is no
+//! gateway: the pod is attached as secondary, and the log says so. Secondary mode installs only
+//! the network's routes.
 //!
 //! Any failure undoes everything (the member leaves the data plane, which closes the TAP and so
 //! destroys it; the identity is discarded and so is its standby node in the data plane; rules
 //! installed for it alone are removed).
+//!
+//! Detach (and GarbageCollect, and the undoing of a failed attach) removes the member through
+//! [`NodeHandle::remove_member`], which first releases it at its controller: the member asks
+//! the controller to delete its record, so its IPs return to the pool even where no operator
+//! deletes members (see [Release](flatwire_vl2::vouch#release)). That waits for the
+//! controller's answer, a round trip, and at most
+//! [`RELEASE_TIMEOUT_MS`](flatwire_vl2::vouch::RELEASE_TIMEOUT_MS) when it does not
+//! come (the member's record then stays on the controller, with its IPs). The `detached` log
+//! line gives `removed_ms` (release and TAP removal) and `took_ms`.
 //!
 //! Each attachment is a file `HOME/attachments/<member address>.json` (`0600`, written
 //! atomically): the member's secret identity and the `flatwire.agent.v1.Attachment` message
@@ -34,7 +43,9 @@
 //! Attach answers only once its record is on disk. [`Attachments::restore`] runs at start: for
 //! each record whose namespace still exists it recreates the TAP (which died with the old
 //! process) with the same name, MAC, MTU, addresses and routes and rejoins with the same
-//! identity; records of vanished namespaces are removed.
+//! identity; records of vanished namespaces (or that cannot be restored) are removed, and their
+//! members released at their controllers in the background (added without an interface and
+//! removed at once), since their pods' DEL will find nothing to detach.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -418,7 +429,7 @@ impl Attachments {
             .add_member(NewMember {
                 identity: identity.clone(),
                 nwid,
-                tap,
+                tap: Some(tap),
                 name: format!("{} in {}", spec.key.ifname, spec.netns_path),
                 vouch: Some(vouch),
                 groups,
@@ -743,12 +754,14 @@ impl Attachments {
             return Ok(false);
         };
         let member = e.member();
+        let started = Instant::now();
         if self.node.remove_member(member).await.is_none() {
             *guard = Some(e);
             return Err(AttachError::Unavailable(
                 "the data plane is not answering".into(),
             ));
         }
+        let removed = started.elapsed();
         self.forget(member).await;
         if let Some(nwid) = e.gateway_network() {
             self.release_gateway(nwid).await;
@@ -766,7 +779,10 @@ impl Attachments {
                 tracing::debug!(%member, error = %err, "bandwidth limits not removed");
             }
         }
-        tracing::info!(%member, network = %k.0, container = %k.1, ifname = %k.2, "detached");
+        let removed_ms = removed.as_millis() as u64;
+        let took_ms = started.elapsed().as_millis() as u64;
+        tracing::info!(%member, network = %k.0, container = %k.1, ifname = %k.2, removed_ms,
+            took_ms, "detached");
         Ok(true)
     }
 
@@ -878,8 +894,8 @@ impl Attachments {
     }
 
     /// Restores the recorded attachments (at start, before serving): those whose namespace
-    /// exists get their TAP back and rejoin; the others' records are removed. Returns how many
-    /// were restored.
+    /// exists get their TAP back and rejoin; the others' records are removed (and their members
+    /// released at their controllers in the background). Returns how many were restored.
     pub async fn restore(&self) -> usize {
         let dir = self.dir.clone();
         let records = blocking("list", move || Ok(read_records(&dir)))
@@ -924,9 +940,56 @@ impl Attachments {
         let (Some(key), Some(result)) = (&attachment.key, &attachment.result) else {
             return Err(AttachError::Internal("record without key or result".into()));
         };
-        check_netns(Path::new(&attachment.netns_path))?;
         let nwid = NetworkId::from_str(&result.network_id)
             .map_err(|e| internal("bad network id")(e.to_string()))?;
+        let member = identity.address();
+        let pod = vouch_pod(attachment.pod.as_ref(), &key.container_id);
+        let added = self
+            .restore_member(&identity, nwid, &attachment, key, result, &pod)
+            .await;
+        let pod_addresses = match added {
+            Ok(a) => a,
+            Err(e) => {
+                // Its record goes, so its pod's DEL will find nothing to detach.
+                self.release_gone(identity, nwid);
+                return Err(e);
+            }
+        };
+        // Its routes already point at the host member: take its use of the gateway again (the
+        // kernel kept forwarding and NAT while the agent was away; this checks them).
+        if gatewayed(result).is_some() {
+            match self.take_gateway(nwid, &pod_addresses).await {
+                Ok(g) if !g.is_empty() => {}
+                Ok(_) => tracing::warn!(%member, %nwid, "restored pod's gateway is gone"),
+                Err(e) => {
+                    tracing::error!(%member, %nwid, error = %e, "cannot restore the pod's gateway");
+                }
+            }
+        }
+        tracing::info!(%member, %nwid, netns = %attachment.netns_path, "attachment restored");
+        let key = key_of(key);
+        Ok((
+            key,
+            Entry {
+                identity,
+                attachment,
+            },
+        ))
+    }
+
+    /// The part of [`Attachments::restore_one`] that can fail once the record parsed: the
+    /// pod's namespace is checked, its TAP made again and the member added; returns the pod's
+    /// addresses.
+    async fn restore_member(
+        &self,
+        identity: &Identity,
+        nwid: NetworkId,
+        attachment: &v1::Attachment,
+        key: &v1::AttachmentKey,
+        result: &v1::AttachResult,
+        pod: &str,
+    ) -> Result<Vec<IpPrefix>, AttachError> {
+        check_netns(Path::new(&attachment.netns_path))?;
         let member = identity.address();
         let mac = Mac::from_address(member, nwid);
         let parse = |s: &str| IpPrefix::from_str(s).map_err(internal("bad prefix"));
@@ -962,40 +1025,48 @@ impl Attachments {
         if let Some(bw) = &attachment.bandwidth {
             shape(&attachment.netns_path, &key.ifname, bw.into(), result.mtu).await?;
         }
-        let pod = vouch_pod(attachment.pod.as_ref(), &key.container_id);
-        let vouch = Vouch::sign(&self.host, member, nwid, &pod, now_ms())
+        let vouch = Vouch::sign(&self.host, member, nwid, pod, now_ms())
             .map_err(|e| internal("cannot sign the vouch")(e.to_string()))?;
         self.node
             .add_member(NewMember {
                 identity: identity.clone(),
                 nwid,
-                tap,
+                tap: Some(tap),
                 name: format!("{} in {}", key.ifname, attachment.netns_path),
                 vouch: Some(vouch),
                 groups,
             })
             .await
             .map_err(|e| AttachError::Unavailable(e.to_string()))?;
-        // Its routes already point at the host member: take its use of the gateway again (the
-        // kernel kept forwarding and NAT while the agent was away; this checks them).
-        if gatewayed(result).is_some() {
-            match self.take_gateway(nwid, &pod_addresses).await {
-                Ok(g) if !g.is_empty() => {}
-                Ok(_) => tracing::warn!(%member, %nwid, "restored pod's gateway is gone"),
+        Ok(pod_addresses)
+    }
+
+    /// Releases, in the background, the member of a record that is not restored, so that its
+    /// controller frees its IPs: it is added without an interface and removed at once, which
+    /// releases it ([`NodeHandle::remove_member`]).
+    fn release_gone(&self, identity: Identity, nwid: NetworkId) {
+        let node = self.node.clone();
+        let member = identity.address();
+        tokio::spawn(async move {
+            let added = node
+                .add_member(NewMember {
+                    identity,
+                    nwid,
+                    tap: None,
+                    name: format!("{member} (pod gone)"),
+                    vouch: None,
+                    groups: None,
+                })
+                .await;
+            match added {
+                Ok(()) if node.remove_member(member).await.is_some() => {}
+                Ok(()) => tracing::error!(%member, "cannot remove the member of a gone pod"),
                 Err(e) => {
-                    tracing::error!(%member, %nwid, error = %e, "cannot restore the pod's gateway");
+                    tracing::warn!(%member, %nwid, error = %e,
+                        "cannot release the member of a gone pod");
                 }
             }
-        }
-        tracing::info!(%member, %nwid, netns = %attachment.netns_path, "attachment restored");
-        let key = key_of(key);
-        Ok((
-            key,
-            Entry {
-                identity,
-                attachment,
-            },
-        ))
+        });
     }
 }
 

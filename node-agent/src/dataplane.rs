@@ -4,7 +4,8 @@
 //!
 //! Local identities: the host's (with its joined networks, the controller and the root role)
 //! and one per attached pod, each with its own [`Node`] and its own VL2 member on the pod's
-//! TAP ([`NodeHandle::add_member`], [`NodeHandle::remove_member`]). They share the one UDP
+//! TAP ([`NodeHandle::add_member`], [`NodeHandle::remove_member`], which first releases the
+//! member at its controller, bounded). They share the one UDP
 //! port: a received datagram goes to the node whose address is its destination (bytes 8..13
 //! of a packet or a fragment); any other goes to the host's node, which relays it when it is a
 //! root and counts a drop otherwise. Every node sends through the shared port.
@@ -52,7 +53,8 @@ use crate::metrics::{
     TrafficLabels,
 };
 use crate::networks::{MemberView, NetworkSnapshot, TapBufs, Vl2};
-use crate::tap::Tap;
+use crate::offload::OffloadDrop;
+use crate::tap::{self, OffloadCounters, Tap};
 use crate::udp::{self, RecvMeta, UdpPort};
 
 /// Receive slots per `recvmmsg`.
@@ -191,8 +193,9 @@ pub struct NewMember {
     pub identity: Identity,
     /// The network it joins.
     pub nwid: NetworkId,
-    /// Its TAP, already in the pod's namespace.
-    pub tap: Tap,
+    /// Its TAP, already in the pod's namespace; `None` for a member whose pod is gone, added
+    /// only to release it at its controller ([`NodeHandle::remove_member`]).
+    pub tap: Option<Tap>,
     /// A name for logs (e.g. the TAP's host-side name).
     pub name: String,
     /// The host's vouch for it, sent with its config requests.
@@ -221,7 +224,7 @@ enum Command {
         Box<NewMember>,
         tokio::sync::oneshot::Sender<Result<(), AddMemberError>>,
     ),
-    RemoveMember(Address, tokio::sync::oneshot::Sender<Option<Vec<Tap>>>),
+    RemoveMember(Address, RemoveReply),
     Member(
         Address,
         NetworkId,
@@ -375,9 +378,12 @@ impl NodeHandle {
         .unwrap_or(Err(AddMemberError::Stopped))
     }
 
-    /// Removes pod member `member` (its network is left, its TAP closed, which destroys the
-    /// device wherever it lives); `Some(false)` if it was not there, `None` if the data plane
-    /// stopped or did not answer in 5 s.
+    /// Removes pod member `member`: first its controller is asked to delete it, so that its
+    /// IPs return to the pool (see [Release](flatwire_vl2::vouch#release); waits for the
+    /// answer at most [`flatwire_vl2::vouch::RELEASE_TIMEOUT_MS`], resending meanwhile), then
+    /// its network is left and its TAP closed, which destroys the device wherever it lives.
+    /// `Some(false)` if it was not there, `None` if the data plane stopped or did not answer
+    /// in 5 s.
     pub async fn remove_member(&self, member: Address) -> Option<bool> {
         let taps = self
             .ask(
@@ -528,6 +534,7 @@ pub fn start(
                         metrics,
                         published_drops: HashMap::new(),
                         published_relay: NodeStats::default(),
+                        published_offload: OffloadCounters::default(),
                         local_drops: HashMap::new(),
                         names: HashMap::new(),
                         clock,
@@ -536,6 +543,7 @@ pub fn start(
                         ready_taps: Vec::new(),
                         warm_queue: VecDeque::new(),
                         next_warm: 0,
+                        removing: Vec::new(),
                     };
                     dp.run();
                 }
@@ -653,6 +661,8 @@ struct DataPlane {
     /// The host node's relay counters (packets, bytes, rendezvous) already added to the
     /// metrics.
     published_relay: NodeStats,
+    /// The TAP offload counters already added to the metrics.
+    published_offload: OffloadCounters,
     local_drops: HashMap<ShellDrop, u64>,
     /// `DropReason` label strings, made once per reason (a handful of small strings).
     names: HashMap<DropReason, &'static str>,
@@ -666,7 +676,13 @@ struct DataPlane {
     warm_queue: VecDeque<Identity>,
     /// When the next one may get it.
     next_warm: u64,
+    /// Pod members being removed, waiting for their release ([`DataPlane::remove_member`]),
+    /// with when it started (ms).
+    removing: Vec<(Address, RemoveReply, u64)>,
 }
+
+/// The answer to [`Command::RemoveMember`].
+type RemoveReply = tokio::sync::oneshot::Sender<Option<Vec<Tap>>>;
 
 impl DataPlane {
     fn address(&self) -> Address {
@@ -696,6 +712,7 @@ impl DataPlane {
                 tracing::info!("data plane stopped");
                 return;
             }
+            self.finish_removals();
             self.warm_next(now);
             self.drain_events();
             if let Err(e) = self.flush(&mut tx) {
@@ -1100,20 +1117,46 @@ impl DataPlane {
         Ok(())
     }
 
-    /// Removes pod member `member`; false if it is not one.
-    /// Removes pod member `member`; its TAPs, still open, for the caller to close (`None` if
-    /// there is no such member).
-    fn remove_member(&mut self, member: Address) -> Option<Vec<Tap>> {
+    /// Removes pod member `member` once its networks released it at their controllers
+    /// ([`Vl2::release`], bounded): `reply` then gets its TAPs, still open, for the caller to
+    /// close (`None` at once if there is no such member).
+    fn remove_member(&mut self, member: Address, reply: RemoveReply) {
         match self.index.get(&member) {
             Some(&i) if i > 0 => {
+                let now = self.clock.now();
+                self.locals[i].vl2.release(now);
+                self.removing.push((member, reply, now));
+                self.finish_removals();
+            }
+            _ => {
+                let _ = reply.send(None);
+            }
+        }
+    }
+
+    /// Removes the members whose release is over (acknowledged or given up) and answers their
+    /// removal.
+    fn finish_removals(&mut self) {
+        let mut k = 0;
+        while k < self.removing.len() {
+            let member = self.removing[k].0;
+            let at = self.index.get(&member).copied().filter(|&i| i > 0);
+            if at.is_some_and(|i| !self.locals[i].vl2.released()) {
+                k += 1;
+                continue;
+            }
+            let (_, reply, started) = self.removing.swap_remove(k);
+            let release_ms = self.clock.now().saturating_sub(started);
+            tracing::debug!(%member, release_ms, "pod member removed");
+            let taps = at.map(|i| {
                 let mut l = self.locals.swap_remove(i);
                 self.index.remove(&member);
                 if let Some(moved) = self.locals.get(i) {
                     self.index.insert(moved.address, i);
                 }
-                Some(l.vl2.leave_all())
-            }
-            _ => None,
+                l.vl2.leave_all()
+            });
+            let _ = reply.send(taps);
         }
     }
 
@@ -1128,9 +1171,7 @@ impl DataPlane {
                 Ok(Command::AddMember(m, reply)) => {
                     let _ = reply.send(self.add_member(*m));
                 }
-                Ok(Command::RemoveMember(a, reply)) => {
-                    let _ = reply.send(self.remove_member(a));
-                }
+                Ok(Command::RemoveMember(a, reply)) => self.remove_member(a, reply),
                 Ok(Command::Member(a, nwid, reply)) => {
                     let view = self
                         .index
@@ -1195,6 +1236,11 @@ impl DataPlane {
         for (r, n) in &self.local_drops {
             *totals.entry(r.name()).or_default() += n;
         }
+        let o = tap::offload_counters();
+        for (r, n) in OffloadDrop::ALL.iter().zip(o.drops) {
+            *totals.entry(r.name()).or_default() += n;
+        }
+        *totals.entry(tap::TOO_LONG).or_default() += o.too_long;
         for l in &self.locals {
             for (r, n) in l.vl2.drops() {
                 *totals.entry(r).or_default() += n;
@@ -1292,6 +1338,13 @@ impl DataPlane {
                 .saturating_sub(old.identity_validations),
         );
         self.published_relay = s.stats;
+        let o = tap::offload_counters();
+        let old = self.published_offload;
+        m.tap_superframes
+            .inc_by(o.superframes.saturating_sub(old.superframes));
+        m.tap_segments
+            .inc_by(o.segments.saturating_sub(old.segments));
+        self.published_offload = o;
         for l in &mut self.locals {
             for (nwid, c) in l.vl2.take_counters() {
                 let network = nwid.to_string();

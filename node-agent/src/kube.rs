@@ -32,6 +32,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod};
 use kube::api::{Patch, PatchParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::utils::ResetTimerBackoff;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Config};
 use tokio_stream::StreamExt;
@@ -59,6 +60,10 @@ const NODE_RESYNC: Duration = Duration::from_secs(10);
 const GC_PERIOD: Duration = Duration::from_secs(5);
 /// Longest wait between retries of a failed API call.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Longest wait between retries of a failed watch: after an API server outage the pod cache
+/// (and so the pod GC) and the planet catch up within this of its return, where kube-runtime's
+/// default backoff would wait up to 30 s.
+const MAX_WATCH_BACKOFF: Duration = Duration::from_secs(4);
 /// How long [`preflight`] waits for the API server before carrying on without it.
 const PREFLIGHT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -279,7 +284,7 @@ pub async fn sync_planet(
     let api: Api<ConfigMap> = Api::namespaced(client, &cm.namespace);
     // A field selector on the name lets RBAC scope list/watch to this one ConfigMap.
     let cfg = watcher::Config::default().fields(&format!("metadata.name={}", cm.name));
-    let mut events = std::pin::pin!(watcher(api, cfg).default_backoff());
+    let mut events = std::pin::pin!(watcher(api, cfg).backoff(watch_backoff()));
     let mut failing = false;
     while let Some(ev) = events.next().await {
         let obj = match ev {
@@ -469,7 +474,7 @@ pub fn watch_pods(
                 p.metadata.managed_fields = None;
                 p.metadata.annotations = None;
             })
-            .default_backoff()
+            .backoff(watch_backoff())
             .reflect(writer);
         let mut stream = std::pin::pin!(stream);
         let mut failing = false;
@@ -492,6 +497,18 @@ pub fn watch_pods(
         }
     };
     (store, run)
+}
+
+/// The retry policy of the agent's watches: exponential from 0.5 s, doubling, with jitter, capped
+/// at [`MAX_WATCH_BACKOFF`]; it starts over once a watch has worked for two minutes.
+fn watch_backoff() -> ResetTimerBackoff<watcher::ExponentialBackoff> {
+    let exp = backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(500))
+        .with_max_delay(MAX_WATCH_BACKOFF)
+        .with_factor(2.0)
+        .with_jitter()
+        .without_max_times();
+    ResetTimerBackoff::new(exp.into(), Duration::from_secs(120))
 }
 
 /// Which attachments' pods are gone: tracks since when each pod has been missing.

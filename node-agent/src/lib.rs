@@ -1,6 +1,7 @@
 //! flatwire-agent: the per-host daemon's I/O shell around the sans-I/O `vl1`/`vl2` cores.
 //!
-//! Modules: [`tap`] (member TAP devices created inside pod network namespaces, batched frame I/O),
+//! Modules: [`tap`] (member TAP devices created inside pod network namespaces, batched frame I/O,
+//! with the TCP offloads of [`offload`]),
 //! [`udp`] (the host's UDP port with batched, GSO/GRO-aware I/O), [`state`] (the atomically
 //! written state directory), [`metrics`] (Prometheus text over a tiny HTTP endpoint),
 //! [`http_api`] (the ZeroTier-style local JSON API), [`service`] (the gRPC service of
@@ -20,6 +21,7 @@ pub mod kube;
 pub mod mcast;
 pub mod metrics;
 pub mod networks;
+pub mod offload;
 pub mod pool;
 pub mod service;
 pub mod shaping;

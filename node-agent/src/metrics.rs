@@ -126,6 +126,10 @@ pub struct Metrics {
     pub rendezvous_sent: Counter,
     /// Identity validations (memory-hard hashes) this node spent on first contacts.
     pub identity_validations: Counter,
+    /// TCP superframes read from the TAPs (offloaded segmentation) and split.
+    pub tap_superframes: Counter,
+    /// Frames the TCP superframes were split into.
+    pub tap_segments: Counter,
 }
 
 impl Default for Metrics {
@@ -151,6 +155,8 @@ impl Metrics {
             relayed_bytes: Counter::default(),
             rendezvous_sent: Counter::default(),
             identity_validations: Counter::default(),
+            tap_superframes: Counter::default(),
+            tap_segments: Counter::default(),
             registry: Registry::default(),
         };
         registry.register("peers", "Known VL1 peers", m.peers.clone());
@@ -200,6 +206,16 @@ impl Metrics {
             "identity_validations",
             "Identity validations (memory-hard hashes) spent on new peers' first HELLO",
             m.identity_validations.clone(),
+        );
+        registry.register(
+            "tap_superframes",
+            "TCP superframes (segmentation offloaded by the kernel) read from TAPs and split",
+            m.tap_superframes.clone(),
+        );
+        registry.register(
+            "tap_segments",
+            "Frames the TCP superframes read from TAPs were split into",
+            m.tap_segments.clone(),
         );
         Self { registry, ..m }
     }

@@ -32,7 +32,8 @@
 //! request of that member (members re-ask every 60 s). Changes made through the HTTP API are
 //! pushed at once, as ZeroTier One does: the controller remembers, per network and member, the
 //! requester's identity, its request metadata and when it last asked; a de-authorization (or
-//! the deletion of an authorized member) sends a signed revocation of the member's certificate
+//! the deletion of an authorized member, or a pod member's release: see
+//! [Release](flatwire_vl2::vouch#release)) sends a signed revocation of the member's certificate
 //! to every member of the network seen in the last [`PUSH_WINDOW`] ms (they pass it on), any
 //! other member or network change sends a fresh config to the member(s) concerned seen in that
 //! window. The agent may join a network it controls: its member's requests and the answers are
@@ -54,8 +55,8 @@ use flatwire_vl2::Mac;
 use flatwire_vl2::MulticastGroup;
 use flatwire_vl2::NetworkId;
 use flatwire_vl2::controller::{
-    ApiError, Controller, ControllerStore, FileStore, RequestOutcome, StoreError, config_payloads,
-    refusal_payload,
+    ApiError, Controller, ControllerStore, FileStore, RequestOutcome, RequestRefusal, StoreError,
+    config_payloads, refusal_payload,
 };
 use flatwire_vl2::dictionary::Dictionary;
 use flatwire_vl2::member::{self, MemberOptions, Network, NetworkEvent, Output, Status, Upstream};
@@ -316,6 +317,7 @@ impl Joined {
 
     fn wants_nudge(&self) -> bool {
         !self.own_controller
+            && self.net.release_state().is_none()
             && self.net.config().is_none()
             && self.net.status() == Status::RequestingConfiguration
             && self.nudges < MAX_NUDGES
@@ -515,7 +517,7 @@ impl Vl2 {
     ) -> Result<Self, StoreError> {
         let ctl = match controller_dir {
             Some(dir) => Some(Ctl {
-                ctl: Controller::new(identity.clone(), FileStore::open(dir)?),
+                ctl: Controller::new(identity.clone(), FileStore::open(dir)?.with_group_commit()),
                 upstream: Upstream::new(seed()),
                 seen: HashMap::new(),
                 public: identity.to_public(),
@@ -553,12 +555,12 @@ impl Vl2 {
     }
 
     /// Joins `nwid` as this (pod) member on `tap`, a TAP already created in the pod's
-    /// namespace (`name` for logs), presenting `vouch` in its config requests. The link is
-    /// not configured here: read the config with [`Vl2::member_view`].
+    /// namespace (`name` for logs; `None`: no interface), presenting `vouch` in its config
+    /// requests. The link is not configured here: read the config with [`Vl2::member_view`].
     pub(crate) fn attach_tap(
         &mut self,
         nwid: NetworkId,
-        tap: Tap,
+        tap: Option<Tap>,
         name: String,
         vouch: Option<Vouch>,
         groups: Option<Memberships>,
@@ -568,7 +570,7 @@ impl Vl2 {
         tracing::info!(%nwid, member = %self.me, tap = %name, mac = %net.mac(), "pod member joined");
         self.nets.push(Joined {
             net,
-            tap: Some(tap),
+            tap,
             name,
             applied: None,
             host_link: false,
@@ -672,15 +674,43 @@ impl Vl2 {
         true
     }
 
+    /// Starts releasing this (pod) member at the controller of every network it joined, so
+    /// that its controller deletes it and frees its IPs ([`Network::release`]; bounded by
+    /// [`flatwire_vl2::vouch::RELEASE_TIMEOUT_MS`]). [`Vl2::released`] says when that is over.
+    pub(crate) fn release(&mut self, now: u64) {
+        for j in &mut self.nets {
+            j.net.release(now as i64);
+        }
+    }
+
+    /// Whether no network is still waiting for its controller's answer to a release.
+    pub(crate) fn released(&self) -> bool {
+        self.nets
+            .iter()
+            .all(|j| j.net.release_state() != Some(member::Release::Pending))
+    }
+
     /// Leaves every network and hands back their TAPs, for the caller to close elsewhere:
     /// closing a TAP waits for the kernel to unregister the device, which the data-plane
     /// thread should not.
     pub(crate) fn leave_all(&mut self) -> Vec<Tap> {
+        let me = self.me;
         std::mem::take(&mut self.nets)
             .into_iter()
             .filter_map(|mut j| {
+                let nwid = j.net.id();
+                match j.net.release_state() {
+                    Some(member::Release::Deleted) => {
+                        tracing::info!(%nwid, member = %me, "released: the controller deleted the member");
+                    }
+                    Some(member::Release::Refused) => tracing::warn!(%nwid, member = %me,
+                        "the controller kept the member (not authorized by a vouch): its record stays there"),
+                    Some(r) => tracing::warn!(%nwid, member = %me, release = ?r,
+                        "the controller did not acknowledge the release; the member's IPs stay assigned there"),
+                    None => {}
+                }
                 j.net.leave();
-                tracing::info!(nwid = %j.net.id(), tap = %j.name, "left network");
+                tracing::info!(%nwid, tap = %j.name, "left network");
                 j.tap.take()
             })
             .collect()
@@ -698,20 +728,27 @@ impl Vl2 {
         now: u64,
     ) -> Option<(u16, serde_json::Value)> {
         let ctl = &mut self.ctl.as_mut()?.ctl;
+        // The pushes of a write leave through `drain`, after a commit: also when the commit
+        // here failed and a later one holds the write.
         if let Some((answer, changes)) = pod_api(ctl, method, path, body) {
+            let answer = commit_api_write(ctl, answer);
             for c in changes {
                 self.apply_change(c, now);
             }
             return Some(answer);
         }
         let before = member_authorized(ctl, path);
-        let (status, v) = controller_api(ctl, method, path, body, now as i64);
-        if status == 200
-            && let Some(c) = change(method, path, before, member_authorized(ctl, path))
-        {
+        let answer = controller_api(ctl, method, path, body, now as i64);
+        let changed = if answer.0 == 200 {
+            change(method, path, before, member_authorized(ctl, path))
+        } else {
+            None
+        };
+        let answer = commit_api_write(ctl, answer);
+        if let Some(c) = changed {
             self.apply_change(c, now);
         }
-        Some((status, v))
+        Some(answer)
     }
 
     /// Pushes what an API write changed.
@@ -1119,6 +1156,13 @@ impl Vl2 {
                 tracing::info!(%nwid, member = %from, refusal = ?r, "controller: refused");
                 self.sends
                     .push((from, Verb::ERROR, refusal_payload(packet_id, r, nwid)));
+                if r == RequestRefusal::Released {
+                    // Gone for good (its identity is discarded): no pushes to it, and its
+                    // peers learn as from a deletion through the API.
+                    c.seen.remove(&(nwid, from));
+                    c.unacked.remove(&(nwid, from));
+                    self.apply_change(Change::Revoked(nwid, from), now);
+                }
             }
             Ok(RequestOutcome::Ignore) => {
                 tracing::debug!(%nwid, member = %from, "controller: request ignored (repeat within 1 s)")
@@ -1171,7 +1215,9 @@ impl Vl2 {
     }
 
     /// Sends what the members and the controller want sent, writes delivered frames to the
-    /// TAPs and acts on member events (a new config reconfigures the link).
+    /// TAPs and acts on member events (a new config reconfigures the link). The controller's
+    /// replies and pushes leave only after the store writes they depend on are committed:
+    /// one group commit per call (per received batch) when something is staged.
     pub(crate) fn drain(&mut self, node: &mut Node, now: u64) {
         for _ in 0..LOOPBACK_ROUNDS {
             self.drain_once(node, now);
@@ -1192,8 +1238,34 @@ impl Vl2 {
         self.drain_once(node, now);
     }
 
+    /// Commits what the controller staged in its store; false when that failed.
+    fn commit_store(&mut self) -> bool {
+        let Some(c) = self.ctl.as_mut() else {
+            return true;
+        };
+        let staged = c.ctl.store().staged();
+        if staged == 0 {
+            return true;
+        }
+        match c.ctl.store_mut().commit() {
+            Ok(()) => {
+                tracing::trace!(staged, "controller: store committed");
+                true
+            }
+            Err(e) => {
+                tracing::error!(staged, error = %e, "controller: store commit failed; replies dropped");
+                false
+            }
+        }
+    }
+
     fn drain_once(&mut self, node: &mut Node, now: u64) {
         let me = self.me;
+        if !self.commit_store() {
+            // Queued replies may describe writes that are not durable: drop them, the members
+            // ask again (and the writes stay staged for the next commit).
+            self.sends.clear();
+        }
         for (to, verb, p) in self.sends.drain(..) {
             if to == me {
                 self.loopback.push((verb, p));
@@ -1396,6 +1468,21 @@ fn change(
             }
         }
         _ => None,
+    }
+}
+
+/// Commits an API write before its answer goes back; a failed commit answers 500 (the write
+/// stays staged: a later commit may still make it durable, so the client sends it again).
+fn commit_api_write(
+    ctl: &mut Controller<FileStore>,
+    answer: (u16, serde_json::Value),
+) -> (u16, serde_json::Value) {
+    match ctl.store_mut().commit() {
+        Ok(()) => answer,
+        Err(e) => {
+            tracing::error!(error = %e, "controller: store commit of an API write failed");
+            api_err(500, format_args!("store commit: {e}"))
+        }
     }
 }
 

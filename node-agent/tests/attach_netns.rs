@@ -39,6 +39,8 @@ struct Lab {
     missing: NetworkId,
     /// Private, the host authorized, but no address pool.
     empty: NetworkId,
+    /// Private, the host authorized (not joined), a pool of three addresses.
+    small: NetworkId,
     /// The host's own member address on `net`.
     host_ip: Ipv4Addr,
     rt: tokio::runtime::Runtime,
@@ -120,6 +122,7 @@ impl Lab {
         let closed = NetworkId::new(root_id.address(), 0x00_0002);
         let missing = NetworkId::new(root_id.address(), 0x00_0099);
         let empty = NetworkId::new(root_id.address(), 0x00_0003);
+        let small = NetworkId::new(root_id.address(), 0x00_0004);
         let ctl_home = dir.path().join("ctl");
         write_network(&ctl_home, net, "10.78.0", &[&host_id]);
         write_network(&ctl_home, closed, "10.79.0", &[]);
@@ -131,18 +134,31 @@ impl Lab {
                 "private": true, "ipAssignmentPools": [], "v4AssignMode": {"zt": true}
             }),
         );
-        let a = host_id.address().to_string();
-        // The host never joins `empty`: its identity is pinned by hand so it can vouch there.
+        // .10, .11 and .12: ZeroTier's pick never takes the end of a range.
         write_json(
-            &nets
-                .join(empty.to_string())
-                .join("member")
-                .join(format!("{a}.json")),
+            &nets.join(format!("{small}.json")),
             serde_json::json!({
-                "id": a, "address": a, "nwid": empty.to_string(), "authorized": true,
-                "identity": host_id.to_public().to_string()
+                "id": small.to_string(), "nwid": small.to_string(), "name": "three",
+                "private": true, "v4AssignMode": {"zt": true},
+                "ipAssignmentPools": [{"ipRangeStart": "10.80.0.10", "ipRangeEnd": "10.80.0.13"}],
+                "routes": [{"target": "10.80.0.0/24", "via": null}]
             }),
         );
+        let a = host_id.address().to_string();
+        // The host never joins `empty` and `small`: its identity is pinned by hand so it can
+        // vouch there.
+        for nwid in [empty, small] {
+            write_json(
+                &nets
+                    .join(nwid.to_string())
+                    .join("member")
+                    .join(format!("{a}.json")),
+                serde_json::json!({
+                    "id": a, "address": a, "nwid": nwid.to_string(), "authorized": true,
+                    "identity": host_id.to_public().to_string()
+                }),
+            );
+        }
 
         let ctl = start_controller(&ctl_host, &ctl_home, &planet_file);
         let rt = tokio::runtime::Builder::new_multi_thread()
@@ -170,6 +186,7 @@ impl Lab {
             closed,
             missing,
             empty,
+            small,
             host_ip: Ipv4Addr::UNSPECIFIED,
             rt,
         };
@@ -265,6 +282,26 @@ impl Lab {
                     .count()
             })
             .unwrap_or(0)
+    }
+
+    /// The members of `nwid` in the controller's store (its `controller.d` files), sorted.
+    fn controller_members(&self, nwid: NetworkId) -> Vec<String> {
+        let dir = self
+            .dir
+            .path()
+            .join("ctl/controller.d/network")
+            .join(nwid.to_string())
+            .join("member");
+        let mut out: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                name.strip_suffix(".json").map(str::to_owned)
+            })
+            .collect();
+        out.sort();
+        out
     }
 
     fn stop(mut self) {
@@ -526,13 +563,13 @@ fn pods_attach_ping_survive_a_restart_and_detach() {
     assert!(mounted.success(), "mount --bind of a netns failed");
     let mut req3 = common::attach_request(&p3, lab.net, v1::Mode::Secondary);
     req3.netns_path = vanishing.to_str().unwrap().into();
-    let r3 = lab.attach(&mut c, req3);
+    let r3 = lab.attach(&mut c, req3).unwrap();
     let unmounted = std::process::Command::new("umount")
         .arg(&vanishing)
         .status()
         .unwrap();
     assert!(unmounted.success());
-    assert!(links(&p3).contains("eth0"), "{:?}", r3.unwrap());
+    assert!(links(&p3).contains("eth0"), "{r3:?}");
 
     // Restart: pods 1 and 2 come back (same identities and addresses) and talk within 5 s;
     // pod 3's record goes, its namespace path being gone.
@@ -586,6 +623,15 @@ fn pods_attach_ping_survive_a_restart_and_detach() {
         2,
         "the vanished namespace's record is removed"
     );
+    // ... and its member released at the controller (in the background).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while lab.controller_members(lab.net).contains(&r3.member_address) {
+        assert!(
+            Instant::now() < deadline,
+            "the member of the vanished namespace's pod was not released"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     assert_no_member_link(&p3);
     ping(&p2, &lab.host_ip.to_string());
 
@@ -713,6 +759,78 @@ fn attach_latency_and_memory_per_pod() {
     assert!(
         per_pod < 256,
         "{per_pod} KiB per attached pod (target < 256 KiB)"
+    );
+    lab.stop();
+}
+
+/// A standalone controller (no operator) gets the addresses of detached pods back: ten pods
+/// attach and detach one after another on a network with three addresses, every attach
+/// succeeds, and after each detach the controller's members are the host alone again. A
+/// detach while the controller is down ends within the release bound and removes the TAP.
+#[test]
+fn detached_pods_give_their_addresses_back() {
+    const PODS: usize = 10;
+    let mut lab = Lab::new(PODS + 1, PODS + 1);
+    let mut c = lab.client();
+    let baseline = lab.controller_members(lab.small);
+    assert_eq!(baseline, [lab.host_address.to_string()]);
+    let mut took = Vec::new();
+    let mut ips = std::collections::BTreeSet::new();
+    for i in 0..PODS {
+        let pod = lab.topo.host(&format!("r{i}")).unwrap();
+        let r = lab
+            .attach(
+                &mut c,
+                common::attach_request(&pod, lab.small, v1::Mode::Secondary),
+            )
+            .unwrap_or_else(|e| panic!("attach {i} failed: {e:?}"));
+        assert!(ip_of(&r).starts_with("10.80.0."), "{r:?}");
+        ips.insert(ip_of(&r));
+        let members = lab.controller_members(lab.small);
+        assert!(members.contains(&r.member_address), "{members:?}");
+        let t = Instant::now();
+        assert!(lab.detach(&mut c, pod.name(), &pod.netns_path()));
+        took.push(t.elapsed());
+        assert_no_member_link(&pod);
+        assert_eq!(
+            lab.controller_members(lab.small),
+            baseline,
+            "the member of pod {i} outlived its detach"
+        );
+    }
+    took.sort();
+    eprintln!(
+        "detach (CNI DEL) latency over {PODS} detaches: min {:?}, p50 {:?}, max {:?}; \
+         addresses used: {ips:?}",
+        took[0],
+        took[PODS / 2],
+        took[PODS - 1]
+    );
+    assert!(ips.len() <= 3, "{ips:?}");
+
+    // The controller is down: the release goes unanswered, the detach ends after the bound.
+    let pod = lab.topo.host("r-late").unwrap();
+    let r = lab
+        .attach(
+            &mut c,
+            common::attach_request(&pod, lab.small, v1::Mode::Secondary),
+        )
+        .unwrap();
+    lab.ctl.stop();
+    let t = Instant::now();
+    assert!(lab.detach(&mut c, pod.name(), &pod.netns_path()));
+    let waited = t.elapsed();
+    eprintln!("detach with the controller down took {waited:?}");
+    assert_no_member_link(&pod);
+    let bound = Duration::from_millis(flatwire_vl2::vouch::RELEASE_TIMEOUT_MS as u64);
+    assert!(
+        waited >= bound && waited < bound + Duration::from_millis(1500),
+        "detach with the controller down took {waited:?}"
+    );
+    // Nobody told the controller: the member is still in its store.
+    assert!(
+        lab.controller_members(lab.small)
+            .contains(&r.member_address)
     );
     lab.stop();
 }

@@ -11,7 +11,7 @@
 //! end as a counted drop (or be refused by the kernel) while the agent stays up, keeps its
 //! peers and its memory bounded, and overlay traffic carries on.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
+use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -20,7 +20,6 @@ use flatwire_agent::networks::tap_name;
 use flatwire_agent::tap;
 use flatwire_tests::netns::{Host, Topology};
 use flatwire_tests::planet::ping_in;
-use flatwire_tests::process::Proc;
 use flatwire_vl1::identity::{self, SECRET_KEY_LEN};
 use flatwire_vl1::node::MAX_DATAGRAM_LEN;
 use flatwire_vl1::{Identity, Node, NodeConfig, Root, World, WorldType};
@@ -32,7 +31,10 @@ use nix::sys::socket::{
 
 mod common;
 
-use common::{assert_root, new_identity, start_agent, start_controller, write_network};
+use common::{
+    assert_root, lan_hosts, metric, new_identity, scrape, start_agent, start_controller, wait_ipv4,
+    write_lan_planet, write_network,
+};
 
 /// HELLOs in the flood, each from its own identity.
 const FLOOD: usize = 2000;
@@ -41,43 +43,6 @@ const FLOOD: usize = 2000;
 /// in it).
 fn in_netns<T: Send + 'static>(host: &Host, f: impl FnOnce() -> T + Send + 'static) -> T {
     tap::in_netns(Path::new(&host.netns_path()), move || Ok(f())).unwrap()
-}
-
-/// Waits (at most `limit`) for an IPv4 address on `dev`.
-fn wait_ipv4(host: &Host, dev: &str, proc: &mut Proc, limit: Duration) -> Ipv4Addr {
-    let deadline = Instant::now() + limit;
-    loop {
-        assert!(proc.try_status().is_none(), "{} exited", proc.name());
-        if let Some(a) = host.ipv4_on(dev) {
-            return a;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no IPv4 address on {dev} after {limit:?}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// The agent's metrics (its endpoint is on loopback in its namespace).
-fn scrape(host: &Host) -> String {
-    let out = host
-        .run("curl", &["-s", "-m", "5", "http://127.0.0.1:9994/metrics"])
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// The value of sample `series` (name and labels), 0 when absent.
-fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix(series)?
-                .strip_prefix(' ')?
-                .trim()
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0.0)
 }
 
 fn drops(text: &str, reason: &str) -> f64 {
@@ -181,23 +146,13 @@ fn frame(dest: Mac, source: Mac, len: usize) -> Vec<u8> {
 fn floods_and_malformed_input_are_counted_drops_and_traffic_continues() {
     assert_root();
     let mut topo = Topology::new().unwrap();
-    let mut lan = topo.switch("lan").unwrap();
-    let hosts: Vec<Host> = ["ctl", "m1", "m2", "evil"]
-        .iter()
-        .map(|n| topo.host(n).unwrap())
-        .collect();
-    for (i, h) in hosts.iter().enumerate() {
-        topo.plug(&mut lan, h, &format!("198.18.0.{}/24", i + 1))
-            .unwrap();
-    }
+    let hosts = lan_hosts(&mut topo, &["ctl", "m1", "m2", "evil"]);
     let dir = tempfile::tempdir().unwrap();
     let home = |n: &str| -> PathBuf { dir.path().join(n) };
     let root_id = new_identity(&home("ctl"));
     let m1_id = new_identity(&home("m1"));
     let m2_id = new_identity(&home("m2"));
-    let planet_file = dir.path().join("planet");
-    let endpoint: SocketAddr = "198.18.0.1:9993".parse().unwrap();
-    std::fs::write(&planet_file, flatwire_tests::zt_planet!(root_id, endpoint)).unwrap();
+    let planet_file = write_lan_planet(dir.path(), &root_id);
     let planet_arg = planet_file.to_str().unwrap();
 
     let nwid = NetworkId::new(root_id.address(), 0x00_0b4d);
@@ -468,16 +423,9 @@ fn a_failed_attach_leaves_no_standby_node_of_its_identity() {
 
     assert_root();
     let mut topo = Topology::new().unwrap();
-    let mut lan = topo.switch("lan").unwrap();
-    let hosts: Vec<Host> = ["ctl", "node", "pod"]
-        .iter()
-        .map(|n| topo.host(n).unwrap())
-        .collect();
-    for (i, h) in hosts[..2].iter().enumerate() {
-        topo.plug(&mut lan, h, &format!("198.18.0.{}/24", i + 1))
-            .unwrap();
-    }
-    let (ctl, node, pod) = (&hosts[0], &hosts[1], &hosts[2]);
+    let hosts = lan_hosts(&mut topo, &["ctl", "node"]);
+    let pod = topo.host("pod").unwrap();
+    let (ctl, node, pod) = (&hosts[0], &hosts[1], &pod);
     let dir = tempfile::tempdir().unwrap();
     let home = |n: &str| -> PathBuf { dir.path().join(n) };
     let root_id = new_identity(&home("ctl"));
@@ -492,9 +440,7 @@ fn a_failed_attach_leaves_no_standby_node_of_its_identity() {
             Sensitivity::Secret,
         )
         .unwrap();
-    let planet_file = dir.path().join("planet");
-    let endpoint: SocketAddr = "198.18.0.1:9993".parse().unwrap();
-    std::fs::write(&planet_file, flatwire_tests::zt_planet!(root_id, endpoint)).unwrap();
+    let planet_file = write_lan_planet(dir.path(), &root_id);
     let planet_arg = planet_file.to_str().unwrap();
     let mut root = start_agent(
         ctl,

@@ -15,7 +15,10 @@ use serde_json::Value;
 
 mod common;
 
-use common::{assert_root, new_identity, start_agent, start_controller, write_network};
+use common::{
+    assert_root, lan_hosts, metric, new_identity, scrape, start_agent, start_controller,
+    write_lan_planet, write_network,
+};
 
 const API: &str = "http://127.0.0.1:9993";
 
@@ -82,18 +85,12 @@ fn wait_for(
 fn zerotier_shaped_api_on_loopback() {
     assert_root();
     let mut topo = Topology::new().unwrap();
-    let mut lan = topo.switch("lan").unwrap();
-    let ctl_host = topo.host("ctl").unwrap();
-    let m1_host = topo.host("m1").unwrap();
-    topo.plug(&mut lan, &ctl_host, "198.18.0.1/24").unwrap();
-    topo.plug(&mut lan, &m1_host, "198.18.0.2/24").unwrap();
+    let [ctl_host, m1_host] = <[Host; 2]>::try_from(lan_hosts(&mut topo, &["ctl", "m1"])).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let home = |n: &str| -> PathBuf { dir.path().join(n) };
     let root_id = new_identity(&home("ctl"));
     let m1_id = new_identity(&home("m1"));
-    let planet_file = dir.path().join("planet");
-    let endpoint: std::net::SocketAddr = "198.18.0.1:9993".parse().unwrap();
-    std::fs::write(&planet_file, flatwire_tests::zt_planet!(root_id, endpoint)).unwrap();
+    let planet_file = write_lan_planet(dir.path(), &root_id);
     let planet_arg = planet_file.to_str().unwrap();
     let nwid = NetworkId::new(root_id.address(), 0x00_0001);
     let nwid2 = NetworkId::new(root_id.address(), 0x00_0002);
@@ -443,21 +440,6 @@ fn zerotier_shaped_api_on_loopback() {
     drop(topo);
 }
 
-/// The agent's metrics text in `host` (its endpoint is on the namespace's loopback).
-fn scrape(host: &Host) -> String {
-    let out = host
-        .run("curl", &["-s", "-m", "5", "http://127.0.0.1:9994/metrics"])
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// The value of the sample `series` (name and labels) in a scrape; fails if it is absent.
-fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no sample {series} in:\n{text}"))
-}
-
 /// Pings `to` once from `host` (1 s wait); true when it answered.
 fn ping_once(host: &Host, to: &str) -> bool {
     host.run("ping", &["-c", "1", "-W", "1", to])
@@ -483,24 +465,14 @@ fn until_ping(host: &Host, to: &str, reachable: bool, limit: Duration, what: &st
 fn controller_pushes_api_changes_and_serves_its_own_member() {
     assert_root();
     let mut topo = Topology::new().unwrap();
-    let mut lan = topo.switch("lan").unwrap();
-    let hosts: Vec<Host> = ["ctl", "m1", "m2"]
-        .iter()
-        .map(|n| topo.host(n).unwrap())
-        .collect();
-    for (i, h) in hosts.iter().enumerate() {
-        topo.plug(&mut lan, h, &format!("198.18.0.{}/24", i + 1))
-            .unwrap();
-    }
+    let hosts = lan_hosts(&mut topo, &["ctl", "m1", "m2"]);
     let dir = tempfile::tempdir().unwrap();
     let home = |n: &str| -> PathBuf { dir.path().join(n) };
     let ids: Vec<Identity> = ["ctl", "m1", "m2"]
         .iter()
         .map(|n| new_identity(&home(n)))
         .collect();
-    let planet_file = dir.path().join("planet");
-    let endpoint: std::net::SocketAddr = "198.18.0.1:9993".parse().unwrap();
-    std::fs::write(&planet_file, flatwire_tests::zt_planet!(ids[0], endpoint)).unwrap();
+    let planet_file = write_lan_planet(dir.path(), &ids[0]);
     let planet_arg = planet_file.to_str().unwrap();
     let nwid = NetworkId::new(ids[0].address(), 0x00_0007);
     write_network(&home("ctl"), nwid, "10.79.0", &[&ids[0], &ids[1], &ids[2]]);

@@ -14,7 +14,7 @@ use flatwire_vl1::{Identity, Root, World, WorldType};
 
 mod common;
 
-use common::{assert_root, new_identity, start_agent};
+use common::{assert_root, lan_hosts, new_identity, scrape, start_agent};
 
 /// Polls `Status` until ready (at most `limit`); returns the last answer.
 async fn wait_ready(socket: &Path, proc: &mut Proc, limit: Duration) -> v1::StatusResponse {
@@ -35,14 +35,6 @@ async fn wait_ready(socket: &Path, proc: &mut Proc, limit: Duration) -> v1::Stat
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-}
-
-/// The agent's metrics, scraped from inside its namespace.
-fn scrape(host: &Host) -> String {
-    let out = host
-        .run("curl", &["-s", "-m", "5", "http://127.0.0.1:9994/metrics"])
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn total_drops(text: &str) -> f64 {
@@ -97,13 +89,8 @@ fn planet(
 async fn root_and_two_members_in_namespaces() {
     assert_root();
     let mut topo = Topology::new().unwrap();
-    let mut lan = topo.switch("lan").unwrap();
     let names = ["root", "m1", "m2", "junk"];
-    let hosts: Vec<Host> = names.iter().map(|n| topo.host(n).unwrap()).collect();
-    for (i, h) in hosts.iter().enumerate() {
-        topo.plug(&mut lan, h, &format!("198.18.0.{}/24", i + 1))
-            .unwrap();
-    }
+    let hosts = lan_hosts(&mut topo, &names);
     let dir = tempfile::tempdir().unwrap();
     let home = |n: &str| dir.path().join(n).join("home");
     let sock = |n: &str| dir.path().join(n).join("agent.sock");

@@ -3,51 +3,27 @@
 //! agents join it with `--join`, get their addresses on their TAPs and ping each other over
 //! the overlay; a restarted member rejoins from `networks.d` with the same address.
 
-use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use flatwire_agent::networks::tap_name;
-use flatwire_tests::netns::{Host, Topology};
+use flatwire_tests::netns::Topology;
 use flatwire_tests::planet::ping_in;
-use flatwire_tests::process::Proc;
 
 use flatwire_vl2::NetworkId;
 
 mod common;
 
-use common::{assert_root, new_identity, start_agent, start_controller, write_network};
-
-/// Waits (at most `limit`) for an IPv4 address on `dev`.
-fn wait_ipv4(host: &Host, dev: &str, proc: &mut Proc, limit: Duration) -> Ipv4Addr {
-    let deadline = Instant::now() + limit;
-    loop {
-        assert!(proc.try_status().is_none(), "{} exited", proc.name());
-        if let Some(a) = host.ipv4_on(dev) {
-            return a;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no IPv4 address on {dev} in {} after {limit:?}",
-            host.name()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
+use common::{
+    assert_root, lan_hosts, new_identity, start_agent, start_controller, wait_ipv4,
+    write_lan_planet, write_network,
+};
 
 #[test]
 fn controller_and_two_members_ping_over_the_overlay() {
     assert_root();
     let mut topo = Topology::new().unwrap();
-    let mut lan = topo.switch("lan").unwrap();
-    let hosts: Vec<Host> = ["ctl", "m1", "m2", "m3"]
-        .iter()
-        .map(|n| topo.host(n).unwrap())
-        .collect();
-    for (i, h) in hosts.iter().enumerate() {
-        topo.plug(&mut lan, h, &format!("198.18.0.{}/24", i + 1))
-            .unwrap();
-    }
+    let hosts = lan_hosts(&mut topo, &["ctl", "m1", "m2", "m3"]);
     let dir = tempfile::tempdir().unwrap();
     let home = |n: &str| -> PathBuf { dir.path().join(n) };
 
@@ -57,9 +33,7 @@ fn controller_and_two_members_ping_over_the_overlay() {
     let m1_id = new_identity(&home("m1"));
     let m2_id = new_identity(&home("m2"));
     let m3_id = new_identity(&home("m3"));
-    let planet_file = dir.path().join("planet");
-    let endpoint: std::net::SocketAddr = "198.18.0.1:9993".parse().unwrap();
-    std::fs::write(&planet_file, flatwire_tests::zt_planet!(root_id, endpoint)).unwrap();
+    let planet_file = write_lan_planet(dir.path(), &root_id);
     let planet_arg = planet_file.to_str().unwrap();
 
     // The network, as ZeroTier controller JSON in controller.d: private, a 10.77.0.0/24 pool

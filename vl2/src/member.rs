@@ -1,7 +1,8 @@
 //! The member runtime of one joined network, sans-I/O: config requests and signed chunk
 //! reassembly, status, the membership gate with a credential store per peer, sender- and
 //! receiver-side rule checks on every frame, unicast and multicast forwarding, active
-//! bridging and revocations (spec §5, §8.7, §12, §13).
+//! bridging and revocations (spec §5, §8.7, §12, §13), and a flatwire pod's release at its
+//! controller before it goes ([`Network::release`], see [Release](crate::vouch#release)).
 //!
 //! The host feeds it the VL2 packets `flatwire_vl1::Node` delivers
 //! ([`Network::handle_packet`]), the frames read from the TAP ([`Network::handle_tap_frame`])
@@ -91,6 +92,30 @@ pub enum Status {
     ClientTooOld = 5,
     /// 6: SSO login required.
     AuthenticationRequired = 6,
+}
+
+/// Where a release ([`Network::release`]) stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Release {
+    /// Asked; the controller has not answered yet.
+    Pending,
+    /// The controller deleted the member (ERROR `OBJ_NOT_FOUND`: it has no record of it now).
+    Deleted,
+    /// The controller kept the member (any other ERROR, e.g. `ACCESS_DENIED` for a member not
+    /// authorized by a vouch).
+    Refused,
+    /// No answer within [`crate::vouch::RELEASE_TIMEOUT_MS`].
+    Unanswered,
+}
+
+/// A release under way.
+#[derive(Clone, Copy, Debug)]
+struct Releasing {
+    state: Release,
+    /// When it started (ms).
+    started: i64,
+    /// Requests sent so far.
+    sends: usize,
 }
 
 /// Something the host should know about.
@@ -436,17 +461,23 @@ pub struct Network {
     drops: [u64; DROP_REASONS],
     rule_hits: RuleHits,
     left: bool,
+    release: Option<Releasing>,
+}
+
+/// The metadata of a config request with `opts`: ZeroTier's keys and the vouch, if any.
+fn request_dictionary(opts: &MemberOptions) -> crate::dictionary::Dictionary {
+    let mut metadata = request_metadata(opts.version, opts.platform.as_deref());
+    if let Some(v) = &opts.vouch {
+        metadata.add(crate::vouch::METADATA_KEY, &v.encode());
+    }
+    metadata
 }
 
 impl Network {
     /// Joins `nwid` as `own` at `now`: the first config request goes out immediately (an
     /// ad-hoc network is configured at once instead).
     pub fn join(own: Address, nwid: NetworkId, opts: MemberOptions, now: i64) -> Self {
-        let mut metadata = request_metadata(opts.version, opts.platform.as_deref());
-        if let Some(v) = &opts.vouch {
-            metadata.add(crate::vouch::METADATA_KEY, &v.encode());
-        }
-        let metadata = metadata.encode();
+        let metadata = request_dictionary(&opts).encode();
         let rng = opts.seed | 1;
         let mut n = Self {
             own,
@@ -476,6 +507,7 @@ impl Network {
             drops: [0; DROP_REASONS],
             rule_hits: RuleHits::default(),
             left: false,
+            release: None,
         };
         // Ad-hoc networks have no controller: their config is derived locally.
         if nwid.is_adhoc()
@@ -574,6 +606,71 @@ impl Network {
         self.subscriptions.clear();
     }
 
+    /// Asks the controller to delete this member, as a flatwire pod does before it goes (see
+    /// [Release](crate::vouch#release)): a config request whose metadata also carries
+    /// [`crate::vouch::RELEASE_KEY`] goes out now and again at the offsets of
+    /// [`crate::vouch::RELEASE_SENDS_MS`] until the controller answers it with an ERROR or
+    /// [`crate::vouch::RELEASE_TIMEOUT_MS`] passed. Meanwhile keep calling
+    /// [`Network::handle_timeout`] at [`Network::poll_timeout`] and feeding packets, and read
+    /// [`Network::release_state`]; then [`Network::leave`]. Nothing else is requested from then
+    /// on. False (nothing sent) when there is no controller to ask (an ad-hoc network, or this
+    /// member is its controller), after [`Network::leave`], or when a release already started.
+    pub fn release(&mut self, now: i64) -> bool {
+        if self.left
+            || self.release.is_some()
+            || self.controller() == self.own
+            || self.nwid.is_adhoc()
+        {
+            return false;
+        }
+        let mut metadata = request_dictionary(&self.opts);
+        metadata.add(crate::vouch::RELEASE_KEY, b"1");
+        self.metadata = metadata.encode();
+        self.release = Some(Releasing {
+            state: Release::Pending,
+            started: now,
+            sends: 0,
+        });
+        self.next_tick = now;
+        self.handle_timeout(now);
+        true
+    }
+
+    /// Where the release stands; `None` if [`Network::release`] did not start one.
+    pub fn release_state(&self) -> Option<Release> {
+        self.release.map(|r| r.state)
+    }
+
+    /// The release's part of [`Network::handle_timeout`]: due sends, or giving up.
+    fn release_tick(&mut self, now: i64) {
+        let Some(r) = self.release.as_mut() else {
+            return;
+        };
+        let mut send = false;
+        let mut next = now + TICK;
+        if r.state == Release::Pending {
+            let elapsed = now - r.started;
+            if elapsed >= crate::vouch::RELEASE_TIMEOUT_MS {
+                r.state = Release::Unanswered;
+            } else {
+                let at = crate::vouch::RELEASE_SENDS_MS;
+                while at.get(r.sends).is_some_and(|&t| elapsed >= t) {
+                    r.sends += 1;
+                    send = true;
+                }
+                let due = at
+                    .get(r.sends)
+                    .copied()
+                    .unwrap_or(crate::vouch::RELEASE_TIMEOUT_MS);
+                next = r.started + due;
+            }
+        }
+        self.next_tick = next;
+        if send {
+            self.request_config();
+        }
+    }
+
     /// Next output. Call after every `handle_*` until `None`.
     pub fn poll_output(&mut self) -> Option<Output> {
         self.out.pop_front()
@@ -638,6 +735,9 @@ impl Network {
     pub fn handle_timeout(&mut self, now: i64) {
         if self.left || now < self.next_tick {
             return;
+        }
+        if self.release.is_some() {
+            return self.release_tick(now);
         }
         self.next_tick = now + TICK;
         if self.config.is_none() || now - self.last_config_change >= CONFIG_REFRESH {
@@ -1240,6 +1340,20 @@ impl Network {
             return;
         };
         let from_controller = from == self.controller();
+        if from_controller
+            && verb == Verb::NETWORK_CONFIG_REQUEST.0
+            && let Some(r) = self
+                .release
+                .as_mut()
+                .filter(|r| r.state == Release::Pending)
+        {
+            r.state = if e.code == error_code::OBJ_NOT_FOUND {
+                Release::Deleted
+            } else {
+                Release::Refused
+            };
+            return;
+        }
         match e.code {
             error_code::OBJ_NOT_FOUND | error_code::UNSUPPORTED_OPERATION
                 if from_controller && verb == Verb::NETWORK_CONFIG_REQUEST.0 =>

@@ -13,6 +13,19 @@
 //! network ID (8), timestamp in ms (8, signed), pod length (2) and pod bytes (UTF-8, at most
 //! [`MAX_POD_LEN`]), then the host's 96-byte signature over [`SIGNING_CONTEXT`] followed by
 //! everything before the signature.
+//!
+//! # Release
+//!
+//! A pod's identity is discarded when the pod goes, so nothing would ever free the IPs of its
+//! member on a controller that no operator tidies up. Before the agent removes a pod member it
+//! sends the controller one more config request whose metadata also carries [`RELEASE_KEY`]
+//! (sent again after 200 and 600 ms; the member gives up after [`RELEASE_TIMEOUT_MS`]). The
+//! controller deletes the requester's own member record (and so frees its IPs) when that
+//! record was authorized by a vouch (`lastAuthorizedCredentialType` `"vouch"`) and answers
+//! ERROR `OBJ_NOT_FOUND` for the network, which acknowledges the release; any other member is
+//! kept and answered ERROR `ACCESS_DENIED` (see `Controller::handle_request`). The record
+//! deleted is always the requester's own: VL1 authenticates its address and the record pins its
+//! identity; the vouch itself is not consulted (it may be older than [`MAX_SKEW_MS`]).
 
 use flatwire_vl1::{Address, Identity};
 
@@ -21,6 +34,13 @@ use crate::NetworkId;
 /// The request-metadata key carrying an encoded vouch (a flatwire extension; ZeroTier One
 /// ignores keys it does not know).
 pub const METADATA_KEY: &str = "fwvouch";
+/// The request-metadata key asking the controller to delete the requester's member (see
+/// [Release](self#release); a flatwire extension, its value is `1`).
+pub const RELEASE_KEY: &str = "fwleave";
+/// How long a member waits for the controller to acknowledge its release (ms).
+pub const RELEASE_TIMEOUT_MS: i64 = 1000;
+/// When a member sends its release request, in ms after the first send (the first at 0).
+pub const RELEASE_SENDS_MS: [i64; 3] = [0, 200, 600];
 /// Longest pod identifier, in bytes.
 pub const MAX_POD_LEN: usize = 512;
 /// Domain separation prefix of the signed message.

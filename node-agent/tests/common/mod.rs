@@ -2,14 +2,14 @@
 
 #![allow(dead_code)] // Each test file uses its own subset.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use flatwire_agent::host;
 use flatwire_agent::state::StateDir;
 use flatwire_api::v1;
-use flatwire_tests::netns::Host;
+use flatwire_tests::netns::{Host, Topology};
 use flatwire_tests::process::Proc;
 use flatwire_vl1::Identity;
 use flatwire_vl2::NetworkId;
@@ -56,6 +56,27 @@ pub fn start_controller(host: &Host, home: &Path, planet: &Path) -> Proc {
     ctl
 }
 
+/// One new host in `topo` per name in `names`, all on one switch `lan`, at
+/// `198.18.0.<n>/24` in order from `.1`.
+pub fn lan_hosts(topo: &mut Topology, names: &[&str]) -> Vec<Host> {
+    let mut lan = topo.switch("lan").unwrap();
+    let hosts: Vec<Host> = names.iter().map(|n| topo.host(n).unwrap()).collect();
+    for (i, h) in hosts.iter().enumerate() {
+        topo.plug(&mut lan, h, &format!("198.18.0.{}/24", i + 1))
+            .unwrap();
+    }
+    hosts
+}
+
+/// Writes `dir/planet`: our own planet whose one root is `root` at `198.18.0.1:9993` (the
+/// first of [`lan_hosts`]); returns its path.
+pub fn write_lan_planet(dir: &Path, root: &Identity) -> PathBuf {
+    let endpoint: std::net::SocketAddr = "198.18.0.1:9993".parse().unwrap();
+    let path = dir.join("planet");
+    std::fs::write(&path, flatwire_tests::zt_planet!(root, endpoint)).unwrap();
+    path
+}
+
 /// Writes `value` as JSON to `path`, creating its directory.
 pub fn write_json(path: &Path, value: serde_json::Value) {
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
@@ -88,6 +109,46 @@ pub fn write_network(ctl_home: &Path, nwid: NetworkId, pool: &str, members: &[&I
             serde_json::json!({"id": a, "address": a, "nwid": id, "authorized": true}),
         );
     }
+}
+
+/// Waits (at most `limit`) for an IPv4 address on `dev` in `host`; fails at once if `agent`
+/// exits.
+pub fn wait_ipv4(host: &Host, dev: &str, agent: &mut Proc, limit: Duration) -> std::net::Ipv4Addr {
+    let deadline = Instant::now() + limit;
+    loop {
+        assert!(agent.try_status().is_none(), "{} exited", agent.name());
+        if let Some(a) = host.ipv4_on(dev) {
+            return a;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no IPv4 address on {dev} in {} after {limit:?}",
+            host.name()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The metrics of the agent in `host` (started by [`start_agent`]: its endpoint is on
+/// loopback in its namespace).
+pub fn scrape(host: &Host) -> String {
+    let out = host
+        .run("curl", &["-s", "-m", "5", "http://127.0.0.1:9994/metrics"])
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The value of sample `series` (name and labels) in scraped `text`, 0 when absent.
+pub fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0.0)
 }
 
 /// Generates an identity and stores it in the state dir `home`, as the agent would.

@@ -1,5 +1,14 @@
 //! The controller's request procedure: authorization, IP assignment and building the
 //! signed network config (EmbeddedNetworkController semantics).
+//!
+//! A flatwire extension: a request whose metadata carries [`vouch::RELEASE_KEY`] asks the
+//! controller to delete the requester's member (a pod that goes; see
+//! [Release](crate::vouch#release)). A record authorized by a vouch is deleted (its IPs
+//! return to the pool; a pod binding keeps its `ipAssignments` reservation for the pod's next
+//! member) and the answer is [`RequestRefusal::Released`], whose caller revokes the member's
+//! certificate as for a deletion through the API; other members are kept
+//! ([`RequestRefusal::AccessDenied`]), and a requester without a record gets
+//! [`RequestRefusal::ObjectNotFound`], so a repeated release is acknowledged too.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -34,15 +43,19 @@ const VOUCH_MEMORY: usize = 4096;
 pub enum RequestRefusal {
     /// 0x03: the network does not exist.
     ObjectNotFound,
-    /// 0x07: the member is not authorized (or its identity does not match the pinned one).
+    /// 0x07: the member is not authorized (or its identity does not match the pinned one),
+    /// or it asked to be released but was not authorized by a vouch (it is kept).
     AccessDenied,
+    /// 0x03 (as [`RequestRefusal::ObjectNotFound`]): the member asked to be released and its
+    /// record was deleted; revoke its certificate (see [Release](crate::vouch#release)).
+    Released,
 }
 
 impl RequestRefusal {
     /// The VL1 ERROR code byte.
     pub fn error_code(self) -> u8 {
         match self {
-            Self::ObjectNotFound => 0x03,
+            Self::ObjectNotFound | Self::Released => 0x03,
             Self::AccessDenied => 0x07,
         }
     }
@@ -270,8 +283,10 @@ impl<S: ControllerStore> Controller<S> {
     }
 
     /// Handles NETWORK_CONFIG_REQUEST from `requester` (call when one arrives, or with
-    /// `packet_id` 0 to build a push after a change; a push does not accept a vouch). `random` supplies 64-bit randomness
-    /// for IPv6 pool assignment.
+    /// `packet_id` 0 to build a push after a change; a push does not accept a vouch). `random`
+    /// supplies 64-bit randomness for IPv6 pool assignment. A request carrying
+    /// [`vouch::RELEASE_KEY`] is a release (see [Release](crate::vouch#release)): on
+    /// [`RequestRefusal::Released`] revoke the member.
     pub fn handle_request(
         &mut self,
         nwid: NetworkId,
@@ -285,6 +300,15 @@ impl<S: ControllerStore> Controller<S> {
             return Ok(RequestOutcome::Ignore);
         }
         let who = requester.address();
+        if metadata.get(vouch::RELEASE_KEY).is_some() {
+            // Idempotent, so repeats within the duplicate window are answered too. A push
+            // (replayed metadata) never releases.
+            return if packet_id == 0 {
+                Ok(RequestOutcome::Ignore)
+            } else {
+                self.release(nwid, requester)
+            };
+        }
         if packet_id != 0 {
             if let Some(t) = self.last_request.get(&(nwid, who))
                 && now - t < 1000
@@ -390,6 +414,26 @@ impl<S: ControllerStore> Controller<S> {
             self.record_in_binding(nwid, b, &member)?;
         }
         Ok(RequestOutcome::Config(Box::new(config)))
+    }
+
+    /// Deletes `requester`'s own member of `nwid` if a vouch authorized it (see the
+    /// [module docs](self)).
+    fn release(
+        &mut self,
+        nwid: NetworkId,
+        requester: &Identity,
+    ) -> Result<RequestOutcome, ControllerError> {
+        let who = requester.address();
+        let Some(member) = self.store.get_member(nwid, who)? else {
+            return Ok(RequestOutcome::Refuse(RequestRefusal::ObjectNotFound));
+        };
+        let pinned = member.identity.as_deref() == Some(requester.to_string().as_str());
+        if !pinned || member.last_authorized_credential_type.as_deref() != Some("vouch") {
+            return Ok(RequestOutcome::Refuse(RequestRefusal::AccessDenied));
+        }
+        self.store.delete_member(nwid, who)?;
+        self.last_request.remove(&(nwid, who));
+        Ok(RequestOutcome::Refuse(RequestRefusal::Released))
     }
 
     /// The config for `member`, assigning it IPs as needed. `bound` is the binding that

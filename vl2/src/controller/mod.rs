@@ -497,6 +497,19 @@ pub trait ControllerStore {
         }
         Ok(false)
     }
+    /// Makes every staged write and deletion durable. Stores that write through (the
+    /// default, [`MemoryStore`], [`FileStore::open`]) have nothing to do; a [`FileStore`]
+    /// with [group commit](FileStore#group-commit) writes what it staged. Call it before
+    /// anything that depends on a write (a reply, a push) leaves. On error everything still
+    /// staged stays staged, seen by reads, and the next call retries it.
+    fn commit(&mut self) -> Result<(), StoreError> {
+        Ok(())
+    }
+    /// How many object writes and deletions (and directory syncs a failed commit left) wait
+    /// for [`ControllerStore::commit`] (0: none). Cheap.
+    fn staged(&self) -> usize {
+        0
+    }
 }
 
 fn bump<T: Clone + PartialEq>(
@@ -658,6 +671,23 @@ impl ControllerStore for MemoryStore {
 /// crash leaves either the old or the new object (and perhaps a `.*.tmp` file, which
 /// is ignored and overwritten by the next write of that object).
 ///
+/// # Group commit
+///
+/// [`FileStore::open`] writes through: every `put_*`/`delete_*` is on disk when it returns
+/// (one that fails to write leaves its change staged, as a failed commit does below).
+/// [`FileStore::with_group_commit`] stages writes and deletions in memory instead, where
+/// every read and listing sees them at once, until [`ControllerStore::commit`] makes all
+/// of them durable together: it writes and syncs (`fdatasync`) every temporary file,
+/// renames them over their targets, removes the staged deletions and syncs each directory
+/// it touched (and the parent of each it created) once. That is one flush per object and
+/// one per directory instead of two per object, with the same crash guarantee per object. Objects written
+/// again before a commit are written once, as last staged. A store dropped before its
+/// commit loses what was staged (and only that): so send nothing that depends on a write
+/// before the commit that holds it returned. A commit that fails returns the error and
+/// keeps everything staged (also what it already renamed): the next commit writes it all
+/// again. [`FileStore::delete_network`](ControllerStore::delete_network) is not staged: it
+/// removes the network's files at once (dropping what was staged for that network).
+///
 /// Active bridges, assigned IPs and the IPs pod bindings reserve are indexed in memory,
 /// built when the store opens: files changed behind an open store's back are not seen by
 /// the index until it is opened again.
@@ -665,15 +695,25 @@ impl ControllerStore for MemoryStore {
 pub struct FileStore {
     root: PathBuf,
     index: MemberIndex,
+    /// Writes (`Some(file contents)`) and deletions (`None`) not yet on disk, by path.
+    staged: BTreeMap<PathBuf, Option<Vec<u8>>>,
+    /// Directories a failed commit did not sync (perhaps with entries it made).
+    unsynced_dirs: BTreeSet<PathBuf>,
+    /// Whether writes wait for [`ControllerStore::commit`].
+    group_commit: bool,
 }
 
 impl FileStore {
     /// Opens the store at `root` (created on first write) and indexes its members and pod
-    /// bindings. Fails if a member or binding file does not parse.
+    /// bindings. Fails if a member or binding file does not parse. The store writes
+    /// through; see [`FileStore::with_group_commit`].
     pub fn open(root: impl Into<PathBuf>) -> Result<Self, StoreError> {
         let mut s = Self {
             root: root.into(),
             index: MemberIndex::default(),
+            staged: BTreeMap::new(),
+            unsynced_dirs: BTreeSet::new(),
+            group_commit: false,
         };
         // Every network with a member directory, with or without its network file,
         // as `list_members` and `get_member` see them.
@@ -707,6 +747,13 @@ impl FileStore {
         Ok(s)
     }
 
+    /// Switches to group commit: writes and deletions stay staged in memory (seen by every
+    /// read) until [`ControllerStore::commit`] (see the type's docs).
+    pub fn with_group_commit(mut self) -> Self {
+        self.group_commit = true;
+        self
+    }
+
     fn network_path(&self, nwid: NetworkId) -> PathBuf {
         self.root.join("network").join(format!("{nwid}.json"))
     }
@@ -732,64 +779,177 @@ impl FileStore {
         Ok(self.pod_dir(nwid).join(format!("{uid}.json")))
     }
 
-    fn read<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>, StoreError> {
-        match std::fs::read(path) {
-            Ok(b) => serde_json::from_slice(&b)
+    /// The object at `path`: as staged, else as on disk.
+    fn read<T: serde::de::DeserializeOwned>(&self, path: &Path) -> Result<Option<T>, StoreError> {
+        let parse = |b: &[u8]| {
+            serde_json::from_slice(b)
                 .map(Some)
-                .map_err(|e| StoreError::Json(format!("{}: {e}", path.display()))),
+                .map_err(|e| StoreError::Json(format!("{}: {e}", path.display())))
+        };
+        match self.staged.get(path) {
+            Some(Some(b)) => return parse(b),
+            Some(None) => return Ok(None),
+            None => {}
+        }
+        match std::fs::read(path) {
+            Ok(b) => parse(&b),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e.into()),
         }
     }
 
-    fn write_atomic(path: &Path, data: &[u8]) -> Result<(), StoreError> {
-        let dir = path
-            .parent()
-            .ok_or_else(|| StoreError::Json("path without parent".into()))?;
-        std::fs::create_dir_all(dir)?;
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("obj");
-        let tmp = dir.join(format!(".{name}.tmp"));
-        {
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(data)?;
-            f.sync_all()?;
+    /// Commits what was just staged at once, unless the store groups commits. Called once
+    /// the index agrees with what is staged.
+    fn write_through(&mut self) -> Result<(), StoreError> {
+        if self.group_commit {
+            Ok(())
+        } else {
+            self.commit()
         }
-        std::fs::rename(&tmp, path)?;
-        std::fs::File::open(dir)?.sync_all()?;
-        Ok(())
     }
 
-    fn list_json(dir: &Path) -> Result<Vec<String>, StoreError> {
-        let mut out = Vec::new();
+    /// The stems of the `*.json` files in `dir` (not `.*`), with what is staged there, sorted.
+    fn list_json(&self, dir: &Path) -> Result<Vec<String>, StoreError> {
+        let mut out = BTreeSet::new();
         match std::fs::read_dir(dir) {
             Ok(rd) => {
                 for e in rd {
-                    let name = e?.file_name().to_string_lossy().into_owned();
-                    if let Some(stem) = name.strip_suffix(".json")
-                        && !stem.starts_with('.')
-                    {
-                        out.push(stem.to_owned());
-                    }
+                    out.insert(e?.file_name().to_string_lossy().into_owned());
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(e.into()),
         }
-        out.sort();
-        Ok(out)
+        let under = (std::ops::Bound::Included(dir), std::ops::Bound::Unbounded);
+        for (path, data) in self.staged.range::<Path, _>(under) {
+            if !path.starts_with(dir) {
+                break;
+            }
+            if path.parent() != Some(dir) {
+                continue;
+            }
+            let Some(name) = path.file_name() else {
+                continue;
+            };
+            let name = name.to_string_lossy().into_owned();
+            if data.is_some() {
+                out.insert(name);
+            } else {
+                out.remove(&name);
+            }
+        }
+        Ok(out
+            .into_iter()
+            .filter_map(|name| {
+                name.strip_suffix(".json")
+                    .filter(|stem| !stem.starts_with('.'))
+                    .map(str::to_owned)
+            })
+            .collect())
+    }
+
+    /// Writes, syncs and renames every staged file, removes the staged deletions and syncs
+    /// the directories whose entries changed, adding them to `dirs` first (which a failed
+    /// commit keeps for the next); `temps` gets the temporary files it wrote (for the
+    /// caller to clean up on failure).
+    fn commit_staged(
+        &self,
+        temps: &mut Vec<PathBuf>,
+        dirs: &mut BTreeSet<PathBuf>,
+    ) -> Result<(), StoreError> {
+        let mut checked = BTreeSet::new();
+        for (path, data) in &self.staged {
+            let Some(data) = data else { continue };
+            let (dir, tmp) = temp_path(path)?;
+            if checked.insert(dir) {
+                create_dirs(dir, dirs)?;
+                dirs.insert(dir.to_path_buf());
+            }
+            temps.push(tmp);
+            let mut f = std::fs::File::create(&temps[temps.len() - 1])?;
+            f.write_all(data)?;
+            // Only this file's data: a `syncfs` (one flush for all of them) also writes back
+            // whatever other processes left dirty on the file system (measured here: 250 ms
+            // with 400 MB dirty elsewhere, where this took 0.6 ms).
+            f.sync_data()?;
+        }
+        for ((path, _), tmp) in self.staged.iter().filter(|(_, d)| d.is_some()).zip(&*temps) {
+            std::fs::rename(tmp, path)?;
+        }
+        temps.clear();
+        for (path, data) in &self.staged {
+            if data.is_some() {
+                continue;
+            }
+            match std::fs::remove_file(path) {
+                Ok(()) => {}
+                // Gone already (perhaps by an earlier commit that failed later on): its
+                // directory still gets synced.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e.into()),
+            }
+            if let Some(dir) = path.parent() {
+                dirs.insert(dir.to_path_buf());
+            }
+        }
+        for dir in &*dirs {
+            sync_dir(dir)?;
+        }
+        Ok(())
+    }
+}
+
+/// The directory of `path` and the temporary file a write of `path` goes to first.
+fn temp_path(path: &Path) -> Result<(&Path, PathBuf), StoreError> {
+    let dir = path
+        .parent()
+        .ok_or_else(|| StoreError::Json("path without parent".into()))?;
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("obj");
+    Ok((dir, dir.join(format!(".{name}.tmp"))))
+}
+
+/// Creates `dir` and its missing ancestors, adding the parent of each one created to `sync`
+/// (the new entry is durable only once its parent is synced).
+fn create_dirs(dir: &Path, sync: &mut BTreeSet<PathBuf>) -> std::io::Result<()> {
+    if dir.as_os_str().is_empty() || dir.is_dir() {
+        return Ok(());
+    }
+    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty());
+    if let Some(p) = parent {
+        create_dirs(p, sync)?;
+    }
+    match std::fs::create_dir(dir) {
+        Ok(()) => {
+            sync.insert(parent.unwrap_or(Path::new(".")).to_path_buf());
+            Ok(())
+        }
+        // There (a race), or a file in the way: then writing into it fails.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Syncs directory `dir` (its entries); one that is gone has nothing to sync.
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    match std::fs::File::open(dir) {
+        Ok(d) => d.sync_all(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
     }
 }
 
 impl ControllerStore for FileStore {
     fn get_network(&self, nwid: NetworkId) -> Result<Option<Network>, StoreError> {
-        Self::read(&self.network_path(nwid))
+        self.read(&self.network_path(nwid))
     }
     fn put_network(&mut self, n: &mut Network) -> Result<bool, StoreError> {
         let id = parse_nwid(&n.id)?;
         let stored = self.get_network(id)?;
         let changed = bump(stored.as_ref(), n, |x| &mut x.revision);
         if changed {
-            Self::write_atomic(&self.network_path(id), to_canonical_json(n)?.as_bytes())?;
+            let data = to_canonical_json(n)?.into_bytes();
+            self.staged.insert(self.network_path(id), Some(data));
+            self.write_through()?;
         }
         Ok(changed)
     }
@@ -800,73 +960,113 @@ impl ControllerStore for FileStore {
             // never members that a re-created network would inherit.
             let dir = self.root.join("network").join(nwid.to_string());
             if dir.exists() {
-                std::fs::remove_dir_all(dir)?;
+                std::fs::remove_dir_all(&dir)?;
             }
             self.index.remove_network(nwid);
-            std::fs::remove_file(self.network_path(nwid))?;
+            self.staged.retain(|p, _| !p.starts_with(&dir));
+            let path = self.network_path(nwid);
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                // Only staged so far.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e.into()),
+            }
+            self.staged.remove(&path);
+            sync_dir(&self.root.join("network"))?;
         }
         Ok(old)
     }
     fn list_networks(&self) -> Result<Vec<NetworkId>, StoreError> {
-        Ok(Self::list_json(&self.root.join("network"))?
+        Ok(self
+            .list_json(&self.root.join("network"))?
             .iter()
             .filter_map(|s| s.parse().ok())
             .collect())
     }
     fn get_member(&self, nwid: NetworkId, a: Address) -> Result<Option<Member>, StoreError> {
-        Self::read(&self.member_path(nwid, a))
+        self.read(&self.member_path(nwid, a))
     }
     fn put_member(&mut self, m: &mut Member) -> Result<bool, StoreError> {
         let (n, a) = (parse_nwid(&m.nwid)?, parse_addr(&m.id)?);
         let stored = self.get_member(n, a)?;
         let changed = bump(stored.as_ref(), m, |x| &mut x.revision);
         if changed {
-            Self::write_atomic(&self.member_path(n, a), to_canonical_json(m)?.as_bytes())?;
+            let data = to_canonical_json(m)?.into_bytes();
+            self.staged.insert(self.member_path(n, a), Some(data));
             self.index.update(n, a, stored.as_ref(), Some(m));
+            self.write_through()?;
         }
         Ok(changed)
     }
     fn delete_member(&mut self, nwid: NetworkId, a: Address) -> Result<Option<Member>, StoreError> {
         let old = self.get_member(nwid, a)?;
         if old.is_some() {
-            std::fs::remove_file(self.member_path(nwid, a))?;
+            self.staged.insert(self.member_path(nwid, a), None);
             self.index.update(nwid, a, old.as_ref(), None);
+            self.write_through()?;
         }
         Ok(old)
     }
     fn list_members(&self, nwid: NetworkId) -> Result<Vec<Address>, StoreError> {
-        Ok(Self::list_json(&self.member_dir(nwid))?
+        Ok(self
+            .list_json(&self.member_dir(nwid))?
             .iter()
             .filter_map(|s| s.parse().ok())
             .collect())
     }
     fn get_pod(&self, nwid: NetworkId, uid: &str) -> Result<Option<PodBinding>, StoreError> {
-        Self::read(&self.pod_path(nwid, uid)?)
+        self.read(&self.pod_path(nwid, uid)?)
     }
     fn put_pod(&mut self, nwid: NetworkId, b: &PodBinding) -> Result<bool, StoreError> {
         let path = self.pod_path(nwid, &b.uid)?;
-        let old = Self::read::<PodBinding>(&path)?;
+        let old = self.read::<PodBinding>(&path)?;
         if old.as_ref() == Some(b) {
             return Ok(false);
         }
-        Self::write_atomic(&path, to_canonical_json(b)?.as_bytes())?;
+        let data = to_canonical_json(b)?.into_bytes();
+        self.staged.insert(path, Some(data));
         self.index.update_pod(nwid, &b.uid, old.as_ref(), Some(b));
+        self.write_through()?;
         Ok(true)
     }
     fn delete_pod(&mut self, nwid: NetworkId, uid: &str) -> Result<Option<PodBinding>, StoreError> {
         let path = self.pod_path(nwid, uid)?;
-        let old = Self::read(&path)?;
+        let old = self.read(&path)?;
         if old.is_some() {
-            std::fs::remove_file(path)?;
+            self.staged.insert(path, None);
             self.index.update_pod(nwid, uid, old.as_ref(), None);
+            self.write_through()?;
         }
         Ok(old)
     }
     fn list_pods(&self, nwid: NetworkId) -> Result<Vec<String>, StoreError> {
-        Ok(Self::list_json(&self.pod_dir(nwid))?
+        Ok(self
+            .list_json(&self.pod_dir(nwid))?
             .into_iter()
             .filter(|u| valid_pod_uid(u))
             .collect())
+    }
+    fn commit(&mut self) -> Result<(), StoreError> {
+        if self.staged() == 0 {
+            return Ok(());
+        }
+        let mut temps = Vec::new();
+        let mut dirs = std::mem::take(&mut self.unsynced_dirs);
+        let r = self.commit_staged(&mut temps, &mut dirs);
+        if r.is_ok() {
+            self.staged.clear();
+        } else {
+            // Made here perhaps, but not synced: the next commit syncs them.
+            self.unsynced_dirs = dirs;
+            // Best effort: the next commit writes them again anyway.
+            for t in temps {
+                let _ = std::fs::remove_file(t);
+            }
+        }
+        r
+    }
+    fn staged(&self) -> usize {
+        self.staged.len() + self.unsynced_dirs.len()
     }
     answer_from_index!();
 }
