@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 use flatwire_agent::kube::HOST_IDENTITY_ANNOTATION;
 use flatwire_tests::bridge::TcpBridge;
 use flatwire_tests::controlplane::{ControlPlane, free_port};
+use flatwire_tests::k8s::kubectl;
 use flatwire_tests::netns::{Host, Topology, run_checked};
 use flatwire_tests::process::Proc;
 use flatwire_tests::tools;
@@ -53,11 +54,6 @@ fn wait<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-}
-
-fn kubectl(cp: &ControlPlane, args: &[&str]) -> String {
-    cp.kubectl_run(args)
-        .unwrap_or_else(|e| panic!("kubectl {args:?}: {e}"))
 }
 
 type KeyPair = ([u8; PUBLIC_KEY_LEN], [u8; SECRET_KEY_LEN]);

@@ -1,6 +1,7 @@
 //! Prometheus metrics of the operator and their HTTP endpoint (`GET /metrics`, OpenMetrics
 //! text): reconciles by resource and result, leadership, how many Networks and
-//! NetworkMembers the controllers see, and pod bindings written, deleted and failed.
+//! NetworkMembers the controllers see, pod bindings written, deleted and failed, and
+//! controller networks deleted because their Network went.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -49,6 +50,8 @@ pub struct Metrics {
     pub pod_binding_errors: Counter,
     /// Pod bindings the controller holds, as last seen.
     pub pod_bindings: Gauge,
+    /// Controller networks deleted because no Network maps to them any more.
+    pub networks_deleted: Counter,
 }
 
 impl Default for Metrics {
@@ -105,6 +108,12 @@ impl Metrics {
             "Pod bindings in the controller",
             pod_bindings.clone(),
         );
+        let networks_deleted = Counter::default();
+        registry.register(
+            "controller_networks_deleted",
+            "Controller networks deleted because no Network maps to them any more",
+            networks_deleted.clone(),
+        );
         Self {
             registry,
             reconciles,
@@ -115,6 +124,7 @@ impl Metrics {
             pod_bindings_deleted,
             pod_binding_errors,
             pod_bindings,
+            networks_deleted,
         }
     }
 

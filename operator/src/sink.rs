@@ -1,8 +1,8 @@
 //! Where the reconcilers write controller networks and members: the [`ControllerSink`]
 //! trait, and [`HttpSink`], its implementation over a `flatwire-agent --controller`'s local
-//! HTTP API (ZeroTier One's controller API: `POST /controller/network/<nwid>` and
-//! `.../member/<address>`, token in the `X-ZT1-Auth` header), plus flatwire's pod bindings
-//! (`.../pod/<uid>`).
+//! HTTP API (ZeroTier One's controller API: `GET /controller/network`, `POST|DELETE
+//! /controller/network/<nwid>` and `.../member[/<address>]`, token in the `X-ZT1-Auth`
+//! header), plus flatwire's pod bindings (`.../pod/<uid>`).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -97,6 +97,14 @@ pub trait ControllerSink: Send + Sync {
     /// Deletes the binding of pod `uid` on `nwid`; the controller removes the members it
     /// authorized and revokes them (no error when it is already gone).
     fn delete_pod<'a>(&'a self, nwid: u64, uid: &'a str) -> SinkFuture<'a, ()>;
+    /// The IDs of every network the controller holds (of any controller address).
+    fn list_networks(&self) -> SinkFuture<'_, Vec<u64>>;
+    /// The addresses of the members of `nwid`, empty when the network does not exist.
+    fn list_members(&self, nwid: u64) -> SinkFuture<'_, Vec<String>>;
+    /// Deletes network `nwid` with whatever members and bindings it still has (no error
+    /// when it is already gone). The controller revokes nothing: delete the bindings and
+    /// members first.
+    fn delete_network(&self, nwid: u64) -> SinkFuture<'_, ()>;
 }
 
 /// Why `--controller-api` was refused.
@@ -303,6 +311,46 @@ impl ControllerSink for HttpSink {
             Ok(())
         })
     }
+
+    fn list_networks(&self) -> SinkFuture<'_, Vec<u64>> {
+        Box::pin(async move {
+            let path = "/controller/network";
+            let list = self.expect_ok(Method::GET, path, None, false).await?;
+            parse_network_list(&list)
+                .ok_or_else(|| self.status_error(&Method::GET, path, StatusCode::OK, &list))
+        })
+    }
+
+    fn list_members(&self, nwid: u64) -> SinkFuture<'_, Vec<String>> {
+        let path = format!("{}/member", network_path(nwid));
+        Box::pin(async move {
+            match self.request(Method::GET, &path, None).await? {
+                (StatusCode::OK, Value::Object(m)) => Ok(m.into_iter().map(|(a, _)| a).collect()),
+                (StatusCode::NOT_FOUND, _) => Ok(Vec::new()),
+                (status, v) => Err(self.status_error(&Method::GET, &path, status, &v)),
+            }
+        })
+    }
+
+    fn delete_network(&self, nwid: u64) -> SinkFuture<'_, ()> {
+        let path = network_path(nwid);
+        Box::pin(async move {
+            self.expect_ok(Method::DELETE, &path, None, true).await?;
+            Ok(())
+        })
+    }
+}
+
+/// The network IDs of a `GET /controller/network` answer (an array of 16-hex-digit
+/// strings), `None` when it is not one.
+fn parse_network_list(v: &Value) -> Option<Vec<u64>> {
+    v.as_array()?
+        .iter()
+        .map(|id| {
+            let s = id.as_str().filter(|s| s.len() == 16)?;
+            u64::from_str_radix(s, 16).ok()
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -328,6 +376,24 @@ mod tests {
         ] {
             let e = HttpSink::new(bad, "t").unwrap_err();
             assert!(e.to_string().contains("http://HOST:PORT"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn network_lists_parse() {
+        let v = serde_json::json!(["89e92ceee5000007", "0123456789abcdef"]);
+        assert_eq!(
+            parse_network_list(&v),
+            Some(vec![0x89e9_2cee_e500_0007, 0x0123_4567_89ab_cdef])
+        );
+        assert_eq!(parse_network_list(&serde_json::json!([])), Some(vec![]));
+        for bad in [
+            serde_json::json!({"89e92ceee5000007": 1}),
+            serde_json::json!(["89e92ceee500007"]),
+            serde_json::json!(["89e92ceee500000x"]),
+            serde_json::json!([7]),
+        ] {
+            assert_eq!(parse_network_list(&bad), None, "{bad}");
         }
     }
 }

@@ -224,6 +224,46 @@ async fn network_reconciler_against_a_real_apiserver() {
         rc.message
     );
 
+    // Overlapping pools (each valid on its own, so the API server takes them): Ready=False
+    // naming both pools, a Warning Event, and the rules still compile.
+    apply(
+        &cp,
+        &network(
+            "pools",
+            "  number: 9\n  ipAssignmentPools:\n  - {ipRangeStart: 198.19.0.1, ipRangeEnd: 198.19.0.100}\n  \
+             - {ipRangeStart: 198.19.0.50, ipRangeEnd: 198.19.0.200}\n",
+        ),
+    );
+    let n = wait_for(&api, "pools", |n| cond_is(n, "Ready", "False")).await;
+    let ready = cond(&n, "Ready").unwrap();
+    assert_eq!(ready.reason, "OverlappingPools");
+    assert!(
+        ready
+            .message
+            .contains("[0] (198.19.0.1-198.19.0.100) and [1]"),
+        "{}",
+        ready.message
+    );
+    assert!(cond_is(&n, "RulesCompiled", "True"));
+    let evs = events(&cp, "pools", "OverlappingPools");
+    assert!(
+        evs.iter()
+            .any(|(t, note)| t == "Warning" && note == &ready.message),
+        "{evs:?}"
+    );
+
+    // A rules source the API server takes (under its size limit) that compiles to more
+    // rules than a network config carries: RulesCompiled=False saying so.
+    let many = format!("  rules: \"{}\"\n", "accept ethertype 2048; ".repeat(550));
+    apply(&cp, &network("many", &many));
+    let n = wait_for(&api, "many", |n| cond_is(n, "RulesCompiled", "False")).await;
+    let rc = cond(&n, "RulesCompiled").unwrap();
+    assert_eq!(
+        rc.message,
+        "the rules compile to 1100 rules; a network config carries at most 1024"
+    );
+    assert!(cond_is(&n, "Ready", "False"));
+
     // Deleting a Network does not disturb the controller: a new one is reconciled after,
     // with an ID picked under the controller address.
     kubectl(
@@ -233,6 +273,8 @@ async fn network_reconciler_against_a_real_apiserver() {
             "network",
             "web",
             "odd",
+            "pools",
+            "many",
             "--wait=true",
             "--timeout=30s",
         ],

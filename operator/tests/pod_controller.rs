@@ -219,6 +219,44 @@ async fn nodes_and_pods_become_host_members_and_bindings() {
     })
     .await;
 
+    // Member counts: two host members and two bound pods, all authorized.
+    let took = wait_counts(&cp, (4, 4), Duration::from_secs(10)).await;
+    eprintln!("member counts shown {took:?} after the bindings");
+    // NetworkMembers the controller serves count too; a deauthorized one only in members.
+    for (name, address, authorized) in [("laptop", "1a2b3c4d5e", true), ("vm", "1a2b3c4d5f", false)]
+    {
+        apply(
+            &cp,
+            &format!(
+                "apiVersion: flatwire.io/v1alpha1\nkind: NetworkMember\nmetadata:\n  name: {name}\n\
+                 spec:\n  network: lab\n  address: \"{address}\"\n  authorized: {authorized}\n"
+            ),
+        );
+    }
+    let took = wait_counts(&cp, (6, 5), Duration::from_secs(10)).await;
+    eprintln!("NetworkMembers counted {took:?} after they were applied");
+    // The Network reconciler's own status writes (a spec edit bumps the revision) keep them.
+    kubectl(
+        &cp,
+        &[
+            "patch",
+            "network",
+            "lab",
+            "--type=merge",
+            "-p",
+            r#"{"spec":{"mtu":2700}}"#,
+        ],
+    );
+    wait("revision 2", async || {
+        let r = kubectl(
+            &cp,
+            &["get", "network", "lab", "-o", "jsonpath={.status.revision}"],
+        );
+        (r.trim() == "2").then_some(())
+    })
+    .await;
+    assert_eq!(shown_counts(&cp), (Some((6, 5)), "True".into()));
+
     // A relabel changes the binding's tags.
     kubectl(
         &cp,
@@ -248,6 +286,8 @@ async fn nodes_and_pods_become_host_members_and_bindings() {
     })
     .await;
     eprintln!("binding deleted {:?} after the delete", t0.elapsed());
+    wait_counts(&cp, (5, 4), Duration::from_secs(3)).await;
+    eprintln!("member count dropped {:?} after the delete", t0.elapsed());
     let (_, list) = agent.get(&format!("{net_path}/pod"));
     assert_eq!(
         list.as_object()
@@ -274,6 +314,8 @@ async fn nodes_and_pods_become_host_members_and_bindings() {
         list.as_object()?.is_empty().then_some(())
     })
     .await;
+    // The new operator (nothing in memory) counts from scratch: the hosts and NetworkMembers.
+    wait_counts(&cp, (4, 3), Duration::from_secs(10)).await;
     wait("the deletion counted by the new operator", async || {
         op2.metrics
             .encode()
@@ -307,6 +349,39 @@ async fn nodes_and_pods_become_host_members_and_bindings() {
         "the agent exited:\n{}",
         agent.log()
     );
+}
+
+/// The Network `lab`'s member counts as `kubectl get networks` shows them: the MEMBERS
+/// column and `status.authorizedMembers` (`None` while either is unset), and its READY column.
+fn shown_counts(cp: &ControlPlane) -> (Option<(u32, u32)>, String) {
+    let row = kubectl(cp, &["get", "networks", "lab", "--no-headers"]);
+    let cols: Vec<&str> = row.split_whitespace().collect();
+    let authorized = kubectl(
+        cp,
+        &[
+            "get",
+            "network",
+            "lab",
+            "-o",
+            "jsonpath={.status.authorizedMembers}",
+        ],
+    );
+    let members = cols.get(2).and_then(|m| m.parse().ok());
+    let counts = members.zip(authorized.trim().parse().ok());
+    (counts, cols.get(3).unwrap_or(&"").to_string())
+}
+
+/// Waits (up to `limit`) until the Network `lab` shows `want` (members, authorized) and is
+/// Ready; returns how long that took.
+async fn wait_counts(cp: &ControlPlane, want: (u32, u32), limit: Duration) -> Duration {
+    let t0 = Instant::now();
+    let what = format!("kubectl get networks showing {want:?} members (members, authorized)");
+    wait_for(&what, limit, async || {
+        let (counts, ready) = shown_counts(cp);
+        (counts == Some(want) && ready == "True").then_some(())
+    })
+    .await;
+    t0.elapsed()
 }
 
 /// Annotation `key` of the object `what` (kubectl get arguments), if set.

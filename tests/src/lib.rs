@@ -1,13 +1,14 @@
 //! flatwire's test harness: the real tools at pinned versions ([`tools`]), topologies of
 //! network namespaces ([`netns`]) and TCP bridges between them ([`bridge`]), a real etcd +
-//! kube-apiserver ([`controlplane`]), process guards that end what a test started by PID
-//! ([`process`]), a lab for interop with a real ZeroTier One ([`ztlab`]) and a planet of real
-//! agents ([`planet`]).
+//! kube-apiserver ([`controlplane`]) and the Kubernetes side of tests on it ([`k8s`]), process
+//! guards that end what a test started by PID ([`process`]), a lab for interop with a real
+//! ZeroTier One ([`ztlab`]) and a planet of real agents ([`planet`]).
 //!
 //! Every end-to-end test and the demo build on this crate.
 
 pub mod bridge;
 pub mod controlplane;
+pub mod k8s;
 pub mod netns;
 pub mod planet;
 pub mod process;

@@ -7,84 +7,45 @@
 //! It checks that a pod member is authorized by its node's vouch for a pod the API server
 //! places on that node, gets its tags from the pod's labels and an IP from the Network's pool;
 //! that pods on two hosts ping each other, a tag rule edited into the Network blocks and then
-//! allows a TCP port, a deleted Pod's member is revoked within 2 s, a `NetworkMember` lets an
-//! outside agent in, and killing the leading operator hands over to the standby within 15 s
-//! while existing pods keep talking.
+//! allows a TCP port, a `NetworkMember` lets an outside agent in, killing the leading
+//! operator hands over to the standby within 15 s while no ping between the pods (nor to the
+//! outside member) is lost, the pods keep talking and stay attached while the API server is
+//! away for longer than the agents' pod GC grace, a deleted Pod's member is revoked within
+//! 2 s, and once the Pod object is gone its node's agent detaches it (the Kubernetes-mode
+//! pod GC).
 //!
 //! The agents reach the API server, and the operators the controller agent's HTTP API,
-//! through [`TcpBridge`]s (control-plane TCP between namespaces on loopback only).
+//! through TCP bridges (control-plane TCP between namespaces on loopback only; see
+//! [`flatwire_tests::k8s`]).
 
-use std::net::{IpAddr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use flatwire_tests::bridge::TcpBridge;
-use flatwire_tests::controlplane::{ControlPlane, free_port};
+use flatwire_tests::controlplane::ControlPlane;
+use flatwire_tests::k8s::{
+    self, ControllerApi, NAMESPACE, Runtime, apply, cni_binary, get, install_crds, kube_node,
+    kubectl, lease_holder, operator_binary, result_ip, start_operator, wait,
+};
 use flatwire_tests::netns::Host;
 use flatwire_tests::planet::{
-    AGENT_PORT, Network, NetworkSpec, Planet, PlanetSpec, Profile, agent_binary, check_root,
-    ping_in,
+    Network, NetworkSpec, Planet, PlanetSpec, Profile, agent_binary, check_root, ping_in,
 };
-use flatwire_tests::process::{Proc, cargo_build};
-use flatwire_tests::tools;
 use serde_json::{Value, json};
 
-const NS: &str = "flatwire-system";
 /// The CNI network name (cnitool caches results under it in /var/lib/cni/results).
 const CNI_NETWORK: &str = "fw-k8s-pods";
 const LIMIT: Duration = Duration::from_secs(60);
 const REVOKE_LIMIT: Duration = Duration::from_secs(2);
 const TAKEOVER_LIMIT: Duration = Duration::from_secs(15);
+/// The agents' `--pod-gc-grace`: how long a pod may be gone before its attachment goes.
+const GC_GRACE: Duration = Duration::from_secs(3);
+/// How long the API server stays away: longer than the grace plus the agent's 5 s GC period
+/// and the operators' renew deadline.
+const OUTAGE: Duration = Duration::from_secs(10);
 const BLOCK_5201: &str = "\
     drop ipprotocol tcp dport 5201 tseq role web treq role db;\n\
     drop ipprotocol tcp dport 5201 tseq role db treq role web;\n\
     accept;\n";
-
-fn kubectl(cp: &ControlPlane, args: &[&str]) -> String {
-    cp.kubectl_run(args)
-        .unwrap_or_else(|e| panic!("kubectl {args:?}: {e}"))
-}
-
-fn apply(cp: &ControlPlane, doc: &Value) {
-    let f = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(f.path(), doc.to_string()).unwrap();
-    kubectl(cp, &["apply", "-f", f.path().to_str().unwrap()]);
-}
-
-fn get(cp: &ControlPlane, what: &[&str]) -> Value {
-    let mut args = vec!["get"];
-    args.extend_from_slice(what);
-    args.extend_from_slice(&["-o", "json"]);
-    serde_json::from_str(&kubectl(cp, &args)).unwrap()
-}
-
-/// Polls `f` every 100 ms until it gives `Some`, panicking with `what` after `limit`.
-fn wait<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> (T, Duration) {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return (v, start.elapsed());
-        }
-        assert!(start.elapsed() < limit, "timed out after {limit:?}: {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn node(name: &str) -> Value {
-    json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}})
-}
-
-fn pod(name: &str, node: &str, role: &str) -> Value {
-    json!({
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": name, "namespace": "default", "labels": {"role": role}},
-        "spec": {
-            "nodeName": node,
-            "automountServiceAccountToken": false,
-            "containers": [{"name": "app", "image": "registry.invalid/app:1"}],
-        },
-    })
-}
 
 fn network(rules: &str) -> Value {
     json!({
@@ -105,209 +66,95 @@ fn network(rules: &str) -> Value {
     })
 }
 
-/// One operator replica on loopback.
-fn operator(
-    bin: &Path,
-    cp: &ControlPlane,
-    ctl: &str,
-    api: SocketAddr,
-    token: &Path,
-    id: &str,
-) -> Proc {
-    let log = std::fs::File::create(cp.dir().join(format!("operator-{id}.log"))).unwrap();
-    Proc::spawn(
-        &format!("operator {id}"),
-        std::process::Command::new(bin)
-            .arg("--kubeconfig")
-            .arg(cp.kubeconfig())
-            .args(["--namespace", NS, "--controller-address", ctl])
-            .args(["--controller-api", &format!("http://{api}")])
-            .arg("--controller-token-file")
-            .arg(token)
-            .args(["--leader-elect", "--leader-identity", id])
-            .args([
-                "--lease-duration",
-                "6s",
-                "--renew-deadline",
-                "4s",
-                "--retry-period",
-                "1s",
-            ])
-            .arg("run")
-            .env("RUST_LOG", "info")
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(log),
-    )
-    .unwrap()
+/// Pings `to` from `from` every 0.1 s for `secs` seconds, in the background.
+fn pinger(from: &Host, to: std::net::IpAddr, secs: u64) -> Child {
+    from.command("ping")
+        .args([
+            "-n",
+            "-q",
+            "-i",
+            "0.1",
+            "-w",
+            &secs.to_string(),
+            &to.to_string(),
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("ping")
 }
 
-/// The runtime's side of a pod start or stop: the real `cnitool` runs `flatwire-cni`.
-struct Runtime {
-    cnitool: PathBuf,
-    cni_path: String,
-    conf: tempfile::TempDir,
+/// Waits for a [`pinger`] and asserts that no echo went unanswered.
+fn no_loss(pinger: Child, what: &str) {
+    let out = pinger.wait_with_output().expect("ping");
+    let summary = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        summary.contains(" 0% packet loss"),
+        "{what}: pings dropped:\n{summary}"
+    );
+    eprintln!(
+        "{what}: {}",
+        summary.lines().rev().nth(1).unwrap_or_default()
+    );
 }
 
-impl Runtime {
-    fn new(cni_bin: &Path, nwid: &str, socket: &Path) -> Self {
-        let conf = tempfile::tempdir().unwrap();
-        std::fs::write(
-            conf.path().join("10-flatwire.conflist"),
-            json!({
-                "cniVersion": "1.1.0", "name": CNI_NETWORK,
-                "plugins": [{
-                    "type": "flatwire-cni", "network": nwid, "mode": "secondary",
-                    "agentSocket": socket,
-                }],
-            })
-            .to_string(),
-        )
-        .unwrap();
-        let plugins = tools::cni_plugin_dir().expect("CNI plugins (run `cargo xtask tools`)");
-        Self {
-            cnitool: tools::bin("cnitool").expect("cnitool (run `cargo xtask tools`)"),
-            cni_path: format!(
-                "{}:{}",
-                cni_bin.parent().unwrap().display(),
-                plugins.display()
-            ),
-            conf,
+/// Whether the pod namespace `netns` still has its flatwire interface.
+fn has_eth0(netns: &Host) -> bool {
+    netns.run("ip", &["link", "show", "eth0"]).is_ok()
+}
+
+/// Waits until the operator's Lease is renewed by a live holder (its resourceVersion moves
+/// twice), and returns the holder.
+fn wait_leader(cp: &ControlPlane) -> String {
+    let version =
+        || get(cp, &["lease", k8s::LEASE, "-n", NAMESPACE])["metadata"]["resourceVersion"].clone();
+    let mut seen = vec![version()];
+    wait("a renewing leader", LIMIT, || {
+        let v = version();
+        if seen.last() != Some(&v) {
+            seen.push(v);
         }
-    }
-
-    /// Runs `cnitool verb` for the pod in namespace `netns` on `host`; the result JSON.
-    fn run(&self, host: &Host, verb: &str, netns: &Host, pod: &Value) -> Value {
-        let meta = &pod["metadata"];
-        let args = format!(
-            "K8S_POD_NAMESPACE={};K8S_POD_NAME={};K8S_POD_UID={}",
-            meta["namespace"].as_str().unwrap(),
-            meta["name"].as_str().unwrap(),
-            meta["uid"].as_str().unwrap()
-        );
-        let out = host
-            .command(&self.cnitool)
-            .args([verb, CNI_NETWORK, &netns.netns_path()])
-            .env("NETCONFPATH", self.conf.path())
-            .env("CNI_PATH", &self.cni_path)
-            .env("CNI_IFNAME", "eth0")
-            .env("CNI_ARGS", args)
-            .output()
-            .unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "cnitool {verb} {}: {stdout}{}",
-            meta["name"],
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_str(&stdout).unwrap_or(Value::Null)
-    }
-}
-
-fn result_ip(result: &Value) -> IpAddr {
-    let cidr = result["ips"][0]["address"].as_str().unwrap_or_default();
-    cidr.split('/')
-        .next()
-        .and_then(|a| a.parse().ok())
-        .unwrap_or_else(|| panic!("no IP in the CNI result {result}"))
+        (seen.len() >= 3).then_some(())
+    });
+    lease_holder(cp).expect("a Lease holder")
 }
 
 #[test]
 fn pods_join_by_vouch_with_tags_rules_revocation_and_failover() {
     check_root().expect("root");
-    let cp = ControlPlane::start().expect("etcd + kube-apiserver");
-    let crds = concat!(env!("CARGO_MANIFEST_DIR"), "/../crds");
-    kubectl(&cp, &["apply", "-f", crds]);
-    kubectl(&cp, &["create", "namespace", NS]);
+    let mut cp = ControlPlane::start().expect("etcd + kube-apiserver");
+    install_crds(&cp);
+    kubectl(&cp, &["create", "namespace", NAMESPACE]);
     kubectl(
         &cp,
         &["create", "serviceaccount", "default", "-n", "default"],
     );
     let agent = agent_binary(Profile::Debug).expect("flatwire-agent build");
-    let operator_bin = cargo_build(
-        &["-p", "flatwire-operator", "--bin", "flatwire-operator"],
-        "flatwire-operator",
-    )
-    .expect("flatwire-operator build");
-    let cni_bin = cargo_build(
-        &["-p", "flatwire-cni", "--bin", "flatwire-cni"],
-        "flatwire-cni",
-    )
-    .expect("flatwire-cni build");
+    let operator_bin = operator_binary();
+    let cni_bin = cni_binary();
 
     let spec = PlanetSpec::new(agent)
         .host("a", None)
         .host("b", None)
         .host("c", None);
     let mut planet = Planet::start(&spec).expect("planet");
-    let api: SocketAddr = cp
-        .server_url()
-        .trim_start_matches("https://")
-        .parse()
-        .unwrap();
-    let mut bridges = Vec::new();
-    for n in ["a", "b"] {
-        apply(&cp, &node(n));
-        let host = planet.agent(n).host().clone();
-        bridges.push(TcpBridge::start(Some(&host), api, None, api).expect("API server bridge"));
-        planet.stop_agent(n);
-        let kubeconfig = cp.kubeconfig().to_str().unwrap().to_owned();
-        planet.add_agent_args(n, &["--kube-node", n, "--kubeconfig", &kubeconfig]);
-        planet.start_agent(n).expect("agent in Kubernetes mode");
-    }
-    // The agents register their host identities on their Nodes.
-    for n in ["a", "b"] {
-        let address = planet.agent(n).address().to_owned();
-        wait(&format!("node {n}'s host identity"), LIMIT, || {
-            let v = get(&cp, &["node", n]);
-            let id = v["metadata"]["annotations"]["flatwire.io/host-identity"].as_str()?;
-            assert!(
-                id.starts_with(&address),
-                "{n}: {id} is not {address}'s identity"
-            );
-            assert_eq!(
-                id.split(':').count(),
-                3,
-                "{n}: the annotation holds more than the public key"
-            );
-            Some(())
-        });
-    }
+    let grace = GC_GRACE.as_secs().to_string();
+    let _bridges: Vec<_> = ["a", "b"]
+        .iter()
+        .map(|n| kube_node(&cp, &mut planet, n, &["--pod-gc-grace", &grace]))
+        .collect();
 
     let pod_ns: Vec<Host> = ["a-p1", "b-p2"]
         .iter()
         .map(|n| planet.topology().host(n).unwrap())
         .collect();
-    let ctl = planet.agent("ctl0");
-    let ctl_address = ctl.address().to_owned();
-    let token = ctl.home().join("authtoken.secret");
-    let ctl_api: SocketAddr = format!("127.0.0.1:{}", free_port().unwrap())
-        .parse()
-        .unwrap();
-    let local: SocketAddr = format!("127.0.0.1:{AGENT_PORT}").parse().unwrap();
-    bridges
-        .push(TcpBridge::start(None, ctl_api, Some(ctl.host()), local).expect("controller bridge"));
+    let ctl_api = ControllerApi::expose(&planet, "ctl0");
+    let ctl_address = ctl_api.address.clone();
     let mut operators = [
-        Some(operator(
-            &operator_bin,
-            &cp,
-            &ctl_address,
-            ctl_api,
-            &token,
-            "op-1",
-        )),
-        Some(operator(
-            &operator_bin,
-            &cp,
-            &ctl_address,
-            ctl_api,
-            &token,
-            "op-2",
-        )),
+        Some(start_operator(&operator_bin, &cp, &ctl_api, "op-1")),
+        Some(start_operator(&operator_bin, &cp, &ctl_api, "op-2")),
     ];
 
-    apply(&cp, &network("accept;"));
+    apply(&cp, network("accept;"));
     let (nwid, _) = wait("the Network's ID", LIMIT, || {
         get(&cp, &["network", "pods"])["status"]["networkId"]
             .as_str()
@@ -325,7 +172,7 @@ fn pods_join_by_vouch_with_tags_rules_revocation_and_failover() {
     // Pods p1 (web) on a and p2 (db) on b, started by the runtime through cnitool.
     let mut pods = Vec::new();
     for (name, host, role) in [("p1", "a", "web"), ("p2", "b", "db")] {
-        apply(&cp, &pod(name, host, role));
+        apply(&cp, k8s::pod("default", name, host, json!({"role": role})));
         let obj = get(&cp, &["pod", name, "-n", "default"]);
         // A runtime would retry a refused ADD; waiting for the operator's binding (pod on
         // its node, tags from labels) keeps this test's timing out of the kubelet's backoff.
@@ -342,7 +189,7 @@ fn pods_join_by_vouch_with_tags_rules_revocation_and_failover() {
         let want = if role == "web" { 1 } else { 2 };
         assert_eq!(binding["tags"], json!([[100, want]]), "{binding}");
         let netns = pod_ns[pods.len()].clone();
-        let rt = Runtime::new(&cni_bin, &nwid, &planet.agent(host).socket());
+        let rt = Runtime::new(&cni_bin, CNI_NETWORK, &nwid, &planet.agent(host).socket());
         let result = rt.run(planet.agent(host).host(), "add", &netns, &obj);
         let ip = result_ip(&result);
         assert!(
@@ -352,6 +199,7 @@ fn pods_join_by_vouch_with_tags_rules_revocation_and_failover() {
         pods.push((name, host, role, obj, netns, ip, rt));
     }
     // Each pod member was authorized by vouch and carries its label's tag.
+    let ctl = planet.agent("ctl0");
     let members = ctl
         .api_ok("GET", &format!("/controller/network/{nwid}/member"), None)
         .unwrap();
@@ -403,7 +251,7 @@ fn pods_join_by_vouch_with_tags_rules_revocation_and_failover() {
             .is_some()
     };
     wait("TCP 5201 to answer", LIMIT, || tcp_5201().then_some(()));
-    apply(&cp, &network(BLOCK_5201));
+    apply(&cp, network(BLOCK_5201));
     let (_, took) = wait("the rule to block TCP 5201", LIMIT, || {
         (!tcp_5201()).then_some(())
     });
@@ -412,7 +260,7 @@ fn pods_join_by_vouch_with_tags_rules_revocation_and_failover() {
         "ping must pass while TCP 5201 is blocked"
     );
     eprintln!("rule enforced after {took:?}");
-    apply(&cp, &network("accept;"));
+    apply(&cp, network("accept;"));
     let (_, took) = wait("the lifted rule to let TCP 5201 through", LIMIT, || {
         tcp_5201().then_some(())
     });
@@ -422,7 +270,7 @@ fn pods_join_by_vouch_with_tags_rules_revocation_and_failover() {
     let c = planet.agent("c").address().to_owned();
     apply(
         &cp,
-        &json!({
+        json!({
             "apiVersion": "flatwire.io/v1alpha1", "kind": "NetworkMember",
             "metadata": {"name": "laptop-c"},
             "spec": {"network": "pods", "address": c, "authorized": true, "tags": {"role": "laptop"}},
@@ -439,16 +287,14 @@ fn pods_join_by_vouch_with_tags_rules_revocation_and_failover() {
     });
 
     // Leader election: kill the active operator; the standby takes over within 15 s while p1
-    // keeps pinging c; the new leader then handles a Pod deletion.
-    let lease = get(&cp, &["lease", "flatwire-operator", "-n", NS]);
-    let holder = lease["spec"]["holderIdentity"].as_str().unwrap().to_owned();
+    // keeps pinging p2 (pod to pod, across hosts) and c; the new leader then handles a Pod
+    // deletion.
+    let holder = lease_holder(&cp).expect("a Lease holder");
     let leader = if holder == "op-1" { 0 } else { 1 };
-    let pinger = p1_ns
-        .command("ping")
-        .args(["-n", "-q", "-i", "0.1", "-w", "20", &c_ip.to_string()])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let pingers = [
+        (pinger(&p1_ns, p2_ip, 20), "p1 -> p2 during the takeover"),
+        (pinger(&p1_ns, c_ip, 20), "p1 -> c during the takeover"),
+    ];
     // SIGKILL: the leader cannot release the Lease; the standby waits for it to expire.
     let mut dead = operators[leader].take().unwrap();
     nix::sys::signal::kill(
@@ -458,19 +304,47 @@ fn pods_join_by_vouch_with_tags_rules_revocation_and_failover() {
     .expect("SIGKILL the leading operator");
     dead.stop();
     let (new_holder, took) = wait("the standby to take the Lease", TAKEOVER_LIMIT, || {
-        let l = get(&cp, &["lease", "flatwire-operator", "-n", NS]);
-        l["spec"]["holderIdentity"]
-            .as_str()
-            .filter(|h| *h != holder)
-            .map(str::to_owned)
+        lease_holder(&cp).filter(|h| *h != holder)
     });
     eprintln!("{new_holder} took over from {holder} {took:?} after it was killed");
-    let pings = pinger.wait_with_output().unwrap();
-    let summary = String::from_utf8_lossy(&pings.stdout);
+    for (p, what) in pingers {
+        no_loss(p, what);
+    }
+
+    // The API server goes away for longer than the agents' pod GC grace: the agents keep
+    // their pods (from their caches) and the pods keep talking; the leader cannot renew its
+    // Lease and exits to restart as a candidate, and its restart (what the Deployment does)
+    // leads once the API server is back.
+    let outage = pinger(&p1_ns, p2_ip, OUTAGE.as_secs() + 2);
+    cp.stop_apiserver();
+    std::thread::sleep(OUTAGE);
+    for (name, netns) in [("p1", &p1_ns), ("p2", &p2_ns)] {
+        assert!(
+            has_eth0(netns),
+            "{name} was detached while the API server was away"
+        );
+    }
+    for n in ["a", "b"] {
+        assert!(
+            planet.agent_mut(n).running(),
+            "agent {n} exited without the API server:\n{}",
+            planet.agent(n).log_tail(20)
+        );
+    }
+    cp.restart_apiserver().expect("the API server back");
+    no_loss(outage, "p1 -> p2 while the API server was away");
+    let survivor = 1 - leader;
+    let mut op = operators[survivor].take().unwrap();
+    let exited = op.wait_timeout(LIMIT);
+    let log = std::fs::read_to_string(cp.dir().join(format!("operator-{new_holder}.log")))
+        .unwrap_or_default();
     assert!(
-        summary.contains(" 0% packet loss"),
-        "pings dropped during the takeover:\n{summary}"
+        exited.is_some() && log.contains("lost leadership"),
+        "the leader without an API server should exit to restart as a candidate ({exited:?}):\n{log}"
     );
+    operators[survivor] = Some(start_operator(&operator_bin, &cp, &ctl_api, "op-3"));
+    let holder = wait_leader(&cp);
+    assert_eq!(holder, "op-3", "the restarted operator leads");
 
     // Deleting a Pod revokes its member within 2 s.
     kubectl(
@@ -491,19 +365,50 @@ fn pods_join_by_vouch_with_tags_rules_revocation_and_failover() {
     eprintln!("p2 cut off {cut:?} after its Pod was deleted");
     assert!(cut < REVOKE_LIMIT, "revocation took {cut:?}");
     let p2_address = vouched[&p2_ip].clone();
+    let ctl = planet.agent("ctl0");
     wait("p2's member to leave the controller", LIMIT, || {
         let path = format!("/controller/network/{nwid}/member");
         let members = ctl.api_ok("GET", &path, None).ok()?;
         members.get(&p2_address).is_none().then_some(())
     });
 
-    // The runtime stops both pods; their attachments go.
+    // Once the Pod object is gone (a kubelet would finish the deletion), node b's agent
+    // detaches its attachment after the grace period, as a CNI GC would.
+    assert!(has_eth0(&p2_ns), "p2 detached while its Pod still existed");
+    kubectl(
+        &cp,
+        &[
+            "delete",
+            "pod",
+            "p2",
+            "-n",
+            "default",
+            "--grace-period=0",
+            "--force",
+        ],
+    );
+    // Grace, then the 5 s GC period, plus the agent's pod watch retry backoff after the outage
+    // (capped at 4 s, up to twice that with jitter) and scheduling slack.
+    let gc_limit = GC_GRACE + Duration::from_secs(5) + Duration::from_secs(15);
+    let gone = Instant::now();
+    while has_eth0(&p2_ns) {
+        assert!(
+            gone.elapsed() < gc_limit,
+            "p2's attachment not collected {gc_limit:?} after its Pod was gone; agent b:\n{}",
+            planet.agent("b").log_tail(40)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!(
+        "p2 detached by the agent's pod GC {:?} after its Pod was gone",
+        gone.elapsed()
+    );
+    assert!(has_eth0(&p1_ns), "p1 was collected with p2");
+    assert!(ping_in(&p1_ns, c_ip, 2).ok, "p1 lost c after p2's GC");
+
+    // The runtime stops both pods (p2's DEL after the GC is a no-op); their attachments go.
     for (name, host, _, obj, netns, _, rt) in pods.iter().rev() {
         rt.run(planet.agent(host).host(), "del", netns, obj);
-        assert!(
-            netns.run("ip", &["link", "show", "eth0"]).is_err(),
-            "eth0 is left in {name} after DEL"
-        );
+        assert!(!has_eth0(netns), "eth0 is left in {name} after DEL");
     }
-    drop(bridges);
 }

@@ -9,15 +9,18 @@
 //! flatwire runs it reads the agents' CPU time (`/proc/<pid>/stat`, also of the data-plane
 //! thread), their drop counters and the kernel's UDP and TAP drop counters; after them, their
 //! resident memory. Then host `b` starts and stops pods through `flatwire-cni` (see [`pods`];
-//! `--only-pods` skips the link runs). Missed targets are printed as MISSED; only a failure to
-//! measure makes the command fail.
+//! `--only-pods` skips the link runs). Last, a Kubernetes control plane with the operator
+//! measures reconcile throughput, operator memory and rules latency (see [`operator`];
+//! `--only-operator` runs only that part). Missed targets are printed as MISSED; only a
+//! failure to measure makes the command fail.
 
 mod measure;
+mod operator;
 mod pods;
 mod report;
 
 use std::net::IpAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -28,6 +31,7 @@ use flatwire_tests::planet::{
 
 use measure::{Counters, Cpu};
 use report::{CpuPerGb, FLATWIRE, Figures, LINKS, Losses, UNDERLAY, VXLAN};
+use serde_json::{Value, json};
 
 /// Options of `cargo xtask bench`.
 #[derive(Debug, clap::Args)]
@@ -49,9 +53,23 @@ pub struct Args {
     /// Seconds to wait for the identity pool to fill before each pod batch.
     #[arg(long, value_name = "SECS", default_value_t = 600)]
     pool_wait: u64,
-    /// Quick mode: only the pod batches (skips the underlay, VXLAN and flatwire link runs).
-    #[arg(long)]
+    /// Quick mode: only the pod batches (skips the underlay, VXLAN and flatwire link runs and
+    /// the operator part).
+    #[arg(long, conflicts_with = "only_operator")]
     only_pods: bool,
+    /// Quick mode: only the operator part (control plane, operator, Pods, NetworkMembers,
+    /// Network rule edits).
+    #[arg(long)]
+    only_operator: bool,
+    /// Pods the operator reconciles (spread over two nodes).
+    #[arg(long, value_name = "N", default_value_t = 1000)]
+    operator_pods: usize,
+    /// NetworkMembers the operator reconciles.
+    #[arg(long, value_name = "N", default_value_t = 100)]
+    operator_members: usize,
+    /// Edits of a Network's rules timed until every agent holds them.
+    #[arg(long, value_name = "N", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    operator_edits: u32,
     /// Also write the figures, targets and failures as JSON to this file.
     #[arg(long, value_name = "PATH")]
     json: Option<PathBuf>,
@@ -74,6 +92,14 @@ pub fn run(args: &Args) -> Result<()> {
     }
     println!("==> build flatwire-agent (release)");
     let agent = planet::agent_binary(Profile::Release)?;
+    if args.only_operator {
+        let result = run_operator(args, &agent);
+        return finish_operator(
+            &result,
+            args.json.as_deref(),
+            Value::Object(Default::default()),
+        );
+    }
     let plugin = if args.pods > 0 {
         println!("==> build flatwire-cni (release)");
         let build = ["-p", "flatwire-cni", "--bin", "flatwire-cni", "--release"];
@@ -162,6 +188,8 @@ pub fn run(args: &Args) -> Result<()> {
     };
     println!("==> stop the planet");
     drop(planet);
+    // `--only-pods` skips the operator part.
+    let op = (!args.only_pods).then(|| run_operator(args, &agent));
 
     println!();
     if !args.only_pods {
@@ -187,17 +215,81 @@ pub fn run(args: &Args) -> Result<()> {
     if !missed.is_empty() {
         println!("MISSED: {}", missed.join("; "));
     }
+    println!();
+    let op_failed = op
+        .as_ref()
+        .is_some_and(|op| finish_operator(op, None, Value::Null).is_err());
     if let Some(path) = &args.json {
-        let text = serde_json::to_string_pretty(&fig.to_json())?;
-        std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
-        println!("wrote {}", path.display());
+        let mut json = fig.to_json();
+        if let Some(op) = &op {
+            json["operator"] = op
+                .as_ref()
+                .map_or(Value::Null, operator::OperatorFigures::to_json);
+            json["operator_missing"] = op.as_ref().err().map_or(Value::Null, |e| json!(e));
+        }
+        write_json(path, &json)?;
     }
-    if !fig.failures.is_empty() {
+    if !fig.failures.is_empty() || op_failed {
         for f in &fig.failures {
             eprintln!("not measured: {f}");
         }
-        bail!("{} measurements failed", fig.failures.len());
+        bail!(
+            "{} measurements failed",
+            fig.failures.len() + usize::from(op_failed)
+        );
     }
+    Ok(())
+}
+
+/// Builds the operator (release) and runs the operator part with `agent`; `Err` says why
+/// it is missing.
+fn run_operator(args: &Args, agent: &Path) -> Result<operator::OperatorFigures, String> {
+    println!("==> build flatwire-operator (release)");
+    let build = [
+        "-p",
+        "flatwire-operator",
+        "--bin",
+        "flatwire-operator",
+        "--release",
+    ];
+    let bin = flatwire_tests::process::cargo_build(&build, "flatwire-operator")?;
+    let opt = operator::Options {
+        pods: args.operator_pods,
+        members: args.operator_members,
+        edits: args.operator_edits as usize,
+    };
+    operator::run(agent, &bin, opt).map_err(|e| format!("{e:#}"))
+}
+
+/// Prints the operator table (or why it is missing); with `json`, writes `base` with the
+/// operator figures added. Fails when the part was not measured.
+fn finish_operator(
+    op: &Result<operator::OperatorFigures, String>,
+    json: Option<&Path>,
+    mut base: Value,
+) -> Result<()> {
+    match op {
+        Ok(f) => f.table().print(),
+        Err(why) => eprintln!("not measured: operator: {why}"),
+    }
+    if let Some(path) = json {
+        base["operator"] = op
+            .as_ref()
+            .map_or(Value::Null, operator::OperatorFigures::to_json);
+        base["operator_missing"] = op.as_ref().err().map_or(Value::Null, |e| json!(e));
+        write_json(path, &base)?;
+    }
+    match op {
+        Ok(_) => Ok(()),
+        Err(_) => bail!("the operator part was not measured"),
+    }
+}
+
+/// Writes `json` pretty-printed to `path`.
+fn write_json(path: &Path, json: &Value) -> Result<()> {
+    let text = serde_json::to_string_pretty(json)?;
+    std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
+    println!("wrote {}", path.display());
     Ok(())
 }
 

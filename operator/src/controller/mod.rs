@@ -1,6 +1,7 @@
 //! The operator's kube-runtime controllers (one reconciler per resource) and how they
 //! connect to the API server.
 
+pub mod counts;
 pub mod ips;
 pub mod member;
 pub mod network;

@@ -5,10 +5,12 @@
 //! compiling and server-side applies the status with the field manager [`FIELD_MANAGER`].
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use flatwire_vl2::rules::compiler::OJson;
+use flatwire_vl2::rules::{MAX_CAPABILITY_RULES, MAX_RULES};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
@@ -96,16 +98,30 @@ pub fn network_id(address: ControllerAddress, net: &Network) -> Result<u64, Stri
     Ok(prefix | n.max(1))
 }
 
+/// The error when `count` compiled rules exceed the `max` a network config carries.
+fn too_many_rules(count: usize, max: usize) -> Result<(), String> {
+    if count > max {
+        return Err(format!(
+            "the rules compile to {count} rules; a network config carries at most {max}"
+        ));
+    }
+    Ok(())
+}
+
 /// The compiled rules in the controller's JSON form: the base rules and each capability's
-/// `{id, default, rules}`. The error is the compiler's `line L column C: ...`, prefixed with
-/// `capability NAME: ` for a capability (compiled on its own).
+/// `{id, default, rules}`. The error is the compiler's `line L column C: ...`, or that more
+/// rules came out than a network config carries ([`MAX_RULES`], [`MAX_CAPABILITY_RULES`]),
+/// prefixed with `capability NAME: ` for a capability (compiled on its own).
 pub fn compiled_rules(spec: &NetworkSpec) -> Result<(Vec<Value>, Vec<Value>), String> {
     let to_values = |r: &[OJson]| r.iter().map(OJson::to_value).collect::<Vec<_>>();
     let base = spec.compile_rules().map_err(|e| e.to_string())?;
+    too_many_rules(base.rules.len(), MAX_RULES)?;
     let mut caps = Vec::with_capacity(spec.capabilities.len());
     for cap in &spec.capabilities {
         let c = spec
             .compile_source(&cap.rules)
+            .map_err(|e| format!("capability {}: {e}", cap.name))?;
+        too_many_rules(c.rules.len(), MAX_CAPABILITY_RULES)
             .map_err(|e| format!("capability {}: {e}", cap.name))?;
         caps.push(json!({"id": cap.id, "default": false, "rules": to_values(&c.rules)}));
     }
@@ -119,12 +135,50 @@ pub fn compile(spec: &NetworkSpec) -> Result<String, String> {
     Ok(format!("{} rules, {} capabilities", base.len(), caps.len()))
 }
 
+/// Checks that no two of the spec's IP assignment pools share an address (the API server
+/// checks each pool on its own); the error names the first two that do.
+pub fn check_pools(spec: &NetworkSpec) -> Result<(), String> {
+    let as_int = |ip: IpAddr| match ip {
+        IpAddr::V4(a) => (false, u128::from(u32::from(a))),
+        IpAddr::V6(a) => (true, u128::from(a)),
+    };
+    let ranges: Vec<(usize, bool, u128, u128)> = spec
+        .ip_assignment_pools
+        .iter()
+        .enumerate()
+        .filter_map(|(i, p)| {
+            let (v6, start) = as_int(p.ip_range_start.parse().ok()?);
+            let (v6_end, end) = as_int(p.ip_range_end.parse().ok()?);
+            (v6 == v6_end).then_some((i, v6, start, end))
+        })
+        .collect();
+    for (n, a) in ranges.iter().enumerate() {
+        if let Some(b) = ranges[n + 1..]
+            .iter()
+            .find(|b| a.1 == b.1 && a.2 <= b.3 && b.2 <= a.3)
+        {
+            let pool = |i: usize| {
+                let p = &spec.ip_assignment_pools[i];
+                format!("[{i}] ({}-{})", p.ip_range_start, p.ip_range_end)
+            };
+            return Err(format!(
+                "ipAssignmentPools{} and {} overlap",
+                pool(a.0),
+                pool(b.0)
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// The controller network object (a partial one: the fields the operator owns) for `net`,
-/// or the rules compiler's error. It sets `vouchRequiresPod`: a node's vouch admits a pod
+/// or why it cannot be served: the rules compiler's error or overlapping pools
+/// ([`check_pools`]). It sets `vouchRequiresPod`: a node's vouch admits a pod
 /// only with a pod binding (see [`super::pod`]) placing the pod on that node.
 pub fn desired_network(net: &Network) -> Result<Value, String> {
     let spec = &net.spec;
     let (rules, capabilities) = compiled_rules(spec)?;
+    check_pools(spec)?;
     let tags: Vec<Value> = spec
         .tags
         .iter()
@@ -158,8 +212,9 @@ pub fn desired_network(net: &Network) -> Result<Value, String> {
 /// The status the operator wants for `net` at `now`: the pure, idempotent core of the
 /// reconciler. Conditions keep their `lastTransitionTime` while their status is unchanged;
 /// `revision` is bumped when `metadata.generation` or the network ID changed since the
-/// status was written. Member counts are left out (nothing counts members yet), so the
-/// server-side apply neither sets nor claims them.
+/// status was written. Member counts are left out: the pod binding pass writes them with a
+/// field manager of their own (see [`super::counts`]), so this reconciler's server-side
+/// apply neither removes nor claims them.
 pub fn desired_status(address: ControllerAddress, net: &Network, now: Timestamp) -> NetworkStatus {
     let prev = net.status.clone().unwrap_or_default();
     let generation = net.metadata.generation;
@@ -179,15 +234,16 @@ pub fn desired_status(address: ControllerAddress, net: &Network, now: Timestamp)
         Ok(m) => cond(RULES_COMPILED, true, "Compiled", format!("compiled {m}")),
         Err(e) => cond(RULES_COMPILED, false, "SyntaxError", e.clone()),
     };
-    let ready = match (&id, &compiled) {
-        (Err(e), _) => cond(READY, false, "InvalidNetworkId", e.clone()),
-        (_, Err(_)) => cond(
+    let ready = match (&id, &compiled, check_pools(&net.spec)) {
+        (Err(e), _, _) => cond(READY, false, "InvalidNetworkId", e.clone()),
+        (_, Err(_), _) => cond(
             READY,
             false,
-            "RulesNotCompiled",
+            RULES_NOT_COMPILED,
             "the rules do not compile (see RulesCompiled)".into(),
         ),
-        (Ok(_), Ok(_)) => cond(READY, true, "Configured", "network configured".into()),
+        (_, _, Err(e)) => cond(READY, false, "OverlappingPools", e),
+        (Ok(_), Ok(_), Ok(())) => cond(READY, true, "Configured", "network configured".into()),
     };
     NetworkStatus {
         network_id,
@@ -199,29 +255,37 @@ pub fn desired_status(address: ControllerAddress, net: &Network, now: Timestamp)
     }
 }
 
-/// The `RulesCompiled=False` message of `status`, if the rules fail to compile.
-fn compile_error(status: Option<&NetworkStatus>) -> Option<&str> {
-    status?
-        .conditions
-        .iter()
-        .find(|c| c.type_ == RULES_COMPILED && c.status == "False")
-        .map(|c| c.message.as_str())
+/// The `Ready=False` reason when the rules do not compile.
+const RULES_NOT_COMPILED: &str = "RulesNotCompiled";
+
+/// The problem of `status` worth a Warning Event, as (reason, message): the compiler's error
+/// (`SyntaxError`), else the reason and message of `Ready=False`.
+fn problem(status: Option<&NetworkStatus>) -> Option<(&str, &str)> {
+    let conds = &status?.conditions;
+    let failed = |t: &str| conds.iter().find(|c| c.type_ == t && c.status == "False");
+    match (failed(RULES_COMPILED), failed(READY)) {
+        (Some(c), _) => Some(("SyntaxError", c.message.as_str())),
+        (None, Some(c)) if c.reason != RULES_NOT_COMPILED => {
+            Some((c.reason.as_str(), c.message.as_str()))
+        }
+        _ => None,
+    }
 }
 
-/// Reconciles one Network: computes [`desired_status`], publishes a `SyntaxError` Warning
-/// Event when the rules newly fail to compile (or fail differently), and server-side
-/// applies the status when its fields differ from the stored ones. Call it from the
-/// controller.
+/// Reconciles one Network: computes [`desired_status`], publishes a Warning Event when a
+/// problem newly appears (or changes): `SyntaxError` when the rules fail to compile, else
+/// `Ready=False`'s reason (`InvalidNetworkId`, `OverlappingPools`), and server-side applies
+/// the status when its fields differ from the stored ones. Call it from the controller.
 pub async fn reconcile(net: Arc<Network>, ctx: Arc<Context>) -> Result<Action, Error> {
     let name = net.metadata.name.clone().ok_or(Error::NoName)?;
     let status = desired_status(ctx.address, &net, Timestamp::now());
-    if let Some(msg) = compile_error(Some(&status))
-        && compile_error(net.status.as_ref()) != Some(msg)
+    if let Some((reason, msg)) = problem(Some(&status))
+        && problem(net.status.as_ref()) != Some((reason, msg))
     {
         let note: String = msg.chars().take(1000).collect();
         let ev = Event {
             type_: EventType::Warning,
-            reason: "SyntaxError".into(),
+            reason: reason.into(),
             note: Some(note),
             action: "CompileRules".into(),
             secondary: None,
@@ -313,6 +377,22 @@ mod tests {
         assert!(e.starts_with("line 2 column "), "{e}");
         let e = compiled_rules(&spec("tag role id 5;\naccept;")).unwrap_err();
         assert!(e.starts_with("line 1 column "), "{e}");
+        // A source within the API server's size limit that compiles to more rules than a
+        // network config carries (each line: a match and an action).
+        let line = "accept ethertype 2048;\n";
+        let e = compiled_rules(&spec(&line.repeat(MAX_RULES / 2 + 1))).unwrap_err();
+        assert_eq!(
+            e,
+            "the rules compile to 1026 rules; a network config carries at most 1024"
+        );
+        assert!(compiled_rules(&spec(&line.repeat(MAX_RULES / 2))).is_ok());
+        let mut s = spec("accept;");
+        s.capabilities[0].rules = line.repeat(MAX_CAPABILITY_RULES / 2 + 1);
+        let e = compiled_rules(&s).unwrap_err();
+        assert!(
+            e.starts_with("capability ssh: the rules compile to 66 rules"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -362,7 +442,11 @@ mod tests {
             cond(&s1, RULES_COMPILED).last_transition_time
         );
         assert_eq!(cond(&s2, READY).status, "False");
-        assert_eq!(compile_error(Some(&s2)), Some(rc.message.as_str()));
+        assert_eq!(
+            problem(Some(&s2)),
+            Some(("SyntaxError", rc.message.as_str()))
+        );
+        assert_eq!(problem(Some(&s1)), None);
     }
 
     #[test]
@@ -412,6 +496,44 @@ mod tests {
                 .unwrap_err()
                 .starts_with("line 1 column")
         );
+    }
+
+    #[test]
+    fn overlapping_pools_are_a_problem_of_their_own() {
+        let pools = |p: serde_json::Value| net(json!({"number": 1, "ipAssignmentPools": p}));
+        let ok = pools(json!([
+            {"ipRangeStart": "10.0.0.1", "ipRangeEnd": "10.0.0.9"},
+            {"ipRangeStart": "10.0.0.10", "ipRangeEnd": "10.0.1.0"},
+            {"ipRangeStart": "fd00::1", "ipRangeEnd": "fd00::ffff"},
+            {"ipRangeStart": "::ffff:10.0.0.5", "ipRangeEnd": "::ffff:10.0.0.5"},
+        ]));
+        assert_eq!(check_pools(&ok.spec), Ok(()));
+        assert!(desired_network(&ok).is_ok());
+        let bad = pools(json!([
+            {"ipRangeStart": "fd00::1", "ipRangeEnd": "fd00::ffff"},
+            {"ipRangeStart": "10.0.0.1", "ipRangeEnd": "10.0.0.9"},
+            {"ipRangeStart": "10.0.0.9", "ipRangeEnd": "10.0.0.20"},
+        ]));
+        let e = check_pools(&bad.spec).unwrap_err();
+        assert_eq!(
+            e,
+            "ipAssignmentPools[1] (10.0.0.1-10.0.0.9) and [2] (10.0.0.9-10.0.0.20) overlap"
+        );
+        assert_eq!(desired_network(&bad), Err(e.clone()));
+        let s = desired_status(addr(), &bad, Timestamp::now());
+        assert_eq!(cond(&s, RULES_COMPILED).status, "True");
+        let ready = cond(&s, READY);
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("False", "OverlappingPools")
+        );
+        assert_eq!(problem(Some(&s)), Some(("OverlappingPools", e.as_str())));
+        // A pool containing another one overlaps too.
+        let inside = pools(json!([
+            {"ipRangeStart": "fd00::1", "ipRangeEnd": "fd00::ffff"},
+            {"ipRangeStart": "fd00::10", "ipRangeEnd": "fd00::20"},
+        ]));
+        assert!(check_pools(&inside.spec).is_err());
     }
 
     #[test]

@@ -14,10 +14,23 @@
 //! bindings the controller holds are listed when a network is first seen and every
 //! [`RESYNC`], so bindings of pods deleted while the operator was down go too.
 //!
+//! Networks go the same way: the controller's networks are listed at the first pass, every
+//! [`RESYNC`] and whenever a network the caches mapped is no longer mapped (its Network was
+//! deleted, or its number changed), and one under this operator's controller address that no
+//! Network maps to (checked against the API server itself, not only the caches) is emptied
+//! by the paths above (its bindings deleted, revoking their pods' members; every member
+//! deauthorized, revoked and deleted) and then deleted. So a Network deleted while no
+//! operator ran leaves nothing in the controller once a leader runs again. Networks of other
+//! controller addresses are never touched.
+//!
 //! The IPs the controller gives the bindings' and host members' members are saved on the
 //! Pods and Nodes, and a binding or host member the controller lacks is created with the
 //! saved ones (see [`super::ips`]), so a fresh controller after a failover gives every
 //! member its old addresses.
+//!
+//! At the end of every pass the member counts of each Network's status are brought up to
+//! date from what the pass knows (see [`super::counts`]); NetworkMembers are watched for
+//! that too.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::future::Future;
@@ -25,6 +38,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
+use kube::api::ListParams;
 use kube::core::{Selector, SelectorExt};
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::reflector::{self, Store};
@@ -34,13 +48,14 @@ use serde_json::{Value, json};
 use tokio::time::Instant;
 use tokio_stream::StreamExt;
 
+use super::counts::{self, MemberCounts};
 use super::ips::{
     ANNOTATION_PREFIX, annotate, annotation_key, annotation_value, assigned, parse_annotation,
 };
 use super::network::{desired_network, network_id};
 use super::node::{NodeHost, host_annotation, host_member_name, parse_host_identity};
 use super::{ControllerAddress, recorder};
-use crate::crd::{Network, NetworkSpec};
+use crate::crd::{Network, NetworkMember, NetworkSpec};
 use crate::metrics::Metrics;
 use crate::sink::{ControllerSink, SinkError};
 
@@ -214,7 +229,7 @@ struct Desired {
     /// Network ID -> controller network object, for every usable Network.
     networks: BTreeMap<u64, Value>,
     /// Network IDs of Networks that exist but cannot be written now (rules do not
-    /// compile): their bindings and host members are left as they are.
+    /// compile, or pools overlap): their bindings and host members are left as they are.
     frozen: HashSet<u64>,
     /// (network, host address) -> (identity, member name).
     hosts: BTreeMap<(u64, String), (String, String)>,
@@ -264,6 +279,7 @@ struct Caches {
     nodes: Store<Node>,
     namespaces: Store<Namespace>,
     networks: Store<Network>,
+    members: Store<NetworkMember>,
 }
 
 /// What [`run`] remembers between passes.
@@ -294,6 +310,15 @@ struct PodSync {
     ip_poll_at: Instant,
     /// When the pass should run again for IPs still unassigned (none: nothing pending).
     poll_at: Option<Instant>,
+    /// The networks the caches mapped at the last pass (usable or frozen).
+    mapped: HashSet<u64>,
+    /// When the controller's networks were last listed (none: due at the next pass).
+    networks_listed: Option<Instant>,
+    /// Controller networks under this address that no Network maps to: emptied, then
+    /// deleted.
+    orphans: BTreeSet<u64>,
+    /// The member counts last written to each Network's status, by Network uid.
+    counts: HashMap<String, MemberCounts>,
 }
 
 impl PodSync {
@@ -418,6 +443,56 @@ impl PodSync {
                 true
             }
             Err(e) => self.failed("listing pod bindings", &e),
+        }
+    }
+
+    /// Updates [`Self::orphans`]: lists the controller's networks when due (the first pass,
+    /// every [`RESYNC`], or a network of the last pass's `mapped` gone from `mapped`) and
+    /// keeps those under this address that `mapped` lacks and no Network in the API server
+    /// (read now: the caches may lag) maps to. True when it worked; on a failure no network
+    /// is an orphan until the next pass.
+    async fn find_orphans(&mut self, mapped: HashSet<u64>) -> bool {
+        let due = self.networks_listed.is_none_or(|t| t.elapsed() >= RESYNC)
+            || !self.mapped.is_subset(&mapped);
+        self.mapped = mapped;
+        if due {
+            match self.sink.list_networks().await {
+                Ok(ids) => {
+                    let ours = self.address.as_u64();
+                    self.orphans = ids.into_iter().filter(|n| n >> 24 == ours).collect();
+                    self.networks_listed = Some(Instant::now());
+                }
+                Err(e) => {
+                    self.networks_listed = None;
+                    self.orphans.clear();
+                    return self.failed("listing the controller's networks", &e);
+                }
+            }
+        }
+        self.orphans.retain(|n| !self.mapped.contains(n));
+        if self.orphans.is_empty() {
+            return true;
+        }
+        match Api::<Network>::all(self.client.clone())
+            .list(&ListParams::default())
+            .await
+        {
+            Ok(list) => {
+                let live: HashSet<u64> = list
+                    .items
+                    .iter()
+                    .filter_map(|n| network_id(self.address, n).ok())
+                    .collect();
+                self.orphans.retain(|n| !live.contains(n));
+                true
+            }
+            Err(e) => {
+                self.metrics.pod_binding_errors.inc();
+                tracing::warn!(error = %e, "listing Networks before deleting controller networks");
+                self.networks_listed = None;
+                self.orphans.clear();
+                false
+            }
         }
     }
 
@@ -662,6 +737,56 @@ impl PodSync {
         }
     }
 
+    /// Writes the member counts ([`counts::member_counts`]) of every Network whose bindings
+    /// are known into its status, where they differ from what the status shows and from
+    /// what was last written. False when a patch failed.
+    async fn write_counts(&mut self, c: &Caches) -> bool {
+        let mut pods: HashMap<u64, usize> = HashMap::new();
+        for (nwid, _) in self.bindings.keys() {
+            *pods.entry(*nwid).or_default() += 1;
+        }
+        let mut hosts: HashMap<u64, usize> = HashMap::new();
+        for (nwid, _) in self.hosts.keys() {
+            *hosts.entry(*nwid).or_default() += 1;
+        }
+        let members = c.members.state();
+        let networks = c.networks.state();
+        self.counts
+            .retain(|uid, _| networks.iter().any(|n| n.uid().as_ref() == Some(uid)));
+        let mut ok = true;
+        for net in &networks {
+            let (Ok(nwid), Some(uid)) = (network_id(self.address, net), net.uid()) else {
+                continue;
+            };
+            if !self.listed.contains_key(&nwid) {
+                continue;
+            }
+            let name = net.name_any();
+            let want = counts::member_counts(
+                &name,
+                pods.get(&nwid).copied().unwrap_or(0),
+                hosts.get(&nwid).copied().unwrap_or(0),
+                members.iter().map(|m| &**m),
+            );
+            if MemberCounts::shown(net) == Some(want) || self.counts.get(&uid) == Some(&want) {
+                continue;
+            }
+            match counts::apply(&self.client, &name, want).await {
+                Ok(()) => {
+                    tracing::debug!(network = %name, ?want, "member counts written");
+                    self.counts.insert(uid, want);
+                }
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(e) => {
+                    self.metrics.pod_binding_errors.inc();
+                    tracing::warn!(network = %name, error = %e, "writing a Network's member counts");
+                    ok = false;
+                }
+            }
+        }
+        ok
+    }
+
     /// One pass: writes what differs from the desired state. True when every write worked.
     async fn pass(&mut self, c: &Caches) -> bool {
         let d = self.desired(c);
@@ -734,6 +859,18 @@ impl PodSync {
             let done = self.write_binding(key, b, pod, saved).await;
             (ok, wrote) = (ok && done, wrote || done);
         }
+        // Networks no Network maps to: their bindings join the stale ones, their members
+        // the gone host members, and once those are deleted, so is the network.
+        let mapped = d.networks.keys().chain(&d.frozen).copied().collect();
+        ok &= self.find_orphans(mapped).await;
+        let orphans: Vec<u64> = self.orphans.iter().copied().collect();
+        let mut blocked = HashSet::new();
+        for &nwid in &orphans {
+            if !self.list(nwid).await {
+                ok = false;
+                blocked.insert(nwid);
+            }
+        }
         let stale: Vec<(u64, String)> = self
             .bindings
             .keys()
@@ -748,29 +885,55 @@ impl PodSync {
                     self.ips.remove(&(nwid, uid.clone()));
                     self.bindings.remove(&(nwid, uid));
                 }
-                Err(e) => ok = self.failed("deleting a pod binding", &e),
+                Err(e) => {
+                    blocked.insert(nwid);
+                    ok = self.failed("deleting a pod binding", &e);
+                }
             }
         }
-        let gone: Vec<(u64, String)> = self
+        let mut gone: BTreeSet<(u64, String)> = self
             .hosts
             .keys()
             .filter(|k| !d.frozen.contains(&k.0) && !d.hosts.contains_key(*k))
             .cloned()
             .collect();
+        for &nwid in &orphans {
+            match self.sink.list_members(nwid).await {
+                Ok(members) => gone.extend(members.into_iter().map(|a| (nwid, a))),
+                Err(e) => {
+                    blocked.insert(nwid);
+                    ok = self.failed("listing the members of a network to delete", &e);
+                }
+            }
+        }
         for (nwid, addr) in gone {
             match self.sink.delete_member(nwid, &addr).await {
                 Ok(()) => {
-                    tracing::info!(nwid = %format!("{nwid:016x}"), host = %addr, "host member removed");
+                    tracing::info!(nwid = %format!("{nwid:016x}"), member = %addr, "member removed");
                     self.host_ips.remove(&(nwid, addr.clone()));
                     self.hosts.remove(&(nwid, addr));
                 }
-                Err(e) => ok = self.failed("removing a host member", &e),
+                Err(e) => {
+                    blocked.insert(nwid);
+                    ok = self.failed("removing a member", &e);
+                }
+            }
+        }
+        for nwid in orphans.into_iter().filter(|n| !blocked.contains(n)) {
+            match self.sink.delete_network(nwid).await {
+                Ok(()) => {
+                    tracing::info!(nwid = %format!("{nwid:016x}"), "network deleted: no Network maps to it");
+                    self.metrics.networks_deleted.inc();
+                    self.orphans.remove(&nwid);
+                }
+                Err(e) => ok = self.failed("deleting a network", &e),
             }
         }
         self.networks.retain(|n, _| d.networks.contains_key(n));
         self.listed.retain(|n, _| d.networks.contains_key(n));
         ok &= self.poll_ips(&d, wrote).await;
         ok &= self.save_ips(c, &d).await;
+        ok &= self.write_counts(c).await;
         self.metrics
             .pod_bindings
             .set(i64::try_from(self.bindings.len()).unwrap_or(i64::MAX));
@@ -793,6 +956,7 @@ pub async fn run(
     let (nodes, nodes_w) = reflector::store::<Node>();
     let (namespaces, ns_w) = reflector::store::<Namespace>();
     let (networks, nets_w) = reflector::store::<Network>();
+    let (members, members_w) = reflector::store::<NetworkMember>();
     let changed = |r: Result<(), watcher::Error>| r.map_err(|e| e.to_string());
     let events = watcher(Api::<Pod>::all(client.clone()), wc.clone())
         .default_backoff()
@@ -812,9 +976,16 @@ pub async fn run(
                 .map(|r| changed(r.map(|_| ()))),
         )
         .merge(
-            watcher(Api::<Network>::all(client.clone()), wc)
+            watcher(Api::<Network>::all(client.clone()), wc.clone())
                 .default_backoff()
                 .reflect(nets_w)
+                .map(|r| changed(r.map(|_| ()))),
+        )
+        .merge(
+            watcher(Api::<NetworkMember>::all(client.clone()), wc)
+                .default_backoff()
+                .modify(|m: &mut NetworkMember| m.managed_fields_mut().clear())
+                .reflect(members_w)
                 .map(|r| changed(r.map(|_| ()))),
         );
     let mut events = Box::pin(events);
@@ -823,6 +994,7 @@ pub async fn run(
         nodes,
         namespaces,
         networks,
+        members,
     };
     let mut sync = PodSync {
         client: client.clone(),
@@ -841,6 +1013,10 @@ pub async fn run(
         ip_poll: MIN_IP_POLL,
         ip_poll_at: Instant::now(),
         poll_at: None,
+        mapped: HashSet::new(),
+        networks_listed: None,
+        orphans: BTreeSet::new(),
+        counts: HashMap::new(),
     };
     let mut shutdown = std::pin::pin!(shutdown);
     let mut failures = 0u32;
@@ -872,6 +1048,7 @@ pub async fn run(
                 let _ = caches.nodes.wait_until_ready().await;
                 let _ = caches.namespaces.wait_until_ready().await;
                 let _ = caches.networks.wait_until_ready().await;
+                let _ = caches.members.wait_until_ready().await;
             };
             ready = tokio::time::timeout(Duration::ZERO, all).await.is_ok();
             if !ready {

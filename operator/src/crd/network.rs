@@ -313,10 +313,12 @@ pub struct NetworkStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,
-    /// Members the controller knows (pods and NetworkMembers).
+    /// Members the controller holds: bound pods, the nodes' host members and the
+    /// NetworkMembers it serves (written by the operator whenever the count changes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub members: Option<u32>,
-    /// Of those, the authorized ones.
+    /// Of those, the authorized ones (a NetworkMember with `authorized: false` counts only
+    /// in `members`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub authorized_members: Option<u32>,
 }

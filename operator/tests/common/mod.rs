@@ -5,7 +5,6 @@
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -15,6 +14,7 @@ use flatwire_operator::controller::{self, ControllerAddress};
 use flatwire_operator::metrics::Metrics;
 use flatwire_operator::sink::{ControllerSink, HttpSink};
 use flatwire_tests::controlplane::{ControlPlane, free_port};
+use flatwire_tests::k8s;
 use flatwire_tests::planet::{Profile, agent_binary};
 use flatwire_tests::process::Proc;
 use flatwire_vl1::identity::generate_key_pair;
@@ -25,40 +25,24 @@ use tokio::task::{JoinHandle, block_in_place};
 /// How long any awaited condition may take.
 pub const TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Runs kubectl against `cp`; panics with its output on failure.
+/// Runs kubectl against `cp` ([`k8s::kubectl`] off the async workers); panics with its
+/// output on failure.
 pub fn kubectl(cp: &ControlPlane, args: &[&str]) -> String {
-    block_in_place(|| {
-        cp.kubectl_run(args)
-            .unwrap_or_else(|e| panic!("kubectl {args:?}: {e}"))
-    })
+    block_in_place(|| k8s::kubectl(cp, args))
 }
 
-/// `kubectl apply` of `yaml`.
+/// `kubectl apply` of `yaml` ([`k8s::apply`] off the async workers).
 pub fn apply(cp: &ControlPlane, yaml: &str) {
-    block_in_place(|| {
-        let f = tempfile::NamedTempFile::new().unwrap();
-        std::fs::write(f.path(), yaml).unwrap();
-        cp.kubectl_run(&["apply", "-f", f.path().to_str().unwrap()])
-            .unwrap_or_else(|e| panic!("kubectl apply:\n{yaml}\n{e}"));
-    });
+    block_in_place(|| k8s::apply(cp, yaml));
 }
 
 /// Starts the control plane and installs the checked-in CRDs (established).
 pub fn control_plane_with_crds() -> ControlPlane {
-    let cp = block_in_place(ControlPlane::start).expect("control plane (run `cargo xtask tools`)");
-    let crds = Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds");
-    kubectl(&cp, &["apply", "-f", crds.to_str().unwrap()]);
-    kubectl(
-        &cp,
-        &[
-            "wait",
-            "--for=condition=established",
-            "crd/networks.flatwire.io",
-            "crd/networkmembers.flatwire.io",
-            "--timeout=60s",
-        ],
-    );
-    cp
+    block_in_place(|| {
+        let cp = ControlPlane::start().expect("control plane (run `cargo xtask tools`)");
+        k8s::install_crds(&cp);
+        cp
+    })
 }
 
 /// A `flatwire-agent --root --controller` on loopback ports of its own.
@@ -249,7 +233,5 @@ pub async fn wait_for<T>(what: &str, limit: Duration, mut f: impl AsyncFnMut() -
 
 /// The Events (events.k8s.io/v1) of every namespace.
 pub fn events(cp: &ControlPlane) -> Vec<Value> {
-    let text = kubectl(cp, &["get", "events.v1.events.k8s.io", "-A", "-o", "json"]);
-    let v: Value = serde_json::from_str(&text).unwrap();
-    v["items"].as_array().cloned().unwrap_or_default()
+    block_in_place(|| k8s::events(cp))
 }

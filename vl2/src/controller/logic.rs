@@ -381,7 +381,13 @@ impl<S: ControllerStore> Controller<S> {
             }
         }
         if !member.authorized {
-            self.store.put_member(&mut member)?;
+            // A newcomer's record waits for an admin to authorize it, as ZeroTier's controller
+            // keeps it; but not one from a push (the member is gone) nor one presenting a
+            // vouch: a pod's identity lives only as long as its attachment, so nobody would
+            // ever authorize that record.
+            if !is_new || (packet_id != 0 && metadata.get(vouch::METADATA_KEY).is_none()) {
+                self.store.put_member(&mut member)?;
+            }
             return Ok(RequestOutcome::Refuse(RequestRefusal::AccessDenied));
         }
         if packet_id != 0 {
