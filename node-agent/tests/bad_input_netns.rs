@@ -32,8 +32,8 @@ use nix::sys::socket::{
 mod common;
 
 use common::{
-    assert_root, lan_hosts, metric, new_identity, scrape, start_agent, start_controller, wait_ipv4,
-    write_lan_planet, write_network,
+    TwoMemberLab, assert_root, lan_hosts, metric, new_identity, scrape, start_agent,
+    start_controller, wait_ipv4, write_lan_planet,
 };
 
 /// HELLOs in the flood, each from its own identity.
@@ -149,14 +149,10 @@ fn floods_and_malformed_input_are_counted_drops_and_traffic_continues() {
     let hosts = lan_hosts(&mut topo, &["ctl", "m1", "m2", "evil"]);
     let dir = tempfile::tempdir().unwrap();
     let home = |n: &str| -> PathBuf { dir.path().join(n) };
-    let root_id = new_identity(&home("ctl"));
-    let m1_id = new_identity(&home("m1"));
-    let m2_id = new_identity(&home("m2"));
-    let planet_file = write_lan_planet(dir.path(), &root_id);
+    let lab = TwoMemberLab::write(dir.path(), 0x00_0b4d, "10.78.0");
+    let [m1_id, m2_id] = &lab.members;
+    let (planet_file, nwid) = (lab.planet.clone(), lab.nwid);
     let planet_arg = planet_file.to_str().unwrap();
-
-    let nwid = NetworkId::new(root_id.address(), 0x00_0b4d);
-    write_network(&home("ctl"), nwid, "10.78.0", &[&m1_id, &m2_id]);
 
     let tap = tap_name(nwid);
     let nwid_arg = nwid.to_string();
@@ -181,7 +177,7 @@ fn floods_and_malformed_input_are_counted_drops_and_traffic_continues() {
 
     // (a) HELLO flood from random identities, while m2 pings m1 over the overlay.
     let t = Instant::now();
-    let flood = hellos(&m1_id, m1_at);
+    let flood = hellos(m1_id, m1_at);
     eprintln!(
         "{} HELLOs from random identities made in {:?}",
         flood.len(),

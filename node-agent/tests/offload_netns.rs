@@ -14,13 +14,11 @@ use flatwire_agent::offload::OffloadDrop;
 use flatwire_agent::tap::{self, TapError};
 use flatwire_tests::netns::{Host, Topology};
 use flatwire_tests::planet::ping_in;
-use flatwire_vl2::NetworkId;
 
 mod common;
 
 use common::{
-    assert_root, lan_hosts, metric, new_identity, scrape, start_agent, start_controller, wait_ipv4,
-    write_lan_planet, write_network,
+    TwoMemberLab, assert_root, lan_hosts, metric, scrape, start_agent, start_controller, wait_ipv4,
 };
 
 /// Bytes sent each way in the checked transfer.
@@ -141,13 +139,9 @@ fn tcp_superframes_are_split_and_cross_the_overlay_intact() {
     let hosts = lan_hosts(&mut topo, &["ctl", "m1", "m2"]);
     let dir = tempfile::tempdir().unwrap();
     let home = |n: &str| -> PathBuf { dir.path().join(n) };
-    let root_id = new_identity(&home("ctl"));
-    let m1_id = new_identity(&home("m1"));
-    let m2_id = new_identity(&home("m2"));
-    let planet_file = write_lan_planet(dir.path(), &root_id);
+    let lab = TwoMemberLab::write(dir.path(), 0x00_0001, "10.77.0");
+    let (planet_file, nwid) = (lab.planet.clone(), lab.nwid);
     let planet_arg = planet_file.to_str().unwrap();
-    let nwid = NetworkId::new(root_id.address(), 0x00_0001);
-    write_network(&home("ctl"), nwid, "10.77.0", &[&m1_id, &m2_id]);
     let nwid_arg = nwid.to_string();
 
     let mut ctl = start_controller(&hosts[0], &home("ctl"), &planet_file);

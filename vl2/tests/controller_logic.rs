@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{ident, zt_one};
+use common::{config, ident, zt_one};
 use flatwire_vl1::{Address, Identity};
 use flatwire_vl2::NetworkId;
 use flatwire_vl2::controller::{
@@ -42,13 +42,6 @@ fn lab() -> (Controller<MemoryStore>, Identity, Identity, NetworkId) {
         ztb,
         "e6acfe87fc3adaf6".parse().unwrap(),
     )
-}
-
-fn config(o: RequestOutcome) -> NetworkConfig {
-    match o {
-        RequestOutcome::Config(c) => *c,
-        other => panic!("expected a config, got {other:?}"),
-    }
 }
 
 #[test]

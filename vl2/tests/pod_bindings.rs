@@ -5,42 +5,18 @@
 
 mod common;
 
-use common::{ident, zt_one};
+use common::{config, ident, pod_metadata, zt_one};
 use flatwire_vl1::{Address, Identity};
 use flatwire_vl2::NetworkId;
 use flatwire_vl2::controller::{
     ApiError, Controller, ControllerStore, FileStore, Network, RequestOutcome, RequestRefusal,
 };
-use flatwire_vl2::dictionary::Dictionary;
 use flatwire_vl2::netconf::NetworkConfig;
-use flatwire_vl2::verbs::{SoftwareVersion, request_metadata};
 use flatwire_vl2::vouch::{METADATA_KEY, Vouch, VouchError};
 use serde_json::json;
 
 const UID: &str = "0b7c0f1e-1111-2222-3333-444455556666";
 const POD: &str = "default/web/0b7c0f1e-1111-2222-3333-444455556666";
-
-fn metadata(v: Option<&Vouch>) -> Dictionary {
-    let mut md = request_metadata(
-        SoftwareVersion {
-            major: 1,
-            minor: 14,
-            revision: 1,
-        },
-        None,
-    );
-    if let Some(v) = v {
-        md.add(METADATA_KEY, &v.encode());
-    }
-    Dictionary::parse(&md.encode())
-}
-
-fn config(o: RequestOutcome) -> NetworkConfig {
-    match o {
-        RequestOutcome::Config(c) => *c,
-        other => panic!("expected a config, got {other:?}"),
-    }
-}
 
 fn tags(cfg: &NetworkConfig) -> Vec<(u32, u32)> {
     cfg.tags.iter().map(|t| (t.id, t.value)).collect()
@@ -141,7 +117,7 @@ fn vouches_need_a_binding_on_the_vouching_host() {
 
     // No binding: refused.
     assert_eq!(
-        ctl.handle_request(nwid, &pod, &metadata(Some(&v)), 1, t0, &mut rnd)
+        ctl.handle_request(nwid, &pod, &pod_metadata(Some(&v), false), 1, t0, &mut rnd)
             .unwrap(),
         refused
     );
@@ -154,8 +130,15 @@ fn vouches_need_a_binding_on_the_vouching_host() {
     ctl.api_pod_post(nwid, UID, &binding(elsewhere, json!([])))
         .unwrap();
     assert_eq!(
-        ctl.handle_request(nwid, &pod, &metadata(Some(&v)), 2, t0 + 1500, &mut rnd)
-            .unwrap(),
+        ctl.handle_request(
+            nwid,
+            &pod,
+            &pod_metadata(Some(&v), false),
+            2,
+            t0 + 1500,
+            &mut rnd
+        )
+        .unwrap(),
         refused
     );
     assert!(
@@ -168,8 +151,15 @@ fn vouches_need_a_binding_on_the_vouching_host() {
     ctl.api_pod_post(nwid, UID, renamed.to_string().as_bytes())
         .unwrap();
     assert_eq!(
-        ctl.handle_request(nwid, &pod, &metadata(Some(&v)), 3, t0 + 3000, &mut rnd)
-            .unwrap(),
+        ctl.handle_request(
+            nwid,
+            &pod,
+            &pod_metadata(Some(&v), false),
+            3,
+            t0 + 3000,
+            &mut rnd
+        )
+        .unwrap(),
         refused
     );
     assert_eq!(
@@ -187,7 +177,7 @@ fn vouches_need_a_binding_on_the_vouching_host() {
     let forged = Vouch::sign(&intruder, pod.address(), nwid, POD, t0).unwrap();
     let mut bytes = forged.encode();
     bytes[1..6].copy_from_slice(&host.address().to_bytes());
-    let mut md = metadata(None);
+    let mut md = pod_metadata(None, false);
     md.add(METADATA_KEY, &bytes);
     assert_eq!(
         ctl.handle_request(nwid, &pod, &md, 4, t0 + 4500, &mut rnd)
@@ -200,14 +190,28 @@ fn vouches_need_a_binding_on_the_vouching_host() {
     );
     // A push (packet id 0, remembered metadata) does not let a vouch in.
     assert_eq!(
-        ctl.handle_request(nwid, &pod, &metadata(Some(&v)), 0, t0 + 5000, &mut rnd)
-            .unwrap(),
+        ctl.handle_request(
+            nwid,
+            &pod,
+            &pod_metadata(Some(&v), false),
+            0,
+            t0 + 5000,
+            &mut rnd
+        )
+        .unwrap(),
         refused
     );
     // The genuine vouch: authorized, with the binding's tag in the first config.
     let cfg = config(
-        ctl.handle_request(nwid, &pod, &metadata(Some(&v)), 5, t0 + 6000, &mut rnd)
-            .unwrap(),
+        ctl.handle_request(
+            nwid,
+            &pod,
+            &pod_metadata(Some(&v), false),
+            5,
+            t0 + 6000,
+            &mut rnd,
+        )
+        .unwrap(),
     );
     assert_eq!(tags(&cfg), vec![(1000, 200)]);
     let m = ctl
@@ -226,7 +230,7 @@ fn vouches_need_a_binding_on_the_vouching_host() {
         ctl.handle_request(
             nwid,
             &intruder,
-            &metadata(Some(&old)),
+            &pod_metadata(Some(&old), false),
             6,
             t0 + 7500,
             &mut rnd
@@ -245,8 +249,15 @@ fn vouches_need_a_binding_on_the_vouching_host() {
         .unwrap();
     assert_eq!(w.retagged, vec![pod.address()]);
     let cfg = config(
-        ctl.handle_request(nwid, &pod, &metadata(Some(&v)), 0, t0 + 9000, &mut rnd)
-            .unwrap(),
+        ctl.handle_request(
+            nwid,
+            &pod,
+            &pod_metadata(Some(&v), false),
+            0,
+            t0 + 9000,
+            &mut rnd,
+        )
+        .unwrap(),
     );
     assert_eq!(tags(&cfg), vec![(1000, 100)]);
     // The same body again changes nothing.
@@ -281,8 +292,15 @@ fn vouches_need_a_binding_on_the_vouching_host() {
     assert!(ctl.api_pod_delete(nwid, UID).unwrap().is_none());
     // The pod's still valid vouch no longer gets it in.
     assert_eq!(
-        ctl.handle_request(nwid, &pod, &metadata(Some(&v)), 7, t0 + 12_000, &mut rnd)
-            .unwrap(),
+        ctl.handle_request(
+            nwid,
+            &pod,
+            &pod_metadata(Some(&v), false),
+            7,
+            t0 + 12_000,
+            &mut rnd
+        )
+        .unwrap(),
         refused
     );
     assert_eq!(
@@ -356,8 +374,15 @@ fn bad_bindings_are_refused_and_a_host_change_removes_members() {
         .unwrap();
     let v = Vouch::sign(&host, pod.address(), nwid, POD, 10_000).unwrap();
     config(
-        ctl.handle_request(nwid, &pod, &metadata(Some(&v)), 1, 10_000, &mut rnd)
-            .unwrap(),
+        ctl.handle_request(
+            nwid,
+            &pod,
+            &pod_metadata(Some(&v), false),
+            1,
+            10_000,
+            &mut rnd,
+        )
+        .unwrap(),
     );
     // `members` in a body is ignored.
     let body = json!({"namespace": "default", "name": "web", "host": "0badc0ffee", "members": []});
@@ -382,8 +407,15 @@ fn without_the_flag_bindings_are_not_needed() {
     let mut rnd = || 3u64;
     let v = Vouch::sign(&host, pod.address(), nwid, POD, 10_000).unwrap();
     let cfg = config(
-        ctl.handle_request(nwid, &pod, &metadata(Some(&v)), 1, 10_000, &mut rnd)
-            .unwrap(),
+        ctl.handle_request(
+            nwid,
+            &pod,
+            &pod_metadata(Some(&v), false),
+            1,
+            10_000,
+            &mut rnd,
+        )
+        .unwrap(),
     );
     assert_eq!(tags(&cfg), vec![(1000, 1)], "the network's default tag");
     // The flag is not written while false (ZeroTier's files stay as they were).
@@ -442,7 +474,14 @@ fn join(
 ) -> (Vec<String>, Vec<String>) {
     let v = Vouch::sign(host, pod.address(), nwid, pod_id, t).unwrap();
     let outcome = ctl
-        .handle_request(nwid, pod, &metadata(Some(&v)), 1, t, &mut counter(seed))
+        .handle_request(
+            nwid,
+            pod,
+            &pod_metadata(Some(&v), false),
+            1,
+            t,
+            &mut counter(seed),
+        )
         .unwrap();
     let mut statics: Vec<String> = config(outcome)
         .static_ips
@@ -744,8 +783,15 @@ fn a_member_posted_with_ips_keeps_them() {
     assert_eq!(w.binding.ip_assignments, vec!["10.147.17.200"]);
     for (pid, t) in [(1, 1_000), (2, 100_000)] {
         let cfg = config(
-            ctl.handle_request(nwid, &node, &metadata(None), pid, t, &mut counter(0))
-                .unwrap(),
+            ctl.handle_request(
+                nwid,
+                &node,
+                &pod_metadata(None, false),
+                pid,
+                t,
+                &mut counter(0),
+            )
+            .unwrap(),
         );
         let statics: Vec<String> = cfg.static_ips.iter().map(|a| a.to_string()).collect();
         assert_eq!(statics, vec!["10.147.17.200/24"]);

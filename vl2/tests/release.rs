@@ -5,50 +5,22 @@
 
 mod common;
 
-use common::{ident, zt_one};
+use common::{config, ident, pod_metadata, zt_one};
 use flatwire_vl1::{Address, Identity, Verb};
 use flatwire_vl2::NetworkId;
 use flatwire_vl2::controller::{
     Controller, ControllerStore, MemoryStore, Network, RequestOutcome, RequestRefusal,
     refusal_payload,
 };
-use flatwire_vl2::dictionary::Dictionary;
 use flatwire_vl2::member::{MemberOptions, Network as Member, Output, Release};
 use flatwire_vl2::netconf::NetworkConfig;
-use flatwire_vl2::verbs::{ConfigRequest, SoftwareVersion, request_metadata};
+use flatwire_vl2::verbs::ConfigRequest;
 use flatwire_vl2::vouch::{METADATA_KEY, RELEASE_KEY, RELEASE_SENDS_MS, RELEASE_TIMEOUT_MS, Vouch};
 use serde_json::json;
 
 const NWID: &str = "e6acfe87fc3adaf6";
 /// The only address the test pool hands out (ZeroTier's pick never takes a range's end).
 const ONLY_IP: &str = "10.147.17.1";
-
-/// Request metadata as a pod member sends it: with `vouch`, and the release marker if
-/// `release`.
-fn metadata(vouch: Option<&Vouch>, release: bool) -> Dictionary {
-    let mut md = request_metadata(
-        SoftwareVersion {
-            major: 1,
-            minor: 14,
-            revision: 1,
-        },
-        None,
-    );
-    if let Some(v) = vouch {
-        md.add(METADATA_KEY, &v.encode());
-    }
-    if release {
-        md.add(RELEASE_KEY, b"1");
-    }
-    Dictionary::parse(&md.encode())
-}
-
-fn config(o: RequestOutcome) -> NetworkConfig {
-    match o {
-        RequestOutcome::Config(c) => *c,
-        other => panic!("expected a config, got {other:?}"),
-    }
-}
 
 fn ips(cfg: &NetworkConfig) -> Vec<String> {
     cfg.static_ips.iter().map(|a| a.ip.to_string()).collect()
@@ -97,7 +69,7 @@ fn a_released_pod_member_is_deleted_and_its_ip_serves_the_next() {
     let va = Vouch::sign(&host, a.address(), nwid, "default/a/uid-a", t0).unwrap();
     let vb = Vouch::sign(&host, b.address(), nwid, "default/b/uid-b", t0).unwrap();
     let ca = config(
-        ctl.handle_request(nwid, &a, &metadata(Some(&va), false), 1, t0, &mut rnd)
+        ctl.handle_request(nwid, &a, &pod_metadata(Some(&va), false), 1, t0, &mut rnd)
             .unwrap(),
     );
     assert_eq!(ips(&ca), [ONLY_IP]);
@@ -108,27 +80,48 @@ fn a_released_pod_member_is_deleted_and_its_ip_serves_the_next() {
     );
     // The pool is dry for the second pod.
     let cb = config(
-        ctl.handle_request(nwid, &b, &metadata(Some(&vb), false), 2, t0, &mut rnd)
+        ctl.handle_request(nwid, &b, &pod_metadata(Some(&vb), false), 2, t0, &mut rnd)
             .unwrap(),
     );
     assert!(ips(&cb).is_empty(), "{:?}", ips(&cb));
 
     // A's release, right after its request (inside the duplicate window): deleted.
     let out = ctl
-        .handle_request(nwid, &a, &metadata(Some(&va), true), 3, t0 + 10, &mut rnd)
+        .handle_request(
+            nwid,
+            &a,
+            &pod_metadata(Some(&va), true),
+            3,
+            t0 + 10,
+            &mut rnd,
+        )
         .unwrap();
     assert_eq!(out, RequestOutcome::Refuse(RequestRefusal::Released));
     assert_eq!(RequestRefusal::Released.error_code(), 0x03);
     assert!(!exists(&ctl, nwid, a.address()));
     // A resent release is acknowledged the same way (no record), and leaves none behind.
     let out = ctl
-        .handle_request(nwid, &a, &metadata(Some(&va), true), 4, t0 + 20, &mut rnd)
+        .handle_request(
+            nwid,
+            &a,
+            &pod_metadata(Some(&va), true),
+            4,
+            t0 + 20,
+            &mut rnd,
+        )
         .unwrap();
     assert_eq!(out, RequestOutcome::Refuse(RequestRefusal::ObjectNotFound));
     assert!(!exists(&ctl, nwid, a.address()));
     // A push replaying release metadata does nothing.
     let out = ctl
-        .handle_request(nwid, &a, &metadata(Some(&va), true), 0, t0 + 30, &mut rnd)
+        .handle_request(
+            nwid,
+            &a,
+            &pod_metadata(Some(&va), true),
+            0,
+            t0 + 30,
+            &mut rnd,
+        )
         .unwrap();
     assert_eq!(out, RequestOutcome::Ignore);
     assert!(!exists(&ctl, nwid, a.address()));
@@ -138,7 +131,7 @@ fn a_released_pod_member_is_deleted_and_its_ip_serves_the_next() {
         ctl.handle_request(
             nwid,
             &b,
-            &metadata(Some(&vb), false),
+            &pod_metadata(Some(&vb), false),
             5,
             t0 + 2000,
             &mut rnd,
@@ -155,13 +148,13 @@ fn members_not_authorized_by_a_vouch_are_never_released() {
     let t0 = 1_000_000;
     // The host, authorized through the API, takes the address.
     let c = config(
-        ctl.handle_request(nwid, &host, &metadata(None, false), 1, t0, &mut rnd)
+        ctl.handle_request(nwid, &host, &pod_metadata(None, false), 1, t0, &mut rnd)
             .unwrap(),
     );
     assert_eq!(ips(&c), [ONLY_IP]);
     let before = ctl.store().get_member(nwid, host.address()).unwrap();
     let out = ctl
-        .handle_request(nwid, &host, &metadata(None, true), 2, t0 + 10, &mut rnd)
+        .handle_request(nwid, &host, &pod_metadata(None, true), 2, t0 + 10, &mut rnd)
         .unwrap();
     assert_eq!(out, RequestOutcome::Refuse(RequestRefusal::AccessDenied));
     assert_eq!(
@@ -171,8 +164,15 @@ fn members_not_authorized_by_a_vouch_are_never_released() {
     );
     // It keeps being served with its address.
     let c = config(
-        ctl.handle_request(nwid, &host, &metadata(None, false), 3, t0 + 2000, &mut rnd)
-            .unwrap(),
+        ctl.handle_request(
+            nwid,
+            &host,
+            &pod_metadata(None, false),
+            3,
+            t0 + 2000,
+            &mut rnd,
+        )
+        .unwrap(),
     );
     assert_eq!(ips(&c), [ONLY_IP]);
 }
@@ -185,7 +185,7 @@ fn a_release_deletes_only_the_requesters_own_record() {
     let t0 = 1_000_000;
     let va = Vouch::sign(&host, a.address(), nwid, "default/a/uid-a", t0).unwrap();
     let ca = config(
-        ctl.handle_request(nwid, &a, &metadata(Some(&va), false), 1, t0, &mut rnd)
+        ctl.handle_request(nwid, &a, &pod_metadata(Some(&va), false), 1, t0, &mut rnd)
             .unwrap(),
     );
     assert_eq!(ips(&ca), [ONLY_IP]);
@@ -195,7 +195,7 @@ fn a_release_deletes_only_the_requesters_own_record() {
         .handle_request(
             nwid,
             &intruder,
-            &metadata(Some(&va), true),
+            &pod_metadata(Some(&va), true),
             2,
             t0 + 10,
             &mut rnd,
@@ -209,7 +209,14 @@ fn a_release_deletes_only_the_requesters_own_record() {
     // A member of another network is untouched by a release on this one.
     let other: NetworkId = "e6acfe87fc000001".parse().unwrap();
     let out = ctl
-        .handle_request(other, &a, &metadata(Some(&va), true), 3, t0 + 20, &mut rnd)
+        .handle_request(
+            other,
+            &a,
+            &pod_metadata(Some(&va), true),
+            3,
+            t0 + 20,
+            &mut rnd,
+        )
         .unwrap();
     assert_eq!(out, RequestOutcome::Refuse(RequestRefusal::ObjectNotFound));
     assert!(exists(&ctl, nwid, a.address()));
@@ -231,8 +238,15 @@ fn a_release_keeps_the_pod_bindings_reservation() {
     let web_pod = format!("default/web/{web}");
     let v1 = Vouch::sign(&host, first.address(), nwid, &web_pod, t0).unwrap();
     let c = config(
-        ctl.handle_request(nwid, &first, &metadata(Some(&v1), false), 1, t0, &mut rnd)
-            .unwrap(),
+        ctl.handle_request(
+            nwid,
+            &first,
+            &pod_metadata(Some(&v1), false),
+            1,
+            t0,
+            &mut rnd,
+        )
+        .unwrap(),
     );
     assert_eq!(ips(&c), [ONLY_IP]);
     assert_eq!(
@@ -249,7 +263,7 @@ fn a_release_keeps_the_pod_bindings_reservation() {
         .handle_request(
             nwid,
             &first,
-            &metadata(Some(&v1), true),
+            &pod_metadata(Some(&v1), true),
             2,
             t0 + 10,
             &mut rnd,
@@ -273,7 +287,7 @@ fn a_release_keeps_the_pod_bindings_reservation() {
         ctl.handle_request(
             nwid,
             &other,
-            &metadata(Some(&vo), false),
+            &pod_metadata(Some(&vo), false),
             3,
             t0 + 20,
             &mut rnd,
@@ -287,7 +301,7 @@ fn a_release_keeps_the_pod_bindings_reservation() {
         ctl.handle_request(
             nwid,
             &next,
-            &metadata(Some(&v2), false),
+            &pod_metadata(Some(&v2), false),
             4,
             t0 + 30,
             &mut rnd,

@@ -61,12 +61,13 @@ pub struct Args {
     /// Network rule edits).
     #[arg(long)]
     only_operator: bool,
-    /// Pods the operator reconciles (spread over two nodes).
-    #[arg(long, value_name = "N", default_value_t = 1000)]
-    operator_pods: usize,
+    /// Pods the operator reconciles (spread over two nodes; the bench Network's pool holds
+    /// about 4,000 addresses).
+    #[arg(long, value_name = "N", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=3000))]
+    operator_pods: u32,
     /// NetworkMembers the operator reconciles.
-    #[arg(long, value_name = "N", default_value_t = 100)]
-    operator_members: usize,
+    #[arg(long, value_name = "N", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    operator_members: u32,
     /// Edits of a Network's rules timed until every agent holds them.
     #[arg(long, value_name = "N", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=1000))]
     operator_edits: u32,
@@ -254,8 +255,8 @@ fn run_operator(args: &Args, agent: &Path) -> Result<operator::OperatorFigures, 
     ];
     let bin = flatwire_tests::process::cargo_build(&build, "flatwire-operator")?;
     let opt = operator::Options {
-        pods: args.operator_pods,
-        members: args.operator_members,
+        pods: args.operator_pods as usize,
+        members: args.operator_members as usize,
         edits: args.operator_edits as usize,
     };
     operator::run(agent, &bin, opt).map_err(|e| format!("{e:#}"))

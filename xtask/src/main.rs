@@ -40,3 +40,30 @@ fn main() -> anyhow::Result<()> {
         Task::Bench(args) => bench::run(&args),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bench_operator_sizes_out_of_range_are_refused_naming_the_flag() {
+        for (flag, value) in [
+            ("--operator-pods", "0"),
+            ("--operator-pods", "3001"),
+            ("--operator-members", "0"),
+            ("--operator-edits", "0"),
+            ("--operator-pods", "many"),
+        ] {
+            let err = Task::try_parse_from(["cargo xtask", "bench", flag, value])
+                .expect_err("an out-of-range size must be refused");
+            assert!(err.to_string().contains(flag), "{flag} {value}: {err}");
+        }
+        let ok = Task::try_parse_from(["cargo xtask", "bench", "--operator-pods", "3000"]);
+        assert!(ok.is_ok(), "{ok:?}");
+        let both = Task::try_parse_from(["cargo xtask", "bench", "--only-pods", "--only-operator"]);
+        assert!(
+            both.is_err(),
+            "--only-pods and --only-operator exclude each other"
+        );
+    }
+}

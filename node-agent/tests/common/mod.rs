@@ -151,6 +151,37 @@ pub fn metric(text: &str, series: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// A root-and-controller `ctl` and members `m1`, `m2`, each with an identity in its state
+/// dir `dir/<name>`, the LAN planet in `dir` and network `number` of `ctl`
+/// (see [`write_network`]: addresses from `pool`) authorizing both members.
+pub struct TwoMemberLab {
+    /// The controller's identity (also the planet's root).
+    pub root: Identity,
+    /// `m1`'s and `m2`'s identities.
+    pub members: [Identity; 2],
+    /// The planet file.
+    pub planet: std::path::PathBuf,
+    /// The network.
+    pub nwid: NetworkId,
+}
+
+impl TwoMemberLab {
+    /// Writes the identities, the planet and the network under `dir`.
+    pub fn write(dir: &Path, number: u32, pool: &str) -> Self {
+        let root = new_identity(&dir.join("ctl"));
+        let members = [new_identity(&dir.join("m1")), new_identity(&dir.join("m2"))];
+        let planet = write_lan_planet(dir, &root);
+        let nwid = NetworkId::new(root.address(), number);
+        write_network(&dir.join("ctl"), nwid, pool, &[&members[0], &members[1]]);
+        Self {
+            root,
+            members,
+            planet,
+            nwid,
+        }
+    }
+}
+
 /// Generates an identity and stores it in the state dir `home`, as the agent would.
 pub fn new_identity(home: &Path) -> Identity {
     let id = Identity::generate(&AtomicBool::new(false)).unwrap();

@@ -42,3 +42,35 @@ pub fn s<'a>(v: &'a Value, k: &str) -> &'a str {
     v[k].as_str()
         .unwrap_or_else(|| panic!("field {k} missing in {v}"))
 }
+
+/// The config in a controller's answer; panics on a refusal or an ignored request.
+pub fn config(o: flatwire_vl2::controller::RequestOutcome) -> flatwire_vl2::netconf::NetworkConfig {
+    match o {
+        flatwire_vl2::controller::RequestOutcome::Config(c) => *c,
+        other => panic!("expected a config, got {other:?}"),
+    }
+}
+
+/// Config request metadata as a 1.14.1 node sends it (without the platform key), as it arrives
+/// at the controller: with `vouch` (a flatwire pod's) and the release marker if `release`.
+pub fn pod_metadata(
+    vouch: Option<&flatwire_vl2::vouch::Vouch>,
+    release: bool,
+) -> flatwire_vl2::dictionary::Dictionary {
+    use flatwire_vl2::verbs::{SoftwareVersion, request_metadata};
+    let mut md = request_metadata(
+        SoftwareVersion {
+            major: 1,
+            minor: 14,
+            revision: 1,
+        },
+        None,
+    );
+    if let Some(v) = vouch {
+        md.add(flatwire_vl2::vouch::METADATA_KEY, &v.encode());
+    }
+    if release {
+        md.add(flatwire_vl2::vouch::RELEASE_KEY, b"1");
+    }
+    flatwire_vl2::dictionary::Dictionary::parse(&md.encode())
+}
