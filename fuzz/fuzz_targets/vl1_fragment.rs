@@ -1,6 +1,8 @@
 #![no_main]
 //! Fragment views and the reassembler never panic and keep their limits on any sequence
-//! of datagrams; fragmenting a packet and reassembling it in reverse order gives it back.
+//! of datagrams; fragmenting a packet (either split) and reassembling it in reverse order
+//! gives it back; an even split has the full split's piece count, one piece length but a
+//! shorter last, and no piece over the MTU.
 
 use flatwire_vl1::reassembly::{Reassembler, ReassemblyLimits};
 use flatwire_vl1::wire::{self, Fragment};
@@ -51,16 +53,33 @@ fuzz_target!(|data: &[u8]| {
     }
 
     // Part 2: fragment the input as a packet and reassemble it backwards.
-    let mtu = wire::FRAGMENT_HEADER_LEN + wire::HEADER_LEN + 1 + ctl as usize * 6;
+    let mtu = wire::FRAGMENT_HEADER_LEN + wire::HEADER_LEN + 1 + (ctl as usize >> 1) * 12;
     if rest.len() < wire::HEADER_LEN || rest.len() > wire::MAX_PACKET_LEN {
         return;
     }
-    let mut pieces = Vec::new();
-    let mut scratch = Vec::new();
-    let Ok(n) = wire::fragment(rest, mtu, &mut scratch, |p| pieces.push(p.to_vec())) else {
+    let cut = |split| {
+        let mut pieces = Vec::new();
+        let mut scratch = Vec::new();
+        let n = wire::fragment(rest, mtu, split, &mut scratch, |p| pieces.push(p.to_vec()));
+        n.map(|n| (n, pieces))
+    };
+    let (split, other) = if ctl & 1 == 0 {
+        (wire::Split::Full, wire::Split::Even)
+    } else {
+        (wire::Split::Even, wire::Split::Full)
+    };
+    let Ok((n, pieces)) = cut(split) else {
+        assert!(cut(other).is_err());
         return;
     };
     assert_eq!(n, pieces.len());
+    assert_eq!(cut(other).map(|(n, _)| n).ok(), Some(n));
+    assert!(pieces.iter().all(|p| p.len() <= mtu));
+    if split == wire::Split::Even {
+        let (last, most) = pieces.split_last().expect("one piece at least");
+        assert!(most.iter().all(|p| p.len() == pieces[0].len()));
+        assert!(last.len() <= pieces[0].len());
+    }
     if n < 2 {
         return;
     }

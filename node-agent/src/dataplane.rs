@@ -61,6 +61,8 @@ use crate::udp::{self, RecvMeta, UdpPort};
 const RECV_BATCH: usize = quinn_udp::BATCH_SIZE;
 /// Bytes per receive slot: a whole GRO-coalesced run fits.
 const RECV_SLOT: usize = 64 * 1024;
+/// Datagrams queued for one send batch (GSO runs make several a syscall).
+const QUEUED_DATAGRAMS: usize = 4 * udp::SEND_BATCH;
 /// Receive batches handled before the thread looks at timers and commands again.
 const RECV_ROUNDS: usize = 8;
 /// Events buffered for the control plane; beyond that they are counted as lost.
@@ -515,6 +517,7 @@ pub fn start(
                 Ok(vl2) => {
                     let _ = started_tx.send(Ok(()));
                     let dp = DataPlane {
+                        gso_segments: port.capabilities().gso_segments,
                         port,
                         locals: vec![Local {
                             address,
@@ -642,6 +645,8 @@ struct Local {
 
 struct DataPlane {
     port: UdpPort,
+    /// Segments one GSO send may carry on `port` (1: none).
+    gso_segments: usize,
     /// The host's identity first (never removed), then one per pod member.
     locals: Vec<Local>,
     /// Address -> index in `locals`, for demultiplexing.
@@ -862,13 +867,15 @@ impl DataPlane {
         Ok(())
     }
 
-    /// Sends everything the nodes have queued, [`udp::SEND_BATCH`] datagrams per batch.
+    /// Sends everything the nodes have queued: datagrams are laid back to back in `tx`, up to
+    /// [`QUEUED_DATAGRAMS`] a batch, and runs of equal-sized ones to one peer (the even pieces
+    /// of fragmented packets) leave as one GSO send each.
     fn flush(&mut self, tx: &mut [u8]) -> io::Result<()> {
-        let mut lens = [(0usize, SocketAddr::from(([0, 0, 0, 0], 0))); udp::SEND_BATCH];
-        let mut n = 0;
+        let mut queued = [(0usize, SocketAddr::from(([0, 0, 0, 0], 0))); QUEUED_DATAGRAMS];
+        let (mut n, mut at) = (0, 0);
         for li in 0..self.locals.len() {
             loop {
-                let slot = &mut tx[n * MAX_DATAGRAM_LEN..(n + 1) * MAX_DATAGRAM_LEN];
+                let slot = &mut tx[at..at + MAX_DATAGRAM_LEN];
                 let Some(t) = self.locals[li].node.poll_transmit(slot) else {
                     break;
                 };
@@ -877,33 +884,26 @@ impl DataPlane {
                     self.send_with_ttl(&slot[..t.len], t.to, ttl)?;
                     continue;
                 }
-                lens[n] = (t.len, t.to);
+                queued[n] = (t.len, t.to);
                 n += 1;
-                if n == udp::SEND_BATCH {
-                    self.send_slots(tx, &lens)?;
-                    n = 0;
+                at += t.len;
+                if n == QUEUED_DATAGRAMS || tx.len() - at < MAX_DATAGRAM_LEN {
+                    self.send_queued(tx, &queued[..n])?;
+                    (n, at) = (0, 0);
                 }
             }
         }
         if n > 0 {
-            self.send_slots(tx, &lens[..n])?;
+            self.send_queued(tx, &queued[..n])?;
         }
         Ok(())
     }
 
-    /// Sends slot `k` of `tx` (`lens[k]`: its length and destination) for every `k`.
-    fn send_slots(&mut self, tx: &[u8], lens: &[(usize, SocketAddr)]) -> io::Result<()> {
-        let transmits: Vec<udp::Transmit<'_>> = lens
-            .iter()
-            .enumerate()
-            .map(|(k, (len, to))| udp::Transmit {
-                destination: *to,
-                ecn: None,
-                contents: &tx[k * MAX_DATAGRAM_LEN..k * MAX_DATAGRAM_LEN + len],
-                segment_size: None,
-                src_ip: None,
-            })
-            .collect();
+    /// Sends the datagrams laid back to back at the start of `tx` (`queued`: length and
+    /// destination of each).
+    fn send_queued(&mut self, tx: &[u8], queued: &[(usize, SocketAddr)]) -> io::Result<()> {
+        let mut transmits = Vec::with_capacity(queued.len());
+        udp::coalesce(tx, queued, self.gso_segments, &mut transmits);
         let out = self.port.send_batch(&transmits)?;
         if out.rejected > 0 {
             *self.local_drops.entry(ShellDrop::SendRejected).or_default() += out.rejected as u64;
@@ -1403,8 +1403,10 @@ mod tests {
         wire::write_header(&mut packet, [7; 8], dest, src, Verb::FRAME);
         packet.resize(3000, 0x5a);
         let mut pieces = Vec::new();
-        let n =
-            wire::fragment(&packet, 1400, &mut Vec::new(), |p| pieces.push(p.to_vec())).unwrap();
+        let n = wire::fragment(&packet, 1400, wire::Split::Even, &mut Vec::new(), |p| {
+            pieces.push(p.to_vec())
+        })
+        .unwrap();
         assert_eq!(n, 3);
         assert_eq!(
             wire::Packet::new_checked(&pieces[0][..])

@@ -389,6 +389,50 @@ fn store<T: Copy>(storage: &mut libc::sockaddr_storage, v: T) -> libc::socklen_t
     size_of::<T>() as libc::socklen_t
 }
 
+/// Most UDP payload bytes one GSO send carries (the IPv4 total length and the UDP length are
+/// 16-bit fields; this leaves room for the IP and UDP headers).
+pub const GSO_MAX_BYTES: usize = 65_535 - 60 - 8;
+
+/// Groups datagrams laid back to back in `buf` (`queued`: the length and destination of each,
+/// in order) into `out`: a run to one destination whose datagrams all have the first one's
+/// length, but for a last one that may be shorter, becomes one GSO transmit of at most
+/// `max_segments` segments and [`GSO_MAX_BYTES`]; every other datagram goes alone. Order is
+/// kept.
+pub fn coalesce<'a>(
+    buf: &'a [u8],
+    queued: &[(usize, SocketAddr)],
+    max_segments: usize,
+    out: &mut Vec<Transmit<'a>>,
+) {
+    let (mut i, mut at) = (0, 0);
+    while i < queued.len() {
+        let (seg, to) = queued[i];
+        let limit = max_segments.min(GSO_MAX_BYTES / seg.max(1)).max(1);
+        let mut run = 1;
+        let mut bytes = seg;
+        while run < limit && i + run < queued.len() {
+            let (len, next) = queued[i + run];
+            if next != to || len > seg || len == 0 {
+                break;
+            }
+            run += 1;
+            bytes += len;
+            if len < seg {
+                break;
+            }
+        }
+        out.push(Transmit {
+            destination: to,
+            ecn: None,
+            contents: &buf[at..at + bytes],
+            segment_size: (run > 1).then_some(seg),
+            src_ip: None,
+        });
+        i += run;
+        at += bytes;
+    }
+}
+
 /// The datagrams in a received buffer: `meta.len` bytes cut into `meta.stride`-sized pieces
 /// (one piece without GRO).
 pub fn segments<'a>(buf: &'a [u8], meta: &RecvMeta) -> impl Iterator<Item = &'a [u8]> {

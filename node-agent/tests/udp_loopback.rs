@@ -5,7 +5,9 @@ use std::io::IoSliceMut;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use flatwire_agent::udp::{RecvMeta, Transmit, UdpPort, dual_stack_any, segments};
+use flatwire_agent::udp::{
+    GSO_MAX_BYTES, RecvMeta, Transmit, UdpPort, coalesce, dual_stack_any, segments,
+};
 
 const MAX_PAYLOAD: usize = 1500;
 
@@ -146,6 +148,79 @@ fn segmented_transmit_arrives_as_separate_datagrams() {
         assert_eq!(d.len(), want, "segment {i}");
         assert!(d.iter().all(|&b| b == i as u8), "segment {i} contents");
     }
+}
+
+/// The `(segments, segment size)` of each transmit.
+fn shape(ts: &[Transmit<'_>]) -> Vec<(usize, usize)> {
+    ts.iter()
+        .map(|t| {
+            let seg = t.segment_size.unwrap_or(t.contents.len());
+            (t.contents.len().div_ceil(seg), seg)
+        })
+        .collect()
+}
+
+#[test]
+fn equal_sized_runs_to_one_peer_coalesce_into_gso_sends() {
+    let rx_a = UdpPort::bind((Ipv4Addr::LOCALHOST, 0).into()).unwrap();
+    let rx_b = UdpPort::bind((Ipv6Addr::LOCALHOST, 0).into()).unwrap();
+    let tx = UdpPort::bind(dual_stack_any(0)).unwrap();
+    let (a, b) = (rx_a.local_addr().unwrap(), rx_b.local_addr().unwrap());
+    // Five of 1400 and a shorter last to a; three of 1400 to b; 7 to a; one of 90 to a.
+    let lens = [
+        (1400, a),
+        (1400, a),
+        (1400, a),
+        (1400, a),
+        (1400, a),
+        (1399, a),
+        (1400, b),
+        (1400, b),
+        (1400, b),
+        (7, a),
+        (90, a),
+    ];
+    let mut buf = Vec::new();
+    for (k, (len, _)) in lens.iter().enumerate() {
+        buf.extend(std::iter::repeat_n(k as u8, *len));
+    }
+    let mut ts = Vec::new();
+    coalesce(&buf, &lens, 64, &mut ts);
+    assert_eq!(shape(&ts), [(6, 1400), (3, 1400), (1, 7), (1, 90)]);
+    // A run longer than the kernel takes is cut; a shorter datagram ends a run.
+    ts.clear();
+    coalesce(&buf, &lens, 4, &mut ts);
+    assert_eq!(
+        shape(&ts),
+        [(4, 1400), (2, 1400), (3, 1400), (1, 7), (1, 90)]
+    );
+    // A run never exceeds what one UDP datagram can carry.
+    let many = vec![(1400, a); 100];
+    let big = vec![0u8; 1400 * 100];
+    ts.clear();
+    coalesce(&big, &many, 64, &mut ts);
+    assert!(ts.iter().all(|t| t.contents.len() <= GSO_MAX_BYTES));
+    assert_eq!(
+        ts.iter().map(|t| t.contents.len()).sum::<usize>(),
+        1400 * 100
+    );
+    assert_eq!(ts[0].contents.len(), 1400 * (GSO_MAX_BYTES / 1400));
+
+    // Sent for real (GSO where the kernel has it, split otherwise): every datagram arrives
+    // whole, in order, at its own destination.
+    ts.clear();
+    coalesce(&buf, &lens, tx.capabilities().gso_segments, &mut ts);
+    let out = tx.send_batch(&ts).unwrap();
+    assert_eq!((out.sent, out.rejected), (ts.len(), 0));
+    let at_a: Vec<Vec<u8>> = recv_n(&rx_a, 8).into_iter().map(|(_, d)| d).collect();
+    let at_b: Vec<Vec<u8>> = recv_n(&rx_b, 3).into_iter().map(|(_, d)| d).collect();
+    for (k, (len, to)) in lens.iter().enumerate() {
+        let want = vec![k as u8; *len];
+        let got = if *to == a { &at_a } else { &at_b };
+        assert!(got.contains(&want), "datagram {k} ({len} bytes)");
+    }
+    let order: Vec<u8> = at_a.iter().map(|d| d[0]).collect();
+    assert_eq!(order, [0, 1, 2, 3, 4, 5, 9, 10]);
 }
 
 #[test]

@@ -1122,7 +1122,7 @@ impl Node {
         }
         let mut scratch = std::mem::take(&mut self.scratch);
         let (pool, transmits) = (&mut self.pool, &mut self.transmits);
-        let r = wire::fragment(&pkt, mtu, &mut scratch, |d| {
+        let r = wire::fragment(&pkt, mtu, wire::Split::Even, &mut scratch, |d| {
             let mut b = pool.pop().unwrap_or_default();
             b.clear();
             b.extend_from_slice(d);
@@ -1771,7 +1771,9 @@ impl Node {
                 socket,
                 addr: remote,
                 last_receive: now,
-                last_send: 0,
+                // This OK answers a packet we sent there moments ago: the first heartbeat
+                // is due a full period after that, as after any other send.
+                last_send: now,
                 latency: None,
             });
             self.events.push_back(Event::PathLearned {
@@ -2146,16 +2148,32 @@ impl Node {
         true
     }
 
-    /// Contacts the peers of introductions whose wait is over and whose identity is known.
+    /// Contacts the peers of introductions whose wait is over and whose identity is known,
+    /// unless the peer has reached us at the introduced address since the introduction.
     fn contact_introduced(&mut self, now: u64, li: usize) {
         let introductions: Vec<_> = self.locals[li].introductions.drain(..).collect();
         for (t, peer, s, addr) in introductions {
-            if self.locals[li].peers.contains_key(&peer)
-                && now.saturating_sub(t) >= timers::RENDEZVOUS_CONTACT_DELAY
-            {
-                self.contact(now, li, peer, s, addr);
-            } else {
+            let Some(p) = self.locals[li].peers.get(&peer) else {
                 self.locals[li].introductions.push_back((t, peer, s, addr));
+                continue;
+            };
+            if now.saturating_sub(t) < timers::RENDEZVOUS_CONTACT_DELAY {
+                self.locals[li].introductions.push_back((t, peer, s, addr));
+                continue;
+            }
+            // 1.x contacts at once on its copy of the introduction, so the path is often
+            // open and confirmed (an authenticated packet from that very address since the
+            // introduction) by the time our wait is over. Another probe would then be
+            // redundant, and would spend the peer's ECHO allowance on that path: 1.x
+            // answers at most one ECHO per path per 166 ms and drops the others silently
+            // (`Path::rateGateEchoRequest`), so an ECHO the host sends right after ours
+            // would go unanswered.
+            let open = p
+                .paths
+                .iter()
+                .any(|x| x.socket == s && x.addr == addr && x.last_receive >= t);
+            if !open {
+                self.contact(now, li, peer, s, addr);
             }
         }
     }

@@ -469,6 +469,78 @@ fn an_introduction_to_an_unknown_peer_opens_the_nat_at_once_and_contacts_it_once
     );
 }
 
+/// ZeroTier One contacts the peer at once on its copy of an introduction. When that contact
+/// has confirmed the path by the time ours is due, we send no probe of our own there (1.x
+/// answers one ECHO per path per 166 ms: ours would leave the host's next ECHO unanswered),
+/// and the new path's first heartbeat waits a full period.
+#[test]
+fn an_introduced_peer_that_reached_us_first_gets_no_probe_of_ours() {
+    let (mut net, _, a, b) = root_and_two_leaves();
+    let (a_addr, b_addr) = (sa("10.0.2.2:9993"), sa("10.0.3.3:9993"));
+    net.step(2000);
+    let now = net.now;
+    net.nodes[1]
+        .0
+        .request_identity(now, a.address(), b.address())
+        .unwrap();
+    net.nodes[2]
+        .0
+        .request_identity(now, b.address(), a.address())
+        .unwrap();
+    net.step(100);
+    assert!(net.nodes[1].0.knows_peer(a.address(), b.address()));
+    assert!(net.nodes[2].0.knows_peer(b.address(), a.address()));
+    net.nodes[1]
+        .0
+        .send(
+            net.now,
+            a.address(),
+            b.address(),
+            Verb::USER_MESSAGE,
+            &[0; 9],
+        )
+        .unwrap();
+    // The root relays and introduces: A opens its NAT towards B...
+    let opened = |net: &Net| {
+        net.sent
+            .iter()
+            .any(|s| s.from == 1 && s.to == b_addr && s.ttl == Some(2))
+    };
+    while !opened(&net) && net.now < 14_000 {
+        net.step(1);
+    }
+    assert!(opened(&net), "A got its RENDEZVOUS");
+    // ...and B contacts A there at once, as 1.x does.
+    let now = net.now;
+    net.nodes[2]
+        .0
+        .contact(now, 0, a.address(), LocalSocket(0), a_addr);
+    net.collect();
+    net.step(10);
+    assert_eq!(
+        net.nodes[1]
+            .0
+            .direct_path(net.now, a.address(), b.address()),
+        Some(b_addr),
+        "B's contact confirmed the path before A's own contact was due"
+    );
+    let mark = net.sent.len();
+    // Past A's contact time and a ping scan.
+    net.step(timers::RENDEZVOUS_CONTACT_DELAY + timers::PING_CHECK + 500);
+    let key = net.nodes[1].0.locals[0].peers[&b.address()].key.clone();
+    let probes: Vec<Verb> = net.sent[mark..]
+        .iter()
+        .filter(|s| s.from == 1 && s.to == b_addr)
+        .filter_map(|s| {
+            let mut d = s.data.clone();
+            crypto::dearmor(&mut d, &key).ok()?;
+            Some(Verb(d[27] & 0x1f))
+        })
+        .filter(|v| matches!(*v, Verb::ECHO | Verb::HELLO))
+        .collect();
+    assert!(probes.is_empty(), "A probed B again: {probes:?}");
+}
+
 /// Incompressible data frames soon stop costing an LZ4 try on every frame; frames that
 /// compress again are compressed again after the next try.
 #[test]

@@ -263,7 +263,10 @@ mod tests {
         let p = packet(4000);
         let mut pieces = Vec::new();
         let mut s = Vec::new();
-        wire::fragment(&p, 1432, &mut s, |d| pieces.push(d.to_vec())).unwrap();
+        wire::fragment(&p, 1432, wire::Split::Full, &mut s, |d| {
+            pieces.push(d.to_vec())
+        })
+        .unwrap();
         assert_eq!(pieces.len(), 3);
         let mut r = Reassembler::new(ReassemblyLimits::default());
         let mut out = Vec::new();
@@ -279,11 +282,46 @@ mod tests {
     }
 
     #[test]
+    fn even_splits_match_the_full_split_and_reassemble() {
+        let mut r = Reassembler::new(ReassemblyLimits::default());
+        let (mut out, mut s) = (Vec::new(), Vec::new());
+        for len in (1433..=1432 + 6 * 1416).step_by(7) {
+            let p = packet(len);
+            let mut cut = |split| {
+                let mut pieces: Vec<Vec<u8>> = Vec::new();
+                wire::fragment(&p, 1432, split, &mut s, |d| pieces.push(d.to_vec())).unwrap();
+                pieces
+            };
+            let (full, even) = (cut(wire::Split::Full), cut(wire::Split::Even));
+            assert_eq!(full.len(), even.len(), "{len} bytes");
+            assert_eq!(full[0].len(), 1432);
+            let first = even[0].len();
+            assert!(first <= 1432 && even.iter().all(|d| d.len() <= first));
+            assert!(even[..even.len() - 1].iter().all(|d| d.len() == first));
+            assert!(
+                first - even[even.len() - 1].len() < even.len(),
+                "{len}: near equal"
+            );
+            for (i, d) in even.iter().enumerate().rev() {
+                let done = match i {
+                    0 => r.add_head(0, d, (), &mut out),
+                    _ => r.add_fragment(0, d, &mut out),
+                };
+                assert_eq!(done, Ok((i == 0).then_some(())));
+            }
+            assert_eq!(out, p);
+        }
+    }
+
+    #[test]
     fn limits_hold() {
         let p = packet(3000);
         let mut pieces = Vec::new();
         let mut s = Vec::new();
-        wire::fragment(&p, 1432, &mut s, |d| pieces.push(d.to_vec())).unwrap();
+        wire::fragment(&p, 1432, wire::Split::Full, &mut s, |d| {
+            pieces.push(d.to_vec())
+        })
+        .unwrap();
         let mut r = Reassembler::new(ReassemblyLimits {
             slots: 2,
             max_bytes: 2000,

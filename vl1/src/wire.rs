@@ -308,12 +308,24 @@ pub fn write_header(
     out.push(verb.0 & 0x1f);
 }
 
-/// Splits an armored packet into datagrams for `mtu`: calls `emit` with the head then each
-/// fragment (the fragment is built in `scratch`). Returns the number of pieces, or an
-/// error if more than [`MAX_FRAGMENTS`] would be needed.
+/// How [`fragment`] cuts a packet longer than the MTU. Receivers (ours and ZeroTier One's)
+/// reassemble either layout: they match pieces by packet ID and never check their sizes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Split {
+    /// ZeroTier One's layout: a head of exactly `mtu` bytes, then chunks of `mtu` − 16.
+    Full,
+    /// As few pieces as [`Split::Full`], all of one length but the last (which may be
+    /// shorter), so that a run of them to one peer can leave in one UDP GSO send.
+    Even,
+}
+
+/// Splits an armored packet into datagrams for `mtu` as `split` says: calls `emit` with the
+/// head then each fragment (the fragment is built in `scratch`). Returns the number of
+/// pieces, or an error if more than [`MAX_FRAGMENTS`] would be needed.
 pub fn fragment(
     packet: &[u8],
     mtu: usize,
+    split: Split,
     scratch: &mut Vec<u8>,
     mut emit: impl FnMut(&[u8]),
 ) -> Result<usize, WireError> {
@@ -324,14 +336,19 @@ pub fn fragment(
         emit(packet);
         return Ok(1);
     }
-    let chunk = mtu - FRAGMENT_HEADER_LEN;
-    let rest = &packet[mtu..];
-    let frags = rest.len().div_ceil(chunk);
-    let total = frags + 1;
-    if total > MAX_FRAGMENTS {
+    let pieces = 1 + (packet.len() - mtu).div_ceil(mtu - FRAGMENT_HEADER_LEN);
+    if pieces > MAX_FRAGMENTS {
         return Err(WireError::Invalid("too many fragments"));
     }
-    emit(&packet[..mtu]);
+    // Every piece but the head carries a fragment header: `on_wire` bytes in all.
+    let head = match split {
+        Split::Full => mtu,
+        Split::Even => (packet.len() + FRAGMENT_HEADER_LEN * (pieces - 1)).div_ceil(pieces),
+    };
+    let chunk = head - FRAGMENT_HEADER_LEN;
+    let rest = &packet[head..];
+    let total = 1 + rest.len().div_ceil(chunk);
+    emit(&packet[..head]);
     for (i, c) in rest.chunks(chunk).enumerate() {
         scratch.clear();
         scratch.extend_from_slice(&packet[..8]);

@@ -138,7 +138,10 @@ fn fragmented_user_message() {
     assert_eq!(p, hx(&t["armored_whole"]));
     let mut pieces = Vec::new();
     let mut s = Vec::new();
-    wire::fragment(&p, mtu, &mut s, |d| pieces.push(d.to_vec())).unwrap();
+    wire::fragment(&p, mtu, wire::Split::Full, &mut s, |d| {
+        pieces.push(d.to_vec())
+    })
+    .unwrap();
     let want: Vec<Vec<u8>> = std::iter::once(hx(&t["head"]))
         .chain(t["fragments"].as_array().unwrap().iter().map(hx))
         .collect();

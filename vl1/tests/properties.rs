@@ -110,12 +110,13 @@ proptest! {
     }
 
     #[test]
-    fn fragmentation_round_trips(len in 28usize..9000, mtu in 1400usize..2000) {
+    fn fragmentation_round_trips(len in 28usize..9000, mtu in 1400usize..2000, even: bool) {
         let mut p: Vec<u8> = (0..len).map(|i| (i * 31) as u8).collect();
         p[13] = 1;
         let mut pieces = Vec::new();
         let mut s = Vec::new();
-        if wire::fragment(&p, mtu, &mut s, |d| pieces.push(d.to_vec())).is_ok() {
+        let split = if even { wire::Split::Even } else { wire::Split::Full };
+        if wire::fragment(&p, mtu, split, &mut s, |d| pieces.push(d.to_vec())).is_ok() {
             let mut r: Reassembler<()> = Reassembler::new(ReassemblyLimits::default());
             let mut out = Vec::new();
             if pieces.len() == 1 {
