@@ -78,16 +78,14 @@ pub struct SymmetricKey {
 #[derive(Clone, Zeroize, ZeroizeOnDrop)]
 struct KeyBytes([u8; SYMMETRIC_KEY_LEN]);
 
-/// AES-GMAC-SIV key material: K0 (GMAC) with its hash subkey, and K1 (SIV/CTR).
+/// AES-GMAC-SIV key material: K0 (GMAC) with GHASH keyed by its hash subkey (cloned per
+/// packet, so the subkey is expanded once per peer), and K1 (SIV/CTR).
 #[derive(Clone)]
 struct AesKeys {
     k0: Aes256,
-    h: HashKey,
+    ghash: GHash,
     k1: Aes256,
 }
-
-#[derive(Clone, Zeroize, ZeroizeOnDrop)]
-struct HashKey([u8; 16]);
 
 impl std::fmt::Debug for SymmetricKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -127,13 +125,9 @@ impl AesKeys {
         let k1 = Aes256::new_from_slice(k1).unwrap_or_else(|_| unreachable_key());
         let mut h = aes::Block::default();
         k0.encrypt_block(&mut h);
-        let mut hb = [0u8; 16];
-        hb.copy_from_slice(&h);
-        Self {
-            k0,
-            h: HashKey(hb),
-            k1,
-        }
+        let ghash = GHash::new(&h);
+        h.zeroize();
+        Self { k0, ghash, k1 }
     }
 }
 
@@ -320,7 +314,7 @@ pub fn dearmor(packet: &mut [u8], key: &SymmetricKey) -> Result<CipherSuite, Cry
 /// GMAC (GHASH over `aad` zero-padded to 16 bytes followed by `data`) with key K0 and
 /// the 12-byte IV `iv8 ‖ 0⁴`. Returns the 16-byte tag.
 fn gmac(k: &AesKeys, iv8: &[u8; 8], aad: &[u8], data: &[u8]) -> [u8; 16] {
-    let mut gh = GHash::new(&k.h.0.into());
+    let mut gh = k.ghash.clone();
     gh.update_padded(aad);
     gh.update_padded(data);
     let total_bits = ((aad.len().div_ceil(16) * 16 + data.len()) as u64) * 8;
@@ -339,6 +333,8 @@ fn gmac(k: &AesKeys, iv8: &[u8; 8], aad: &[u8], data: &[u8]) -> [u8; 16] {
     out
 }
 
+/// AES-256-CTR with K1 from `tag` (bit 7 of byte 12 cleared), counting in the last four bytes
+/// big-endian and wrapping, as ZeroTier's suite 3 does.
 fn ctr_apply(k: &AesKeys, tag: &[u8; 16], data: &mut [u8]) {
     let mut c = *tag;
     c[12] &= 0x7f;
@@ -509,6 +505,30 @@ mod tests {
             armor(&mut p, &key(), suite).unwrap();
             assert_eq!(dearmor(&mut p, &key()).unwrap(), suite);
             assert_eq!(&p[27..], &orig[27..]);
+        }
+    }
+
+    #[test]
+    fn ctr_matches_block_by_block_counting_across_chunks() {
+        let k = key();
+        let mut tag = [0xa5u8; 16];
+        // The counter starts just below a carry out of byte 15 and byte 14.
+        tag[12..].copy_from_slice(&[0xff, 0xff, 0xff, 0xf0]);
+        for len in [0, 1, 15, 16, 17, 511, 512, 513, 1427, 2838, 9928] {
+            let mut data: Vec<u8> = (0..len).map(|i| (i * 7) as u8).collect();
+            let orig = data.clone();
+            ctr_apply(&k.aes, &tag, &mut data);
+            for (i, block) in orig.chunks(16).enumerate() {
+                let mut ks = aes::Block::default();
+                ks[..12].copy_from_slice(&tag[..12]);
+                ks[12] &= 0x7f;
+                let counter = 0x7fff_fff0u32.wrapping_add(i as u32);
+                ks[12..].copy_from_slice(&counter.to_be_bytes());
+                k.aes.k1.encrypt_block(&mut ks);
+                for (j, b) in block.iter().enumerate() {
+                    assert_eq!(data[i * 16 + j], b ^ ks[j], "{len} bytes, block {i}");
+                }
+            }
         }
     }
 
