@@ -1,13 +1,39 @@
 #![no_main]
 //! TAP offload handling never panics on any virtio-net header, frame and MTU; a plain frame
 //! changes at most in its checksum field; a superframe's segments each fit the MTU plus the
-//! Ethernet header and carry, in order, exactly the superframe's TCP payload.
+//! Ethernet header and carry, in order, exactly the superframe's TCP payload; coalescing the
+//! segments again (as for a TAP write) and splitting what that makes gives them back.
 
-use flatwire_agent::offload::{F_NEEDS_CSUM, Received, VNET_HDR_LEN, VnetHdr, classify};
+use flatwire_agent::offload::{
+    F_NEEDS_CSUM, HEAD_MAX, Received, VNET_HDR_LEN, VnetHdr, classify, coalesce,
+};
 use libfuzzer_sys::fuzz_target;
 
 /// Ethernet header bytes on top of the MTU.
 const ETH_HDR: usize = 14;
+
+/// Coalesces `frames` as [`flatwire_agent::tap`] does for a TAP write and splits each
+/// superframe again as the kernel would: every frame comes back unchanged, in order.
+fn round_trip(frames: &[Vec<u8>], out: &mut [u8]) {
+    let mut head = [0u8; HEAD_MAX];
+    let mut i = 0;
+    while i < frames.len() {
+        let run = coalesce(&frames[i..], &mut head);
+        assert!(run.frames >= 1 && i + run.frames <= frames.len(), "{run:?}");
+        if run.is_superframe() {
+            let mut write = run.parts(&head, &frames[i..]).collect::<Vec<_>>().concat();
+            let Ok(Received::Split(plan)) = classify(&mut write, out.len()) else {
+                panic!("the superframe of {run:?} does not split");
+            };
+            assert_eq!(plan.segments(), run.frames, "{run:?}");
+            for (k, f) in frames[i..i + run.frames].iter().enumerate() {
+                let n = plan.write_segment(&write[VNET_HDR_LEN..], k, out);
+                assert_eq!(&out[..n], &f[..], "segment {k} of {run:?}");
+            }
+        }
+        i += run.frames;
+    }
+}
 
 fuzz_target!(|data: &[u8]| {
     let Some((mtu, input)) = data.split_first_chunk::<2>() else {
@@ -76,4 +102,5 @@ fuzz_target!(|data: &[u8]| {
         frame[headers..],
         "segments' payload differs from the superframe's"
     );
+    round_trip(&segments, &mut out);
 });

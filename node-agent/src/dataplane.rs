@@ -1344,6 +1344,10 @@ impl DataPlane {
             .inc_by(o.superframes.saturating_sub(old.superframes));
         m.tap_segments
             .inc_by(o.segments.saturating_sub(old.segments));
+        m.tap_coalesced_writes
+            .inc_by(o.coalesced.saturating_sub(old.coalesced));
+        m.tap_coalesced_frames
+            .inc_by(o.coalesced_frames.saturating_sub(old.coalesced_frames));
         self.published_offload = o;
         for l in &mut self.locals {
             for (nwid, c) in l.vl2.take_counters() {

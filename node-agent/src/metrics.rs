@@ -130,6 +130,10 @@ pub struct Metrics {
     pub tap_superframes: Counter,
     /// Frames the TCP superframes were split into.
     pub tap_segments: Counter,
+    /// TCP superframes written to the TAPs, each merged from received segments.
+    pub tap_coalesced_writes: Counter,
+    /// Received frames merged into them.
+    pub tap_coalesced_frames: Counter,
 }
 
 impl Default for Metrics {
@@ -157,6 +161,8 @@ impl Metrics {
             identity_validations: Counter::default(),
             tap_superframes: Counter::default(),
             tap_segments: Counter::default(),
+            tap_coalesced_writes: Counter::default(),
+            tap_coalesced_frames: Counter::default(),
             registry: Registry::default(),
         };
         registry.register("peers", "Known VL1 peers", m.peers.clone());
@@ -216,6 +222,16 @@ impl Metrics {
             "tap_segments",
             "Frames the TCP superframes read from TAPs were split into",
             m.tap_segments.clone(),
+        );
+        registry.register(
+            "tap_coalesced_writes",
+            "TCP superframes written to TAPs, each merged from received segments of one flow",
+            m.tap_coalesced_writes.clone(),
+        );
+        registry.register(
+            "tap_coalesced_frames",
+            "Received frames merged into the TCP superframes written to TAPs",
+            m.tap_coalesced_frames.clone(),
         );
         Self { registry, ..m }
     }

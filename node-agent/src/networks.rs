@@ -77,6 +77,10 @@ const TAP_BATCH: usize = 32;
 const TAP_FRAME: usize = 10_000 + 14 + 1;
 /// TAP batches read before the thread looks at other work again.
 const TAP_ROUNDS: usize = 8;
+/// Most delivered frames held for one TAP write batch: enough for a superframe of TCP
+/// segments ([`crate::offload::MAX_SEGMENTS`]), and no more than the member's buffer pool keeps
+/// for reuse, so holding them costs no allocation.
+const TAP_PENDING: usize = 64;
 /// Most time between two config requests `Vl2::nudge` sends for one network (ms): more
 /// than the controller's 1 s duplicate window.
 pub const NUDGE_INTERVAL: u64 = 1100;
@@ -254,6 +258,9 @@ struct Joined {
     subscribed: Vec<MulticastGroup>,
     /// When the memberships are read next (ms).
     groups_due: u64,
+    /// Frames delivered to the TAP but not written yet: written together (runs of TCP
+    /// segments merged) when [`Vl2::drain`] ends, or once [`TAP_PENDING`] wait.
+    pending: Vec<Vec<u8>>,
 }
 
 /// Counts of one network over an interval.
@@ -313,6 +320,29 @@ impl Joined {
     fn nudge_due(&self) -> u64 {
         let gap = FIRST_NUDGE_GAP << self.nudges.saturating_sub(1).min(8);
         self.nudged + gap.min(NUDGE_INTERVAL)
+    }
+
+    /// Writes the pending frames to the TAP (runs of TCP segments as superframes), counts
+    /// them and hands their buffers back to the member; returns how many the TAP refused or
+    /// could not take.
+    fn write_pending(&mut self) -> u64 {
+        if self.pending.is_empty() {
+            return 0;
+        }
+        let n = self.pending.len();
+        let out = match &self.tap {
+            Some(t) => t.queues()[0].send_batch(&self.pending).unwrap_or_else(|e| {
+                tracing::debug!(tap = %self.name, error = %e, "TAP write");
+                tap::SendOutcome::default()
+            }),
+            None => tap::SendOutcome::default(),
+        };
+        self.counters.rx_frames += out.sent as u64;
+        self.counters.rx_bytes += out.bytes as u64;
+        for f in self.pending.drain(..) {
+            self.net.recycle(f);
+        }
+        (n - out.sent) as u64
     }
 
     fn wants_nudge(&self) -> bool {
@@ -584,6 +614,7 @@ impl Vl2 {
             groups,
             subscribed: Vec::new(),
             groups_due: 0,
+            pending: Vec::with_capacity(TAP_PENDING),
         });
     }
 
@@ -882,6 +913,7 @@ impl Vl2 {
             groups,
             subscribed: Vec::new(),
             groups_due: 0,
+            pending: Vec::with_capacity(TAP_PENDING),
         });
         self.ask_own_controller(now);
         true
@@ -1215,10 +1247,22 @@ impl Vl2 {
     }
 
     /// Sends what the members and the controller want sent, writes delivered frames to the
-    /// TAPs and acts on member events (a new config reconfigures the link). The controller's
+    /// TAPs (all together at the end, so that runs of TCP segments of one flow become one
+    /// superframe write: [`crate::offload::coalesce`]) and acts on member events (a new
+    /// config reconfigures the link). The controller's
     /// replies and pushes leave only after the store writes they depend on are committed:
     /// one group commit per call (per received batch) when something is staged.
     pub(crate) fn drain(&mut self, node: &mut Node, now: u64) {
+        self.drain_loopback(node, now);
+        // The frames delivered in this pass go to the TAPs now: nothing stays pending while
+        // the thread waits.
+        for j in &mut self.nets {
+            self.tap_rejected += j.write_pending();
+        }
+    }
+
+    /// [`Vl2::drain`] but the TAP writes, with our packets to ourselves handed over.
+    fn drain_loopback(&mut self, node: &mut Node, now: u64) {
         for _ in 0..LOOPBACK_ROUNDS {
             self.drain_once(node, now);
             if self.loopback.is_empty() {
@@ -1283,14 +1327,10 @@ impl Vl2 {
                         j.net.recycle(payload);
                     }
                     Output::Deliver(frame) => {
-                        match j.tap.as_ref().map(|t| t.queues()[0].send_batch(&[&frame])) {
-                            Some(Ok(o)) if o.sent == 1 => {
-                                j.counters.rx_frames += 1;
-                                j.counters.rx_bytes += frame.len() as u64;
-                            }
-                            _ => self.tap_rejected += 1,
+                        j.pending.push(frame);
+                        if j.pending.len() >= TAP_PENDING {
+                            self.tap_rejected += j.write_pending();
                         }
-                        j.net.recycle(frame);
                     }
                     Output::Event(NetworkEvent::StatusChanged(s)) => {
                         tracing::info!(nwid = %j.net.id(), status = ?s, "network status");

@@ -9,9 +9,11 @@
 //! `TUN_F_TSO6`): the kernel hands over TCP superframes of up to 64 KiB with partial
 //! checksums, one read each, instead of one read per MTU-sized frame. [`TapQueue::recv_batch`]
 //! completes checksums and splits superframes into MTU-sized frames ([`crate::offload`]), so
-//! its callers see plain Ethernet frames as before; [`TapQueue::send_batch`] prefixes each
-//! frame with an empty virtio header (no offload claimed: frames come from remote peers, their
-//! checksums unchecked). What was split and dropped is counted ([`offload_counters`]).
+//! its callers see plain Ethernet frames as before. [`TapQueue::send_batch`] merges runs of
+//! TCP segments of one flow whose checksums it verified into superframes
+//! ([`offload::coalesce`]), one write each, and writes other frames behind an empty virtio
+//! header (no offload claimed: frames come from remote peers, so the kernel checks them).
+//! What was split, merged and dropped is counted ([`offload_counters`]).
 
 use std::fs::File;
 use std::io;
@@ -28,7 +30,7 @@ use rtnetlink::{LinkUnspec, RouteMessageBuilder};
 use tokio_stream::StreamExt;
 use tun_rs::{DeviceBuilder, Layer, SyncDevice};
 
-use crate::offload::{self, OffloadDrop, Plan, Received, VNET_HDR_LEN};
+use crate::offload::{self, HEAD_MAX, MAX_SEGMENTS, OffloadDrop, Plan, Received, VNET_HDR_LEN};
 
 /// Errors of TAP creation and namespace configuration.
 #[derive(Debug, thiserror::Error)]
@@ -165,6 +167,10 @@ pub struct OffloadCounters {
     pub drops: [u64; OffloadDrop::ALL.len()],
     /// Reads that filled the whole buffer (cut by the kernel), dropped.
     pub too_long: u64,
+    /// TCP superframes written, each merged from received segments.
+    pub coalesced: u64,
+    /// Frames merged into them.
+    pub coalesced_frames: u64,
 }
 
 /// Name of the drop reason of [`OffloadCounters::too_long`].
@@ -173,6 +179,8 @@ pub const TOO_LONG: &str = "TapReadTooLong";
 static SUPERFRAMES: AtomicU64 = AtomicU64::new(0);
 static SEGMENTS: AtomicU64 = AtomicU64::new(0);
 static TOO_LONG_READS: AtomicU64 = AtomicU64::new(0);
+static COALESCED: AtomicU64 = AtomicU64::new(0);
+static COALESCED_FRAMES: AtomicU64 = AtomicU64::new(0);
 static DROPS: [AtomicU64; OffloadDrop::ALL.len()] =
     [const { AtomicU64::new(0) }; OffloadDrop::ALL.len()];
 
@@ -183,6 +191,8 @@ pub fn offload_counters() -> OffloadCounters {
         segments: SEGMENTS.load(Ordering::Relaxed),
         drops: std::array::from_fn(|i| DROPS[i].load(Ordering::Relaxed)),
         too_long: TOO_LONG_READS.load(Ordering::Relaxed),
+        coalesced: COALESCED.load(Ordering::Relaxed),
+        coalesced_frames: COALESCED_FRAMES.load(Ordering::Relaxed),
     }
 }
 
@@ -192,6 +202,8 @@ fn count(c: &OffloadCounters) {
         (c.superframes, &SUPERFRAMES),
         (c.segments, &SEGMENTS),
         (c.too_long, &TOO_LONG_READS),
+        (c.coalesced, &COALESCED),
+        (c.coalesced_frames, &COALESCED_FRAMES),
     ]
     .into_iter()
     .chain(c.drops.iter().copied().zip(&DROPS))
@@ -219,6 +231,8 @@ impl std::fmt::Debug for TapQueue {
 pub struct SendOutcome {
     /// Frames the kernel accepted.
     pub sent: usize,
+    /// Their bytes (Ethernet headers included, virtio headers not).
+    pub bytes: usize,
     /// Frames the kernel refused (e.g. oversized); the caller counts them as drops.
     pub rejected: usize,
 }
@@ -615,26 +629,70 @@ impl TapQueue {
         result.map(|()| n)
     }
 
-    /// Writes the frames in order, each behind an empty virtio header. Stops early
+    /// Writes the frames in order: runs of TCP segments of one flow as one superframe each
+    /// ([`offload::coalesce`]), other frames each behind an empty virtio header. Stops early
     /// (returning what was done) only when the device would block; frames the kernel refuses
-    /// are counted in [`SendOutcome::rejected`].
+    /// are counted in [`SendOutcome::rejected`], merged ones in [`offload_counters`].
     pub fn send_batch<F: AsRef<[u8]>>(&self, frames: &[F]) -> io::Result<SendOutcome> {
         const NO_OFFLOAD: [u8; VNET_HDR_LEN] = [0; VNET_HDR_LEN];
         let mut out = SendOutcome::default();
-        for f in frames {
-            let iov = [io::IoSlice::new(&NO_OFFLOAD), io::IoSlice::new(f.as_ref())];
-            loop {
-                match self.dev.send_vectored(&iov) {
-                    Ok(_) => out.sent += 1,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(out),
-                    Err(e) if e.raw_os_error() == Some(libc::EBADFD) => return Err(e),
-                    Err(_) => out.rejected += 1,
+        let mut counts = OffloadCounters::default();
+        let mut head = [0u8; HEAD_MAX];
+        let mut rest = frames;
+        let result = loop {
+            let Some(first) = rest.first() else {
+                break Ok(());
+            };
+            let run = offload::coalesce(rest, &mut head);
+            let (run_frames, after) = rest.split_at(run.frames);
+            rest = after;
+            let bytes: usize = run_frames.iter().map(|f| f.as_ref().len()).sum();
+            let written = if run.is_superframe() {
+                let mut iov = [io::IoSlice::new(&[]); MAX_SEGMENTS + 1];
+                for (slot, part) in iov.iter_mut().zip(run.parts(&head, run_frames)) {
+                    *slot = io::IoSlice::new(part);
                 }
-                break;
+                self.write(&iov[..run.frames + 1])
+            } else {
+                self.write(&[
+                    io::IoSlice::new(&NO_OFFLOAD),
+                    io::IoSlice::new(first.as_ref()),
+                ])
+            };
+            match written {
+                Ok(true) => {
+                    out.sent += run.frames;
+                    out.bytes += bytes;
+                    if run.is_superframe() {
+                        counts.coalesced += 1;
+                        counts.coalesced_frames += run.frames as u64;
+                    }
+                }
+                Ok(false) => out.rejected += run.frames,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break Ok(()),
+                Err(e) => break Err(e),
             }
+        };
+        count(&counts);
+        result.map(|()| out)
+    }
+
+    /// Writes one frame (virtio header first) from `iov`: true when the kernel took it, false
+    /// when it refused it; errors only when the device would block or is gone.
+    fn write(&self, iov: &[io::IoSlice<'_>]) -> io::Result<bool> {
+        loop {
+            return match self.dev.send_vectored(iov) {
+                Ok(_) => Ok(true),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e)
+                    if e.kind() == io::ErrorKind::WouldBlock
+                        || e.raw_os_error() == Some(libc::EBADFD) =>
+                {
+                    Err(e)
+                }
+                Err(_) => Ok(false),
+            };
         }
-        Ok(out)
     }
 
     /// The queue's raw fd (for an external poller).

@@ -1,11 +1,13 @@
 //! TAP offloads over real agents in network namespaces (needs root): two members of one
 //! network exchange TCP over the overlay while their kernels hand the agents TSO superframes
-//! (`IFF_VNET_HDR`, `TUN_F_TSO4`); the agents split them ([`flatwire_agent::offload`]), the
-//! bytes arrive intact both ways, iperf3 runs, and the agents' metrics count the superframes
-//! they split, which only exist when the offload is on.
+//! (`IFF_VNET_HDR`, `TUN_F_TSO4`); the agents split them ([`flatwire_agent::offload`]) and
+//! merge the segments they receive into superframes again for their TAP writes; the bytes
+//! arrive intact both ways over IPv4 and over IPv6 (link-local), iperf3 runs, and the agents'
+//! metrics count the superframes they split (which only exist when the offload is on) and the
+//! ones they wrote, several segments each, with no TAP write refused.
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, SocketAddrV6, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -27,6 +29,8 @@ const PORT: u16 = 7001;
 const IPERF_PORT: u16 = 7002;
 const SUPERFRAMES: &str = "flatwire_tap_superframes_total";
 const SEGMENTS: &str = "flatwire_tap_segments_total";
+const COALESCED_WRITES: &str = "flatwire_tap_coalesced_writes_total";
+const COALESCED_FRAMES: &str = "flatwire_tap_coalesced_frames_total";
 
 /// The byte at stream position `p`: depends on the position, so a lost, repeated or
 /// reordered byte shows.
@@ -75,16 +79,21 @@ fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> TapError {
     move |source| TapError::Io { what, source }
 }
 
-/// Sends the pattern from `client` to a server in `server` at `to`, which checks it and sends
-/// it back to be checked; returns where each direction first went wrong (`None`: intact).
-fn transfer_both_ways(client: &Host, server: &Host, to: Ipv4Addr) -> [Option<usize>; 2] {
-    let addr = SocketAddr::from((to, PORT));
+/// Sends the pattern from `client` to a server in `server` at `to` (bound there, connected to
+/// from `client`), which checks it and sends it back to be checked; returns where each
+/// direction first went wrong (`None`: intact).
+fn transfer_both_ways(client: &Host, server: &Host, to: SocketAddr) -> [Option<usize>; 2] {
+    let addr = to;
     let timeout = Some(Duration::from_secs(60));
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let server_ns = PathBuf::from(server.netns_path());
     let srv = std::thread::spawn(move || {
         tap::in_netns(&server_ns, move || {
-            let l = TcpListener::bind(addr).map_err(io("bind the server"))?;
+            let any: SocketAddr = match addr {
+                SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, addr.port()).into(),
+                SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, addr.port()).into(),
+            };
+            let l = TcpListener::bind(any).map_err(io("bind the server"))?;
             let _ = ready_tx.send(());
             let (mut s, _) = l.accept().map_err(io("accept"))?;
             s.set_read_timeout(timeout).map_err(io("set timeout"))?;
@@ -113,18 +122,74 @@ fn transfer_both_ways(client: &Host, server: &Host, to: Ipv4Addr) -> [Option<usi
     [there, back]
 }
 
+/// The IPv6 link-local address the kernel gave link `dev` in `host` (EUI-64 from its MAC) and
+/// the link's index there.
+fn link_local(host: &Host, dev: &str) -> (Ipv6Addr, u32) {
+    let dev = dev.to_string();
+    let info = tap::in_netns(Path::new(&host.netns_path()), move || {
+        tap::inspect_link(&dev)
+    })
+    .unwrap()
+    .expect("the TAP is gone");
+    let m = info.mac;
+    let eui64 = [m[0] ^ 2, m[1], m[2], 0xff, 0xfe, m[3], m[4], m[5]];
+    let mut a = [0u8; 16];
+    a[..2].copy_from_slice(&[0xfe, 0x80]);
+    a[8..].copy_from_slice(&eui64);
+    (a.into(), info.ifindex)
+}
+
+/// Checks, for each of `hosts`, that the agent merged the TCP segments it received since
+/// `before` (its [`coalesced_counts`] then) into superframes, at least 4 per write on
+/// average, and dropped nothing on its TAP.
+fn assert_coalesced(hosts: &[Host], before: &[(f64, f64)], what: &str) {
+    // Metrics are published every second: wait for a publication after the transfer.
+    std::thread::sleep(Duration::from_millis(1200));
+    for (h, (w0, f0)) in hosts.iter().zip(before) {
+        let (w, f) = wait_more(h, coalesced_counts, *w0);
+        let (w, f) = (w - w0, f - f0);
+        eprintln!(
+            "{what}: {}: {w} superframes written, merged from {f} received frames ({:.1} per write)",
+            h.name(),
+            f / w
+        );
+        assert!(
+            w > 0.0,
+            "{what}: {}: no received segments were merged",
+            h.name()
+        );
+        assert!(
+            f >= 4.0 * w,
+            "{what}: {}: {f} frames in {w} superframes: fewer than 4 per write",
+            h.name()
+        );
+        let m = scrape(h);
+        let reasons = OffloadDrop::ALL.map(OffloadDrop::name);
+        for r in reasons.into_iter().chain([tap::TOO_LONG, "TapRejected"]) {
+            let series = format!("flatwire_drops_total{{reason=\"{r}\"}}");
+            assert_eq!(metric(&m, &series), 0.0, "{}: {series}", h.name());
+        }
+    }
+}
+
 /// Superframes and segments the agent in `host` has split.
 fn split_counts(host: &Host) -> (f64, f64) {
     let m = scrape(host);
     (metric(&m, SUPERFRAMES), metric(&m, SEGMENTS))
 }
 
-/// Waits (at most 5 s: metrics are published periodically) until the agent in `host` has
-/// split more than `before` superframes; returns its counts.
-fn wait_split_more(host: &Host, before: f64) -> (f64, f64) {
+/// Superframes the agent in `host` has written to its TAP and the frames merged into them.
+fn coalesced_counts(host: &Host) -> (f64, f64) {
+    let m = scrape(host);
+    (metric(&m, COALESCED_WRITES), metric(&m, COALESCED_FRAMES))
+}
+
+/// Waits (at most 5 s: metrics are published periodically) until `counts` of the agent in
+/// `host` shows more than `before` in its first count; returns the counts.
+fn wait_more(host: &Host, counts: fn(&Host) -> (f64, f64), before: f64) -> (f64, f64) {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let c = split_counts(host);
+        let c = counts(host);
         if c.0 > before || Instant::now() > deadline {
             return c;
         }
@@ -164,9 +229,10 @@ fn tcp_superframes_are_split_and_cross_the_overlay_intact() {
     let r = ping_in(&hosts[1], ip2.into(), 3);
     assert!(r.ok, "ping {ip1} -> {ip2} failed:\n{}", r.output);
     let before = [split_counts(&hosts[1]), split_counts(&hosts[2])];
+    let written_before = [coalesced_counts(&hosts[1]), coalesced_counts(&hosts[2])];
 
     let t = Instant::now();
-    let bad = transfer_both_ways(&hosts[1], &hosts[2], ip2);
+    let bad = transfer_both_ways(&hosts[1], &hosts[2], (ip2, PORT).into());
     eprintln!(
         "{} MiB each way over the overlay in {:?}",
         TRANSFER >> 20,
@@ -177,24 +243,30 @@ fn tcp_superframes_are_split_and_cross_the_overlay_intact() {
         [None, None],
         "first wrong byte per direction (m1 -> m2, m2 -> m1)"
     );
-    // Both senders' kernels handed over superframes, and the agents split them.
+    // Both senders' kernels handed over superframes, and the agents split them; both
+    // receiving agents merged the segments into superframes again, several per write.
     for (h, (sf0, _)) in hosts[1..].iter().zip(before) {
-        let (sf, seg) = wait_split_more(h, sf0);
+        let (sf, seg) = wait_more(h, split_counts, sf0);
         eprintln!("{}: {sf} superframes split into {seg} frames", h.name());
         assert!(sf > sf0, "{}: no TSO superframe was split", h.name());
         assert!(seg > sf, "{}: superframes of one segment only", h.name());
-        let m = scrape(h);
-        for r in OffloadDrop::ALL {
-            let series = format!("flatwire_drops_total{{reason=\"{}\"}}", r.name());
-            assert_eq!(metric(&m, &series), 0.0, "{}: {series}", h.name());
-        }
     }
+    assert_coalesced(&hosts[1..], &written_before, "IPv4");
+
+    // The same over IPv6, between the TAPs' link-local addresses.
+    let (ll2, _) = link_local(&hosts[2], &tap);
+    let (_, scope) = link_local(&hosts[1], &tap);
+    let written_before = [coalesced_counts(&hosts[1]), coalesced_counts(&hosts[2])];
+    let to = SocketAddrV6::new(ll2, PORT + 10, 0, scope);
+    let bad = transfer_both_ways(&hosts[1], &hosts[2], to.into());
+    assert_eq!(bad, [None, None], "IPv6: first wrong byte per direction");
+    assert_coalesced(&hosts[1..], &written_before, "IPv6");
 
     let (sf0, _) = split_counts(&hosts[1]);
     let mbit = hosts[1]
         .iperf3_mbit(&hosts[2], &ip2.to_string(), IPERF_PORT, 3, false)
         .unwrap();
-    let (sf, seg) = wait_split_more(&hosts[1], sf0);
+    let (sf, seg) = wait_more(&hosts[1], split_counts, sf0);
     eprintln!(
         "iperf3 m1 -> m2 over the overlay: {mbit:.0} Mbit/s, {} superframes split into {} frames",
         sf - sf0,
