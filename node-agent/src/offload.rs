@@ -998,11 +998,11 @@ mod tests {
             let mut flow = 0;
             let mss = [1000, 1448, 100][rnd() as usize % 3];
             for _ in 0..rnd() % 120 {
-                if rnd() % 16 == 0 {
+                if rnd().is_multiple_of(16) {
                     flow = rnd() as usize % flows.len();
                 }
                 let (v6, vlan, id, seq) = &mut flows[flow];
-                let len = if rnd() % 16 == 0 {
+                let len = if rnd().is_multiple_of(16) {
                     rnd() as usize % (mss + 2)
                 } else {
                     mss
@@ -1020,7 +1020,7 @@ mod tests {
                 }
                 refresh(&mut f, *v6, l3);
                 *id = id.wrapping_add(1);
-                if rnd() % 32 != 0 {
+                if !rnd().is_multiple_of(32) {
                     *seq = seq.wrapping_add(len as u32);
                 }
                 match rnd() % 64 {
