@@ -66,7 +66,9 @@ fn network(rules: &str) -> Value {
     })
 }
 
-/// Pings `to` from `from` every 0.1 s for `secs` seconds, in the background.
+/// Pings `to` from `from` every 0.1 s for about `secs` seconds, in the background: a count
+/// of echoes rather than a deadline, so that the last echo's reply is waited for (a deadline
+/// can fall between an echo and its reply and count it lost).
 fn pinger(from: &Host, to: std::net::IpAddr, secs: u64) -> Child {
     from.command("ping")
         .args([
@@ -74,8 +76,10 @@ fn pinger(from: &Host, to: std::net::IpAddr, secs: u64) -> Child {
             "-q",
             "-i",
             "0.1",
-            "-w",
-            &secs.to_string(),
+            "-W",
+            "2",
+            "-c",
+            &(secs * 10).to_string(),
             &to.to_string(),
         ])
         .stdout(Stdio::piped())
