@@ -1,6 +1,14 @@
-//! The data plane: one dedicated OS thread that owns the host's [`UdpPort`] and the sans-I/O
-//! VL1 [`Node`]s of every local identity, and the [`NodeHandle`] the tokio control plane uses
-//! to talk to it.
+//! The data plane: dedicated OS threads that own the host's [`UdpPort`] and the sans-I/O VL1
+//! [`Node`]s of every local identity, and the [`NodeHandle`] the tokio control plane uses to
+//! talk to them.
+//!
+//! With more than one thread ([`DataPlaneConfig::threads`]) each owns a share of the local
+//! identities ([`crate::shard`]): thread 0 the host's (and with it the joined networks, the
+//! controller and the root role), every thread the pod members and pool identities whose
+//! address falls to it. Each has its own socket in one `SO_REUSEPORT` group on the port, and
+//! the kernel steers each datagram to the thread that owns its destination. A datagram that
+//! reaches a thread without its destination (one for no local identity: relaying as a root,
+//! or a stale member) is handed on to the owner or to thread 0.
 //!
 //! Local identities: the host's (with its joined networks, the controller and the root role)
 //! and one per attached pod, each with its own [`Node`] and its own VL2 member on the pod's
@@ -18,7 +26,7 @@
 //! [`NodeHandle::add_member`] then takes over the standby node, already online, so the roots
 //! answer at once.
 //!
-//! The thread waits in `poll(2)` on the UDP socket and a wake-up socket, with the node's next
+//! Each thread waits in `poll(2)` on the UDP socket and a wake-up socket, with the node's next
 //! timer as the timeout (no busy loop). Readable datagrams are taken in batches (`recvmmsg`,
 //! GRO) and fed to [`Node::handle_datagram`]; what the node wants sent goes out in batches
 //! (`sendmmsg`, GSO). Events go to the control plane over a bounded channel; snapshots (peers,
@@ -50,10 +58,11 @@ use prometheus_client::metrics::gauge::Gauge;
 use crate::mcast::Memberships;
 use crate::metrics::{
     ControllerLabels, Direction, DropLabels, Metrics, PathKind, PathLabels, RuleLabels,
-    TrafficLabels,
+    ThreadLabels, TrafficLabels,
 };
 use crate::networks::{MemberView, NetworkSnapshot, TapBufs, Vl2};
 use crate::offload::OffloadDrop;
+use crate::shard::{self, shard_of};
 use crate::tap::{self, OffloadCounters, Tap};
 use crate::udp::{self, RecvMeta, UdpPort};
 
@@ -105,6 +114,9 @@ pub struct DataPlaneConfig {
     pub controller_dir: Option<PathBuf>,
     /// Networks to join (a TAP `fw<last 8 hex digits>` each).
     pub networks: Vec<NetworkId>,
+    /// Data-plane threads (1 to [`shard::MAX_SHARDS`]); when the kernel refuses the steered
+    /// socket group, the data plane runs on one and says so in the log.
+    pub threads: usize,
 }
 
 /// The role of a peer.
@@ -240,17 +252,40 @@ enum Command {
         Box<World>,
         tokio::sync::oneshot::Sender<Result<PlanetChange, PlanetRefused>>,
     ),
+    /// Thread 0 to the others: the planet now in force.
+    Planet(Box<World>),
+    /// A thread's drop totals, for the snapshot.
+    Drops(tokio::sync::oneshot::Sender<Vec<(&'static str, u64)>>),
+    /// A datagram received by another thread (source, bytes).
+    Datagram(SocketAddr, Vec<u8>),
     Stop,
 }
 
-/// The control plane's handle on the data-plane thread.
+/// The way into one data-plane thread: its command queue and its wake-up socket.
+#[derive(Debug)]
+struct Link {
+    commands: mpsc::Sender<Command>,
+    waker: UnixDatagram,
+}
+
+impl Link {
+    /// Queues `c` and wakes the thread; false when the thread is gone.
+    fn send(&self, c: Command) -> bool {
+        let sent = self.commands.send(c).is_ok();
+        // A full wake-up socket already holds a wake-up: nothing lost.
+        let _ = self.waker.send(&[1]);
+        sent
+    }
+}
+
+/// The control plane's handle on the data-plane threads; dropping it stops them.
 #[derive(Debug)]
 pub struct NodeHandle {
     address: Address,
     local_addr: SocketAddr,
-    commands: Mutex<mpsc::Sender<Command>>,
-    waker: UnixDatagram,
-    thread: Mutex<Option<JoinHandle<()>>>,
+    /// One per thread, thread 0 (the host's) first.
+    links: Arc<[Link]>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for Command {
@@ -265,6 +300,9 @@ impl std::fmt::Debug for Command {
             Command::Controller(_) => "Controller",
             Command::Warm(_) => "Warm",
             Command::OfferPlanet(..) => "OfferPlanet",
+            Command::Planet(_) => "Planet",
+            Command::Drops(_) => "Drops",
+            Command::Datagram(..) => "Datagram",
             Command::Stop => "Stop",
         })
     }
@@ -281,27 +319,39 @@ impl NodeHandle {
         self.local_addr
     }
 
-    fn command(&self, c: Command) -> bool {
-        let sent = self
-            .commands
-            .lock()
-            .map(|tx| tx.send(c).is_ok())
-            .unwrap_or(false);
-        // A full wake-up socket already holds a wake-up: nothing lost.
-        let _ = self.waker.send(&[1]);
-        sent
+    /// Data-plane threads running the node.
+    pub fn threads(&self) -> usize {
+        self.links.len()
     }
 
-    /// Asks the data plane for a snapshot; `None` if it stopped or did not answer in 2 s.
+    /// Sends `c` to thread 0, the host identity's.
+    fn command(&self, c: Command) -> bool {
+        self.links[0].send(c)
+    }
+
+    /// The thread that owns local identity `a`.
+    fn link_of(&self, a: Address) -> &Link {
+        &self.links[shard_of(a, self.address, self.links.len())]
+    }
+
+    /// Asks the data plane for a snapshot (drops summed over every thread); `None` if it
+    /// stopped or did not answer in 2 s.
     pub async fn snapshot(&self) -> Option<NodeSnapshot> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        if !self.command(Command::Snapshot(tx)) {
-            return None;
+        let limit = Duration::from_secs(2);
+        let mut s = self.ask(Command::Snapshot, limit).await?;
+        let mut totals: HashMap<&'static str, u64> = s.drops.drain(..).collect();
+        for link in &self.links[1..] {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            if !link.send(Command::Drops(tx)) {
+                return None;
+            }
+            for (r, n) in tokio::time::timeout(limit, rx).await.ok()?.ok()? {
+                *totals.entry(r).or_default() += n;
+            }
         }
-        tokio::time::timeout(Duration::from_secs(2), rx)
-            .await
-            .ok()?
-            .ok()
+        s.drops = totals.into_iter().collect();
+        s.drops.sort_unstable();
+        Some(s)
     }
 
     /// Joins `nwid` at runtime (TAP and member); `Some(false)` if it was already joined,
@@ -355,15 +405,25 @@ impl NodeHandle {
             .ok()
     }
 
-    /// Sends `c` (made around a reply sender) and waits up to `limit` for the reply; `None`
-    /// if the data plane stopped or did not answer in time.
+    /// Sends `c` (made around a reply sender) to thread 0 and waits up to `limit` for the
+    /// reply; `None` if the data plane stopped or did not answer in time.
     async fn ask<T>(
         &self,
         c: impl FnOnce(tokio::sync::oneshot::Sender<T>) -> Command,
         limit: Duration,
     ) -> Option<T> {
+        self.ask_on(&self.links[0], c, limit).await
+    }
+
+    /// [`NodeHandle::ask`] on the thread of `link`.
+    async fn ask_on<T>(
+        &self,
+        link: &Link,
+        c: impl FnOnce(tokio::sync::oneshot::Sender<T>) -> Command,
+        limit: Duration,
+    ) -> Option<T> {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        if !self.command(c(tx)) {
+        if !link.send(c(tx)) {
             return None;
         }
         tokio::time::timeout(limit, rx).await.ok()?.ok()
@@ -372,7 +432,9 @@ impl NodeHandle {
     /// Adds a pod member: its own VL1 node on the shared port and its VL2 member on its TAP,
     /// which starts asking the controller for its config at once ([`NodeHandle::member`]).
     pub async fn add_member(&self, m: NewMember) -> Result<(), AddMemberError> {
-        self.ask(
+        let link = self.link_of(m.identity.address());
+        self.ask_on(
+            link,
             |tx| Command::AddMember(Box::new(m), tx),
             Duration::from_secs(5),
         )
@@ -388,7 +450,8 @@ impl NodeHandle {
     /// in 5 s.
     pub async fn remove_member(&self, member: Address) -> Option<bool> {
         let taps = self
-            .ask(
+            .ask_on(
+                self.link_of(member),
                 |tx| Command::RemoveMember(member, tx),
                 Duration::from_secs(5),
             )
@@ -411,7 +474,8 @@ impl NodeHandle {
     /// The status and config of pod member `member` on `nwid`: `Some(None)` if there is no
     /// such member, `None` if the data plane stopped or did not answer in 2 s.
     pub async fn member(&self, member: Address, nwid: NetworkId) -> Option<Option<MemberView>> {
-        self.ask(
+        self.ask_on(
+            self.link_of(member),
             |tx| Command::Member(member, nwid, tx),
             Duration::from_secs(2),
         )
@@ -422,7 +486,8 @@ impl NodeHandle {
     /// own says HELLO to the roots, paced (one per [`WARM_INTERVAL`]), so that attaching it
     /// later needs no identity validation at the roots. False when the data plane stopped.
     pub fn warm_identity(&self, identity: Identity) -> bool {
-        self.command(Command::Warm(Box::new(identity)))
+        self.link_of(identity.address())
+            .send(Command::Warm(Box::new(identity)))
     }
 
     /// Offers `planet` (read from the agent's configuration, e.g. the planet ConfigMap) to the
@@ -439,40 +504,54 @@ impl NodeHandle {
         .await
     }
 
-    /// Tells the thread to stop; [`NodeHandle::join`] waits for it.
+    /// Tells the threads to stop; [`NodeHandle::join`] waits for them.
     pub fn stop(&self) {
-        self.command(Command::Stop);
+        for link in self.links.iter() {
+            link.send(Command::Stop);
+        }
     }
 
-    /// Waits for the thread to end (blocking: call off the tokio workers).
+    /// Waits for the threads to end (blocking: call off the tokio workers).
     pub fn join(&self) {
-        let t = self.thread.lock().ok().and_then(|mut t| t.take());
-        if let Some(t) = t {
+        let threads = self
+            .threads
+            .lock()
+            .map(|mut t| std::mem::take(&mut *t))
+            .unwrap_or_default();
+        for t in threads {
             let _ = t.join();
         }
     }
 
-    /// Whether the data-plane thread is still running.
+    /// Whether every data-plane thread is still running.
     pub fn is_running(&self) -> bool {
-        self.thread
+        self.threads
             .lock()
-            .map(|t| t.as_ref().is_some_and(|t| !t.is_finished()))
+            .map(|t| !t.is_empty() && t.iter().all(|t| !t.is_finished()))
             .unwrap_or(false)
     }
 }
 
-/// Binds the UDP port, creates the host's node, opens the controller store, creates the TAPs
-/// of the joined networks and starts the data-plane thread (`flatwire-dp`). Blocks briefly
-/// (file and device I/O): from async code call it via `spawn_blocking`. Returns the handle and
-/// the receiver of the host node's events (all but `Packet`, which VL2 consumes on the thread;
-/// with no VL2 role it is counted as an `UnhandledPacket` drop).
+impl Drop for NodeHandle {
+    fn drop(&mut self) {
+        // The threads hold links to each other: their queues never close by themselves.
+        self.stop();
+    }
+}
+
+/// Binds the UDP port (one socket per thread), creates the host's node, opens the controller
+/// store, creates the TAPs of the joined networks and starts the data-plane threads
+/// (`flatwire-dp`, `flatwire-dp1`, ...). Blocks briefly (file and device I/O): from async code
+/// call it via `spawn_blocking`. Returns the handle and the receiver of the host node's events
+/// (all but `Packet`, which VL2 consumes on the thread; with no VL2 role it is counted as an
+/// `UnhandledPacket` drop).
 pub fn start(
     cfg: DataPlaneConfig,
     metrics: Arc<Metrics>,
 ) -> Result<(NodeHandle, tokio::sync::mpsc::Receiver<Event>), StartError> {
-    let port = UdpPort::bind(cfg.bind)?;
-    let local_addr = port.local_addr()?;
     let address = cfg.identity.address();
+    let ports = bind_ports(cfg.bind, cfg.threads.clamp(1, shard::MAX_SHARDS), address)?;
+    let local_addr = ports[0].local_addr()?;
     let roots: Vec<Address> = cfg
         .planet
         .roots
@@ -480,23 +559,43 @@ pub fn start(
         .map(|r| r.identity.address())
         .collect();
     let clock = Clock::new();
-    let is_root = cfg
-        .planet
-        .roots
-        .iter()
-        .any(|r| r.identity.address() == address);
+    let is_root = roots.contains(&address);
     let vl2_identity = cfg.identity.clone();
     let planet = cfg.planet.clone();
     let node = Node::new(NodeConfig::new(cfg.planet), vec![cfg.identity])?;
-    let (wake_tx, wake_rx) = UnixDatagram::pair()?;
-    wake_tx.set_nonblocking(true)?;
-    wake_rx.set_nonblocking(true)?;
-    let (cmd_tx, cmd_rx) = mpsc::channel();
-    let (ev_tx, ev_rx) = tokio::sync::mpsc::channel(EVENT_QUEUE);
-    let mut peers = HashMap::new();
-    for r in roots.iter().filter(|r| **r != address) {
-        peers.insert(*r, PeerTrack::default());
+    let mut links = Vec::with_capacity(ports.len());
+    let mut queues = Vec::with_capacity(ports.len());
+    for _ in 0..ports.len() {
+        let (wake_tx, wake_rx) = UnixDatagram::pair()?;
+        wake_tx.set_nonblocking(true)?;
+        wake_rx.set_nonblocking(true)?;
+        let (cmd_tx, cmd_rx) = mpsc::channel();
+        links.push(Link {
+            commands: cmd_tx,
+            waker: wake_tx,
+        });
+        queues.push((cmd_rx, wake_rx));
     }
+    let links: Arc<[Link]> = links.into();
+    let (ev_tx, ev_rx) = tokio::sync::mpsc::channel(EVENT_QUEUE);
+    let mut shards = Vec::with_capacity(ports.len());
+    for (shard, (port, (commands, wake))) in ports.into_iter().zip(queues).enumerate() {
+        shards.push(ShardInit {
+            shard,
+            host: address,
+            port,
+            links: links.clone(),
+            commands,
+            wake,
+            events: ev_tx.clone(),
+            roots: roots.clone(),
+            planet: planet.clone(),
+            local_addr,
+            metrics: metrics.clone(),
+            clock,
+        });
+    }
+    let first = shards.remove(0);
     // The controller is not `Send`: VL2 is set up on the thread, which reports how it went.
     let (started_tx, started_rx) = mpsc::sync_channel(1);
     let (controller_dir, networks) = (cfg.controller_dir, cfg.networks);
@@ -507,7 +606,7 @@ pub fn start(
             let vl2 = Vl2::start(
                 address,
                 &vl2_identity,
-                &roots,
+                &first.roots,
                 is_root,
                 controller_dir.as_deref(),
                 &networks,
@@ -516,39 +615,13 @@ pub fn start(
             match vl2 {
                 Ok(vl2) => {
                     let _ = started_tx.send(Ok(()));
-                    let dp = DataPlane {
-                        gso_segments: port.capabilities().gso_segments,
-                        port,
-                        locals: vec![Local {
-                            address,
-                            node,
-                            vl2,
-                            standby: false,
-                        }],
-                        index: HashMap::from([(address, 0)]),
-                        roots,
-                        planet,
-                        local_addr,
-                        commands: cmd_rx,
-                        wake: wake_rx,
-                        events: ev_tx,
-                        events_lost: 0,
-                        peers,
-                        metrics,
-                        published_drops: HashMap::new(),
-                        published_relay: NodeStats::default(),
-                        published_offload: OffloadCounters::default(),
-                        local_drops: HashMap::new(),
-                        names: HashMap::new(),
-                        clock,
-                        next_publish: 0,
-                        tap_bufs: TapBufs::new(),
-                        ready_taps: Vec::new(),
-                        warm_queue: VecDeque::new(),
-                        next_warm: 0,
-                        removing: Vec::new(),
+                    let host = Local {
+                        address,
+                        node,
+                        vl2,
+                        standby: false,
                     };
-                    dp.run();
+                    DataPlane::new(first, Some(host)).run();
                 }
                 Err(e) => {
                     let _ = started_tx.send(Err(e));
@@ -566,16 +639,41 @@ pub fn start(
             return Err(io::Error::other("the data-plane thread died while starting").into());
         }
     }
-    Ok((
-        NodeHandle {
-            address,
-            local_addr,
-            commands: Mutex::new(cmd_tx),
-            waker: wake_tx,
-            thread: Mutex::new(Some(thread)),
-        },
-        ev_rx,
-    ))
+    let handle = NodeHandle {
+        address,
+        local_addr,
+        links,
+        threads: Mutex::new(vec![thread]),
+    };
+    for init in shards {
+        let name = format!("flatwire-dp{}", init.shard);
+        let t = std::thread::Builder::new()
+            .name(name)
+            .spawn(move || DataPlane::new(init, None).run())?;
+        if let Ok(mut threads) = handle.threads.lock() {
+            threads.push(t);
+        }
+    }
+    Ok((handle, ev_rx))
+}
+
+/// Binds `threads` sockets on `bind` in a group steered by destination address, or one socket
+/// when that is not possible (said in the log).
+fn bind_ports(
+    bind: SocketAddr,
+    threads: usize,
+    host: Address,
+) -> Result<Vec<UdpPort>, udp::BindError> {
+    if threads <= 1 {
+        return Ok(vec![UdpPort::bind(bind)?]);
+    }
+    match UdpPort::bind_group(bind, threads, &shard::steering_program(host, threads)) {
+        Ok(ports) => Ok(ports),
+        Err(e) => {
+            tracing::warn!(threads, error = %e, "cannot spread the data plane over threads; running one");
+            Ok(vec![UdpPort::bind(bind)?])
+        }
+    }
 }
 
 /// The ZeroTier address a datagram is for: bytes 8..13 of a packet and of a fragment alike.
@@ -585,6 +683,7 @@ fn destination(datagram: &[u8]) -> Option<Address> {
 }
 
 /// Milliseconds on a monotonic clock that starts at the wall-clock time of launch.
+#[derive(Clone, Copy)]
 struct Clock {
     start: Instant,
     epoch_ms: u64,
@@ -643,11 +742,35 @@ struct Local {
     standby: bool,
 }
 
+/// What one data-plane thread starts from.
+struct ShardInit {
+    shard: usize,
+    host: Address,
+    port: UdpPort,
+    links: Arc<[Link]>,
+    commands: mpsc::Receiver<Command>,
+    wake: UnixDatagram,
+    events: tokio::sync::mpsc::Sender<Event>,
+    roots: Vec<Address>,
+    planet: World,
+    local_addr: SocketAddr,
+    metrics: Arc<Metrics>,
+    clock: Clock,
+}
+
+/// One data-plane thread with its share of the local identities.
 struct DataPlane {
+    /// This thread's index; 0 owns the host identity.
+    shard: usize,
+    /// The host's address.
+    host: Address,
+    /// Every thread's link (this one's too), by index.
+    links: Arc<[Link]>,
     port: UdpPort,
     /// Segments one GSO send may carry on `port` (1: none).
     gso_segments: usize,
-    /// The host's identity first (never removed), then one per pod member.
+    /// On thread 0 the host's identity first (never removed); then one per pod member or
+    /// warmed pool identity this thread owns.
     locals: Vec<Local>,
     /// Address -> index in `locals`, for demultiplexing.
     index: HashMap<Address, usize>,
@@ -684,21 +807,83 @@ struct DataPlane {
     /// Pod members being removed, waiting for their release ([`DataPlane::remove_member`]),
     /// with when it started (ms).
     removing: Vec<(Address, RemoveReply, u64)>,
+    /// Datagrams received from the socket, and handed to another thread; the part of each
+    /// already added to the metrics.
+    received: u64,
+    forwarded: u64,
+    published_received: u64,
+    published_forwarded: u64,
 }
 
 /// The answer to [`Command::RemoveMember`].
 type RemoveReply = tokio::sync::oneshot::Sender<Option<Vec<Tap>>>;
 
 impl DataPlane {
+    /// Thread `init.shard`, with `host` (the host identity, thread 0 only).
+    fn new(init: ShardInit, host: Option<Local>) -> Self {
+        let mut peers = HashMap::new();
+        if init.shard == 0 {
+            for r in init.roots.iter().filter(|r| **r != init.host) {
+                peers.insert(*r, PeerTrack::default());
+            }
+        }
+        let locals: Vec<Local> = host.into_iter().collect();
+        let index = locals.iter().map(|l| (l.address, 0)).collect();
+        Self {
+            shard: init.shard,
+            host: init.host,
+            links: init.links,
+            gso_segments: init.port.capabilities().gso_segments,
+            port: init.port,
+            locals,
+            index,
+            roots: init.roots,
+            planet: init.planet,
+            local_addr: init.local_addr,
+            commands: init.commands,
+            wake: init.wake,
+            events: init.events,
+            events_lost: 0,
+            peers,
+            metrics: init.metrics,
+            published_drops: HashMap::new(),
+            published_relay: NodeStats::default(),
+            published_offload: OffloadCounters::default(),
+            local_drops: HashMap::new(),
+            names: HashMap::new(),
+            clock: init.clock,
+            next_publish: 0,
+            tap_bufs: TapBufs::new(),
+            ready_taps: Vec::new(),
+            warm_queue: VecDeque::new(),
+            next_warm: 0,
+            removing: Vec::new(),
+            received: 0,
+            forwarded: 0,
+            published_received: 0,
+            published_forwarded: 0,
+        }
+    }
+
     fn address(&self) -> Address {
-        self.locals[0].address
+        self.host
+    }
+
+    /// Whether local `li` is the host identity.
+    fn is_host(&self, li: usize) -> bool {
+        self.shard == 0 && li == 0
     }
 
     fn run(mut self) {
         let mut rx = vec![0u8; RECV_SLOT * RECV_BATCH];
         let mut metas = [RecvMeta::default(); RECV_BATCH];
         let mut tx = vec![0u8; MAX_DATAGRAM_LEN * udp::SEND_BATCH];
-        tracing::info!(address = %self.address(), udp = %self.local_addr, "data plane running");
+        tracing::info!(
+            address = %self.address(),
+            udp = %self.local_addr,
+            thread = self.shard,
+            "data plane running"
+        );
         loop {
             let now = self.clock.now();
             for l in &mut self.locals {
@@ -846,25 +1031,45 @@ impl DataPlane {
                 if meta.len == 0 {
                     // An empty datagram has no segments: the host's node counts it
                     // (malformed).
-                    self.locals[0]
-                        .node
-                        .handle_datagram(now, LocalSocket(0), meta.addr, &[]);
+                    self.route(now, meta.addr, &[], false);
                 }
                 for datagram in udp::segments(slice, meta) {
-                    // Not for a local identity (or too short to say): the host's node relays
-                    // it as a root, or counts it.
-                    let li = destination(datagram)
-                        .and_then(|a| self.index.get(&a).copied())
-                        .unwrap_or(0);
-                    self.locals[li]
-                        .node
-                        .handle_datagram(now, LocalSocket(0), meta.addr, datagram);
+                    self.received += 1;
+                    self.route(now, meta.addr, datagram, false);
                 }
             }
             self.drain_events();
             self.flush(tx)?;
         }
         Ok(())
+    }
+
+    /// Hands `datagram` (from `from`) to the local node it is for. One for an identity of
+    /// another thread goes to that thread; one for no local identity (or too short to say)
+    /// goes to the host's node on thread 0, which relays it as a root or counts it. A
+    /// `forwarded` datagram came from another thread: it only moves on toward thread 0.
+    fn route(&mut self, now: u64, from: SocketAddr, datagram: &[u8], forwarded: bool) {
+        let dest = destination(datagram);
+        if let Some(li) = dest.and_then(|a| self.index.get(&a).copied()) {
+            self.locals[li]
+                .node
+                .handle_datagram(now, LocalSocket(0), from, datagram);
+            return;
+        }
+        let owner = dest.map_or(0, |a| shard_of(a, self.host, self.links.len()));
+        let to = if forwarded || owner == self.shard {
+            0
+        } else {
+            owner
+        };
+        if to == self.shard {
+            self.locals[0]
+                .node
+                .handle_datagram(now, LocalSocket(0), from, datagram);
+        } else {
+            self.forwarded += 1;
+            self.links[to].send(Command::Datagram(from, datagram.to_vec()));
+        }
     }
 
     /// Sends everything the nodes have queued: datagrams are laid back to back in `tx`, up to
@@ -954,7 +1159,7 @@ impl DataPlane {
     /// Handles the events of local `li`'s node (VL2 packets to its networks; for the host,
     /// peer tracking and the control plane's events) and runs its VL2 output.
     fn drain_local(&mut self, li: usize) {
-        let host = li == 0;
+        let host = self.is_host(li);
         while let Some(ev) = self.locals[li].node.poll_event() {
             let l = &mut self.locals[li];
             match &ev {
@@ -1036,26 +1241,33 @@ impl DataPlane {
     /// Follows the host node's new planet: the roots as the snapshot and metrics see them,
     /// the planet new members start with, and the nodes of the pod members and standby pool
     /// identities (each judges it by the update rule itself).
+    /// On thread 0 it is passed on to the other threads.
     fn planet_changed(&mut self, planet: World) {
         let me = self.address();
         self.roots = planet.roots.iter().map(|r| r.identity.address()).collect();
-        for r in self.roots.iter().filter(|r| **r != me) {
-            self.peers.entry(*r).or_default();
-        }
         let now = self.clock.now();
+        let shard = self.shard;
         for (i, l) in self.locals.iter_mut().enumerate() {
             // The same rule judged it for the host: a member's node may only already have it.
-            if i > 0 {
+            if shard != 0 || i > 0 {
                 let _ = l.node.offer_planet(now, planet.clone());
             }
             l.vl2.set_roots(&self.roots);
         }
-        tracing::info!(
-            id = planet.id,
-            timestamp = planet.timestamp,
-            roots = ?self.roots,
-            "planet in force"
-        );
+        if self.shard == 0 {
+            for r in self.roots.iter().filter(|r| **r != me) {
+                self.peers.entry(*r).or_default();
+            }
+            for link in &self.links[1..] {
+                link.send(Command::Planet(Box::new(planet.clone())));
+            }
+            tracing::info!(
+                id = planet.id,
+                timestamp = planet.timestamp,
+                roots = ?self.roots,
+                "planet in force"
+            );
+        }
         self.planet = planet;
     }
 
@@ -1122,7 +1334,7 @@ impl DataPlane {
     /// close (`None` at once if there is no such member).
     fn remove_member(&mut self, member: Address, reply: RemoveReply) {
         match self.index.get(&member) {
-            Some(&i) if i > 0 => {
+            Some(&i) if !self.is_host(i) => {
                 let now = self.clock.now();
                 self.locals[i].vl2.release(now);
                 self.removing.push((member, reply, now));
@@ -1140,7 +1352,11 @@ impl DataPlane {
         let mut k = 0;
         while k < self.removing.len() {
             let member = self.removing[k].0;
-            let at = self.index.get(&member).copied().filter(|&i| i > 0);
+            let at = self
+                .index
+                .get(&member)
+                .copied()
+                .filter(|&i| !self.is_host(i));
             if at.is_some_and(|i| !self.locals[i].vl2.released()) {
                 k += 1;
                 continue;
@@ -1206,6 +1422,13 @@ impl DataPlane {
                     }
                     let _ = reply.send(r);
                 }
+                Ok(Command::Planet(planet)) => self.planet_changed(*planet),
+                Ok(Command::Drops(reply)) => {
+                    let _ = reply.send(self.drops());
+                }
+                Ok(Command::Datagram(from, datagram)) => {
+                    self.route(self.clock.now(), from, &datagram, true);
+                }
                 Ok(Command::Stop) | Err(mpsc::TryRecvError::Disconnected) => return false,
                 Err(mpsc::TryRecvError::Empty) => return true,
             }
@@ -1221,7 +1444,8 @@ impl DataPlane {
         n
     }
 
-    /// Drops by reason, summed over every local identity's node and networks.
+    /// Drops by reason, summed over this thread's local identities' nodes and networks (and
+    /// on thread 0 the TAP offload drops of the whole agent).
     fn drops(&mut self) -> Vec<(&'static str, u64)> {
         let mut node: HashMap<DropReason, u64> = HashMap::new();
         for l in &self.locals {
@@ -1236,11 +1460,13 @@ impl DataPlane {
         for (r, n) in &self.local_drops {
             *totals.entry(r.name()).or_default() += n;
         }
-        let o = tap::offload_counters();
-        for (r, n) in OffloadDrop::ALL.iter().zip(o.drops) {
-            *totals.entry(r.name()).or_default() += n;
+        if self.shard == 0 {
+            let o = tap::offload_counters();
+            for (r, n) in OffloadDrop::ALL.iter().zip(o.drops) {
+                *totals.entry(r.name()).or_default() += n;
+            }
+            *totals.entry(tap::TOO_LONG).or_default() += o.too_long;
         }
-        *totals.entry(tap::TOO_LONG).or_default() += o.too_long;
         for l in &self.locals {
             for (r, n) in l.vl2.drops() {
                 *totals.entry(r).or_default() += n;
@@ -1296,10 +1522,9 @@ impl DataPlane {
         }
     }
 
-    /// Refreshes the metrics: peers, paths by kind, drops by reason, relaying, traffic and
-    /// rule drops per network, controller requests.
-    fn publish(&mut self, now: u64) {
-        let s = self.snapshot(now);
+    /// The host's part of the metrics (thread 0): peers, paths by kind, relaying, TAP
+    /// offloads.
+    fn publish_host(&mut self, s: &NodeSnapshot) {
         let m = &self.metrics;
         set(&m.peers, s.peers.len());
         let direct = s.peers.iter().filter(|p| p.direct_path.is_some()).count();
@@ -1316,15 +1541,6 @@ impl DataPlane {
             }),
             relayed,
         );
-        for (reason, total) in s.drops {
-            let seen = self.published_drops.entry(reason).or_default();
-            if total > *seen {
-                m.drops
-                    .get_or_create(&DropLabels { reason })
-                    .inc_by(total - *seen);
-                *seen = total;
-            }
-        }
         let old = self.published_relay;
         m.relayed_packets
             .inc_by(s.stats.relayed.saturating_sub(old.relayed));
@@ -1349,6 +1565,43 @@ impl DataPlane {
         m.tap_coalesced_frames
             .inc_by(o.coalesced_frames.saturating_sub(old.coalesced_frames));
         self.published_offload = o;
+    }
+
+    /// Refreshes the metrics: this thread's drops by reason, datagrams, traffic and rule drops
+    /// per network and controller requests; on thread 0 also peers, paths by kind, relaying
+    /// and the TAP offloads.
+    fn publish(&mut self, now: u64) {
+        let drops = if self.shard == 0 {
+            let s = self.snapshot(now);
+            self.publish_host(&s);
+            s.drops
+        } else {
+            self.drops()
+        };
+        let m = &self.metrics;
+        for (reason, total) in drops {
+            let seen = self.published_drops.entry(reason).or_default();
+            if total > *seen {
+                m.drops
+                    .get_or_create(&DropLabels { reason })
+                    .inc_by(total - *seen);
+                *seen = total;
+            }
+        }
+        let thread = ThreadLabels {
+            thread: self.shard as u64,
+        };
+        m.dataplane_datagrams
+            .get_or_create(&thread)
+            .inc_by(self.received - self.published_received);
+        m.dataplane_forwarded
+            .get_or_create(&thread)
+            .inc_by(self.forwarded - self.published_forwarded);
+        (self.published_received, self.published_forwarded) = (self.received, self.forwarded);
+        set(
+            &m.dataplane_identities.get_or_create(&thread),
+            self.locals.len(),
+        );
         for l in &mut self.locals {
             for (nwid, c) in l.vl2.take_counters() {
                 let network = nwid.to_string();

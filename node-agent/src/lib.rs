@@ -6,7 +6,8 @@
 //! written state directory), [`metrics`] (Prometheus text over a tiny HTTP endpoint),
 //! [`http_api`] (the ZeroTier-style local JSON API), [`service`] (the gRPC service of
 //! `flatwire-api`), [`host`] (the host identity and planet in the state directory),
-//! [`dataplane`] (the thread that runs every local identity's VL1 node on the one UDP port),
+//! [`dataplane`] (the threads that run every local identity's VL1 node on the one UDP port,
+//! each owning the share of identities [`shard`] gives it),
 //! [`networks`] (VL2 on that thread: joined networks on TAPs, the controller), [`pool`] (the
 //! pre-generated member identities), [`attach`] (pods as members with their own identity,
 //! persisted and restored), [`mcast`] (the multicast groups TAP interfaces joined),
@@ -25,6 +26,7 @@ pub mod offload;
 pub mod pool;
 pub mod service;
 pub mod shaping;
+pub mod shard;
 pub mod state;
 pub mod tap;
 pub mod udp;

@@ -87,6 +87,22 @@ struct Args {
     /// the attachment is detached.
     #[arg(long, value_name = "SECS", default_value_t = kube_mode::DEFAULT_POD_GC_GRACE.as_secs())]
     pod_gc_grace: u64,
+    /// Data-plane threads (1 to 64), each owning a share of the local identities (pod
+    /// members spread by address; the host's identity, its networks, the controller and the
+    /// root role stay on the first). Default: one per CPU up to 4, and 1 with --root (a
+    /// root's relaying is done by the host identity's thread).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64))]
+    dataplane_threads: Option<u16>,
+}
+
+/// The data-plane threads to run: `--dataplane-threads`, else one per CPU up to 4 (1 for a
+/// root).
+fn dataplane_threads(args: &Args) -> usize {
+    match args.dataplane_threads {
+        Some(n) => usize::from(n),
+        None if args.root => 1,
+        None => std::thread::available_parallelism().map_or(1, |n| n.get().min(4)),
+    }
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -190,6 +206,7 @@ async fn main() -> anyhow::Result<()> {
                 bind: udp::dual_stack_any(args.port),
                 controller_dir: args.controller.then(|| state.root().join(CONTROLLER_DIR)),
                 networks: joined,
+                threads: dataplane_threads(&args),
             };
             let m = metrics.clone();
             let (node, events) = tokio::task::spawn_blocking(move || dataplane::start(cfg, m))

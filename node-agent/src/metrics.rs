@@ -98,6 +98,13 @@ pub struct ControllerLabels {
     pub result: &'static str,
 }
 
+/// Labels of the per-thread data-plane metrics.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ThreadLabels {
+    /// The data-plane thread's index (0 owns the host identity).
+    pub thread: u64,
+}
+
 /// The agent's metric families; clone the handles to update them from any thread.
 #[derive(Debug)]
 pub struct Metrics {
@@ -134,6 +141,12 @@ pub struct Metrics {
     pub tap_coalesced_writes: Counter,
     /// Received frames merged into them.
     pub tap_coalesced_frames: Counter,
+    /// Datagrams each data-plane thread received from its socket.
+    pub dataplane_datagrams: Family<ThreadLabels, Counter>,
+    /// Datagrams each data-plane thread handed to another (not for one of its identities).
+    pub dataplane_forwarded: Family<ThreadLabels, Counter>,
+    /// Local identities (host, pod members, warmed pool identities) per data-plane thread.
+    pub dataplane_identities: Family<ThreadLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -163,6 +176,9 @@ impl Metrics {
             tap_segments: Counter::default(),
             tap_coalesced_writes: Counter::default(),
             tap_coalesced_frames: Counter::default(),
+            dataplane_datagrams: Family::default(),
+            dataplane_forwarded: Family::default(),
+            dataplane_identities: Family::default(),
             registry: Registry::default(),
         };
         registry.register("peers", "Known VL1 peers", m.peers.clone());
@@ -232,6 +248,21 @@ impl Metrics {
             "tap_coalesced_frames",
             "Received frames merged into the TCP superframes written to TAPs",
             m.tap_coalesced_frames.clone(),
+        );
+        registry.register(
+            "dataplane_datagrams",
+            "Datagrams each data-plane thread received from its socket",
+            m.dataplane_datagrams.clone(),
+        );
+        registry.register(
+            "dataplane_forwarded",
+            "Datagrams a data-plane thread handed to another thread",
+            m.dataplane_forwarded.clone(),
+        );
+        registry.register(
+            "dataplane_identities",
+            "Local identities per data-plane thread",
+            m.dataplane_identities.clone(),
         );
         Self { registry, ..m }
     }

@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use nix::poll::PollFlags;
 use nix::sys::socket::{
-    AddressFamily, SockFlag, SockType, SockaddrIn6, bind, getsockopt, setsockopt, socket, sockopt,
+    AddressFamily, SockFlag, SockType, SockaddrIn, SockaddrIn6, bind, getsockopt, setsockopt,
+    socket, sockopt,
 };
 pub use quinn_udp::{RecvMeta, Transmit};
 use quinn_udp::{UdpSockRef, UdpSocketState};
@@ -73,36 +74,83 @@ pub struct UdpPort {
     state: UdpSocketState,
     v6: bool,
     dual_stack: bool,
+    /// Whether UDP GRO is on (off in a steered group).
+    gro: bool,
 }
 
 impl UdpPort {
     /// Binds `addr`. An unspecified IPv6 address (`[::]:port`) gives one dual-stack socket that
     /// serves IPv4 peers too; other addresses bind exactly that family and address.
     pub fn bind(addr: SocketAddr) -> Result<Self, BindError> {
+        Self::bind_one(addr, false)
+    }
+
+    /// Binds `count` sockets on `addr` (port 0: one port the kernel picks) in one
+    /// `SO_REUSEPORT` group, one per data-plane thread, and attaches `steering`, a classic BPF
+    /// program that picks the socket (by bind order) for each arriving datagram from its UDP
+    /// payload (see [`crate::shard`]). UDP GRO is off on them, since it would merge datagrams
+    /// of one sender for different sockets before steering. `count` 1 is [`UdpPort::bind`].
+    pub fn bind_group(
+        addr: SocketAddr,
+        count: usize,
+        steering: &[libc::sock_filter],
+    ) -> Result<Vec<Self>, BindError> {
+        if count <= 1 {
+            return Ok(vec![Self::bind(addr)?]);
+        }
+        let first = Self::bind_one(addr, true)?;
+        let port = first
+            .local_addr()
+            .map_err(|source| BindError { addr, source })?
+            .port();
+        let addr = SocketAddr::new(addr.ip(), port);
+        let err = |source| BindError { addr, source };
+        let mut group = vec![first];
+        for _ in 1..count {
+            group.push(Self::bind_one(addr, true)?);
+        }
+        for p in &mut group {
+            setsockopt(&p.socket, sockopt::UdpGroSegment, &false).map_err(|e| err(e.into()))?;
+            p.gro = false;
+        }
+        let prog = libc::sock_fprog {
+            len: u16::try_from(steering.len())
+                .map_err(|_| err(io::ErrorKind::InvalidInput.into()))?,
+            filter: steering.as_ptr().cast_mut(),
+        };
+        setsockopt(&group[0].socket, sockopt::AttachReusePortCbpf, &prog)
+            .map_err(|e| err(e.into()))?;
+        Ok(group)
+    }
+
+    fn bind_one(addr: SocketAddr, reuse_port: bool) -> Result<Self, BindError> {
         let err = |source| BindError { addr, source };
         let dual = matches!(addr, SocketAddr::V6(a) if a.ip().is_unspecified());
-        let socket = if dual {
-            let fd: OwnedFd = socket(
-                AddressFamily::Inet6,
-                SockType::Datagram,
-                SockFlag::SOCK_CLOEXEC,
-                None,
-            )
-            .map_err(|e| err(e.into()))?;
-            setsockopt(&fd, sockopt::Ipv6V6Only, &false).map_err(|e| err(e.into()))?;
-            let SocketAddr::V6(a6) = addr else {
-                unreachable!("checked above")
-            };
-            bind(fd.as_raw_fd(), &SockaddrIn6::from(a6)).map_err(|e| err(e.into()))?;
-            UdpSocket::from(fd)
+        let family = if addr.is_ipv6() {
+            AddressFamily::Inet6
         } else {
-            UdpSocket::bind(addr).map_err(err)?
+            AddressFamily::Inet
         };
+        let fd: OwnedFd = socket(family, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None)
+            .map_err(|e| err(e.into()))?;
+        if dual {
+            setsockopt(&fd, sockopt::Ipv6V6Only, &false).map_err(|e| err(e.into()))?;
+        }
+        if reuse_port {
+            setsockopt(&fd, sockopt::ReusePort, &true).map_err(|e| err(e.into()))?;
+        }
+        let bound = match addr {
+            SocketAddr::V6(a) => bind(fd.as_raw_fd(), &SockaddrIn6::from(a)),
+            SocketAddr::V4(a) => bind(fd.as_raw_fd(), &SockaddrIn::from(a)),
+        };
+        bound.map_err(|e| err(e.into()))?;
+        let socket = UdpSocket::from(fd);
         let state = UdpSocketState::new(UdpSockRef::from(&socket)).map_err(err)?;
         size_buffers(&socket, SOCKET_BUFFER);
         Ok(Self {
             v6: addr.is_ipv6(),
             dual_stack: dual,
+            gro: true,
             socket,
             state,
         })
@@ -119,7 +167,11 @@ impl UdpPort {
             recv_batch: quinn_udp::BATCH_SIZE,
             send_batch: SEND_BATCH,
             gso_segments: self.state.max_gso_segments(),
-            gro_segments: self.state.gro_segments(),
+            gro_segments: if self.gro {
+                self.state.gro_segments()
+            } else {
+                1
+            },
             dual_stack: self.dual_stack,
         }
     }

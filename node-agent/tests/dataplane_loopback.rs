@@ -1,4 +1,5 @@
-//! Two data planes (a root and a leaf) on loopback, driven through `NodeHandle` snapshots.
+//! Two data planes (a root and a leaf) on loopback, driven through `NodeHandle` snapshots and
+//! metrics; the leaf runs two data-plane threads.
 //! Loopback is not a valid physical path for VL1 (as in ZeroTier One), so no direct path is
 //! confirmed here; the namespace test (`planet_netns`) checks direct paths.
 
@@ -35,10 +36,24 @@ async fn wait_for(
     }
 }
 
-#[tokio::test]
-async fn leaf_reaches_root_and_snapshots_say_so() {
-    let root_id = Identity::generate(&AtomicBool::new(false)).unwrap();
-    let leaf_id = Identity::generate(&AtomicBool::new(false)).unwrap();
+fn identity() -> Identity {
+    Identity::generate(&AtomicBool::new(false)).unwrap()
+}
+
+/// A root data plane (one thread) on loopback and a leaf one with `leaf_threads`.
+struct Pair {
+    root_id: Identity,
+    leaf_id: Identity,
+    root_addr: SocketAddr,
+    root: NodeHandle,
+    leaf: NodeHandle,
+    root_metrics: Arc<Metrics>,
+    leaf_metrics: Arc<Metrics>,
+    leaf_events: tokio::sync::mpsc::Receiver<flatwire_vl1::Event>,
+}
+
+fn start_pair(leaf_threads: usize) -> Pair {
+    let (root_id, leaf_id) = (identity(), identity());
     let root_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let (pk, sk) = flatwire_vl1::identity::generate_key_pair().unwrap();
     let planet = World::create(
@@ -62,68 +77,39 @@ async fn leaf_reaches_root_and_snapshots_say_so() {
             bind: root_addr,
             controller_dir: None,
             networks: Vec::new(),
+            threads: 1,
         },
         root_metrics.clone(),
     )
     .unwrap();
-    let (leaf, mut leaf_events) = dataplane::start(
+    let (leaf, leaf_events) = dataplane::start(
         DataPlaneConfig {
             identity: leaf_id.clone(),
             planet,
             bind: "127.0.0.1:0".parse().unwrap(),
             controller_dir: None,
             networks: Vec::new(),
+            threads: leaf_threads,
         },
         leaf_metrics.clone(),
     )
     .unwrap();
     assert_eq!(root.address(), root_id.address());
-
-    let s = wait_for(&leaf, "leaf online, root latency measured", |s| {
-        s.online
-            && s.peer(root_id.address())
-                .is_some_and(|p| p.latency_ms.is_some())
-    })
-    .await;
-    assert!(!s.is_root);
-    assert_eq!(s.peers.len(), 1);
-    let p = s.peer(root_id.address()).unwrap();
-    assert_eq!(p.role, PeerRole::Root);
-    assert!(!p.relayed, "a root is never counted as relayed");
-    // Events reach the control plane.
-    let ev = tokio::time::timeout(Duration::from_secs(5), leaf_events.recv())
-        .await
-        .unwrap();
-    assert!(ev.is_some());
-
-    let s = wait_for(&root, "root knows the leaf and its version", |s| {
-        s.peer(leaf_id.address())
-            .is_some_and(|p| p.version.is_some() && p.protocol_version.is_some())
-    })
-    .await;
-    assert!(s.is_root && s.online);
-    assert_eq!(s.peer(leaf_id.address()).unwrap().role, PeerRole::Leaf);
-    assert!(s.stats.hellos_received >= 1);
-
-    // Runts are counted, in the snapshot and (within a second) in the metrics.
-    let junk = UdpSocket::bind("127.0.0.1:0").unwrap();
-    for i in 0..10u8 {
-        junk.send_to(&[i; 7], root_addr).unwrap();
+    assert_eq!((root.threads(), leaf.threads()), (1, leaf_threads));
+    Pair {
+        root_id,
+        leaf_id,
+        root_addr,
+        root,
+        leaf,
+        root_metrics,
+        leaf_metrics,
+        leaf_events,
     }
-    wait_for(&root, "runts counted", |s| s.drop_count("Malformed") >= 10).await;
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !root_metrics
-        .encode()
-        .contains("flatwire_drops_total{reason=\"Malformed\"} 10")
-    {
-        assert!(Instant::now() < deadline, "{}", root_metrics.encode());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let m = leaf_metrics.encode();
-    assert!(m.contains("flatwire_peers 1"), "{m}");
-    assert!(m.contains("flatwire_paths{kind=\"relayed\"} 0"), "{m}");
+}
 
-    for n in [root, leaf] {
+async fn stop(nodes: [NodeHandle; 2]) {
+    for n in nodes {
         n.stop();
         tokio::task::spawn_blocking(move || {
             n.join();
@@ -132,4 +118,132 @@ async fn leaf_reaches_root_and_snapshots_say_so() {
         .await
         .unwrap();
     }
+}
+
+/// The value of the metric line starting with `series` (name and labels), if there is one.
+fn metric(m: &Metrics, series: &str) -> Option<f64> {
+    m.encode()
+        .lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+}
+
+#[tokio::test]
+async fn leaf_reaches_root_and_snapshots_say_so() {
+    let mut p = start_pair(2);
+
+    let s = wait_for(&p.leaf, "leaf online, root latency measured", |s| {
+        s.online
+            && s.peer(p.root_id.address())
+                .is_some_and(|r| r.latency_ms.is_some())
+    })
+    .await;
+    assert!(!s.is_root);
+    assert_eq!(s.peers.len(), 1);
+    let r = s.peer(p.root_id.address()).unwrap();
+    assert_eq!(r.role, PeerRole::Root);
+    assert!(!r.relayed, "a root is never counted as relayed");
+    // Events reach the control plane.
+    let ev = tokio::time::timeout(Duration::from_secs(5), p.leaf_events.recv())
+        .await
+        .unwrap();
+    assert!(ev.is_some());
+
+    let s = wait_for(&p.root, "root knows the leaf and its version", |s| {
+        s.peer(p.leaf_id.address())
+            .is_some_and(|l| l.version.is_some() && l.protocol_version.is_some())
+    })
+    .await;
+    assert!(s.is_root && s.online);
+    assert_eq!(s.peer(p.leaf_id.address()).unwrap().role, PeerRole::Leaf);
+    assert!(s.stats.hellos_received >= 1);
+
+    // Runts are counted, in the snapshot and (within a second) in the metrics.
+    let junk = UdpSocket::bind("127.0.0.1:0").unwrap();
+    for i in 0..10u8 {
+        junk.send_to(&[i; 7], p.root_addr).unwrap();
+    }
+    wait_for(&p.root, "runts counted", |s| {
+        s.drop_count("Malformed") >= 10
+    })
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !p
+        .root_metrics
+        .encode()
+        .contains("flatwire_drops_total{reason=\"Malformed\"} 10")
+    {
+        assert!(Instant::now() < deadline, "{}", p.root_metrics.encode());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let m = p.leaf_metrics.encode();
+    assert!(m.contains("flatwire_peers 1"), "{m}");
+    assert!(m.contains("flatwire_paths{kind=\"relayed\"} 0"), "{m}");
+
+    stop([p.root, p.leaf]).await;
+}
+
+/// Pool identities warmed on both threads of a two-thread leaf say HELLO to the root from
+/// their thread's socket, and the root's answers come back to that thread, steered by the
+/// kernel (none handed between threads).
+#[tokio::test]
+async fn identities_on_both_threads_reach_the_root_through_their_own_socket() {
+    let p = start_pair(2);
+    let host = p.leaf.address();
+    let mut wanted = Vec::new();
+    for thread in [0, 1] {
+        for _ in 0..2 {
+            let id = loop {
+                let id = identity();
+                if flatwire_agent::shard::shard_of(id.address(), host, 2) == thread {
+                    break id;
+                }
+            };
+            wanted.push(id.address());
+            assert!(p.leaf.warm_identity(id));
+        }
+    }
+    wait_for(&p.root, "the root heard every warmed identity", |s| {
+        wanted
+            .iter()
+            .all(|a| s.peer(*a).is_some_and(|p| p.version.is_some()))
+    })
+    .await;
+    // The leaf's metrics say where they live and what each thread received.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let ids = |t| {
+            metric(
+                &p.leaf_metrics,
+                &format!("flatwire_dataplane_identities{{thread=\"{t}\"}}"),
+            )
+        };
+        let rx = |t| {
+            metric(
+                &p.leaf_metrics,
+                &format!("flatwire_dataplane_datagrams_total{{thread=\"{t}\"}}"),
+            )
+        };
+        // Thread 0: the host and two pool identities; thread 1: two.
+        let done = ids(0) == Some(3.0)
+            && ids(1) == Some(2.0)
+            && rx(0).is_some_and(|n| n >= 3.0)
+            && rx(1).is_some_and(|n| n >= 2.0);
+        if done {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{}", p.leaf_metrics.encode());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for t in [0, 1] {
+        let series = format!("flatwire_dataplane_forwarded_total{{thread=\"{t}\"}}");
+        assert_eq!(metric(&p.leaf_metrics, &series), Some(0.0), "{series}");
+    }
+    // The snapshot sums the drops of both threads: a runt sent to the port lands on thread 0.
+    let junk = UdpSocket::bind("127.0.0.1:0").unwrap();
+    junk.send_to(&[1; 7], p.leaf.local_addr()).unwrap();
+    wait_for(&p.leaf, "the runt counted", |s| {
+        s.drop_count("Malformed") == 1
+    })
+    .await;
+    stop([p.root, p.leaf]).await;
 }

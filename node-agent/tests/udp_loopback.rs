@@ -286,3 +286,76 @@ fn socket_buffers_are_sized_at_bind() {
         );
     }
 }
+
+/// The data-plane threads' socket group: every datagram reaches the socket of the thread that
+/// owns its destination address (the kernel runs the steering program), over IPv4 and IPv6;
+/// datagrams too short to name one reach the first socket.
+#[test]
+fn a_steered_group_delivers_each_datagram_to_the_owner_of_its_destination() {
+    use flatwire_agent::shard::{shard_of, steering_program};
+    use flatwire_vl1::Address;
+    // Its first four bytes say 2 (of 3): the program must pin it to the first socket.
+    let host: Address = "0000000201".parse().unwrap();
+    for (bind, to) in [
+        (
+            SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+            Ipv4Addr::LOCALHOST.into(),
+        ),
+        (dual_stack_any(0), Ipv6Addr::LOCALHOST.into()),
+    ] {
+        let group = UdpPort::bind_group(bind, 3, &steering_program(host, 3)).unwrap();
+        assert_eq!(group.len(), 3);
+        let port = group[0].local_addr().unwrap().port();
+        for p in &group {
+            assert_eq!(p.local_addr().unwrap().port(), port, "one port");
+            assert_eq!(p.capabilities().gro_segments, 1, "GRO is off in a group");
+        }
+        let to = SocketAddr::new(to, port);
+        let client = UdpPort::bind(SocketAddr::new(to.ip(), 0)).unwrap();
+        // (payload, the socket it must reach)
+        let mut sent: Vec<(Vec<u8>, usize)> = Vec::new();
+        for i in 0u32..60 {
+            let b = i.wrapping_mul(2_654_435_761).to_be_bytes();
+            let dest = if i % 10 == 0 {
+                host
+            } else {
+                Address::from_bytes([b[0], b[1], b[2], b[3], i as u8])
+            };
+            let mut d = vec![0u8; 28 + i as usize];
+            d[..4].copy_from_slice(&i.to_be_bytes());
+            d[8..13].copy_from_slice(&dest.to_bytes());
+            sent.push((d, shard_of(dest, host, 3)));
+        }
+        // Runts: 4 bytes (a NAT opener) and 12 (one byte short of an address).
+        for len in [4, 12] {
+            let mut d = vec![0xff; len];
+            d[..4].copy_from_slice(&(1000 + len as u32).to_be_bytes());
+            sent.push((d, 0));
+        }
+        let transmits: Vec<Transmit<'_>> = sent
+            .iter()
+            .map(|(d, _)| Transmit {
+                destination: to,
+                ecn: None,
+                contents: d,
+                segment_size: None,
+                src_ip: None,
+            })
+            .collect();
+        assert_eq!(client.send_batch(&transmits).unwrap().sent, sent.len());
+        for (k, p) in group.iter().enumerate() {
+            let want: HashSet<Vec<u8>> = sent
+                .iter()
+                .filter(|(_, s)| *s == k)
+                .map(|(d, _)| d.clone())
+                .collect();
+            assert!(!want.is_empty(), "socket {k} gets some of them");
+            let got: HashSet<Vec<u8>> = recv_n(p, want.len()).into_iter().map(|(_, d)| d).collect();
+            assert_eq!(got, want, "socket {k} of {bind}");
+            assert!(
+                !p.wait_readable(Some(Duration::from_millis(100))).unwrap(),
+                "socket {k} got more than its share"
+            );
+        }
+    }
+}

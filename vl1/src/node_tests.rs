@@ -122,6 +122,15 @@ impl Net {
         }
     }
 
+    /// Node `at` sends `payload` from its identity `from` to `to`, now.
+    fn send(&mut self, at: usize, from: &Identity, to: &Identity, verb: Verb, payload: &[u8]) {
+        let now = self.now;
+        self.nodes[at]
+            .0
+            .send(now, from.address(), to.address(), verb, payload)
+            .unwrap();
+    }
+
     fn user_messages(&self, at: usize) -> Vec<(Address, Vec<u8>)> {
         self.events
             .iter()
@@ -146,15 +155,46 @@ fn leaf(planet: &World, id: &Identity, addr: &str) -> (Node, SocketAddr) {
     )
 }
 
+/// A root `r` at 10.0.0.1 (node 0) and one leaf per address (nodes 1, 2, ...), not yet
+/// stepped.
+fn root_and_leaves<const N: usize>(addrs: [&str; N]) -> (Net, Identity, [Identity; N]) {
+    let r = new_id();
+    let leaves: [Identity; N] = std::array::from_fn(|_| new_id());
+    let p = planet(&[(&r, "10.0.0.1:9993")]);
+    let mut nodes = vec![leaf(&p, &r, "10.0.0.1:9993")];
+    nodes.extend(
+        leaves
+            .iter()
+            .zip(addrs)
+            .map(|(id, addr)| leaf(&p, id, addr)),
+    );
+    (Net::new(nodes), r, leaves)
+}
+
+/// Roots at 10.0.0.1 and 10.0.0.2 (nodes 0 and 1) and leaves at 10.0.2.2 and 10.0.3.3
+/// (nodes 2 and 3) that cannot reach each other directly (symmetric NATs): node `i` runs
+/// `nodes[i]`'s identity with its planet. Not yet stepped.
+fn two_roots_and_two_nated_leaves(nodes: [(&World, &Identity); 4]) -> Net {
+    let addrs = [
+        "10.0.0.1:9993",
+        "10.0.0.2:9993",
+        "10.0.2.2:9993",
+        "10.0.3.3:9993",
+    ];
+    let mut net = Net::new(
+        nodes
+            .iter()
+            .zip(addrs)
+            .map(|((p, id), addr)| leaf(p, id, addr))
+            .collect(),
+    );
+    net.blocked.push((sa(addrs[2]), sa(addrs[3])));
+    net
+}
+
 /// A root `r` at 10.0.0.1 and leaves `a` at 10.0.2.2 and `b` at 10.0.3.3, not yet stepped.
 fn root_and_two_leaves() -> (Net, Identity, Identity, Identity) {
-    let (r, a, b) = (new_id(), new_id(), new_id());
-    let p = planet(&[(&r, "10.0.0.1:9993")]);
-    let net = Net::new(vec![
-        leaf(&p, &r, "10.0.0.1:9993"),
-        leaf(&p, &a, "10.0.2.2:9993"),
-        leaf(&p, &b, "10.0.3.3:9993"),
-    ]);
+    let (net, r, [a, b]) = root_and_leaves(["10.0.2.2:9993", "10.0.3.3:9993"]);
     (net, r, a, b)
 }
 
@@ -162,16 +202,7 @@ fn root_and_two_leaves() -> (Net, Identity, Identity, Identity) {
 fn rendezvous_opens_the_nat_with_a_ttl2_datagram_before_contact() {
     let (mut net, _, a, b) = root_and_two_leaves();
     net.step(2000);
-    net.nodes[1]
-        .0
-        .send(
-            net.now,
-            a.address(),
-            b.address(),
-            Verb::USER_MESSAGE,
-            &[0; 9],
-        )
-        .unwrap();
+    net.send(1, &a, &b, Verb::USER_MESSAGE, &[0; 9]);
     net.step(2000);
     assert_eq!(net.nodes[0].0.stats().rendezvous_sent, 2);
     // A knows B when the RENDEZVOUS arrives, so it opens its NAT towards B first.
@@ -261,16 +292,7 @@ fn trusted_paths_send_suite_2_and_accept_only_matching_networks() {
     net.step(2000);
     // Make the path direct first (HELLO/ECHO are never suite 2).
     for i in 0..3 {
-        net.nodes[1]
-            .0
-            .send(
-                net.now,
-                a.address(),
-                b.address(),
-                Verb::USER_MESSAGE,
-                format!("warm{i}").as_bytes(),
-            )
-            .unwrap();
+        net.send(1, &a, &b, Verb::USER_MESSAGE, format!("warm{i}").as_bytes());
         net.step(1000);
     }
     assert!(
@@ -282,10 +304,7 @@ fn trusted_paths_send_suite_2_and_accept_only_matching_networks() {
     let mark = net.sent.len();
     let mut msg = 9u64.to_be_bytes().to_vec();
     msg.extend_from_slice(b"in the clear on a trusted path");
-    net.nodes[1]
-        .0
-        .send(net.now, a.address(), b.address(), Verb::USER_MESSAGE, &msg)
-        .unwrap();
+    net.send(1, &a, &b, Verb::USER_MESSAGE, &msg);
     net.collect();
     let pkt = net.sent[mark..]
         .iter()
@@ -369,10 +388,7 @@ fn a_root_hosting_several_identities_relays_with_the_root_identitys_peers() {
     net.step(2000);
     let mut msg = 1u64.to_be_bytes().to_vec();
     msg.extend_from_slice(b"through the second identity's table");
-    net.nodes[1]
-        .0
-        .send(net.now, a.address(), b.address(), Verb::USER_MESSAGE, &msg)
-        .unwrap();
+    net.send(1, &a, &b, Verb::USER_MESSAGE, &msg);
     net.step(500);
     assert!(
         net.user_messages(2)
@@ -391,12 +407,7 @@ fn a_root_hosting_several_identities_relays_with_the_root_identitys_peers() {
 
 #[test]
 fn transmit_buffers_are_reused_and_a_short_caller_buffer_is_a_counted_drop() {
-    let (r, a) = (new_id(), new_id());
-    let p = planet(&[(&r, "10.0.0.1:9993")]);
-    let mut net = Net::new(vec![
-        leaf(&p, &r, "10.0.0.1:9993"),
-        leaf(&p, &a, "10.0.2.2:9993"),
-    ]);
+    let (mut net, r, [a]) = root_and_leaves(["10.0.2.2:9993"]);
     net.step(2000);
     let n = &mut net.nodes[1].0;
     let mut buf = vec![0u8; MAX_DATAGRAM_LEN];
@@ -423,16 +434,7 @@ fn transmit_buffers_are_reused_and_a_short_caller_buffer_is_a_counted_drop() {
 fn an_introduction_to_an_unknown_peer_opens_the_nat_at_once_and_contacts_it_once_known() {
     let (mut net, _, a, b) = root_and_two_leaves();
     net.step(2000);
-    net.nodes[1]
-        .0
-        .send(
-            net.now,
-            a.address(),
-            b.address(),
-            Verb::USER_MESSAGE,
-            &[0; 9],
-        )
-        .unwrap();
+    net.send(1, &a, &b, Verb::USER_MESSAGE, &[0; 9]);
     let b_to_a = |net: &Net| -> Vec<Option<u8>> {
         net.sent
             .iter()
@@ -490,16 +492,7 @@ fn an_introduced_peer_that_reached_us_first_gets_no_probe_of_ours() {
     net.step(100);
     assert!(net.nodes[1].0.knows_peer(a.address(), b.address()));
     assert!(net.nodes[2].0.knows_peer(b.address(), a.address()));
-    net.nodes[1]
-        .0
-        .send(
-            net.now,
-            a.address(),
-            b.address(),
-            Verb::USER_MESSAGE,
-            &[0; 9],
-        )
-        .unwrap();
+    net.send(1, &a, &b, Verb::USER_MESSAGE, &[0; 9]);
     // The root relays and introduces: A opens its NAT towards B...
     let opened = |net: &Net| {
         net.sent
@@ -545,12 +538,7 @@ fn an_introduced_peer_that_reached_us_first_gets_no_probe_of_ours() {
 /// compress again are compressed again after the next try.
 #[test]
 fn compression_is_skipped_for_a_peer_whose_frames_do_not_compress() {
-    let (r, a) = (new_id(), new_id());
-    let p = planet(&[(&r, "10.0.0.1:9993")]);
-    let mut net = Net::new(vec![
-        leaf(&p, &r, "10.0.0.1:9993"),
-        leaf(&p, &a, "10.0.2.2:9993"),
-    ]);
+    let (mut net, r, [a]) = root_and_leaves(["10.0.2.2:9993"]);
     net.step(2000);
     let mut x = 0x2545_f491_4f6c_dd1du64;
     let noise: Vec<u8> = (0..1000)
@@ -565,10 +553,7 @@ fn compression_is_skipped_for_a_peer_whose_frames_do_not_compress() {
     // Length on the wire of a FRAME sent from A to the root right now.
     let frame = |net: &mut Net, payload: &[u8]| -> usize {
         let mark = net.sent.len();
-        net.nodes[1]
-            .0
-            .send(net.now, a.address(), r.address(), Verb::FRAME, payload)
-            .unwrap();
+        net.send(1, &a, &r, Verb::FRAME, payload);
         net.collect();
         let sent: Vec<&Sent> = net.sent[mark..].iter().filter(|s| s.from == 1).collect();
         assert_eq!(sent.len(), 1);
@@ -593,10 +578,7 @@ fn compression_is_skipped_for_a_peer_whose_frames_do_not_compress() {
         frame(&mut net, &noise);
     }
     let mark = net.sent.len();
-    net.nodes[1]
-        .0
-        .send(net.now, a.address(), r.address(), Verb::USER_MESSAGE, &text)
-        .unwrap();
+    net.send(1, &a, &r, Verb::USER_MESSAGE, &text);
     net.collect();
     assert!(net.sent[mark..].iter().all(|s| s.data.len() < 200));
 }
@@ -665,12 +647,8 @@ fn a_burst_of_new_nodes_in_one_prefix_all_reach_a_peer_quickly() {
         nodes.push(leaf(&p, m, &format!("10.7.0.{}:9993", 10 + i)));
     }
     let mut net = Net::new(nodes);
-    let now = net.now;
     for (i, m) in members.iter().enumerate() {
-        net.nodes[2 + i]
-            .0
-            .send(now, m.address(), ctl.address(), Verb::USER_MESSAGE, b"join")
-            .unwrap();
+        net.send(2 + i, m, &ctl, Verb::USER_MESSAGE, b"join");
     }
     net.collect();
     net.step(2500);
@@ -691,16 +669,7 @@ fn a_burst_of_new_nodes_in_one_prefix_all_reach_a_peer_quickly() {
 fn replayed_and_duplicated_packets_are_dropped_and_counted() {
     let (mut net, _, a, b) = root_and_two_leaves();
     net.step(2000);
-    net.nodes[1]
-        .0
-        .send(
-            net.now,
-            a.address(),
-            b.address(),
-            Verb::USER_MESSAGE,
-            b"once",
-        )
-        .unwrap();
+    net.send(1, &a, &b, Verb::USER_MESSAGE, b"once");
     net.step(2000);
     assert_eq!(net.user_messages(2), vec![(a.address(), b"once".to_vec())]);
     assert_eq!(net.nodes[2].0.drop_count(DropReason::Duplicate), 0);
@@ -735,16 +704,7 @@ fn replayed_and_duplicated_packets_are_dropped_and_counted() {
     );
     assert_eq!(drops.get(&DropReason::MacFailed), None, "{drops:?}");
     // Good state survives: new traffic still flows.
-    net.nodes[1]
-        .0
-        .send(
-            net.now,
-            a.address(),
-            b.address(),
-            Verb::USER_MESSAGE,
-            b"twice",
-        )
-        .unwrap();
+    net.send(1, &a, &b, Verb::USER_MESSAGE, b"twice");
     net.step(1000);
     assert_eq!(net.user_messages(2).len(), 2);
 }
@@ -817,23 +777,9 @@ fn roots_push_newer_planets_and_badly_signed_ones_are_counted_drops() {
 
 #[test]
 fn packets_sent_before_any_path_exists_go_out_once_the_root_answers() {
-    let (r, a) = (new_id(), new_id());
-    let p = planet(&[(&r, "10.0.0.1:9993")]);
-    let mut net = Net::new(vec![
-        leaf(&p, &r, "10.0.0.1:9993"),
-        leaf(&p, &a, "10.0.2.2:9993"),
-    ]);
+    let (mut net, r, [a]) = root_and_leaves(["10.0.2.2:9993"]);
     // Right at start A knows the root (from the planet) but has no confirmed path to it.
-    net.nodes[1]
-        .0
-        .send(
-            net.now,
-            a.address(),
-            r.address(),
-            Verb::USER_MESSAGE,
-            b"early",
-        )
-        .unwrap();
+    net.send(1, &a, &r, Verb::USER_MESSAGE, b"early");
     net.step(500);
     assert_eq!(net.user_messages(0), vec![(a.address(), b"early".to_vec())]);
     assert_eq!(net.nodes[1].0.drop_count(DropReason::NoPath), 0);
@@ -854,18 +800,11 @@ fn a_full_peer_table_refuses_new_peers_until_one_falls_silent() {
         leaf(&p, &a, "10.0.2.2:9993"),
     ]);
     net.step(1000);
-    let send = |net: &mut Net, i: usize, from: &Identity, m: &[u8]| {
-        let now = net.now;
-        net.nodes[i]
-            .0
-            .send(now, from.address(), t.address(), Verb::USER_MESSAGE, m)
-            .unwrap();
-    };
-    send(&mut net, 3, &a, b"a");
+    net.send(3, &a, &t, Verb::USER_MESSAGE, b"a");
     net.step(2000);
     assert_eq!(net.user_messages(1), vec![(a.address(), b"a".to_vec())]);
     // The table is full of peers that talk: B is refused, A keeps its place.
-    send(&mut net, 2, &b, b"b1");
+    net.send(2, &b, &t, Verb::USER_MESSAGE, b"b1");
     net.step(2000);
     let target = &net.nodes[1].0;
     assert!(!target.knows_peer(t.address(), b.address()));
@@ -875,7 +814,7 @@ fn a_full_peer_table_refuses_new_peers_until_one_falls_silent() {
     // A stops; once silent for 30 s its slot goes to B.
     net.down.push(sa("10.0.2.2:9993"));
     net.step(31_000);
-    send(&mut net, 2, &b, b"b2");
+    net.send(2, &b, &t, Verb::USER_MESSAGE, b"b2");
     net.step(2000);
     let target = &net.nodes[1].0;
     assert!(target.knows_peer(t.address(), b.address()));
@@ -891,24 +830,13 @@ fn a_full_peer_table_refuses_new_peers_until_one_falls_silent() {
 fn traffic_relayed_by_a_root_that_dies_moves_to_the_other_root_within_seconds() {
     let (r1, r2, a, b) = (new_id(), new_id(), new_id(), new_id());
     let p = planet(&[(&r1, "10.0.0.1:9993"), (&r2, "10.0.0.2:9993")]);
-    let (ea, eb) = (sa("10.0.2.2:9993"), sa("10.0.3.3:9993"));
-    let mut net = Net::new(vec![
-        leaf(&p, &r1, "10.0.0.1:9993"),
-        leaf(&p, &r2, "10.0.0.2:9993"),
-        leaf(&p, &a, "10.0.2.2:9993"),
-        leaf(&p, &b, "10.0.3.3:9993"),
-    ]);
-    net.blocked.push((ea, eb));
+    let mut net = two_roots_and_two_nated_leaves([(&p, &r1), (&p, &r2), (&p, &a), (&p, &b)]);
     net.step(3000);
     let mut seq = 0u64;
     let mut exchange = |net: &mut Net| -> bool {
         seq += 1;
         let m = seq.to_be_bytes().to_vec();
-        let now = net.now;
-        net.nodes[2]
-            .0
-            .send(now, a.address(), b.address(), Verb::USER_MESSAGE, &m)
-            .unwrap();
+        net.send(2, &a, &b, Verb::USER_MESSAGE, &m);
         net.step(250);
         net.user_messages(3).contains(&(a.address(), m))
     };
@@ -976,14 +904,7 @@ fn a_planet_offered_by_the_shell_takes_effect_at_once_and_a_refused_one_changes_
     let older = make(500, both.clone(), &sk, 77);
     let foreign = make(3000, both, &sk, 78);
     // R1 serves P1 (it never pushes P2); R2 and B run P2 already.
-    let (ea, eb) = (sa("10.0.2.2:9993"), sa("10.0.3.3:9993"));
-    let mut net = Net::new(vec![
-        leaf(&p1, &r1, "10.0.0.1:9993"),
-        leaf(&p2, &r2, "10.0.0.2:9993"),
-        leaf(&p1, &a, "10.0.2.2:9993"),
-        leaf(&p2, &b, "10.0.3.3:9993"),
-    ]);
-    net.blocked.push((ea, eb));
+    let mut net = two_roots_and_two_nated_leaves([(&p1, &r1), (&p2, &r2), (&p1, &a), (&p2, &b)]);
     net.step(2000);
     fn node_a(net: &mut Net) -> &mut Node {
         &mut net.nodes[2].0
@@ -1055,10 +976,7 @@ fn a_planet_offered_by_the_shell_takes_effect_at_once_and_a_refused_one_changes_
     net.down.push(sa("10.0.0.1:9993"));
     let killed = net.now;
     let m = b"through the new root".to_vec();
-    net.nodes[2]
-        .0
-        .send(killed, a.address(), b.address(), Verb::USER_MESSAGE, &m)
-        .unwrap();
+    net.send(2, &a, &b, Verb::USER_MESSAGE, &m);
     while !net.user_messages(3).contains(&(a.address(), m.clone())) {
         assert!(net.now - killed < 10_000, "B unreachable through R2");
         net.step(100);

@@ -5,29 +5,14 @@ mod common;
 
 use std::net::SocketAddr;
 
-use common::{hx, json, read_vector, read_vector_text};
-use flatwire_vl1::crypto::{self, CipherSuite, SymmetricKey};
+use common::{hx, json, keys, read_vector, read_vector_text};
+use flatwire_vl1::crypto::{self, CipherSuite};
 use flatwire_vl1::identity::Identity;
 use flatwire_vl1::reassembly::{Reassembler, ReassemblyLimits};
 use flatwire_vl1::wire::{
     self, Hello, InReplyTo, OkHello, Packet, Reader, Rendezvous, UserMessage, Verb,
 };
 use flatwire_vl1::world::{World, WorldType};
-
-fn keys(v: &serde_json::Value) -> (Identity, Identity, SymmetricKey) {
-    let a: Identity = v["identity"]["known_good"]
-        .as_str()
-        .unwrap()
-        .parse()
-        .unwrap();
-    let b: Identity = v["identity"]["derived_second_identity"]
-        .as_str()
-        .unwrap()
-        .parse()
-        .unwrap();
-    let k = a.agree(&b).unwrap();
-    (a, b, k)
-}
 
 #[test]
 fn hello_with_crypt_field() {

@@ -7,14 +7,13 @@ mod common;
 
 use std::net::IpAddr;
 
-use common::{ident, zt_one};
+use common::{add_capability_tag_and_dns, ident, node_metadata, stored_member};
 use flatwire_vl1::{Address, Identity};
 use flatwire_vl2::NetworkId;
 use flatwire_vl2::controller::{
     Controller, ControllerStore, FileStore, Member, MemoryStore, Network, Pool, RequestOutcome,
 };
 use flatwire_vl2::dictionary::Dictionary;
-use flatwire_vl2::verbs::{SoftwareVersion, request_metadata};
 use proptest::prelude::*;
 use sha2::{Digest, Sha256};
 
@@ -25,11 +24,7 @@ fn nwid() -> NetworkId {
 /// The recorded lab network with a small IPv4 pool (so picks collide), an IPv6 pool,
 /// RFC4193, a capability, a tag and DNS.
 fn lab_network() -> Network {
-    let text = String::from_utf8(zt_one(
-        "api-json/controller.d/network/e6acfe87fc3adaf6.json",
-    ))
-    .unwrap();
-    let mut n: Network = serde_json::from_str(&text).unwrap();
+    let mut n = common::lab_network();
     n.ip_assignment_pools = vec![
         Pool {
             ip_range_start: "10.147.17.1".into(),
@@ -46,22 +41,12 @@ fn lab_network() -> Network {
     });
     n.v6_assign_mode.zt = true;
     n.v6_assign_mode.rfc4193 = true;
-    n.capabilities =
-        vec![serde_json::json!({"id": 7, "default": true, "rules": [{"type": "ACTION_ACCEPT"}]})];
-    n.tags = vec![serde_json::json!({"id": 3, "default": 9})];
-    n.dns = serde_json::json!({"domain": "lab", "servers": ["10.147.17.1"]});
+    add_capability_tag_and_dns(&mut n);
     n
 }
 
 fn metadata() -> Dictionary {
-    request_metadata(
-        SoftwareVersion {
-            major: 1,
-            minor: 14,
-            revision: 1,
-        },
-        Some("linux/x86_64"),
-    )
+    node_metadata(Some("linux/x86_64"))
 }
 
 /// Requesters: ztb and 40 synthetic identities sharing ztb's key.
@@ -154,7 +139,7 @@ fn script<S: ControllerStore>(store: S) -> String {
     // The script reaches bridges and pool assignment.
     assert!(seen.0 > 40 && seen.1 > 20 && seen.2 > 40, "{seen:?}");
     for a in ctl.store().list_members(nwid).unwrap() {
-        let m = ctl.store().get_member(nwid, a).unwrap().unwrap();
+        let m = stored_member(&ctl, nwid, a);
         h.update(flatwire_vl2::controller::to_canonical_json(&m).unwrap());
     }
     hex::encode(h.finalize())

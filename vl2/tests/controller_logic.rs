@@ -2,7 +2,9 @@
 
 mod common;
 
-use common::{config, ident, zt_one};
+use common::{
+    add_capability_tag_and_dns, config, ident, lab_network, node_metadata, stored_member, zt_one,
+};
 use flatwire_vl1::{Address, Identity};
 use flatwire_vl2::NetworkId;
 use flatwire_vl2::controller::{
@@ -11,29 +13,17 @@ use flatwire_vl2::controller::{
 };
 use flatwire_vl2::dictionary::Dictionary;
 use flatwire_vl2::netconf::NetworkConfig;
-use flatwire_vl2::verbs::{SoftwareVersion, request_metadata};
 
 /// What a 1.14.1 node sends (without the platform key).
 fn metadata() -> Dictionary {
-    request_metadata(
-        SoftwareVersion {
-            major: 1,
-            minor: 14,
-            revision: 1,
-        },
-        None,
-    )
+    node_metadata(None)
 }
 
 fn lab() -> (Controller<MemoryStore>, Identity, Identity, NetworkId) {
     let zta = ident("capture/node-identities/zta-e6acfe87fc.secret");
     let ztb = ident("capture/node-identities/ztb-e28e6b73a1.public");
     let mut store = MemoryStore::default();
-    let text = String::from_utf8(zt_one(
-        "api-json/controller.d/network/e6acfe87fc3adaf6.json",
-    ))
-    .unwrap();
-    let mut n: Network = serde_json::from_str(&text).unwrap();
+    let mut n = lab_network();
     store.put_network(&mut n).unwrap();
     assert_eq!(n.revision, 1);
     (
@@ -54,11 +44,7 @@ fn private_network_denies_then_serves_the_lab_config() {
         .unwrap();
     assert_eq!(out, RequestOutcome::Refuse(RequestRefusal::AccessDenied));
     assert_eq!(RequestRefusal::AccessDenied.error_code(), 7);
-    let mut m = ctl
-        .store()
-        .get_member(nwid, ztb.address())
-        .unwrap()
-        .unwrap();
+    let mut m = stored_member(&ctl, nwid, ztb.address());
     assert_eq!(m.identity.as_deref(), Some(ztb.to_string().as_str()));
     // A repeat within 1000 ms is ignored.
     assert_eq!(
@@ -75,11 +61,7 @@ fn private_network_denies_then_serves_the_lab_config() {
     );
     // The real controller gave ztb 10.147.17.244 and zta 10.147.17.251 from this pool.
     assert_eq!(cfg.static_ips[0].to_string(), "10.147.17.244/24");
-    let stored = ctl
-        .store()
-        .get_member(nwid, ztb.address())
-        .unwrap()
-        .unwrap();
+    let stored = stored_member(&ctl, nwid, ztb.address());
     assert_eq!(stored.ip_assignments, vec!["10.147.17.244".to_string()]);
     assert_eq!(
         (stored.v_major, stored.v_minor, stored.v_rev, stored.v_proto),
@@ -121,11 +103,7 @@ fn identity_pinning_unknown_network_and_foreign_ids() {
     let mut rnd = || 0u64;
     let md = metadata();
     let _ = ctl.handle_request(nwid, &ztb, &md, 1, 0, &mut rnd).unwrap();
-    let mut m = ctl
-        .store()
-        .get_member(nwid, ztb.address())
-        .unwrap()
-        .unwrap();
+    let mut m = stored_member(&ctl, nwid, ztb.address());
     m.identity = Some(ident("identities/identity-2.public").to_string().replacen(
         &ident("identities/identity-2.public").address().to_string(),
         &ztb.address().to_string(),
@@ -175,11 +153,7 @@ fn public_networks_vouchers_tags_capabilities_and_v6_modes() {
         ctl.handle_request(nwid, &ztb, &metadata(), 1, 0, &mut rnd)
             .unwrap(),
     );
-    let m = ctl
-        .store()
-        .get_member(nwid, ztb.address())
-        .unwrap()
-        .unwrap();
+    let m = stored_member(&ctl, nwid, ztb.address());
     assert_eq!(m.last_authorized_credential_type.as_deref(), Some("vouch"));
     assert!(cfg.com.is_some());
 
@@ -187,21 +161,14 @@ fn public_networks_vouchers_tags_capabilities_and_v6_modes() {
     n.private = false;
     n.v6_assign_mode.rfc4193 = true;
     n.v6_assign_mode.sixplane = true;
-    n.capabilities =
-        vec![serde_json::json!({"id": 7, "default": true, "rules": [{"type": "ACTION_ACCEPT"}]})];
-    n.tags = vec![serde_json::json!({"id": 3, "default": 9})];
-    n.dns = serde_json::json!({"domain": "lab", "servers": ["10.147.17.1"]});
+    add_capability_tag_and_dns(&mut n);
     ctl.store_mut().put_network(&mut n).unwrap();
     let someone = ident("identities/identity-4.public");
     let cfg = config(
         ctl.handle_request(nwid, &someone, &metadata(), 1, 100, &mut rnd)
             .unwrap(),
     );
-    let m = ctl
-        .store()
-        .get_member(nwid, someone.address())
-        .unwrap()
-        .unwrap();
+    let m = stored_member(&ctl, nwid, someone.address());
     assert_eq!(m.last_authorized_credential_type.as_deref(), Some("public"));
     assert_eq!(m.capabilities, vec![7]);
     assert_eq!(m.tags, vec![(3, 9)]);
@@ -249,11 +216,7 @@ fn node_vouch_authorizes_pods_of_authorized_hosts_only() {
     // The host asks (pinning its identity) and is authorized by the operator.
     ctl.handle_request(nwid, &host, &metadata(), 2, t0, &mut rnd)
         .unwrap();
-    let mut h = ctl
-        .store()
-        .get_member(nwid, host.address())
-        .unwrap()
-        .unwrap();
+    let mut h = stored_member(&ctl, nwid, host.address());
     h.authorized = true;
     ctl.store_mut().put_member(&mut h).unwrap();
 
@@ -304,11 +267,7 @@ fn node_vouch_authorizes_pods_of_authorized_hosts_only() {
             .unwrap(),
     );
     assert!(cfg.com.is_some());
-    let m = ctl
-        .store()
-        .get_member(nwid, pod.address())
-        .unwrap()
-        .unwrap();
+    let m = stored_member(&ctl, nwid, pod.address());
     assert!(m.authorized);
     assert_eq!(m.last_authorized_credential_type.as_deref(), Some("vouch"));
     assert_eq!(m.name.as_deref(), Some("default/web/uid-1"));

@@ -5,11 +5,11 @@
 
 mod common;
 
-use common::{config, ident, pod_metadata, zt_one};
+use common::{config, ident, lab_network, pod_metadata, stored_member};
 use flatwire_vl1::{Address, Identity};
 use flatwire_vl2::NetworkId;
 use flatwire_vl2::controller::{
-    ApiError, Controller, ControllerStore, FileStore, Network, RequestOutcome, RequestRefusal,
+    ApiError, Controller, ControllerStore, FileStore, RequestOutcome, RequestRefusal,
 };
 use flatwire_vl2::netconf::NetworkConfig;
 use flatwire_vl2::vouch::{METADATA_KEY, Vouch, VouchError};
@@ -28,11 +28,7 @@ fn lab(dir: &std::path::Path, requires_pod: bool) -> (Controller<FileStore>, Ide
     let zta = ident("capture/node-identities/zta-e6acfe87fc.secret");
     let host = ident("capture/node-identities/ztb-e28e6b73a1.secret");
     let mut store = FileStore::open(dir).unwrap();
-    let text = String::from_utf8(zt_one(
-        "api-json/controller.d/network/e6acfe87fc3adaf6.json",
-    ))
-    .unwrap();
-    let mut n: Network = serde_json::from_str(&text).unwrap();
+    let mut n = lab_network();
     store.put_network(&mut n).unwrap();
     let nwid: NetworkId = "e6acfe87fc3adaf6".parse().unwrap();
     let mut ctl = Controller::new(zta, store);
@@ -54,6 +50,24 @@ fn binding(host: Address, tags: serde_json::Value) -> Vec<u8> {
     json!({"namespace": "default", "name": "web", "host": host.to_string(), "tags": tags})
         .to_string()
         .into_bytes()
+}
+
+/// `pod` asks for its config (packet ID 1, at `t`) with a fresh vouch of `host` for pod
+/// string `pod_id`, drawing random numbers from `rnd`; returns the config it is given.
+fn vouched_request(
+    ctl: &mut Controller<FileStore>,
+    host: &Identity,
+    pod: &Identity,
+    pod_id: &str,
+    nwid: NetworkId,
+    t: i64,
+    rnd: &mut dyn FnMut() -> u64,
+) -> NetworkConfig {
+    let v = Vouch::sign(host, pod.address(), nwid, pod_id, t).unwrap();
+    config(
+        ctl.handle_request(nwid, pod, &pod_metadata(Some(&v), false), 1, t, rnd)
+            .unwrap(),
+    )
 }
 
 #[test]
@@ -114,13 +128,21 @@ fn vouches_need_a_binding_on_the_vouching_host() {
     let t0 = 1_000_000;
     let v = Vouch::sign(&host, pod.address(), nwid, POD, t0).unwrap();
     let refused = RequestOutcome::Refuse(RequestRefusal::AccessDenied);
+    // The pod asks with the host's genuine vouch: packet ID `pid`, at `t`.
+    let ask = |ctl: &mut Controller<FileStore>, pid: u64, t: i64| {
+        ctl.handle_request(
+            nwid,
+            &pod,
+            &pod_metadata(Some(&v), false),
+            pid,
+            t,
+            &mut || 7,
+        )
+        .unwrap()
+    };
 
     // No binding: refused.
-    assert_eq!(
-        ctl.handle_request(nwid, &pod, &pod_metadata(Some(&v), false), 1, t0, &mut rnd)
-            .unwrap(),
-        refused
-    );
+    assert_eq!(ask(&mut ctl, 1, t0), refused);
     assert_eq!(
         ctl.last_vouch_error(),
         Some(&VouchError::NoPodBinding(POD.into()))
@@ -129,18 +151,7 @@ fn vouches_need_a_binding_on_the_vouching_host() {
     let elsewhere: Address = "0badc0ffee".parse().unwrap();
     ctl.api_pod_post(nwid, UID, &binding(elsewhere, json!([])))
         .unwrap();
-    assert_eq!(
-        ctl.handle_request(
-            nwid,
-            &pod,
-            &pod_metadata(Some(&v), false),
-            2,
-            t0 + 1500,
-            &mut rnd
-        )
-        .unwrap(),
-        refused
-    );
+    assert_eq!(ask(&mut ctl, 2, t0 + 1500), refused);
     assert!(
         matches!(ctl.last_vouch_error(), Some(VouchError::WrongHost { bound, .. }) if bound == "0badc0ffee"),
         "{:?}",
@@ -150,18 +161,7 @@ fn vouches_need_a_binding_on_the_vouching_host() {
     let renamed = json!({"namespace": "default", "name": "db", "host": host.address().to_string()});
     ctl.api_pod_post(nwid, UID, renamed.to_string().as_bytes())
         .unwrap();
-    assert_eq!(
-        ctl.handle_request(
-            nwid,
-            &pod,
-            &pod_metadata(Some(&v), false),
-            3,
-            t0 + 3000,
-            &mut rnd
-        )
-        .unwrap(),
-        refused
-    );
+    assert_eq!(ask(&mut ctl, 3, t0 + 3000), refused);
     assert_eq!(
         ctl.last_vouch_error(),
         Some(&VouchError::NoPodBinding(POD.into()))
@@ -189,36 +189,11 @@ fn vouches_need_a_binding_on_the_vouching_host() {
         Some(&VouchError::BadSignature(host.address()))
     );
     // A push (packet id 0, remembered metadata) does not let a vouch in.
-    assert_eq!(
-        ctl.handle_request(
-            nwid,
-            &pod,
-            &pod_metadata(Some(&v), false),
-            0,
-            t0 + 5000,
-            &mut rnd
-        )
-        .unwrap(),
-        refused
-    );
+    assert_eq!(ask(&mut ctl, 0, t0 + 5000), refused);
     // The genuine vouch: authorized, with the binding's tag in the first config.
-    let cfg = config(
-        ctl.handle_request(
-            nwid,
-            &pod,
-            &pod_metadata(Some(&v), false),
-            5,
-            t0 + 6000,
-            &mut rnd,
-        )
-        .unwrap(),
-    );
+    let cfg = config(ask(&mut ctl, 5, t0 + 6000));
     assert_eq!(tags(&cfg), vec![(1000, 200)]);
-    let m = ctl
-        .store()
-        .get_member(nwid, pod.address())
-        .unwrap()
-        .unwrap();
+    let m = stored_member(&ctl, nwid, pod.address());
     assert!(m.authorized);
     assert_eq!(m.tags, vec![(1000, 200)]);
     let ip: std::net::IpAddr = m.ip_assignments[0].parse().unwrap();
@@ -248,17 +223,7 @@ fn vouches_need_a_binding_on_the_vouching_host() {
         .api_pod_post(nwid, UID, &binding(host.address(), json!([[1000, 100]])))
         .unwrap();
     assert_eq!(w.retagged, vec![pod.address()]);
-    let cfg = config(
-        ctl.handle_request(
-            nwid,
-            &pod,
-            &pod_metadata(Some(&v), false),
-            0,
-            t0 + 9000,
-            &mut rnd,
-        )
-        .unwrap(),
-    );
+    let cfg = config(ask(&mut ctl, 0, t0 + 9000));
     assert_eq!(tags(&cfg), vec![(1000, 100)]);
     // The same body again changes nothing.
     let w = ctl
@@ -291,30 +256,13 @@ fn vouches_need_a_binding_on_the_vouching_host() {
     );
     assert!(ctl.api_pod_delete(nwid, UID).unwrap().is_none());
     // The pod's still valid vouch no longer gets it in.
-    assert_eq!(
-        ctl.handle_request(
-            nwid,
-            &pod,
-            &pod_metadata(Some(&v), false),
-            7,
-            t0 + 12_000,
-            &mut rnd
-        )
-        .unwrap(),
-        refused
-    );
+    assert_eq!(ask(&mut ctl, 7, t0 + 12_000), refused);
     assert_eq!(
         ctl.last_vouch_error(),
         Some(&VouchError::NoPodBinding(POD.into()))
     );
     // The host member is untouched.
-    assert!(
-        ctl.store()
-            .get_member(nwid, host.address())
-            .unwrap()
-            .unwrap()
-            .authorized
-    );
+    assert!(stored_member(&ctl, nwid, host.address()).authorized);
 }
 
 #[test]
@@ -369,21 +317,9 @@ fn bad_bindings_are_refused_and_a_host_change_removes_members() {
 
     // A member authorized through the binding goes when the binding names another host.
     let pod = ident("identities/identity-1.secret");
-    let mut rnd = || 3u64;
     ctl.api_pod_post(nwid, UID, &binding(host.address(), json!([])))
         .unwrap();
-    let v = Vouch::sign(&host, pod.address(), nwid, POD, 10_000).unwrap();
-    config(
-        ctl.handle_request(
-            nwid,
-            &pod,
-            &pod_metadata(Some(&v), false),
-            1,
-            10_000,
-            &mut rnd,
-        )
-        .unwrap(),
-    );
+    vouched_request(&mut ctl, &host, &pod, POD, nwid, 10_000, &mut || 3);
     // `members` in a body is ignored.
     let body = json!({"namespace": "default", "name": "web", "host": "0badc0ffee", "members": []});
     let w = ctl
@@ -404,19 +340,7 @@ fn without_the_flag_bindings_are_not_needed() {
     let dir = tempfile::tempdir().unwrap();
     let (mut ctl, host, nwid) = lab(dir.path(), false);
     let pod = ident("identities/identity-1.secret");
-    let mut rnd = || 3u64;
-    let v = Vouch::sign(&host, pod.address(), nwid, POD, 10_000).unwrap();
-    let cfg = config(
-        ctl.handle_request(
-            nwid,
-            &pod,
-            &pod_metadata(Some(&v), false),
-            1,
-            10_000,
-            &mut rnd,
-        )
-        .unwrap(),
-    );
+    let cfg = vouched_request(&mut ctl, &host, &pod, POD, nwid, 10_000, &mut || 3);
     assert_eq!(tags(&cfg), vec![(1000, 1)], "the network's default tag");
     // The flag is not written while false (ZeroTier's files stay as they were).
     let n = ctl.store().get_network(nwid).unwrap().unwrap();
@@ -472,28 +396,14 @@ fn join(
     t: i64,
     seed: u64,
 ) -> (Vec<String>, Vec<String>) {
-    let v = Vouch::sign(host, pod.address(), nwid, pod_id, t).unwrap();
-    let outcome = ctl
-        .handle_request(
-            nwid,
-            pod,
-            &pod_metadata(Some(&v), false),
-            1,
-            t,
-            &mut counter(seed),
-        )
-        .unwrap();
-    let mut statics: Vec<String> = config(outcome)
-        .static_ips
-        .iter()
-        .map(|a| a.ip.to_string())
-        .collect();
+    let mut statics: Vec<String> =
+        vouched_request(ctl, host, pod, pod_id, nwid, t, &mut counter(seed))
+            .static_ips
+            .iter()
+            .map(|a| a.ip.to_string())
+            .collect();
     statics.sort();
-    let m = ctl
-        .store()
-        .get_member(nwid, pod.address())
-        .unwrap()
-        .unwrap();
+    let m = stored_member(ctl, nwid, pod.address());
     (statics, m.ip_assignments)
 }
 
@@ -795,11 +705,7 @@ fn a_member_posted_with_ips_keeps_them() {
         );
         let statics: Vec<String> = cfg.static_ips.iter().map(|a| a.to_string()).collect();
         assert_eq!(statics, vec!["10.147.17.200/24"]);
-        let m = ctl
-            .store()
-            .get_member(nwid, node.address())
-            .unwrap()
-            .unwrap();
+        let m = stored_member(&ctl, nwid, node.address());
         assert_eq!(m.ip_assignments, vec!["10.147.17.200"]);
         assert_eq!(m.identity, Some(node.to_public().to_string()));
     }

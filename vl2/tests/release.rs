@@ -5,12 +5,11 @@
 
 mod common;
 
-use common::{config, ident, pod_metadata, zt_one};
+use common::{config, ident, lab_network, pod_metadata, stored_member};
 use flatwire_vl1::{Address, Identity, Verb};
 use flatwire_vl2::NetworkId;
 use flatwire_vl2::controller::{
-    Controller, ControllerStore, MemoryStore, Network, RequestOutcome, RequestRefusal,
-    refusal_payload,
+    Controller, ControllerStore, MemoryStore, RequestOutcome, RequestRefusal, refusal_payload,
 };
 use flatwire_vl2::member::{MemberOptions, Network as Member, Output, Release};
 use flatwire_vl2::netconf::NetworkConfig;
@@ -32,11 +31,7 @@ fn lab<S: ControllerStore>(store: S, requires_pod: bool) -> (Controller<S>, Iden
     let zta = ident("capture/node-identities/zta-e6acfe87fc.secret");
     let host = ident("capture/node-identities/ztb-e28e6b73a1.secret");
     let mut store = store;
-    let text = String::from_utf8(zt_one(&format!(
-        "api-json/controller.d/network/{NWID}.json"
-    )))
-    .unwrap();
-    let mut n: Network = serde_json::from_str(&text).unwrap();
+    let mut n = lab_network();
     store.put_network(&mut n).unwrap();
     let nwid: NetworkId = NWID.parse().unwrap();
     let mut ctl = Controller::new(zta, store);
@@ -60,102 +55,68 @@ fn exists<S: ControllerStore>(ctl: &Controller<S>, nwid: NetworkId, a: Address) 
     ctl.store().get_member(nwid, a).unwrap().is_some()
 }
 
+/// `who` asks the controller for its config on `nwid` (packet ID `pid`, at `now`; every
+/// random number is 5), presenting `vouch` and, if `release`, the release marker.
+fn request<S: ControllerStore>(
+    ctl: &mut Controller<S>,
+    nwid: NetworkId,
+    who: &Identity,
+    vouch: Option<&Vouch>,
+    release: bool,
+    pid: u64,
+    now: i64,
+) -> RequestOutcome {
+    let md = pod_metadata(vouch, release);
+    ctl.handle_request(nwid, who, &md, pid, now, &mut || 5)
+        .unwrap()
+}
+
 #[test]
 fn a_released_pod_member_is_deleted_and_its_ip_serves_the_next() {
     let (mut ctl, host, nwid) = lab(MemoryStore::default(), false);
     let (a, b) = (pod(1), pod(2));
-    let mut rnd = || 5u64;
     let t0 = 1_000_000;
     let va = Vouch::sign(&host, a.address(), nwid, "default/a/uid-a", t0).unwrap();
     let vb = Vouch::sign(&host, b.address(), nwid, "default/b/uid-b", t0).unwrap();
-    let ca = config(
-        ctl.handle_request(nwid, &a, &pod_metadata(Some(&va), false), 1, t0, &mut rnd)
-            .unwrap(),
-    );
+    let ca = config(request(&mut ctl, nwid, &a, Some(&va), false, 1, t0));
     assert_eq!(ips(&ca), [ONLY_IP]);
-    let stored = ctl.store().get_member(nwid, a.address()).unwrap().unwrap();
+    let stored = stored_member(&ctl, nwid, a.address());
     assert_eq!(
         stored.last_authorized_credential_type.as_deref(),
         Some("vouch")
     );
     // The pool is dry for the second pod.
-    let cb = config(
-        ctl.handle_request(nwid, &b, &pod_metadata(Some(&vb), false), 2, t0, &mut rnd)
-            .unwrap(),
-    );
+    let cb = config(request(&mut ctl, nwid, &b, Some(&vb), false, 2, t0));
     assert!(ips(&cb).is_empty(), "{:?}", ips(&cb));
 
     // A's release, right after its request (inside the duplicate window): deleted.
-    let out = ctl
-        .handle_request(
-            nwid,
-            &a,
-            &pod_metadata(Some(&va), true),
-            3,
-            t0 + 10,
-            &mut rnd,
-        )
-        .unwrap();
+    let out = request(&mut ctl, nwid, &a, Some(&va), true, 3, t0 + 10);
     assert_eq!(out, RequestOutcome::Refuse(RequestRefusal::Released));
     assert_eq!(RequestRefusal::Released.error_code(), 0x03);
     assert!(!exists(&ctl, nwid, a.address()));
     // A resent release is acknowledged the same way (no record), and leaves none behind.
-    let out = ctl
-        .handle_request(
-            nwid,
-            &a,
-            &pod_metadata(Some(&va), true),
-            4,
-            t0 + 20,
-            &mut rnd,
-        )
-        .unwrap();
+    let out = request(&mut ctl, nwid, &a, Some(&va), true, 4, t0 + 20);
     assert_eq!(out, RequestOutcome::Refuse(RequestRefusal::ObjectNotFound));
     assert!(!exists(&ctl, nwid, a.address()));
     // A push replaying release metadata does nothing.
-    let out = ctl
-        .handle_request(
-            nwid,
-            &a,
-            &pod_metadata(Some(&va), true),
-            0,
-            t0 + 30,
-            &mut rnd,
-        )
-        .unwrap();
+    let out = request(&mut ctl, nwid, &a, Some(&va), true, 0, t0 + 30);
     assert_eq!(out, RequestOutcome::Ignore);
     assert!(!exists(&ctl, nwid, a.address()));
 
     // B's next request gets the freed address.
-    let cb = config(
-        ctl.handle_request(
-            nwid,
-            &b,
-            &pod_metadata(Some(&vb), false),
-            5,
-            t0 + 2000,
-            &mut rnd,
-        )
-        .unwrap(),
-    );
+    let cb = config(request(&mut ctl, nwid, &b, Some(&vb), false, 5, t0 + 2000));
     assert_eq!(ips(&cb), [ONLY_IP]);
 }
 
 #[test]
 fn members_not_authorized_by_a_vouch_are_never_released() {
     let (mut ctl, host, nwid) = lab(MemoryStore::default(), false);
-    let mut rnd = || 5u64;
     let t0 = 1_000_000;
     // The host, authorized through the API, takes the address.
-    let c = config(
-        ctl.handle_request(nwid, &host, &pod_metadata(None, false), 1, t0, &mut rnd)
-            .unwrap(),
-    );
+    let c = config(request(&mut ctl, nwid, &host, None, false, 1, t0));
     assert_eq!(ips(&c), [ONLY_IP]);
     let before = ctl.store().get_member(nwid, host.address()).unwrap();
-    let out = ctl
-        .handle_request(nwid, &host, &pod_metadata(None, true), 2, t0 + 10, &mut rnd)
-        .unwrap();
+    let out = request(&mut ctl, nwid, &host, None, true, 2, t0 + 10);
     assert_eq!(out, RequestOutcome::Refuse(RequestRefusal::AccessDenied));
     assert_eq!(
         ctl.store().get_member(nwid, host.address()).unwrap(),
@@ -163,17 +124,7 @@ fn members_not_authorized_by_a_vouch_are_never_released() {
         "the record is untouched"
     );
     // It keeps being served with its address.
-    let c = config(
-        ctl.handle_request(
-            nwid,
-            &host,
-            &pod_metadata(None, false),
-            3,
-            t0 + 2000,
-            &mut rnd,
-        )
-        .unwrap(),
-    );
+    let c = config(request(&mut ctl, nwid, &host, None, false, 3, t0 + 2000));
     assert_eq!(ips(&c), [ONLY_IP]);
 }
 
@@ -181,43 +132,21 @@ fn members_not_authorized_by_a_vouch_are_never_released() {
 fn a_release_deletes_only_the_requesters_own_record() {
     let (mut ctl, host, nwid) = lab(MemoryStore::default(), false);
     let (a, intruder) = (pod(1), pod(3));
-    let mut rnd = || 5u64;
     let t0 = 1_000_000;
     let va = Vouch::sign(&host, a.address(), nwid, "default/a/uid-a", t0).unwrap();
-    let ca = config(
-        ctl.handle_request(nwid, &a, &pod_metadata(Some(&va), false), 1, t0, &mut rnd)
-            .unwrap(),
-    );
+    let ca = config(request(&mut ctl, nwid, &a, Some(&va), false, 1, t0));
     assert_eq!(ips(&ca), [ONLY_IP]);
     // Another member presenting A's vouch with the marker releases nothing of A's, and is
     // not recorded.
-    let out = ctl
-        .handle_request(
-            nwid,
-            &intruder,
-            &pod_metadata(Some(&va), true),
-            2,
-            t0 + 10,
-            &mut rnd,
-        )
-        .unwrap();
+    let out = request(&mut ctl, nwid, &intruder, Some(&va), true, 2, t0 + 10);
     assert_eq!(out, RequestOutcome::Refuse(RequestRefusal::ObjectNotFound));
     assert!(!exists(&ctl, nwid, intruder.address()));
-    let kept = ctl.store().get_member(nwid, a.address()).unwrap().unwrap();
+    let kept = stored_member(&ctl, nwid, a.address());
     assert!(kept.authorized);
     assert_eq!(kept.ip_assignments, [ONLY_IP]);
     // A member of another network is untouched by a release on this one.
     let other: NetworkId = "e6acfe87fc000001".parse().unwrap();
-    let out = ctl
-        .handle_request(
-            other,
-            &a,
-            &pod_metadata(Some(&va), true),
-            3,
-            t0 + 20,
-            &mut rnd,
-        )
-        .unwrap();
+    let out = request(&mut ctl, other, &a, Some(&va), true, 3, t0 + 20);
     assert_eq!(out, RequestOutcome::Refuse(RequestRefusal::ObjectNotFound));
     assert!(exists(&ctl, nwid, a.address()));
 }
@@ -226,7 +155,6 @@ fn a_release_deletes_only_the_requesters_own_record() {
 fn a_release_keeps_the_pod_bindings_reservation() {
     let (mut ctl, host, nwid) = lab(MemoryStore::default(), true);
     let (first, other, next) = (pod(1), pod(2), pod(4));
-    let mut rnd = || 5u64;
     let t0 = 1_000_000;
     let (web, db) = ("uid-web", "uid-db");
     for (uid, name) in [(web, "web"), (db, "db")] {
@@ -237,17 +165,7 @@ fn a_release_keeps_the_pod_bindings_reservation() {
     }
     let web_pod = format!("default/web/{web}");
     let v1 = Vouch::sign(&host, first.address(), nwid, &web_pod, t0).unwrap();
-    let c = config(
-        ctl.handle_request(
-            nwid,
-            &first,
-            &pod_metadata(Some(&v1), false),
-            1,
-            t0,
-            &mut rnd,
-        )
-        .unwrap(),
-    );
+    let c = config(request(&mut ctl, nwid, &first, Some(&v1), false, 1, t0));
     assert_eq!(ips(&c), [ONLY_IP]);
     assert_eq!(
         ctl.store()
@@ -259,16 +177,7 @@ fn a_release_keeps_the_pod_bindings_reservation() {
     );
 
     // The sandbox goes: its member is released, the binding keeps the pod's address.
-    let out = ctl
-        .handle_request(
-            nwid,
-            &first,
-            &pod_metadata(Some(&v1), true),
-            2,
-            t0 + 10,
-            &mut rnd,
-        )
-        .unwrap();
+    let out = request(&mut ctl, nwid, &first, Some(&v1), true, 2, t0 + 10);
     assert_eq!(out, RequestOutcome::Refuse(RequestRefusal::Released));
     assert!(!exists(&ctl, nwid, first.address()));
     let b = ctl.store().get_pod(nwid, web).unwrap().unwrap();
@@ -283,31 +192,19 @@ fn a_release_keeps_the_pod_bindings_reservation() {
         t0,
     )
     .unwrap();
-    let c = config(
-        ctl.handle_request(
-            nwid,
-            &other,
-            &pod_metadata(Some(&vo), false),
-            3,
-            t0 + 20,
-            &mut rnd,
-        )
-        .unwrap(),
-    );
+    let c = config(request(
+        &mut ctl,
+        nwid,
+        &other,
+        Some(&vo),
+        false,
+        3,
+        t0 + 20,
+    ));
     assert!(ips(&c).is_empty(), "{:?}", ips(&c));
     // ... the pod's next sandbox does.
     let v2 = Vouch::sign(&host, next.address(), nwid, &web_pod, t0 + 30).unwrap();
-    let c = config(
-        ctl.handle_request(
-            nwid,
-            &next,
-            &pod_metadata(Some(&v2), false),
-            4,
-            t0 + 30,
-            &mut rnd,
-        )
-        .unwrap(),
-    );
+    let c = config(request(&mut ctl, nwid, &next, Some(&v2), false, 4, t0 + 30));
     assert_eq!(ips(&c), [ONLY_IP]);
     assert!(
         ctl.store()

@@ -3,6 +3,9 @@
 
 use std::path::PathBuf;
 
+use flatwire_vl1::crypto::SymmetricKey;
+use flatwire_vl1::identity::Identity;
+
 /// Absolute path of a file under `shared/spec/vectors/`.
 pub fn vector_path(rel: &str) -> PathBuf {
     PathBuf::from(concat!(
@@ -26,6 +29,24 @@ pub fn read_vector_text(rel: &str) -> String {
 /// Parses a JSON vector file.
 pub fn json(rel: &str) -> serde_json::Value {
     serde_json::from_slice(&read_vector(rel)).expect("vector file is valid JSON")
+}
+
+/// The identity `v["identity"][name]` of `vl1.json`, parsed; panics if absent or malformed.
+pub fn vector_identity(v: &serde_json::Value, name: &str) -> Identity {
+    v["identity"][name]
+        .as_str()
+        .unwrap_or_else(|| panic!("identity.{name} missing"))
+        .parse()
+        .unwrap_or_else(|e| panic!("identity.{name} parses: {e}"))
+}
+
+/// The identities A (`known_good`) and B (`derived_second_identity`) of `vl1.json` and the
+/// key they agree on.
+pub fn keys(v: &serde_json::Value) -> (Identity, Identity, SymmetricKey) {
+    let a = vector_identity(v, "known_good");
+    let b = vector_identity(v, "derived_second_identity");
+    let k = a.agree(&b).unwrap();
+    (a, b, k)
 }
 
 /// Decodes a hex string field; panics if absent or malformed.

@@ -43,6 +43,37 @@ pub fn s<'a>(v: &'a Value, k: &str) -> &'a str {
         .unwrap_or_else(|| panic!("field {k} missing in {v}"))
 }
 
+/// The recorded lab network (`e6acfe87fc3adaf6`, controller `zta`) as ZeroTier One's
+/// controller stored it in `controller.d`.
+pub fn lab_network() -> flatwire_vl2::controller::Network {
+    let text = String::from_utf8(zt_one(
+        "api-json/controller.d/network/e6acfe87fc3adaf6.json",
+    ))
+    .expect("the lab network is UTF-8");
+    serde_json::from_str(&text).expect("the lab network parses")
+}
+
+/// Gives network `n` a default capability (ID 7, accepting everything), a tag (ID 3,
+/// default 9) and DNS settings (domain `lab`, server 10.147.17.1).
+pub fn add_capability_tag_and_dns(n: &mut flatwire_vl2::controller::Network) {
+    n.capabilities =
+        vec![serde_json::json!({"id": 7, "default": true, "rules": [{"type": "ACTION_ACCEPT"}]})];
+    n.tags = vec![serde_json::json!({"id": 3, "default": 9})];
+    n.dns = serde_json::json!({"domain": "lab", "servers": ["10.147.17.1"]});
+}
+
+/// The stored record of member `a` of `nwid`; panics if the store fails or has none.
+pub fn stored_member<S: flatwire_vl2::controller::ControllerStore>(
+    ctl: &flatwire_vl2::controller::Controller<S>,
+    nwid: flatwire_vl2::NetworkId,
+    a: flatwire_vl1::Address,
+) -> flatwire_vl2::controller::Member {
+    ctl.store()
+        .get_member(nwid, a)
+        .unwrap()
+        .unwrap_or_else(|| panic!("member {a} of {nwid} is not stored"))
+}
+
 /// The config in a controller's answer; panics on a refusal or an ignored request.
 pub fn config(o: flatwire_vl2::controller::RequestOutcome) -> flatwire_vl2::netconf::NetworkConfig {
     match o {
@@ -51,21 +82,26 @@ pub fn config(o: flatwire_vl2::controller::RequestOutcome) -> flatwire_vl2::netc
     }
 }
 
+/// Config request metadata as a 1.14.1 node builds it, with the platform key if given.
+pub fn node_metadata(platform: Option<&str>) -> flatwire_vl2::dictionary::Dictionary {
+    use flatwire_vl2::verbs::{SoftwareVersion, request_metadata};
+    request_metadata(
+        SoftwareVersion {
+            major: 1,
+            minor: 14,
+            revision: 1,
+        },
+        platform,
+    )
+}
+
 /// Config request metadata as a 1.14.1 node sends it (without the platform key), as it arrives
 /// at the controller: with `vouch` (a flatwire pod's) and the release marker if `release`.
 pub fn pod_metadata(
     vouch: Option<&flatwire_vl2::vouch::Vouch>,
     release: bool,
 ) -> flatwire_vl2::dictionary::Dictionary {
-    use flatwire_vl2::verbs::{SoftwareVersion, request_metadata};
-    let mut md = request_metadata(
-        SoftwareVersion {
-            major: 1,
-            minor: 14,
-            revision: 1,
-        },
-        None,
-    );
+    let mut md = node_metadata(None);
     if let Some(v) = vouch {
         md.add(flatwire_vl2::vouch::METADATA_KEY, &v.encode());
     }
