@@ -162,15 +162,12 @@ async fn leaf_reaches_root_and_snapshots_say_so() {
     for i in 0..10u8 {
         junk.send_to(&[i; 7], p.root_addr).unwrap();
     }
-    wait_for(&p.root, "runts counted", |s| {
-        s.drop_count("Malformed") >= 10
-    })
-    .await;
+    wait_for(&p.root, "runts counted", |s| s.drop_count("Runt") >= 10).await;
     let deadline = Instant::now() + Duration::from_secs(5);
     while !p
         .root_metrics
         .encode()
-        .contains("flatwire_drops_total{reason=\"Malformed\"} 10")
+        .contains("flatwire_drops_total{reason=\"Runt\"} 10")
     {
         assert!(Instant::now() < deadline, "{}", p.root_metrics.encode());
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -241,9 +238,6 @@ async fn identities_on_both_threads_reach_the_root_through_their_own_socket() {
     // The snapshot sums the drops of both threads: a runt sent to the port lands on thread 0.
     let junk = UdpSocket::bind("127.0.0.1:0").unwrap();
     junk.send_to(&[1; 7], p.leaf.local_addr()).unwrap();
-    wait_for(&p.leaf, "the runt counted", |s| {
-        s.drop_count("Malformed") == 1
-    })
-    .await;
+    wait_for(&p.leaf, "the runt counted", |s| s.drop_count("Runt") == 1).await;
     stop([p.root, p.leaf]).await;
 }

@@ -100,12 +100,14 @@ pub enum PlanetError {
     /// A request made no sense (unknown name, bad rules source, ...).
     #[error("{0}")]
     Invalid(String),
-    /// The agent refused to attach a pod (`Attach` over gRPC); `UNAVAILABLE` while the agent
-    /// cannot attach members.
-    #[error("{agent} refused Attach: {status}")]
-    Attach {
+    /// The agent refused a gRPC call (`Attach`: `UNAVAILABLE` while the agent cannot attach
+    /// members) or could not be reached.
+    #[error("{agent} refused {call}: {status}")]
+    Agent {
         /// The agent asked.
         agent: String,
+        /// The call (`Attach`, `Detach`).
+        call: &'static str,
         /// The gRPC status.
         status: Box<tonic::Status>,
     },
@@ -1129,7 +1131,7 @@ impl Planet {
     /// Attaches a pod member to `net` through host agent `host`'s gRPC `Attach` (as the CNI
     /// plugin does): a new namespace `<host>-<pod>` gets the member's `eth0`; the member is
     /// authorized on the controller by the address its MAC carries, then this waits for its
-    /// IPv4 address. [`PlanetError::Attach`] when the agent refuses (e.g. `UNAVAILABLE`).
+    /// IPv4 address. [`PlanetError::Agent`] when the agent refuses (e.g. `UNAVAILABLE`).
     pub fn attach_pod(
         &mut self,
         host: &str,
@@ -1138,13 +1140,8 @@ impl Planet {
     ) -> Result<Member, PlanetError> {
         use flatwire_api::v1;
         let ns = self.topo.host(&format!("{host}-{pod}"))?;
-        let agent = self.agent(host);
         let req = v1::AttachRequest {
-            key: Some(v1::AttachmentKey {
-                network_name: "planet".into(),
-                container_id: ns.ns().to_owned(),
-                ifname: "eth0".into(),
-            }),
+            key: Some(pod_key(&ns)),
             netns_path: ns.netns_path(),
             network_id: net.nwid.clone(),
             mode: v1::Mode::Secondary.into(),
@@ -1155,25 +1152,10 @@ impl Planet {
             }),
             ..Default::default()
         };
-        let socket = agent.socket();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| HarnessError::Io("tokio runtime".into(), e))?;
-        let refused = |status| PlanetError::Attach {
-            agent: host.to_owned(),
-            status: Box::new(status),
-        };
-        let result = rt
-            .block_on(async {
-                let mut client =
-                    flatwire_api::connect(&socket, flatwire_api::ClientOptions::default())
-                        .await
-                        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        let result = self
+            .agent_call(host, "Attach", |mut client| async move {
                 client.attach(req).await
-            })
-            .map_err(refused)?
-            .into_inner()
+            })?
             .result
             .ok_or_else(|| PlanetError::Invalid("Attach answered without a result".into()))?;
         let nwid: flatwire_vl2::NetworkId = net
@@ -1210,6 +1192,52 @@ impl Planet {
             dev: "eth0".into(),
             ipv4: Some(ipv4),
             ipv6: None,
+        })
+    }
+
+    /// Detaches pod `pod` of [`Planet::attach_pod`] from host agent `host` (gRPC `Detach`,
+    /// as the CNI plugin's DEL does); whether there was an attachment to remove.
+    pub fn detach_pod(&mut self, host: &str, pod: &str) -> Result<bool, PlanetError> {
+        use flatwire_api::v1;
+        let ns = self.topo.host(&format!("{host}-{pod}"))?;
+        let req = v1::DetachRequest {
+            key: Some(pod_key(&ns)),
+            netns_path: ns.netns_path(),
+        };
+        let r = self.agent_call(host, "Detach", |mut client| async move {
+            client.detach(req).await
+        })?;
+        Ok(r.removed)
+    }
+
+    /// Makes one gRPC call (`what`) to host agent `host` over its Unix socket;
+    /// [`PlanetError::Agent`] when it cannot be reached or refuses.
+    fn agent_call<T, F, Fut>(
+        &self,
+        host: &str,
+        what: &'static str,
+        call: F,
+    ) -> Result<T, PlanetError>
+    where
+        F: FnOnce(flatwire_api::AgentClient<tonic::transport::Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let socket = self.agent(host).socket();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| HarnessError::Io("tokio runtime".into(), e))?;
+        rt.block_on(async {
+            let client = flatwire_api::connect(&socket, flatwire_api::ClientOptions::default())
+                .await
+                .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+            call(client).await
+        })
+        .map(tonic::Response::into_inner)
+        .map_err(|status| PlanetError::Agent {
+            agent: host.to_owned(),
+            call: what,
+            status: Box::new(status),
         })
     }
 
@@ -1389,6 +1417,15 @@ impl Planet {
             .map_err(|e| format!("iperf3 -c {to} printed no JSON ({e}, {status})"))
             .and_then(|v| parse_iperf(&v));
         Ok(report)
+    }
+}
+
+/// The attachment key of a pod of [`Planet::attach_pod`] living in namespace `ns`.
+fn pod_key(ns: &Host) -> flatwire_api::v1::AttachmentKey {
+    flatwire_api::v1::AttachmentKey {
+        network_name: "planet".into(),
+        container_id: ns.ns().to_owned(),
+        ifname: "eth0".into(),
     }
 }
 

@@ -93,8 +93,12 @@ const REPLY_TABLE: usize = 1024;
 /// Why a datagram or packet was dropped. Counted per reason by [`Node::drops`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum DropReason {
-    /// Too short / malformed framing.
+    /// Malformed framing (a cut packet or fragment, a bad fragment number, ...).
     Malformed,
+    /// A datagram of at most [`wire::FRAGMENT_HEADER_LEN`] bytes: too short to be a fragment
+    /// or a packet. ZeroTier One's NAT-opening probes (4 random bytes) are such datagrams;
+    /// ZeroTier One ignores them all, and so does the node, counting them here.
+    Runt,
     /// Source is one of our own addresses.
     FromSelf,
     /// Not for us and we do not relay.
@@ -1387,6 +1391,9 @@ impl Node {
     ) {
         if data.len() > wire::MAX_PACKET_LEN {
             return self.drop(DropReason::Malformed);
+        }
+        if data.len() <= wire::FRAGMENT_HEADER_LEN {
+            return self.drop(DropReason::Runt);
         }
         if wire::is_fragment(data) {
             let Ok(f) = wire::Fragment::new_checked(data) else {

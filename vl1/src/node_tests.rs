@@ -1006,3 +1006,23 @@ fn the_update_rule_says_why_it_refuses() {
     let old = check_planet_update(&cur, &w(WorldType::Planet, 5, 99)).unwrap_err();
     assert!(old.to_string().contains("not newer"), "{old}");
 }
+
+#[test]
+fn runts_such_as_nat_probes_are_counted_apart_from_malformed_datagrams() {
+    let (mut net, _r, [_a]) = root_and_leaves(["10.0.2.2:9993"]);
+    net.step(2000);
+    let n = &mut net.nodes[1].0;
+    let from = sa("10.0.9.9:9993");
+    // ZeroTier One's NAT-opening probe: 4 random bytes; and every length up to a fragment
+    // header.
+    for len in [0, 4, 13, 16] {
+        n.handle_datagram(net.now, LocalSocket(0), from, &vec![0xa5; len]);
+    }
+    assert_eq!(n.drop_count(DropReason::Runt), 4);
+    assert_eq!(n.drop_count(DropReason::Malformed), 0);
+    // Longer, but still short of a packet header: malformed.
+    n.handle_datagram(net.now, LocalSocket(0), from, &[0x22; 17]);
+    n.handle_datagram(net.now, LocalSocket(0), from, &[0x11; 27]);
+    assert_eq!(n.drop_count(DropReason::Runt), 4);
+    assert_eq!(n.drop_count(DropReason::Malformed), 2);
+}

@@ -7,8 +7,9 @@
 //! (1) the underlay veths, (2) a kernel VXLAN on them and (3) the flatwire network the hosts
 //! join: `iperf3` TCP with one and four streams, and `ping` round trips (p50, p99). Around the
 //! flatwire runs it reads the agents' CPU time (`/proc/<pid>/stat`, also of the data-plane
-//! thread), their drop counters and the kernel's UDP and TAP drop counters; after them, their
-//! resident memory. Then host `b` starts and stops pods through `flatwire-cni` (see [`pods`];
+//! threads), their drop counters and the kernel's UDP and TAP drop counters; after them, their
+//! resident memory. Pod pairs on different data-plane threads show how traffic spreads over
+//! them (see [`spread`]). Then host `b` starts and stops pods through `flatwire-cni` (see [`pods`];
 //! `--only-pods` skips the link runs). Last, a Kubernetes control plane with the operator
 //! measures reconcile throughput, operator memory and rules latency (see [`operator`];
 //! `--only-operator` runs only that part). Missed targets are printed as MISSED; only a
@@ -18,6 +19,7 @@ mod measure;
 mod operator;
 mod pods;
 mod report;
+mod spread;
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -160,10 +162,19 @@ pub fn run(args: &Args) -> Result<()> {
             None
         }
     };
-    if let (false, Some(o)) = (args.only_pods, &overlay)
-        && let Err(e) = flatwire(&mut planet, &mut fig, hosts, args, o)
-    {
-        fig.failures.push(format!("flatwire: {e:#}"));
+    if let (false, Some(o)) = (args.only_pods, &overlay) {
+        if let Err(e) = flatwire(&mut planet, &mut fig, hosts, args, o) {
+            fig.failures.push(format!("flatwire: {e:#}"));
+        }
+        println!(
+            "==> data-plane threads: pod pairs on a and b, one pair, then two on different threads"
+        );
+        let pids = [measure::agent_pid(&a)?, measure::agent_pid(&b)?];
+        fig.spread = spread::run(&mut planet, &o.net, pids, args.seconds).map_err(|e| {
+            let why = format!("{e:#}");
+            fig.failures.push(format!("data-plane threads: {why}"));
+            why
+        });
     }
 
     fig.pods = match (plugin, overlay) {

@@ -213,7 +213,7 @@ impl Demo {
                     members.extend(pods);
                     (format!("{n} pod members"), format!("{n} attached"))
                 }
-                Err(PlanetError::Attach { agent, status }) => {
+                Err(PlanetError::Agent { agent, status, .. }) => {
                     let why = format!(
                         "none: {agent} answered {:?}: {}",
                         status.code(),

@@ -92,12 +92,12 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
-/// CPU time of a process and of its data-plane thread, in seconds.
+/// CPU time of a process and of its data-plane threads, in seconds.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Cpu {
     /// utime + stime of the whole process.
     pub process: f64,
-    /// utime + stime of the `flatwire-dp` thread.
+    /// utime + stime of the data-plane threads (`flatwire-dp`, `flatwire-dp1`, ...).
     pub dataplane: f64,
 }
 
@@ -139,21 +139,30 @@ fn clock_ticks() -> f64 {
     }
 }
 
-/// The CPU time `pid` (and its `flatwire-dp` thread) used so far.
+/// The CPU time `pid` (and its data-plane threads) used so far.
 pub fn cpu(pid: u32) -> Result<Cpu> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .with_context(|| format!("reading /proc/{pid}/stat"))?;
     let process = stat_cpu_seconds(&stat).context("unreadable /proc/<pid>/stat")?;
-    let mut dataplane = 0.0;
+    let dataplane = dataplane_threads(pid)?.iter().map(|(_, s)| s).sum();
+    Ok(Cpu { process, dataplane })
+}
+
+/// The CPU seconds each data-plane thread of `pid` (`flatwire-dp`, `flatwire-dp1`, ...) used
+/// so far, by thread name, sorted.
+pub fn dataplane_threads(pid: u32) -> Result<Vec<(String, f64)>> {
+    let mut out = Vec::new();
     for task in std::fs::read_dir(format!("/proc/{pid}/task"))?.flatten() {
         let dir = task.path();
         let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
-        if comm.trim() == "flatwire-dp" {
+        let comm = comm.trim();
+        if comm.starts_with("flatwire-dp") {
             let stat = std::fs::read_to_string(dir.join("stat")).unwrap_or_default();
-            dataplane += stat_cpu_seconds(&stat).unwrap_or(0.0);
+            out.push((comm.to_owned(), stat_cpu_seconds(&stat).unwrap_or(0.0)));
         }
     }
-    Ok(Cpu { process, dataplane })
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(out)
 }
 
 /// Resident memory of `pid` (`VmRSS`), in bytes.

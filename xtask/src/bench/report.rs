@@ -7,6 +7,7 @@ use serde_json::{Value, json};
 
 use super::measure::{Counters, Rtt};
 use super::pods::{Batch, PodFigures};
+use super::spread::{RunCpu, Spread};
 use crate::table::Table;
 
 /// The three ways the two hosts are connected.
@@ -36,7 +37,7 @@ pub struct LinkFigures {
 pub struct CpuPerGb {
     /// Whole process, seconds per GB.
     pub process: f64,
-    /// Its `flatwire-dp` thread alone, seconds per GB.
+    /// Its data-plane threads alone, seconds per GB.
     pub dataplane: f64,
 }
 
@@ -66,6 +67,8 @@ pub struct Figures {
     pub losses: Option<Losses>,
     /// RSS of each host agent with its one member (its host), bytes.
     pub rss_one: Vec<(String, u64)>,
+    /// Pod pairs on one and on two data-plane threads; `Err` says why it is missing.
+    pub spread: Result<Spread, String>,
     /// Pod start/stop through the CNI plugin on host `b`; `Err` says why it is missing.
     pub pods: Result<PodFigures, String>,
     /// Only the pods were measured (`--only-pods`): the link targets are left out.
@@ -83,6 +86,7 @@ impl Default for Figures {
             receiver_cpu: None,
             losses: None,
             rss_one: Vec::new(),
+            spread: Err("not measured".into()),
             pods: Err("not measured".into()),
             only_pods: false,
             failures: Vec::new(),
@@ -303,7 +307,7 @@ impl Figures {
         );
         let cpu = |c: Option<CpuPerGb>| {
             c.map_or("-".into(), |c| {
-                format!("{:.2} (dp thread {:.2})", c.process, c.dataplane)
+                format!("{:.2} (dp threads {:.2})", c.process, c.dataplane)
             })
         };
         row(
@@ -341,6 +345,29 @@ impl Figures {
             &mut t,
             "agent RSS, host member only, MiB",
             ["".into(), "".into(), rss_one],
+        );
+        let spread = self.spread.as_ref().ok();
+        row(
+            &mut t,
+            "4 streams, 1 pod pair (1 dp thread), Gbit/s",
+            ["".into(), "".into(), f2(spread.map(|s| s.one_pair.gbps))],
+        );
+        row(
+            &mut t,
+            "2+2 streams, 2 pod pairs (2 dp threads), Gbit/s",
+            ["".into(), "".into(), f2(spread.map(|s| s.two_pairs.gbps))],
+        );
+        row(
+            &mut t,
+            "2 pod pairs vs 1",
+            [
+                "".into(),
+                "".into(),
+                vs(
+                    spread.map(|s| s.two_pairs.gbps),
+                    spread.map(|s| s.one_pair.gbps),
+                ),
+            ],
         );
         t
     }
@@ -469,6 +496,23 @@ impl Figures {
                     .map(|(n, b)| (n.clone(), json!(b)))
                     .collect::<serde_json::Map<_, _>>(),
             },
+            "dataplane_threads": self.spread.as_ref().map_or(Value::Null, |s| {
+                let threads = |c: &[(String, f64)]| {
+                    c.iter().map(|(n, v)| (n.clone(), json!(v))).collect::<serde_json::Map<_, _>>()
+                };
+                let cpu = |c: &RunCpu| {
+                    json!({"sender_s": threads(&c.sender), "receiver_s": threads(&c.receiver)})
+                };
+                json!({
+                    "threads": s.threads,
+                    "one_pair_4_streams": tcp(Some(s.one_pair)),
+                    "two_pairs_2_streams_each": tcp(Some(s.two_pairs)),
+                    "ratio": s.two_pairs.gbps / s.one_pair.gbps,
+                    "cpu_one_pair": cpu(&s.cpu[0]),
+                    "cpu_two_pairs": cpu(&s.cpu[1]),
+                })
+            }),
+            "dataplane_threads_missing": self.spread.as_ref().err(),
             "pods": self.pods.as_ref().map_or(Value::Null, PodFigures::to_json),
             "pods_missing": self.pods.as_ref().err(),
             "flatwire_losses": self.losses.as_ref().map_or(Value::Null, |l| json!({
