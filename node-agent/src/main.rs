@@ -91,7 +91,12 @@ struct Args {
     /// members spread by address; the host's identity, its networks, the controller and the
     /// root role stay on the first). Default: one per CPU up to 4, and 1 with --root (a
     /// root's relaying is done by the host identity's thread).
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64))]
+    #[arg(
+        long,
+        env = "FLATWIRE_DATAPLANE_THREADS",
+        value_name = "N",
+        value_parser = clap::value_parser!(u16).range(1..=64)
+    )]
     dataplane_threads: Option<u16>,
 }
 

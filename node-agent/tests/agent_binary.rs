@@ -266,3 +266,29 @@ fn malformed_kubernetes_mode_flags_are_refused_naming_the_flag() {
         "a refused start wrote state"
     );
 }
+
+#[test]
+fn a_data_plane_thread_count_out_of_range_is_refused_naming_the_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = env!("CARGO_BIN_EXE_flatwire-agent");
+    for bad in ["0", "65", "two", "-1"] {
+        let out = std::process::Command::new(agent)
+            .arg("--home")
+            .arg(dir.path())
+            .arg(format!("--dataplane-threads={bad}"))
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{bad}: {stderr}");
+        assert!(stderr.contains("--dataplane-threads"), "{bad}: {stderr}");
+    }
+    // The same value from the environment is checked the same way.
+    let out = std::process::Command::new(agent)
+        .arg("--home")
+        .arg(dir.path())
+        .env("FLATWIRE_DATAPLANE_THREADS", "0")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(std::fs::read_dir(dir.path()).unwrap().next().is_none());
+}

@@ -1195,16 +1195,14 @@ impl Planet {
         })
     }
 
-    /// Detaches pod `pod` of [`Planet::attach_pod`] from host agent `host` (gRPC `Detach`,
-    /// as the CNI plugin's DEL does); whether there was an attachment to remove.
-    pub fn detach_pod(&mut self, host: &str, pod: &str) -> Result<bool, PlanetError> {
-        use flatwire_api::v1;
-        let ns = self.topo.host(&format!("{host}-{pod}"))?;
-        let req = v1::DetachRequest {
-            key: Some(pod_key(&ns)),
-            netns_path: ns.netns_path(),
+    /// Detaches `pod` (of [`Planet::attach_pod`]) from its host agent (gRPC `Detach`, as the
+    /// CNI plugin's DEL does); whether there was an attachment to remove.
+    pub fn detach_pod(&self, pod: &Member) -> Result<bool, PlanetError> {
+        let req = flatwire_api::v1::DetachRequest {
+            key: Some(pod_key(&pod.ns)),
+            netns_path: pod.ns.netns_path(),
         };
-        let r = self.agent_call(host, "Detach", |mut client| async move {
+        let r = self.agent_call(&pod.agent, "Detach", |mut client| async move {
             client.detach(req).await
         })?;
         Ok(r.removed)

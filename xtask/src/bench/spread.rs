@@ -62,13 +62,13 @@ fn thread_count(planet: &Planet, name: &str) -> Result<usize> {
 }
 
 /// Attaches pods on `host` until there is one on thread 0 and one on thread 1; `attached`
-/// gets every pod attached, as (host, pod).
+/// gets every pod attached.
 fn pods_on_two_threads(
     planet: &mut Planet,
     net: &Network,
     host: &str,
     threads: usize,
-    attached: &mut Vec<(String, String)>,
+    attached: &mut Vec<Member>,
 ) -> Result<[Member; 2]> {
     let host_address: Address = planet.agent(host).address().parse()?;
     let mut found: [Option<Member>; 2] = [None, None];
@@ -77,7 +77,7 @@ fn pods_on_two_threads(
         let pod = planet
             .attach_pod(host, net, &name)
             .with_context(|| format!("attaching pod {name} on {host}"))?;
-        attached.push((host.to_owned(), name));
+        attached.push(pod.clone());
         let address: Address = pod.address.parse()?;
         let thread = shard_of(address, host_address, threads);
         println!(
@@ -133,9 +133,11 @@ fn ipv4(m: &Member) -> Result<IpAddr> {
 pub fn run(planet: &mut Planet, net: &Network, pids: [u32; 2], seconds: u32) -> Result<Spread> {
     let mut attached = Vec::new();
     let r = measure_spread(planet, net, pids, seconds, &mut attached);
-    for (host, pod) in attached {
-        if let Err(e) = planet.detach_pod(&host, &pod) {
-            println!("    detaching pod {pod} on {host}: {e}");
+    for pod in &attached {
+        match planet.detach_pod(pod) {
+            Ok(true) => {}
+            Ok(false) => println!("    pod {} was no longer attached", pod.name),
+            Err(e) => println!("    detaching pod {}: {e}", pod.name),
         }
     }
     r
@@ -146,7 +148,7 @@ fn measure_spread(
     net: &Network,
     pids: [u32; 2],
     seconds: u32,
-    attached: &mut Vec<(String, String)>,
+    attached: &mut Vec<Member>,
 ) -> Result<Spread> {
     let threads = thread_count(planet, "a")?;
     if threads < 2 || threads != thread_count(planet, "b")? {
