@@ -1108,7 +1108,7 @@ impl DataPlane {
     /// destination of each).
     fn send_queued(&mut self, tx: &[u8], queued: &[(usize, SocketAddr)]) -> io::Result<()> {
         let mut transmits = Vec::with_capacity(queued.len());
-        udp::coalesce(tx, queued, self.gso_segments, &mut transmits);
+        udp::coalesce(tx, queued, self.gso_segments, destination, &mut transmits);
         let out = self.port.send_batch(&transmits)?;
         if out.rejected > 0 {
             *self.local_drops.entry(ShellDrop::SendRejected).or_default() += out.rejected as u64;

@@ -74,8 +74,6 @@ pub struct UdpPort {
     state: UdpSocketState,
     v6: bool,
     dual_stack: bool,
-    /// Whether UDP GRO is on (off in a steered group).
-    gro: bool,
 }
 
 impl UdpPort {
@@ -88,8 +86,8 @@ impl UdpPort {
     /// Binds `count` sockets on `addr` (port 0: one port the kernel picks) in one
     /// `SO_REUSEPORT` group, one per data-plane thread, and attaches `steering`, a classic BPF
     /// program that picks the socket (by bind order) for each arriving datagram from its UDP
-    /// payload (see [`crate::shard`]). UDP GRO is off on them, since it would merge datagrams
-    /// of one sender for different sockets before steering. `count` 1 is [`UdpPort::bind`].
+    /// payload (see [`crate::shard`]). A GRO batch (or a sender's GSO run) is steered whole,
+    /// by its first datagram. `count` 1 is [`UdpPort::bind`].
     pub fn bind_group(
         addr: SocketAddr,
         count: usize,
@@ -108,10 +106,6 @@ impl UdpPort {
         let mut group = vec![first];
         for _ in 1..count {
             group.push(Self::bind_one(addr, true)?);
-        }
-        for p in &mut group {
-            setsockopt(&p.socket, sockopt::UdpGroSegment, &false).map_err(|e| err(e.into()))?;
-            p.gro = false;
         }
         let prog = libc::sock_fprog {
             len: u16::try_from(steering.len())
@@ -150,7 +144,6 @@ impl UdpPort {
         Ok(Self {
             v6: addr.is_ipv6(),
             dual_stack: dual,
-            gro: true,
             socket,
             state,
         })
@@ -167,11 +160,7 @@ impl UdpPort {
             recv_batch: quinn_udp::BATCH_SIZE,
             send_batch: SEND_BATCH,
             gso_segments: self.state.max_gso_segments(),
-            gro_segments: if self.gro {
-                self.state.gro_segments()
-            } else {
-                1
-            },
+            gro_segments: self.state.gro_segments(),
             dual_stack: self.dual_stack,
         }
     }
@@ -447,24 +436,31 @@ pub const GSO_MAX_BYTES: usize = 65_535 - 60 - 8;
 
 /// Groups datagrams laid back to back in `buf` (`queued`: the length and destination of each,
 /// in order) into `out`: a run to one destination whose datagrams all have the first one's
-/// length, but for a last one that may be shorter, becomes one GSO transmit of at most
-/// `max_segments` segments and [`GSO_MAX_BYTES`]; every other datagram goes alone. Order is
-/// kept.
-pub fn coalesce<'a>(
+/// length, but for a last one that may be shorter, and the same `key`, becomes one GSO
+/// transmit of at most `max_segments` segments and [`GSO_MAX_BYTES`]; every other datagram
+/// goes alone. Order is kept. (A receiver takes a GSO run whole, so the key keeps apart what
+/// it must be able to tell apart: the data plane's is the VL1 destination, by which a
+/// receiving agent steers datagrams to its threads.)
+pub fn coalesce<'a, K: PartialEq>(
     buf: &'a [u8],
     queued: &[(usize, SocketAddr)],
     max_segments: usize,
+    key: impl Fn(&[u8]) -> K,
     out: &mut Vec<Transmit<'a>>,
 ) {
     let (mut i, mut at) = (0, 0);
     while i < queued.len() {
         let (seg, to) = queued[i];
         let limit = max_segments.min(GSO_MAX_BYTES / seg.max(1)).max(1);
+        let first = key(&buf[at..at + seg]);
         let mut run = 1;
         let mut bytes = seg;
         while run < limit && i + run < queued.len() {
             let (len, next) = queued[i + run];
             if next != to || len > seg || len == 0 {
+                break;
+            }
+            if key(&buf[at + bytes..at + bytes + len]) != first {
                 break;
             }
             run += 1;

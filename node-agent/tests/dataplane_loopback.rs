@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use flatwire_agent::dataplane::{self, DataPlaneConfig, NodeHandle, NodeSnapshot, PeerRole};
 use flatwire_agent::metrics::Metrics;
-use flatwire_vl1::{Identity, Root, World, WorldType};
+use flatwire_vl1::{Identity, Root, Verb, World, WorldType, wire};
 
 fn free_port() -> u16 {
     UdpSocket::bind("127.0.0.1:0")
@@ -181,7 +181,8 @@ async fn leaf_reaches_root_and_snapshots_say_so() {
 
 /// Pool identities warmed on both threads of a two-thread leaf say HELLO to the root from
 /// their thread's socket, and the root's answers come back to that thread, steered by the
-/// kernel (none handed between threads).
+/// kernel (none handed between threads); datagrams of a GSO run for another thread are handed
+/// over.
 #[tokio::test]
 async fn identities_on_both_threads_reach_the_root_through_their_own_socket() {
     let p = start_pair(2);
@@ -234,6 +235,41 @@ async fn identities_on_both_threads_reach_the_root_through_their_own_socket() {
     for t in [0, 1] {
         let series = format!("flatwire_dataplane_forwarded_total{{thread=\"{t}\"}}");
         assert_eq!(metric(&p.leaf_metrics, &series), Some(0.0), "{series}");
+    }
+    // A GSO run is taken whole by the thread of its first datagram (loopback keeps it one
+    // buffer for a GRO socket): the datagrams for another thread's identity are handed there,
+    // and its node judges them (forged: a failed MAC each).
+    let client = flatwire_agent::udp::UdpPort::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    assert!(
+        client.capabilities().gso_segments > 1,
+        "the kernel has UDP GSO"
+    );
+    let mut run = Vec::new();
+    for dest in [host, wanted[2], wanted[3], wanted[2]] {
+        let mut d = Vec::new();
+        wire::write_header(&mut d, [9; 8], dest, p.root_id.address(), Verb::ECHO);
+        d.resize(100, 0x5a);
+        run.extend(d);
+    }
+    let t = flatwire_agent::udp::Transmit {
+        destination: p.leaf.local_addr(),
+        ecn: None,
+        contents: &run,
+        segment_size: Some(100),
+        src_ip: None,
+    };
+    assert_eq!(client.send_batch(&[t]).unwrap().sent, 1);
+    wait_for(
+        &p.leaf,
+        "the forged datagrams judged on both threads",
+        |s| s.drop_count("MacFailed") == 4,
+    )
+    .await;
+    let series = "flatwire_dataplane_forwarded_total{thread=\"0\"}";
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while metric(&p.leaf_metrics, series) != Some(3.0) {
+        assert!(Instant::now() < deadline, "{}", p.leaf_metrics.encode());
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // The snapshot sums the drops of both threads: a runt sent to the port lands on thread 0.
     let junk = UdpSocket::bind("127.0.0.1:0").unwrap();
