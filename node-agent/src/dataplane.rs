@@ -256,15 +256,19 @@ enum Command {
     Planet(Box<World>),
     /// A thread's drop totals, for the snapshot.
     Drops(tokio::sync::oneshot::Sender<Vec<(&'static str, u64)>>),
-    /// A datagram received by another thread (source, bytes).
-    Datagram(SocketAddr, Vec<u8>),
     Stop,
 }
 
-/// The way into one data-plane thread: its command queue and its wake-up socket.
+/// A datagram another thread received for one of this thread's identities (or, on thread 0,
+/// for none): its source and bytes.
+type Handed = (SocketAddr, Vec<u8>);
+
+/// The way into one data-plane thread: its command queue, the queue of datagrams other
+/// threads hand it, and its wake-up socket.
 #[derive(Debug)]
 struct Link {
     commands: mpsc::Sender<Command>,
+    handed: mpsc::Sender<Handed>,
     waker: UnixDatagram,
 }
 
@@ -272,9 +276,19 @@ impl Link {
     /// Queues `c` and wakes the thread; false when the thread is gone.
     fn send(&self, c: Command) -> bool {
         let sent = self.commands.send(c).is_ok();
+        self.wake();
+        sent
+    }
+
+    /// Hands the thread a datagram and wakes it.
+    fn hand(&self, d: Handed) {
+        let _ = self.handed.send(d);
+        self.wake();
+    }
+
+    fn wake(&self) {
         // A full wake-up socket already holds a wake-up: nothing lost.
         let _ = self.waker.send(&[1]);
-        sent
     }
 }
 
@@ -302,7 +316,6 @@ impl std::fmt::Debug for Command {
             Command::OfferPlanet(..) => "OfferPlanet",
             Command::Planet(_) => "Planet",
             Command::Drops(_) => "Drops",
-            Command::Datagram(..) => "Datagram",
             Command::Stop => "Stop",
         })
     }
@@ -570,22 +583,25 @@ pub fn start(
         wake_tx.set_nonblocking(true)?;
         wake_rx.set_nonblocking(true)?;
         let (cmd_tx, cmd_rx) = mpsc::channel();
+        let (hand_tx, hand_rx) = mpsc::channel();
         links.push(Link {
             commands: cmd_tx,
+            handed: hand_tx,
             waker: wake_tx,
         });
-        queues.push((cmd_rx, wake_rx));
+        queues.push((cmd_rx, hand_rx, wake_rx));
     }
     let links: Arc<[Link]> = links.into();
     let (ev_tx, ev_rx) = tokio::sync::mpsc::channel(EVENT_QUEUE);
     let mut shards = Vec::with_capacity(ports.len());
-    for (shard, (port, (commands, wake))) in ports.into_iter().zip(queues).enumerate() {
+    for (shard, (port, (commands, handed, wake))) in ports.into_iter().zip(queues).enumerate() {
         shards.push(ShardInit {
             shard,
             host: address,
             port,
             links: links.clone(),
             commands,
+            handed,
             wake,
             events: ev_tx.clone(),
             roots: roots.clone(),
@@ -749,6 +765,7 @@ struct ShardInit {
     port: UdpPort,
     links: Arc<[Link]>,
     commands: mpsc::Receiver<Command>,
+    handed: mpsc::Receiver<Handed>,
     wake: UnixDatagram,
     events: tokio::sync::mpsc::Sender<Event>,
     roots: Vec<Address>,
@@ -779,6 +796,8 @@ struct DataPlane {
     planet: World,
     local_addr: SocketAddr,
     commands: mpsc::Receiver<Command>,
+    /// Datagrams other threads handed over, taken before this thread's own socket each time.
+    handed: mpsc::Receiver<Handed>,
     wake: UnixDatagram,
     events: tokio::sync::mpsc::Sender<Event>,
     events_lost: u64,
@@ -841,6 +860,7 @@ impl DataPlane {
             planet: init.planet,
             local_addr: init.local_addr,
             commands: init.commands,
+            handed: init.handed,
             wake: init.wake,
             events: init.events,
             events_lost: 0,
@@ -904,6 +924,7 @@ impl DataPlane {
             }
             self.finish_removals();
             self.warm_next(now);
+            self.take_handed();
             self.drain_events();
             if let Err(e) = self.flush(&mut tx) {
                 tracing::error!(error = %e, "UDP socket failed; data plane stops");
@@ -1003,6 +1024,9 @@ impl DataPlane {
         tx: &mut [u8],
     ) -> io::Result<()> {
         for _ in 0..RECV_ROUNDS {
+            // What other threads handed over came in before what the socket holds now: taken
+            // first, so that the packets of one peer keep their order as far as possible.
+            self.take_handed();
             let mut chunks = rx.chunks_mut(RECV_SLOT);
             let mut slices: [IoSliceMut<'_>; RECV_BATCH] =
                 std::array::from_fn(|_| IoSliceMut::new(chunks.next().unwrap_or_default()));
@@ -1068,7 +1092,14 @@ impl DataPlane {
                 .handle_datagram(now, LocalSocket(0), from, datagram);
         } else {
             self.forwarded += 1;
-            self.links[to].send(Command::Datagram(from, datagram.to_vec()));
+            self.links[to].hand((from, datagram.to_vec()));
+        }
+    }
+
+    /// Routes the datagrams other threads handed over.
+    fn take_handed(&mut self) {
+        while let Ok((from, datagram)) = self.handed.try_recv() {
+            self.route(self.clock.now(), from, &datagram, true);
         }
     }
 
@@ -1425,9 +1456,6 @@ impl DataPlane {
                 Ok(Command::Planet(planet)) => self.planet_changed(*planet),
                 Ok(Command::Drops(reply)) => {
                     let _ = reply.send(self.drops());
-                }
-                Ok(Command::Datagram(from, datagram)) => {
-                    self.route(self.clock.now(), from, &datagram, true);
                 }
                 Ok(Command::Stop) | Err(mpsc::TryRecvError::Disconnected) => return false,
                 Err(mpsc::TryRecvError::Empty) => return true,
