@@ -7,8 +7,12 @@
 //! controller and the root role), every thread the pod members and pool identities whose
 //! address falls to it. Each has its own socket in one `SO_REUSEPORT` group on the port, and
 //! the kernel steers each datagram to the thread that owns its destination. A datagram that
-//! reaches a thread without its destination (one for no local identity: relaying as a root,
-//! or a stale member) is handed on to the owner or to thread 0.
+//! reaches a thread without its destination is handed on to the owner, or to thread 0 when no
+//! local identity has it (relaying as a root, a stale member): UDP GRO gives a thread a whole
+//! batch of one sender's datagrams, steered by the first. Flatwire senders never mix
+//! destinations in one GSO run, so among agents that happens only where a NIC's GRO merges
+//! what arrived; handed datagrams are taken before the socket's next batch, which keeps one
+//! peer's packets in order as far as the threads allow.
 //!
 //! Local identities: the host's (with its joined networks, the controller and the root role)
 //! and one per attached pod, each with its own [`Node`] and its own VL2 member on the pod's

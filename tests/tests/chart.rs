@@ -177,6 +177,7 @@ fn helm_template_matches_the_golden_file() {
     assert!(ds.contains("path: /run/flatwire"), "{ds}");
     assert!(ds.contains("name: install-cni"), "{ds}");
     assert!(ds.contains("- --kube-node=$(NODE_NAME)"), "{ds}");
+    assert!(!ds.contains("--dataplane-threads"), "the agent's default: {ds}");
     assert!(
         ds.contains("- --planet-configmap=flatwire-system/flatwire-planet"),
         "{ds}"
@@ -226,6 +227,7 @@ fn the_schema_rejects_bad_values() {
             "at '/operator/leaderElection/leaseDuration'",
         ),
         ("agent.port=70000", "at '/agent/port'"),
+        ("agent.dataplaneThreads=65", "at '/agent/dataplaneThreads'"),
         (
             "operator.controllerAddress=abc",
             "at '/operator/controllerAddress'",
@@ -256,14 +258,17 @@ fn the_schema_rejects_bad_values() {
             &text[i..i + 60]
         );
     }
-    template(
+    let out = template(
         home.path(),
         &[
             "--set",
             "operator.replicas=3,agent.cni.mode=secondary,service.type=LoadBalancer",
+            "--set",
+            "agent.dataplaneThreads=2",
         ],
     )
     .unwrap();
+    assert!(out.contains("- --dataplane-threads=2\n"), "{out}");
 }
 
 /// Drops the `---` and `# Source:` lines helm adds to a document.
