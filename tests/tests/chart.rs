@@ -177,7 +177,10 @@ fn helm_template_matches_the_golden_file() {
     assert!(ds.contains("path: /run/flatwire"), "{ds}");
     assert!(ds.contains("name: install-cni"), "{ds}");
     assert!(ds.contains("- --kube-node=$(NODE_NAME)"), "{ds}");
-    assert!(!ds.contains("--dataplane-threads"), "the agent's default: {ds}");
+    assert!(
+        !ds.contains("--dataplane-threads"),
+        "the agent's default: {ds}"
+    );
     assert!(
         ds.contains("- --planet-configmap=flatwire-system/flatwire-planet"),
         "{ds}"
