@@ -255,9 +255,10 @@ fn floods_and_malformed_input_are_counted_drops_and_traffic_continues() {
     let grew = rss_after.saturating_sub(rss_before);
     assert!(grew < 12 * 1024, "RSS grew by {grew} KiB under the flood");
 
-    // (b) Truncated, oversized and garbage datagrams.
+    // (b) Runts (an empty datagram, a 5-byte one like ZeroTier's NAT probes), truncated,
+    // oversized and garbage datagrams.
     let mut bad: Vec<Vec<u8>> = vec![vec![], vec![0x01; 5], vec![0x02; 27], vec![0xff; 12_000]];
-    let truncated_or_oversized = bad.len();
+    let (runts, truncated_or_oversized) = (2, 2);
     let me = m1_id.address().to_bytes();
     for i in 0..500u32 {
         let mut g = vec![0u8; 60 + (i as usize % 200)];
@@ -292,9 +293,16 @@ fn floods_and_malformed_input_are_counted_drops_and_traffic_continues() {
         }
     };
     let malformed = drops(&after, "Malformed") - drops(&before, "Malformed");
+    let runt = drops(&after, "Runt") - drops(&before, "Runt");
     let total = all_drops(&after) - all_drops(&before);
-    eprintln!("garbage: {n_bad} datagrams -> drops +{total} (Malformed +{malformed})");
+    eprintln!(
+        "garbage: {n_bad} datagrams -> drops +{total} (Malformed +{malformed}, Runt +{runt})"
+    );
     assert!(m1.try_status().is_none(), "m1 exited on garbage datagrams");
+    assert!(
+        runt >= runts as f64,
+        "the empty and the 5-byte datagram not counted as Runt: +{runt}"
+    );
     assert!(
         malformed >= truncated_or_oversized as f64,
         "truncated/oversized datagrams not counted as Malformed: +{malformed}"
