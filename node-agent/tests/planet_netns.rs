@@ -175,8 +175,8 @@ async fn root_and_two_members_in_namespaces() {
         }
     }
 
-    // Garbage from another namespace: 50 runt datagrams and 50 of random bytes. Each is a
-    // counted drop; the agent stays up and ready.
+    // Garbage from another namespace: 50 runt datagrams (6 bytes: `Runt`) and 50 of random
+    // bytes. Each is a counted drop; the agent stays up and ready.
     let before = total_drops(&scrape(&hosts[0]));
     hosts[3]
         .run(
@@ -189,7 +189,7 @@ async fn root_and_two_members_in_namespaces() {
         )
         .unwrap();
     let m = wait_metrics(&hosts[0], "garbage counted as drops", |m| {
-        sample(m, "flatwire_drops_total{reason=\"Malformed\"}").unwrap_or(0.0) >= 50.0
+        sample(m, "flatwire_drops_total{reason=\"Runt\"}").unwrap_or(0.0) >= 50.0
             && total_drops(m) - before >= 100.0
     });
     eprintln!(
