@@ -95,7 +95,7 @@ struct Args {
         long,
         env = "FLATWIRE_DATAPLANE_THREADS",
         value_name = "N",
-        value_parser = clap::value_parser!(u16).range(1..=64)
+        value_parser = clap::value_parser!(u16).range(1..=flatwire_agent::shard::MAX_SHARDS as i64)
     )]
     dataplane_threads: Option<u16>,
 }

@@ -1,7 +1,8 @@
-//! The host's UDP port: one socket shared by every local identity, dual-stack (IPv6 with
+//! The host's UDP port, shared by every local identity: one socket, or one per data-plane
+//! thread in a steered `SO_REUSEPORT` group ([`UdpPort::bind_group`]); dual-stack (IPv6 with
 //! IPv4-mapped addresses) when bound to `[::]`, with batched receive (`recvmmsg`, UDP GRO) and
 //! batched send (`sendmmsg` across destinations, UDP GSO for equal-sized runs to one
-//! destination) on a dedicated data-plane thread. Receive and GSO/GRO come from quinn-udp.
+//! destination). Receive and GSO/GRO come from quinn-udp.
 
 use std::io::{self, IoSliceMut};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr, SocketAddrV6, UdpSocket};

@@ -245,7 +245,15 @@ async fn identities_on_both_threads_reach_the_root_through_their_own_socket() {
         "the kernel has UDP GSO"
     );
     let mut run = Vec::new();
-    for dest in [host, wanted[2], wanted[3], wanted[2]] {
+    // Also one for no local identity whose address falls to thread 1: handed there, then on
+    // to thread 0, whose host node (no root) counts it as not for us.
+    let stranger = loop {
+        let a = identity().address();
+        if flatwire_agent::shard::shard_of(a, host, 2) == 1 && !wanted.contains(&a) {
+            break a;
+        }
+    };
+    for dest in [host, wanted[2], wanted[3], wanted[2], stranger] {
         let mut d = Vec::new();
         wire::write_header(&mut d, [9; 8], dest, p.root_id.address(), Verb::ECHO);
         d.resize(100, 0x5a);
@@ -262,12 +270,15 @@ async fn identities_on_both_threads_reach_the_root_through_their_own_socket() {
     wait_for(
         &p.leaf,
         "the forged datagrams judged on both threads",
-        |s| s.drop_count("MacFailed") == 4,
+        |s| s.drop_count("MacFailed") == 4 && s.drop_count("NotForUs") == 1,
     )
     .await;
-    let series = "flatwire_dataplane_forwarded_total{thread=\"0\"}";
+    // Thread 0 handed four on; thread 1 handed the stranger's back.
+    let handed = |t| format!("flatwire_dataplane_forwarded_total{{thread=\"{t}\"}}");
     let deadline = Instant::now() + Duration::from_secs(5);
-    while metric(&p.leaf_metrics, series) != Some(3.0) {
+    while metric(&p.leaf_metrics, &handed(0)) != Some(4.0)
+        || metric(&p.leaf_metrics, &handed(1)) != Some(1.0)
+    {
         assert!(Instant::now() < deadline, "{}", p.leaf_metrics.encode());
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

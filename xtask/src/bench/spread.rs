@@ -87,11 +87,8 @@ fn pods_on_two_threads(
         if let Some(slot) = found.get_mut(thread).filter(|s| s.is_none()) {
             *slot = Some(pod);
         }
-        if let [Some(_), Some(_)] = &found {
-            let [Some(p0), Some(p1)] = found else {
-                unreachable!("both found")
-            };
-            return Ok([p0, p1]);
+        if let [Some(p0), Some(p1)] = &found {
+            return Ok([p0.clone(), p1.clone()]);
         }
     }
     bail!("{MAX_PODS} pods on {host} did not cover two data-plane threads")
