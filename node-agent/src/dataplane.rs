@@ -341,11 +341,6 @@ impl NodeHandle {
         self.links.len()
     }
 
-    /// Sends `c` to thread 0, the host identity's.
-    fn command(&self, c: Command) -> bool {
-        self.links[0].send(c)
-    }
-
     /// The thread that owns local identity `a`.
     fn link_of(&self, a: Address) -> &Link {
         &self.links[shard_of(a, self.address, self.links.len())]
@@ -358,11 +353,7 @@ impl NodeHandle {
         let mut s = self.ask(Command::Snapshot, limit).await?;
         let mut totals: HashMap<&'static str, u64> = s.drops.drain(..).collect();
         for link in &self.links[1..] {
-            let (tx, rx) = tokio::sync::oneshot::channel();
-            if !link.send(Command::Drops(tx)) {
-                return None;
-            }
-            for (r, n) in tokio::time::timeout(limit, rx).await.ok()?.ok()? {
+            for (r, n) in self.ask_on(link, Command::Drops, limit).await? {
                 *totals.entry(r).or_default() += n;
             }
         }
@@ -374,27 +365,15 @@ impl NodeHandle {
     /// Joins `nwid` at runtime (TAP and member); `Some(false)` if it was already joined,
     /// `None` if the data plane stopped or did not answer in 2 s. Not persisted here.
     pub async fn join_network(&self, nwid: NetworkId) -> Option<bool> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        if !self.command(Command::Join(nwid, tx)) {
-            return None;
-        }
-        tokio::time::timeout(Duration::from_secs(2), rx)
+        self.ask(|tx| Command::Join(nwid, tx), Duration::from_secs(2))
             .await
-            .ok()?
-            .ok()
     }
 
     /// Leaves `nwid` at runtime (its TAP goes away); `Some(false)` if it was not joined,
     /// `None` if the data plane stopped or did not answer in 2 s. Not persisted here.
     pub async fn leave_network(&self, nwid: NetworkId) -> Option<bool> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        if !self.command(Command::Leave(nwid, tx)) {
-            return None;
-        }
-        tokio::time::timeout(Duration::from_secs(2), rx)
+        self.ask(|tx| Command::Leave(nwid, tx), Duration::from_secs(2))
             .await
-            .ok()?
-            .ok()
     }
 
     /// Runs a `/controller/...` API request (`path`: the segments after `controller`) on the
@@ -406,20 +385,15 @@ impl NodeHandle {
         path: Vec<String>,
         body: Vec<u8>,
     ) -> Option<Option<(u16, serde_json::Value)>> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let call = ControllerCall {
-            method: method.to_string(),
-            path,
-            body,
-            reply: tx,
+        let call = |reply| {
+            Command::Controller(ControllerCall {
+                method: method.to_string(),
+                path,
+                body,
+                reply,
+            })
         };
-        if !self.command(Command::Controller(call)) {
-            return None;
-        }
-        tokio::time::timeout(Duration::from_secs(5), rx)
-            .await
-            .ok()?
-            .ok()
+        self.ask(call, Duration::from_secs(5)).await
     }
 
     /// Sends `c` (made around a reply sender) to thread 0 and waits up to `limit` for the

@@ -12,7 +12,7 @@
 //! them (see [`spread`]). Then host `b` starts and stops pods through `flatwire-cni` (see [`pods`];
 //! `--only-pods` skips the link runs). Last, a Kubernetes control plane with the operator
 //! measures reconcile throughput, operator memory and rules latency (see [`operator`];
-//! `--only-operator` runs only that part). Missed targets are printed as MISSED; only a
+//! `--only-operator` runs only that part; `--only-link` skips it and the pods). Missed targets are printed as MISSED; only a
 //! failure to measure makes the command fail.
 
 mod measure;
@@ -63,6 +63,10 @@ pub struct Args {
     /// Network rule edits).
     #[arg(long)]
     only_operator: bool,
+    /// Quick mode: only the link runs (underlay, VXLAN, flatwire) and the pod pairs on
+    /// data-plane threads (skips the pod batches and the operator part).
+    #[arg(long, conflicts_with_all = ["only_pods", "only_operator"])]
+    only_link: bool,
     /// Pods the operator reconciles (spread over two nodes; the bench Network's pool holds
     /// about 4,000 addresses).
     #[arg(long, value_name = "N", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=3000))]
@@ -103,7 +107,7 @@ pub fn run(args: &Args) -> Result<()> {
             Value::Object(Default::default()),
         );
     }
-    let plugin = if args.pods > 0 {
+    let plugin = if args.pods > 0 && !args.only_link {
         println!("==> build flatwire-cni (release)");
         let build = ["-p", "flatwire-cni", "--bin", "flatwire-cni", "--release"];
         Some(
@@ -146,6 +150,8 @@ pub fn run(args: &Args) -> Result<()> {
         println!("==> underlay: {a_ip} -> {b_ip} (veth, bridge, veth)");
         measure_link(&planet, &mut fig, UNDERLAY, hosts, b_ip.into(), args, None);
 
+        wakeup_echoes(&mut fig, args.pings);
+
         println!("==> kernel VXLAN (no encryption, MTU {VXLAN_MTU}) over the same veths");
         match vxlan(&mut planet, hosts, [a_ip.into(), b_ip.into()]) {
             Ok(to) => measure_link(&planet, &mut fig, VXLAN, hosts, to, args, None),
@@ -178,6 +184,7 @@ pub fn run(args: &Args) -> Result<()> {
     }
 
     fig.pods = match (plugin, overlay) {
+        (None, _) if args.only_link => Err("skipped (--only-link)".into()),
         (None, _) => Err("skipped (--pods 0)".into()),
         (_, None) => Err("no flatwire network to attach to".into()),
         (Some(plugin), Some(o)) => {
@@ -200,8 +207,8 @@ pub fn run(args: &Args) -> Result<()> {
     };
     println!("==> stop the planet");
     drop(planet);
-    // `--only-pods` skips the operator part.
-    let op = (!args.only_pods).then(|| run_operator(args, &agent));
+    // `--only-pods` and `--only-link` skip the operator part.
+    let op = (!args.only_pods && !args.only_link).then(|| run_operator(args, &agent));
 
     println!();
     if !args.only_pods {
@@ -303,6 +310,32 @@ fn write_json(path: &Path, json: &Value) -> Result<()> {
     std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
     println!("wrote {}", path.display());
     Ok(())
+}
+
+/// Measures the wake-up echo ([`measure::wakeup_echo`]) with both threads on one CPU and on
+/// two.
+fn wakeup_echoes(fig: &mut Figures, pings: u32) {
+    println!("==> two sleeping threads waking each other (UDP echo on loopback)");
+    let Some([c0, c1]) = measure::two_cpus() else {
+        fig.failures
+            .push("wake-up echo: this process may run on one CPU only".into());
+        return;
+    };
+    for (i, (cpus, name)) in [([c0, c0], "on one CPU"), ([c0, c1], "on two CPUs")]
+        .into_iter()
+        .enumerate()
+    {
+        match measure::wakeup_echo(pings, Some(cpus)) {
+            Ok(r) => {
+                println!(
+                    "    wake-up echo {name}: p50 {:.0} us, p99 {:.0} us",
+                    r.p50_us, r.p99_us
+                );
+                fig.wakeup_echo[i] = Some(r);
+            }
+            Err(e) => fig.failures.push(format!("wake-up echo {name}: {e:#}")),
+        }
+    }
 }
 
 /// The two hosts: `iperf3`'s client (the sender) and server (the receiver).

@@ -65,5 +65,9 @@ mod tests {
             both.is_err(),
             "--only-pods and --only-operator exclude each other"
         );
+        for other in ["--only-pods", "--only-operator"] {
+            let both = Task::try_parse_from(["cargo xtask", "bench", "--only-link", other]);
+            assert!(both.is_err(), "--only-link and {other} exclude each other");
+        }
     }
 }

@@ -2,13 +2,15 @@
 //! kernel counters read around them.
 
 use std::collections::BTreeMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, UdpSocket};
 use std::process::Stdio;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use flatwire_tests::netns::Host;
 use flatwire_tests::planet::{Planet, Tcp};
+use nix::sched::{CpuSet, sched_getaffinity, sched_setaffinity};
+use nix::unistd::Pid;
 use serde_json::Value;
 
 /// Runs `iperf3` with `streams` parallel TCP streams for `seconds`: the server in `server`
@@ -41,6 +43,19 @@ pub struct Rtt {
     pub p99_us: f64,
 }
 
+impl Rtt {
+    /// The figures of round trips `us` (microseconds, not empty) of `sent` tries.
+    fn from_samples(mut us: Vec<f64>, sent: u32) -> Self {
+        us.sort_by(f64::total_cmp);
+        Self {
+            samples: us.len(),
+            sent,
+            p50_us: percentile(&us, 50.0),
+            p99_us: percentile(&us, 99.0),
+        }
+    }
+}
+
 /// Pings `to` from `from` `count` times, 10 ms apart (after 5 unmeasured warm-up echoes
 /// that fill neighbour tables and caches).
 pub fn ping(from: &Host, to: IpAddr, count: u32) -> Result<Rtt> {
@@ -59,7 +74,7 @@ pub fn ping(from: &Host, to: IpAddr, count: u32) -> Result<Rtt> {
         .output()
         .context("running ping")?;
     let text = String::from_utf8_lossy(&out.stdout);
-    let mut us = parse_ping_times(&text);
+    let us = parse_ping_times(&text);
     if us.is_empty() {
         bail!(
             "no ping reply from {to} ({}): {}",
@@ -67,13 +82,72 @@ pub fn ping(from: &Host, to: IpAddr, count: u32) -> Result<Rtt> {
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
-    us.sort_by(f64::total_cmp);
-    Ok(Rtt {
-        samples: us.len(),
-        sent: count,
-        p50_us: percentile(&us, 50.0),
-        p99_us: percentile(&us, 99.0),
-    })
+    Ok(Rtt::from_samples(us, count))
+}
+
+/// Round trips of a one-byte UDP echo between two threads over loopback, `count` times
+/// 10 ms apart as [`ping`] (after 5 unmeasured ones); with `cpus`, the client thread runs on
+/// the first CPU and the echo thread on the second. Both threads sleep in between, so each
+/// round trip wakes two sleeping threads: what a user-space hop in a path costs on this
+/// machine at least, whatever the hop does.
+pub fn wakeup_echo(count: u32, cpus: Option<[usize; 2]>) -> Result<Rtt> {
+    let echo = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).context("binding the echo socket")?;
+    let client = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).context("binding the client")?;
+    client.connect(echo.local_addr()?)?;
+    client.set_read_timeout(Some(Duration::from_secs(1)))?;
+    let pin = move |i: usize| -> Result<()> {
+        if let Some(cpus) = cpus {
+            let mut set = CpuSet::new();
+            set.set(cpus[i])?;
+            sched_setaffinity(Pid::from_raw(0), &set)
+                .with_context(|| format!("pinning a thread to CPU {}", cpus[i]))?;
+        }
+        Ok(())
+    };
+    // An empty datagram ends the echo thread.
+    let server = std::thread::spawn(move || -> Result<()> {
+        pin(1)?;
+        let mut b = [0u8; 1];
+        loop {
+            let (n, from) = echo.recv_from(&mut b)?;
+            if n == 0 {
+                return Ok(());
+            }
+            echo.send_to(&b[..n], from)?;
+        }
+    });
+    let run = move || -> Result<Vec<f64>> {
+        let ran = pin(0).and_then(|()| {
+            let (mut us, mut b) = (Vec::with_capacity(count as usize), [0u8; 1]);
+            for i in 0..count + 5 {
+                std::thread::sleep(Duration::from_millis(10));
+                let start = Instant::now();
+                client.send(&[1])?;
+                client.recv(&mut b).context("no echo within 1 s")?;
+                if i >= 5 {
+                    us.push(start.elapsed().as_secs_f64() * 1e6);
+                }
+            }
+            Ok(us)
+        });
+        client.send(&[])?;
+        ran
+    };
+    let us = std::thread::spawn(run)
+        .join()
+        .map_err(|_| anyhow::anyhow!("the echo client panicked"))?;
+    server
+        .join()
+        .map_err(|_| anyhow::anyhow!("the echo thread panicked"))?
+        .context("echo thread")?;
+    Ok(Rtt::from_samples(us?, count))
+}
+
+/// The first two CPUs this process may run on, if it may run on two.
+pub fn two_cpus() -> Option<[usize; 2]> {
+    let set = sched_getaffinity(Pid::from_raw(0)).ok()?;
+    let mut cpus = (0..CpuSet::count()).filter(|&c| set.is_set(c).unwrap_or(false));
+    Some([cpus.next()?, cpus.next()?])
 }
 
 /// The `time=0.053 ms` of every reply line, in microseconds.

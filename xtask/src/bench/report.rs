@@ -67,6 +67,10 @@ pub struct Figures {
     pub losses: Option<Losses>,
     /// RSS of each host agent with its one member (its host), bytes.
     pub rss_one: Vec<(String, u64)>,
+    /// Round trips between two threads that sleep in between ([`super::measure::wakeup_echo`]),
+    /// both on one CPU and on two: two wake-ups each. A flatwire round trip adds three
+    /// (both agents on the way out, the sender's agent on the way back).
+    pub wakeup_echo: [Option<Rtt>; 2],
     /// Pod pairs on one and on two data-plane threads; `Err` says why it is missing.
     pub spread: Result<Spread, String>,
     /// Pod start/stop through the CNI plugin on host `b`; `Err` says why it is missing.
@@ -86,6 +90,7 @@ impl Default for Figures {
             receiver_cpu: None,
             losses: None,
             rss_one: Vec::new(),
+            wakeup_echo: [None; 2],
             spread: Err("not measured".into()),
             pods: Err("not measured".into()),
             only_pods: false,
@@ -274,6 +279,15 @@ impl Figures {
             "added RTT p50 / p99, us",
             ["".into(), added(VXLAN), added(FLATWIRE)],
         );
+        let echo = |cpus: usize| {
+            self.wakeup_echo[cpus - 1]
+                .map_or("-".into(), |r| format!("{:.0} / {:.0}", r.p50_us, r.p99_us))
+        };
+        row(
+            &mut t,
+            "wake-up echo RTT p50 / p99, us, 1 / 2 CPUs",
+            ["".into(), echo(1), echo(2)],
+        );
         let vs = |a: Option<f64>, b: Option<f64>| {
             a.zip(b)
                 .map_or("-".into(), |(a, b)| format!("{:.2}x", a / b))
@@ -448,6 +462,14 @@ impl Figures {
                 |t| json!({"gbps": t.gbps, "bytes": t.bytes, "retransmits": t.retransmits}),
             )
         };
+        let rtt = |r: Option<Rtt>| {
+            r.map_or(Value::Null, |r| {
+                json!({
+                    "p50_us": r.p50_us, "p99_us": r.p99_us,
+                    "replies": r.samples, "sent": r.sent,
+                })
+            })
+        };
         let links: serde_json::Map<String, Value> = LINKS
             .iter()
             .zip(&self.links)
@@ -459,10 +481,7 @@ impl Figures {
                     json!({
                         "tcp_1_stream": tcp(l.tcp1),
                         "tcp_4_streams": tcp(l.tcp4),
-                        "rtt": l.rtt.map_or(Value::Null, |r| json!({
-                            "p50_us": r.p50_us, "p99_us": r.p99_us,
-                            "replies": r.samples, "sent": r.sent,
-                        })),
+                        "rtt": rtt(l.rtt),
                         "added_rtt_us": added.map_or(Value::Null, |(a, b)| json!({
                             "p50": a, "p99": b
                         })),
@@ -489,6 +508,10 @@ impl Figures {
         json!({
             "links": links,
             "flatwire_mtu": self.flatwire_mtu,
+            "wakeup_echo_rtt": {
+                "one_cpu": rtt(self.wakeup_echo[0]),
+                "two_cpus": rtt(self.wakeup_echo[1]),
+            },
             "agent": {
                 "sender_cpu": cpu(self.sender_cpu),
                 "receiver_cpu": cpu(self.receiver_cpu),
@@ -590,7 +613,14 @@ mod tests {
         let figures = f.figures_table().render();
         assert!(figures.contains("+60 / +120"), "{figures}");
         assert!(figures.contains("0.10x"), "{figures}");
+        assert!(f.to_json()["wakeup_echo_rtt"]["one_cpu"].is_null());
+        f.wakeup_echo = [rtt(45.0), rtt(130.0)];
+        let figures = f.figures_table().render();
+        assert!(figures.contains("45 / 90"), "{figures}");
+        assert!(figures.contains("130 / 260"), "{figures}");
         let j = f.to_json();
+        assert_eq!(j["wakeup_echo_rtt"]["one_cpu"]["p50_us"], 45.0);
+        assert_eq!(j["wakeup_echo_rtt"]["two_cpus"]["p99_us"], 260.0);
         assert_eq!(j["links"]["flatwire"]["added_rtt_us"]["p50"], 60.0);
         assert_eq!(j["targets"][0]["result"], "MISSED");
         assert!(j["pods"].is_null());
