@@ -453,9 +453,12 @@ impl NodeHandle {
         // Closing a TAP waits for the kernel to unregister the device (milliseconds, under
         // the kernel's lock): on a blocking thread, so the data plane goes on meanwhile.
         if !taps.is_empty()
-            && tokio::task::spawn_blocking(move || drop(taps))
-                .await
-                .is_err()
+            && tokio::task::spawn_blocking(move || {
+                drop(taps);
+                trim_heap();
+            })
+            .await
+            .is_err()
         {
             tracing::error!(%member, "closing the member's TAP panicked");
         }
@@ -649,6 +652,19 @@ pub fn start(
         }
     }
     Ok((handle, ev_rx))
+}
+
+/// Gives the heap's free pages back to the kernel. A member's node, TAP buffers and
+/// controller state are freed on whichever thread removed it; the allocator would otherwise
+/// keep them in that thread's arena, so pod churn would look like growth.
+#[allow(unsafe_code)]
+fn trim_heap() {
+    // SAFETY: malloc_trim has no preconditions; it walks the allocator's own arenas under
+    // their locks.
+    #[cfg(target_env = "gnu")]
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 /// Binds `threads` sockets on `bind` in a group steered by destination address, or one socket
