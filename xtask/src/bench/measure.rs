@@ -86,23 +86,20 @@ pub fn ping(from: &Host, to: IpAddr, count: u32) -> Result<Rtt> {
 }
 
 /// Round trips of a one-byte UDP echo between two threads over loopback, `count` times
-/// 10 ms apart as [`ping`] (after 5 unmeasured ones); with `cpus`, the client thread runs on
-/// the first CPU and the echo thread on the second. Both threads sleep in between, so each
+/// 10 ms apart as [`ping`] (after 5 unmeasured ones), the client thread on CPU `cpus[0]` and
+/// the echo thread on `cpus[1]` (maybe the same). Both threads sleep in between, so each
 /// round trip wakes two sleeping threads: what a user-space hop in a path costs on this
 /// machine at least, whatever the hop does.
-pub fn wakeup_echo(count: u32, cpus: Option<[usize; 2]>) -> Result<Rtt> {
+pub fn wakeup_echo(count: u32, cpus: [usize; 2]) -> Result<Rtt> {
     let echo = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).context("binding the echo socket")?;
     let client = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).context("binding the client")?;
     client.connect(echo.local_addr()?)?;
     client.set_read_timeout(Some(Duration::from_secs(1)))?;
     let pin = move |i: usize| -> Result<()> {
-        if let Some(cpus) = cpus {
-            let mut set = CpuSet::new();
-            set.set(cpus[i])?;
-            sched_setaffinity(Pid::from_raw(0), &set)
-                .with_context(|| format!("pinning a thread to CPU {}", cpus[i]))?;
-        }
-        Ok(())
+        let mut set = CpuSet::new();
+        set.set(cpus[i])
+            .and_then(|()| sched_setaffinity(Pid::from_raw(0), &set))
+            .with_context(|| format!("pinning a thread to CPU {}", cpus[i]))
     };
     // An empty datagram ends the echo thread.
     let server = std::thread::spawn(move || -> Result<()> {
@@ -143,11 +140,14 @@ pub fn wakeup_echo(count: u32, cpus: Option<[usize; 2]>) -> Result<Rtt> {
     Ok(Rtt::from_samples(us?, count))
 }
 
-/// The first two CPUs this process may run on, if it may run on two.
-pub fn two_cpus() -> Option<[usize; 2]> {
-    let set = sched_getaffinity(Pid::from_raw(0)).ok()?;
-    let mut cpus = (0..CpuSet::count()).filter(|&c| set.is_set(c).unwrap_or(false));
-    Some([cpus.next()?, cpus.next()?])
+/// The CPUs this process may run on (none if the mask cannot be read).
+pub fn allowed_cpus() -> Vec<usize> {
+    let Ok(set) = sched_getaffinity(Pid::from_raw(0)) else {
+        return Vec::new();
+    };
+    (0..CpuSet::count())
+        .filter(|&c| set.is_set(c).unwrap_or(false))
+        .collect()
 }
 
 /// The `time=0.053 ms` of every reply line, in microseconds.
@@ -409,6 +409,17 @@ pub fn drops_since(
 mod tests {
     use super::*;
     use flatwire_tests::planet::parse_iperf;
+
+    #[test]
+    fn the_wake_up_echo_times_every_round_trip_and_refuses_a_cpu_it_may_not_use() {
+        let cpus = allowed_cpus();
+        assert!(!cpus.is_empty(), "this process runs on some CPU");
+        let r = wakeup_echo(10, [cpus[0], cpus[cpus.len() - 1]]).unwrap();
+        assert_eq!((r.samples, r.sent), (10, 10));
+        assert!(r.p50_us > 0.0 && r.p50_us <= r.p99_us, "{r:?}");
+        let err = wakeup_echo(10, [cpus[0], CpuSet::count()]).unwrap_err();
+        assert!(format!("{err:#}").contains("CPU"), "{err:#}");
+    }
 
     #[test]
     fn iperf_reports_parse() {
